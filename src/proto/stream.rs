@@ -1,0 +1,558 @@
+//! The stream (SOCK_STREAM) protocol state machine, sans-IO.
+//!
+//! [`Stream`] keeps the bookkeeping of one rsocket connection: send credits and sequence numbers,
+//! the send ring, the peer's receive-buffer windows (our target SGL), the receive ring and the
+//! credit updates we owe the peer. It never touches a queue pair, a buffer or a clock. The socket
+//! layer asks it what to post ([`Stream::plan_write`], [`Stream::poll_credit_update`],
+//! [`Stream::post_ctrl`]), performs that with verbs, and feeds completions back
+//! ([`Stream::on_send_completion`], [`Stream::on_recv`]).
+//!
+//! Work-request ids follow librdmacm: a send's wr_id is the 32-bit message it carried, a receive
+//! has bit 63 set, and the extra 4-byte SEND used on iWARP has bit 62 set.
+
+use std::collections::VecDeque;
+
+use super::wire::{self, ConnData, Ctrl, Msg, RemoteSge, WireError};
+
+/// First segment size of one send call; segments double up to [`MAX_TRANSFER`].
+pub const OLAP_START_SIZE: u32 = 2048;
+/// Largest single RDMA write.
+pub const MAX_TRANSFER: u32 = 65536;
+/// Minimum free send-buffer space before we start another write.
+pub const SNDLOWAT: u32 = 2048;
+/// Send queue entries reserved for control messages (credits, shutdown).
+pub const CTRL_SLOTS: u32 = 4;
+/// Smallest queue size we create.
+pub const QP_MIN_SIZE: u16 = 16;
+/// Largest queue size (sequence numbers are 16-bit).
+pub const QP_MAX_SIZE: u16 = 0xFFFE;
+
+/// wr_id flag of receive work requests.
+pub const WR_ID_RECV: u64 = 1 << 63;
+/// wr_id flag of the 4-byte message SEND that follows a write on iWARP.
+pub const WR_ID_MSG_SEND: u64 = 1 << 62;
+
+/// Sizes negotiated for one connection (after the device clamped them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Send queue depth.
+    pub sq_size: u16,
+    /// Receive queue depth (= credits granted to the peer).
+    pub rq_size: u16,
+    /// Largest inline send the QP accepts.
+    pub sq_inline: u32,
+    /// Receive buffer bytes (two halves).
+    pub rbuf_size: u32,
+    /// Send ring bytes.
+    pub sbuf_size: u32,
+    /// iWARP mode: no immediate data; messages travel as 4-byte SENDs after the write.
+    pub msg_send: bool,
+}
+
+impl StreamConfig {
+    /// Bytes of control slots after the send ring, used when credit SGEs cannot go inline.
+    pub fn ctrl_area(&self) -> u32 {
+        if self.sq_inline < wire::SGE_LEN as u32 {
+            wire::SGE_LEN as u32 * CTRL_SLOTS
+        } else {
+            0
+        }
+    }
+}
+
+/// Addresses of our own registered buffers, as the peer must see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalBuffers {
+    /// Our target SGL array (remote-writable), `length` ignored.
+    pub target_sgl: RemoteSge,
+    /// Our receive buffer start and rkey, `length` ignored.
+    pub rbuf: RemoteSge,
+    /// Number of iomap entries we offer.
+    pub target_iomap_size: u16,
+}
+
+/// One RDMA write of application data, as planned by [`Stream::plan_write`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataWrite {
+    /// Bytes in this write.
+    pub len: u32,
+    /// Where in the peer's receive buffer.
+    pub remote_addr: u64,
+    /// Peer's rkey.
+    pub rkey: u32,
+    /// Message (host order) to carry as immediate data, or as a SEND on iWARP.
+    pub msg: u32,
+    /// Send inline from the application buffer (no copy into the ring).
+    pub inline: bool,
+    /// Ring segments (offset, len) to copy the data into, in order; unused when `inline`.
+    pub ring: [(u32, u32); 2],
+    /// Number of valid entries in `ring`.
+    pub ring_segs: usize,
+    /// Target SGL entry now used up: zero it in memory before posting, so that a later
+    /// write of the peer into it can be told from stale contents.
+    pub exhausted_sge: Option<usize>,
+}
+
+/// A credit update to post ([`Stream::poll_credit_update`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditUpdate {
+    /// The message (host order): [`Msg::Credits`].
+    pub msg: u32,
+    /// When a receive-buffer half was freed: the 16 bytes to RDMA-write into the peer's
+    /// target SGL (already in the peer's byte order), and where.
+    pub sge: Option<SgeWrite>,
+}
+
+/// Write of a fresh receive window into the peer's target SGL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SgeWrite {
+    /// The entry bytes.
+    pub bytes: [u8; wire::SGE_LEN],
+    /// Peer address of the entry.
+    pub remote_addr: u64,
+    /// Peer rkey of its target SGL.
+    pub rkey: u32,
+    /// Send inline (else copy into `ctrl_slot_offset` of the ring's control area).
+    pub inline: bool,
+    /// Offset in the send buffer of the control slot to send from when not inline.
+    pub ctrl_slot_offset: u32,
+}
+
+/// Errors of the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// The peer sent something malformed or out of bounds.
+    Protocol(WireError),
+    /// A work request failed (status non-success).
+    Transport,
+}
+
+impl From<WireError> for StreamError {
+    fn from(e: WireError) -> Self {
+        StreamError::Protocol(e)
+    }
+}
+
+/// Connection state of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flags {
+    /// We may still receive data (no SHUTDOWN/DISCONNECT from the peer).
+    pub readable: bool,
+    /// We may still send data.
+    pub writable: bool,
+    /// The connection exists (not disconnected or failed).
+    pub connected: bool,
+}
+
+/// The connected-stream state machine.
+#[derive(Debug)]
+pub struct Stream {
+    cfg: StreamConfig,
+    flags: Flags,
+    err: Option<StreamError>,
+    peer_big_endian: bool,
+    remote_sgl: RemoteSge,
+    remote_sge: u32,
+    local: LocalBuffers,
+    // send side
+    sseq_no: u16,
+    sseq_comp: u16,
+    sqe_avail: u32,
+    sbuf_bytes_avail: u32,
+    sbuf_head: u32,
+    target_sgl: [RemoteSge; 2],
+    target_sge: usize,
+    ctrl_seqno: u32,
+    ctrl_max_seqno: u32,
+    // receive side
+    rmsg: VecDeque<u32>,
+    rbuf_offset: u32,
+    rbuf_bytes_avail: u32,
+    rbuf_free_offset: u32,
+    rseq_no: u16,
+    rseq_comp: u16,
+}
+
+impl Stream {
+    /// Our private data for the CM REQ/REP.
+    pub fn local_conn_data(cfg: &StreamConfig, local: &LocalBuffers) -> ConnData {
+        ConnData {
+            flags: wire::CONN_FLAG_IOMAP
+                | if cfg!(target_endian = "big") {
+                    wire::CONN_FLAG_NET
+                } else {
+                    0
+                },
+            credits: cfg.rq_size,
+            target_iomap_size: local.target_iomap_size,
+            target_sgl: RemoteSge {
+                addr: local.target_sgl.addr,
+                key: local.target_sgl.key,
+                length: wire::SGL_SIZE,
+            },
+            data_buf: RemoteSge {
+                addr: local.rbuf.addr,
+                key: local.rbuf.key,
+                length: cfg.rbuf_size / 2,
+            },
+        }
+    }
+
+    /// Creates the connected state from our configuration and the peer's private data.
+    pub fn new(cfg: StreamConfig, local: LocalBuffers, peer: &ConnData) -> Self {
+        let ctrl_max = CTRL_SLOTS;
+        Stream {
+            cfg,
+            flags: Flags {
+                readable: true,
+                writable: true,
+                connected: true,
+            },
+            err: None,
+            peer_big_endian: peer.is_big_endian(),
+            remote_sgl: peer.target_sgl,
+            remote_sge: 1,
+            local,
+            sseq_no: 0,
+            sseq_comp: peer.credits,
+            sqe_avail: cfg.sq_size as u32 - ctrl_max,
+            sbuf_bytes_avail: cfg.sbuf_size,
+            sbuf_head: 0,
+            target_sgl: [peer.data_buf, RemoteSge::default()],
+            target_sge: 0,
+            ctrl_seqno: 0,
+            ctrl_max_seqno: ctrl_max,
+            rmsg: VecDeque::with_capacity(cfg.rq_size as usize + 1),
+            rbuf_offset: 0,
+            rbuf_bytes_avail: cfg.rbuf_size / 2,
+            rbuf_free_offset: cfg.rbuf_size / 2,
+            rseq_no: 0,
+            rseq_comp: cfg.rq_size / 2,
+        }
+    }
+
+    /// The negotiated configuration.
+    pub fn config(&self) -> &StreamConfig {
+        &self.cfg
+    }
+
+    /// Connection state.
+    pub fn flags(&self) -> Flags {
+        self.flags
+    }
+
+    /// The error that broke the connection, if any.
+    pub fn error(&self) -> Option<&StreamError> {
+        self.err.as_ref()
+    }
+
+    fn fail(&mut self, e: StreamError) {
+        if self.err.is_none() {
+            self.err = Some(e);
+        }
+        self.flags = Flags {
+            readable: false,
+            writable: false,
+            connected: false,
+        };
+    }
+
+    /// Marks the connection as gone (CM disconnect event, QP error).
+    pub fn set_disconnected(&mut self) {
+        self.flags.connected = false;
+        self.flags.readable = false;
+        self.flags.writable = false;
+    }
+
+    // ---------------------------------------------------------------- send side
+
+    /// Whether a data write can be posted now.
+    pub fn can_send(&self) -> bool {
+        let need_sqe = if self.cfg.msg_send { 2 } else { 1 };
+        self.flags.writable
+            && self.sqe_avail >= need_sqe
+            && self.sbuf_bytes_avail >= SNDLOWAT.min(self.cfg.sbuf_size)
+            && self.sseq_no != self.sseq_comp
+            && self.target_sgl[self.target_sge].length != 0
+    }
+
+    /// Adopts windows the peer wrote into our target SGL (`mem` = current memory contents,
+    /// host order). Only entries we have used up are taken: anything else is stale or hostile.
+    pub fn refresh_target_sgl(&mut self, mem: [RemoteSge; 2]) {
+        for (local, fresh) in self.target_sgl.iter_mut().zip(mem) {
+            if local.length == 0 && fresh.length != 0 && fresh.addr.checked_add(fresh.length as u64).is_some() {
+                *local = fresh;
+            }
+        }
+    }
+
+    /// Plans one RDMA write of at most `max` bytes (the caller's segment size), or `None` when
+    /// [`Stream::can_send`] is false. The state is updated as if the write was posted.
+    pub fn plan_write(&mut self, max: u32) -> Option<DataWrite> {
+        if max == 0 || !self.can_send() {
+            return None;
+        }
+        let sge = &mut self.target_sgl[self.target_sge];
+        let len = max.min(self.sbuf_bytes_avail).min(sge.length);
+        let remote_addr = sge.addr;
+        let rkey = sge.key;
+        sge.addr += len as u64;
+        sge.length -= len;
+        let mut exhausted_sge = None;
+        if sge.length == 0 {
+            exhausted_sge = Some(self.target_sge);
+            self.target_sge = (self.target_sge + 1) % wire::SGL_SIZE as usize;
+        }
+        self.sseq_no = self.sseq_no.wrapping_add(1);
+        self.sqe_avail -= if self.cfg.msg_send { 2 } else { 1 };
+        self.sbuf_bytes_avail -= len;
+
+        let inline = len <= self.cfg.sq_inline;
+        let mut ring = [(0, 0); 2];
+        let mut ring_segs = 0;
+        if !inline {
+            let to_end = self.cfg.sbuf_size - self.sbuf_head;
+            if len <= to_end {
+                ring[0] = (self.sbuf_head, len);
+                ring_segs = 1;
+                self.sbuf_head = if len == to_end { 0 } else { self.sbuf_head + len };
+            } else {
+                ring[0] = (self.sbuf_head, to_end);
+                ring[1] = (0, len - to_end);
+                ring_segs = 2;
+                self.sbuf_head = len - to_end;
+            }
+        }
+        Some(DataWrite {
+            len,
+            remote_addr,
+            rkey,
+            msg: Msg::Data(len).encode(),
+            inline,
+            ring,
+            ring_segs,
+            exhausted_sge,
+        })
+    }
+
+    /// Whether a control slot is free (two on iWARP when a credit SGE goes with it).
+    fn ctrl_avail(&self, n: u32) -> bool {
+        self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) >= n
+    }
+
+    /// Posts a control message (shutdown/disconnect) if a control slot is free.
+    pub fn post_ctrl(&mut self, ctrl: Ctrl) -> Option<u32> {
+        if !self.flags.connected || !self.ctrl_avail(1) {
+            return None;
+        }
+        self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
+        Some(Msg::Ctrl(ctrl).encode())
+    }
+
+    /// Whether a control message could be posted now (or never will: not connected).
+    pub fn can_send_ctrl(&self) -> bool {
+        self.ctrl_avail(1) || !self.flags.connected
+    }
+
+    /// Whether every posted send has completed.
+    pub fn all_sends_done(&self) -> bool {
+        !self.flags.connected
+            || (self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) == CTRL_SLOTS
+                && self.sqe_avail == self.cfg.sq_size as u32 - CTRL_SLOTS)
+    }
+
+    /// Applies SHUT_RD/SHUT_WR/SHUT_RDWR locally and returns the control message owed to the
+    /// peer, if any (post it with [`Stream::post_ctrl`]).
+    pub fn shutdown(&mut self, read: bool, write: bool) -> Option<Ctrl> {
+        if !self.flags.connected {
+            return None;
+        }
+        if read && write {
+            self.flags.readable = false;
+            self.flags.writable = false;
+            Some(Ctrl::Disconnect)
+        } else if write {
+            self.flags.writable = false;
+            Some(if self.flags.readable {
+                Ctrl::Shutdown
+            } else {
+                Ctrl::Disconnect
+            })
+        } else if read {
+            self.flags.readable = false;
+            if self.flags.writable {
+                None
+            } else {
+                Some(Ctrl::Disconnect)
+            }
+        } else {
+            None
+        }
+    }
+
+    /// Feeds a send completion back. `ok` is false for a failed work request.
+    pub fn on_send_completion(&mut self, wr_id: u64, ok: bool) {
+        let msg = wr_id as u32;
+        match msg >> 29 {
+            4 => self.ctrl_max_seqno = self.ctrl_max_seqno.wrapping_add(1),
+            7 => {
+                self.ctrl_max_seqno = self.ctrl_max_seqno.wrapping_add(1);
+                if msg & 0x1FFF_FFFF == Ctrl::Disconnect as u32 {
+                    self.set_disconnected();
+                }
+            }
+            _ => {
+                self.sqe_avail += 1;
+                if wr_id & WR_ID_MSG_SEND == 0 {
+                    self.sbuf_bytes_avail += msg & 0x1FFF_FFFF;
+                }
+            }
+        }
+        if !ok && self.flags.connected {
+            self.fail(StreamError::Transport);
+        }
+    }
+
+    // ---------------------------------------------------------------- receive side
+
+    /// Feeds a received message back. Returns what it was, for the socket layer (credit updates
+    /// mean: re-read the target SGL with [`Stream::refresh_target_sgl`]).
+    pub fn on_recv(&mut self, raw: u32) -> Result<Msg, StreamError> {
+        let msg = match Msg::decode(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(e.clone().into());
+                return Err(e.into());
+            }
+        };
+        match msg {
+            Msg::Data(len) => {
+                // The peer may not put more in flight than the credits and windows we gave.
+                let queued: u64 = self.rmsg.iter().map(|&l| l as u64).sum();
+                if self.rmsg.len() > self.cfg.rq_size as usize
+                    || queued + len as u64 > self.cfg.rbuf_size as u64
+                {
+                    let e = WireError::Invalid("data beyond the granted receive window");
+                    self.fail(e.clone().into());
+                    return Err(e.into());
+                }
+                if self.flags.readable || self.flags.writable {
+                    self.rmsg.push_back(len);
+                }
+            }
+            Msg::Credits(limit) => self.sseq_comp = limit,
+            Msg::IomapSgl(_) => {}
+            Msg::Ctrl(Ctrl::Disconnect) => self.set_disconnected(),
+            Msg::Ctrl(Ctrl::Shutdown) => {
+                if self.flags.writable {
+                    self.flags.readable = false;
+                } else {
+                    self.set_disconnected();
+                }
+            }
+            Msg::Ctrl(Ctrl::Keepalive) => {}
+        }
+        Ok(msg)
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn readable_bytes(&self) -> usize {
+        self.rmsg.iter().map(|&l| l as usize).sum()
+    }
+
+    /// Whether data is waiting.
+    pub fn has_data(&self) -> bool {
+        !self.rmsg.is_empty()
+    }
+
+    /// Hands up to `max` received bytes to `copy(offset_in_rbuf, len)` in order, one call per
+    /// contiguous range. Unless `peek`, the bytes are consumed. Returns the byte count.
+    pub fn consume(&mut self, max: usize, peek: bool, mut copy: impl FnMut(u32, u32)) -> usize {
+        let rbuf_size = self.cfg.rbuf_size;
+        let mut offset = self.rbuf_offset;
+        let mut left = max;
+        let mut msgs_done = 0;
+        let mut head_partial = 0u32;
+        for &len in self.rmsg.iter() {
+            if left == 0 {
+                break;
+            }
+            let take = (len as usize).min(left) as u32;
+            let mut rem = take;
+            while rem > 0 {
+                let chunk = rem.min(rbuf_size - offset);
+                copy(offset, chunk);
+                offset = (offset + chunk) % rbuf_size;
+                rem -= chunk;
+            }
+            left -= take as usize;
+            if take == len {
+                msgs_done += 1;
+            } else {
+                head_partial = take;
+            }
+        }
+        let n = max - left;
+        if !peek {
+            self.rmsg.drain(..msgs_done);
+            if head_partial > 0 {
+                if let Some(h) = self.rmsg.front_mut() {
+                    *h -= head_partial;
+                }
+            }
+            self.rseq_no = self.rseq_no.wrapping_add(msgs_done as u16);
+            self.rbuf_offset = offset;
+            self.rbuf_bytes_avail += n as u32;
+        }
+        n
+    }
+
+    /// Whether we owe the peer a credit update and can send one.
+    pub fn credit_update_due(&self) -> bool {
+        let need = if self.cfg.msg_send { 2 } else { 1 };
+        let half = self.cfg.rbuf_size / 2;
+        (self.rbuf_bytes_avail >= half || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0)
+            && self.ctrl_avail(need)
+            && self.flags.connected
+    }
+
+    /// Plans the next credit update, if one is due.
+    pub fn poll_credit_update(&mut self) -> Option<CreditUpdate> {
+        if !self.credit_update_due() {
+            return None;
+        }
+        let slot = self.ctrl_seqno % CTRL_SLOTS;
+        self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
+        self.rseq_comp = self.rseq_no.wrapping_add(self.cfg.rq_size / 2);
+        let msg = Msg::Credits(self.rseq_no.wrapping_add(self.cfg.rq_size)).encode();
+        let half = self.cfg.rbuf_size / 2;
+        if self.rbuf_bytes_avail < half {
+            return Some(CreditUpdate { msg, sge: None });
+        }
+        if self.cfg.msg_send {
+            self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
+        }
+        let window = RemoteSge {
+            addr: self.local.rbuf.addr + self.rbuf_free_offset as u64,
+            key: self.local.rbuf.key,
+            length: half,
+        };
+        let sge = SgeWrite {
+            bytes: window.to_peer_bytes(self.peer_big_endian),
+            remote_addr: self.remote_sgl.addr + self.remote_sge as u64 * wire::SGE_LEN as u64,
+            rkey: self.remote_sgl.key,
+            inline: self.cfg.sq_inline >= wire::SGE_LEN as u32,
+            ctrl_slot_offset: self.cfg.sbuf_size + slot * wire::SGE_LEN as u32,
+        };
+        self.rbuf_bytes_avail -= half;
+        self.rbuf_free_offset = (self.rbuf_free_offset + half) % self.cfg.rbuf_size;
+        self.remote_sge = (self.remote_sge + 1) % self.remote_sgl.length;
+        Some(CreditUpdate {
+            msg,
+            sge: Some(sge),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,448 @@
+//! Two simulated peers exchanging rsocket traffic through an in-memory RC "wire".
+//!
+//! Each peer owns a receive buffer, a target SGL and a send ring as plain byte vectors; RDMA
+//! writes land in them by (rkey, address) exactly as the NIC would place them, so a protocol bug
+//! that writes outside a granted window fails the test.
+
+use super::*;
+use proptest::prelude::*;
+
+const RBUF_BASE: u64 = 0x10_0000_0000;
+const TSGL_BASE: u64 = 0x20_0000_0000;
+
+/// One work request in flight on the wire.
+#[derive(Debug, Clone)]
+struct Wr {
+    wr_id: u64,
+    addr: u64,
+    rkey: u32,
+    data: Vec<u8>,
+    msg: Option<u32>,
+}
+
+struct Peer {
+    s: Stream,
+    rbuf: Vec<u8>,
+    tsgl: [u8; 32],
+    rkey_rbuf: u32,
+    rkey_tsgl: u32,
+    sbuf: Vec<u8>,
+    /// Application bytes still to send, and what we received.
+    to_send: Vec<u8>,
+    sent: usize,
+    received: Vec<u8>,
+    eof: bool,
+}
+
+fn cfg(sq: u16, rq: u16, inline: u32, rbuf: u32, sbuf: u32, msg_send: bool) -> StreamConfig {
+    StreamConfig {
+        sq_size: sq,
+        rq_size: rq,
+        sq_inline: inline,
+        rbuf_size: rbuf,
+        sbuf_size: sbuf,
+        msg_send,
+    }
+}
+
+fn local(id: u32) -> LocalBuffers {
+    LocalBuffers {
+        target_sgl: RemoteSge {
+            addr: TSGL_BASE,
+            key: 0x100 + id,
+            length: 0,
+        },
+        rbuf: RemoteSge {
+            addr: RBUF_BASE,
+            key: 0x200 + id,
+            length: 0,
+        },
+        target_iomap_size: 0,
+    }
+}
+
+/// Builds a connected pair exactly as connect/accept would, through encoded private data.
+fn pair(ca: StreamConfig, cb: StreamConfig) -> (Peer, Peer) {
+    let (la, lb) = (local(1), local(2));
+    let req = ConnData::decode(&Stream::local_conn_data(&ca, &la).encode()).unwrap();
+    let rep = ConnData::decode(&Stream::local_conn_data(&cb, &lb).encode()).unwrap();
+    let mk = |c: StreamConfig, l: LocalBuffers, peer: &ConnData| Peer {
+        s: Stream::new(c, l, peer),
+        rbuf: vec![0; c.rbuf_size as usize],
+        tsgl: [0; 32],
+        rkey_rbuf: l.rbuf.key,
+        rkey_tsgl: l.target_sgl.key,
+        sbuf: vec![0; (c.sbuf_size + c.ctrl_area()) as usize],
+        to_send: Vec::new(),
+        sent: 0,
+        received: Vec::new(),
+        eof: false,
+    };
+    (mk(ca, la, &rep), mk(cb, lb, &req))
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+impl Peer {
+    /// Send completions of one posted message: on iWARP the write is followed by a SEND.
+    fn complete(&mut self, wr: &Wr) {
+        self.s.on_send_completion(wr.wr_id, true);
+        if self.s.config().msg_send && !wr.data.is_empty() {
+            let op_only = wr.wr_id & !0x1FFF_FFFF;
+            self.s.on_send_completion(op_only | WR_ID_MSG_SEND, true);
+        }
+    }
+
+    fn tsgl_mem(&self) -> [RemoteSge; 2] {
+        [
+            RemoteSge::from_ne_bytes(self.tsgl[0..16].try_into().unwrap()),
+            RemoteSge::from_ne_bytes(self.tsgl[16..32].try_into().unwrap()),
+        ]
+    }
+
+    /// Posts whatever the state machine allows: credit updates first, then data writes.
+    fn pump(&mut self, wire: &mut VecDeque<Wr>, seg: u32) {
+        while let Some(cu) = self.s.poll_credit_update() {
+            if let Some(w) = cu.sge {
+                if !w.inline {
+                    let o = w.ctrl_slot_offset as usize;
+                    self.sbuf[o..o + 16].copy_from_slice(&w.bytes);
+                }
+                wire.push_back(Wr {
+                    wr_id: cu.msg as u64,
+                    addr: w.remote_addr,
+                    rkey: w.rkey,
+                    data: w.bytes.to_vec(),
+                    msg: Some(cu.msg),
+                });
+            } else {
+                wire.push_back(Wr {
+                    wr_id: cu.msg as u64,
+                    addr: 0xdead_beef, // a 0-byte write's address is meaningless
+                    rkey: 0,
+                    data: vec![],
+                    msg: Some(cu.msg),
+                });
+            }
+        }
+        while self.sent < self.to_send.len() {
+            let want = (self.to_send.len() - self.sent).min(seg as usize) as u32;
+            let Some(w) = self.s.plan_write(want) else { break };
+            if let Some(i) = w.exhausted_sge {
+                self.tsgl[i * 16..i * 16 + 16].fill(0);
+            }
+            let src = &self.to_send[self.sent..self.sent + w.len as usize];
+            let data = if w.inline {
+                src.to_vec()
+            } else {
+                // Copy through the ring as the socket layer does, then gather from it.
+                let mut off = 0;
+                let mut out = Vec::new();
+                for &(o, l) in &w.ring[..w.ring_segs] {
+                    let (o, l) = (o as usize, l as usize);
+                    self.sbuf[o..o + l].copy_from_slice(&src[off..off + l]);
+                    out.extend_from_slice(&self.sbuf[o..o + l]);
+                    off += l;
+                }
+                assert_eq!(off, w.len as usize);
+                out
+            };
+            self.sent += w.len as usize;
+            wire.push_back(Wr {
+                wr_id: w.msg as u64,
+                addr: w.remote_addr,
+                rkey: w.rkey,
+                data,
+                msg: Some(w.msg),
+            });
+        }
+    }
+
+    /// The NIC of this peer places an incoming write; then software sees the message.
+    fn deliver(&mut self, wr: &Wr) -> Result<(), StreamError> {
+        if !wr.data.is_empty() {
+            let (mem, base): (&mut [u8], u64) = if wr.rkey == self.rkey_rbuf {
+                (&mut self.rbuf, RBUF_BASE)
+            } else if wr.rkey == self.rkey_tsgl {
+                (&mut self.tsgl, TSGL_BASE)
+            } else {
+                panic!("write with unknown rkey {:#x}", wr.rkey);
+            };
+            let off = wr.addr.checked_sub(base).expect("write below region") as usize;
+            assert!(off + wr.data.len() <= mem.len(), "write beyond region");
+            mem[off..off + wr.data.len()].copy_from_slice(&wr.data);
+        }
+        if let Some(m) = wr.msg {
+            if let Msg::Credits(_) = self.s.on_recv(m)? {
+                let mem = self.tsgl_mem();
+                self.s.refresh_target_sgl(mem);
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, max: usize) {
+        let mut out = Vec::new();
+        let rbuf = &self.rbuf;
+        self.s.consume(max, false, |o, l| {
+            out.extend_from_slice(&rbuf[o as usize..(o + l) as usize])
+        });
+        if out.is_empty() && !self.s.flags().readable && !self.s.has_data() {
+            self.eof = true;
+        }
+        self.received.extend(out);
+    }
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// Runs both directions until all data arrived, delivering in random order across the two
+/// directions (each direction stays FIFO, as on an RC QP) and reading random amounts.
+fn run(ca: StreamConfig, cb: StreamConfig, na: usize, nb: usize, seed: u64) {
+    let (mut a, mut b) = pair(ca, cb);
+    a.to_send = pattern(na, 1);
+    b.to_send = pattern(nb, 2);
+    let mut ab = VecDeque::new();
+    let mut ba = VecDeque::new();
+    let mut rng = Rng(seed | 1);
+    for step in 0..2_000_000 {
+        let seg = [64u32, 2048, 4096, 65536][rng.below(4) as usize];
+        match rng.below(6) {
+            0 => a.pump(&mut ab, seg),
+            1 => b.pump(&mut ba, seg),
+            2 => {
+                if let Some(wr) = ab.pop_front() {
+                    b.deliver(&wr).unwrap();
+                    a.complete(&wr);
+                }
+            }
+            3 => {
+                if let Some(wr) = ba.pop_front() {
+                    a.deliver(&wr).unwrap();
+                    b.complete(&wr);
+                }
+            }
+            4 => a.read(rng.below(70_000) as usize + 1),
+            _ => b.read(rng.below(70_000) as usize + 1),
+        }
+        if a.received.len() == nb && b.received.len() == na && ab.is_empty() && ba.is_empty() {
+            assert_eq!(a.received, b.to_send, "B->A stream differs");
+            assert_eq!(b.received, a.to_send, "A->B stream differs");
+            return;
+        }
+        assert!(step < 1_999_999, "no progress: a sent {} b got {}", a.sent, b.received.len());
+    }
+}
+
+#[test]
+fn transfers_both_ways_with_defaults() {
+    let c = cfg(384, 384, 64, 128 * 1024, 128 * 1024, false);
+    run(c, c, 1 << 20, 300_000, 7);
+}
+
+#[test]
+fn transfers_on_iwarp_mode_and_tiny_queues() {
+    let c = cfg(16, 16, 4, 8192, 4096, true);
+    run(c, c, 200_000, 123_457, 99);
+}
+
+#[test]
+fn credit_starvation_stalls_without_overrun() {
+    let c = cfg(64, 16, 64, 16384, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    a.to_send = pattern(1 << 20, 3);
+    let mut ab = VecDeque::new();
+    // B never reads: A must stop once the windows and credits are used up.
+    for _ in 0..1000 {
+        a.pump(&mut ab, 512);
+        while let Some(wr) = ab.pop_front() {
+            b.deliver(&wr).unwrap();
+            a.complete(&wr);
+        }
+    }
+    assert!(!a.s.can_send());
+    assert!(a.sent <= 16384, "sent {} bytes into a 16 KiB receive buffer", a.sent);
+    assert!(b.s.readable_bytes() == a.sent);
+    // Messages are at most the credits granted.
+    assert!(b.s.rmsg.len() <= 16);
+    // Once B reads and returns credits, the rest flows.
+    let mut ba = VecDeque::new();
+    for _ in 0..100_000 {
+        b.read(100_000);
+        b.pump(&mut ba, 0);
+        while let Some(wr) = ba.pop_front() {
+            a.deliver(&wr).unwrap();
+            b.complete(&wr);
+        }
+        a.pump(&mut ab, 4096);
+        while let Some(wr) = ab.pop_front() {
+            b.deliver(&wr).unwrap();
+            a.complete(&wr);
+        }
+        if b.received.len() == 1 << 20 {
+            break;
+        }
+    }
+    assert_eq!(b.received, a.to_send);
+}
+
+#[test]
+fn lost_credit_update_never_causes_overrun() {
+    let c = cfg(64, 16, 64, 16384, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    a.to_send = pattern(100_000, 4);
+    let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
+    for i in 0..10_000 {
+        a.pump(&mut ab, 1000);
+        while let Some(wr) = ab.pop_front() {
+            b.deliver(&wr).unwrap();
+            a.complete(&wr);
+        }
+        b.read(3000);
+        b.pump(&mut ba, 0);
+        while let Some(wr) = ba.pop_front() {
+            // Drop every other credit update (a peer that "forgets" them).
+            if i % 2 == 0 {
+                a.deliver(&wr).unwrap();
+            }
+            b.complete(&wr);
+        }
+    }
+    // Whatever arrived is a correct prefix: no write ever landed outside a granted window.
+    assert_eq!(&b.received[..], &a.to_send[..b.received.len()]);
+}
+
+#[test]
+fn shutdown_interleaved_with_data_gives_eof_after_data() {
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    a.to_send = pattern(5000, 5);
+    let mut ab = VecDeque::new();
+    a.pump(&mut ab, 65536);
+    let ctrl = a.s.shutdown(false, true).unwrap();
+    assert_eq!(ctrl, Ctrl::Shutdown);
+    let m = a.s.post_ctrl(ctrl).unwrap();
+    ab.push_back(Wr {
+        wr_id: m as u64,
+        addr: 0,
+        rkey: 0,
+        data: vec![],
+        msg: Some(m),
+    });
+    assert!(a.s.plan_write(100).is_none(), "no data after SHUT_WR");
+    while let Some(wr) = ab.pop_front() {
+        b.deliver(&wr).unwrap();
+        a.complete(&wr);
+    }
+    assert!(!b.s.flags().readable);
+    assert!(b.s.flags().writable, "half-close keeps the other direction");
+    b.read(100_000);
+    assert_eq!(b.received, a.to_send);
+    assert!(!b.eof);
+    b.read(100_000);
+    assert!(b.eof);
+    assert!(a.s.all_sends_done());
+}
+
+#[test]
+fn disconnect_marks_both_directions_closed() {
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    let ctrl = a.s.shutdown(true, true).unwrap();
+    let m = a.s.post_ctrl(ctrl).unwrap();
+    assert_eq!(m, 0xe000_0000, "the trace's disconnect immediate");
+    b.s.on_recv(m).unwrap();
+    assert!(!b.s.flags().connected);
+    a.s.on_send_completion(m as u64, true);
+    assert!(!a.s.flags().connected);
+    assert!(b.s.poll_credit_update().is_none());
+}
+
+#[test]
+fn first_credit_update_matches_trace() {
+    // Frames 4/6: 0x80000180 writing 16 bytes at target_sgl + 16 (second half).
+    let c = cfg(384, 384, 64, 1 << 20, 1 << 20, false);
+    let (mut a, _b) = pair(c, c);
+    let cu = a.s.poll_credit_update().unwrap();
+    assert_eq!(cu.msg, 0x8000_0180);
+    let w = cu.sge.unwrap();
+    assert_eq!(w.remote_addr, TSGL_BASE + 16);
+    let sge = RemoteSge::from_ne_bytes(&w.bytes);
+    assert_eq!(sge.addr, RBUF_BASE + (1 << 19));
+    assert_eq!(sge.length, 1 << 19);
+    assert!(a.s.poll_credit_update().is_none(), "nothing more is owed");
+}
+
+#[test]
+fn malformed_messages_break_the_connection() {
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let (mut a, _b) = pair(c, c);
+    assert!(a.s.on_recv(0x2000_0000).is_err());
+    assert!(a.s.error().is_some());
+    assert!(!a.s.flags().connected);
+
+    let (mut a, _b) = pair(c, c);
+    // More data than the receive buffer we ever granted.
+    a.s.on_recv(Msg::Data(16000).encode()).unwrap();
+    assert!(a.s.on_recv(Msg::Data(1000).encode()).is_err());
+}
+
+#[test]
+fn stale_or_unsolicited_sgl_entries_are_ignored() {
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let (mut a, _b) = pair(c, c);
+    let before = a.s.target_sgl;
+    // The peer scribbles over entry 0 while we still use it: ignored.
+    a.s.refresh_target_sgl([
+        RemoteSge {
+            addr: 1,
+            key: 2,
+            length: 3,
+        },
+        RemoteSge::default(),
+    ]);
+    assert_eq!(a.s.target_sgl, before);
+}
+
+#[test]
+fn failed_completion_is_a_transport_error() {
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let (mut a, _b) = pair(c, c);
+    let w = a.s.plan_write(10).unwrap();
+    a.s.on_send_completion(w.msg as u64, false);
+    assert_eq!(a.s.error(), Some(&StreamError::Transport));
+    assert!(!a.s.can_send());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    #[test]
+    fn random_sizes_and_interleavings(
+        seed in any::<u64>(),
+        na in 0usize..300_000,
+        nb in 0usize..300_000,
+        rq in 16u16..200,
+        sq in 16u16..200,
+        rbuf_kb in 4u32..256,
+        sbuf_kb in 4u32..256,
+        inline in prop_oneof![Just(0u32), Just(4), Just(64), Just(256)],
+        msg_send in any::<bool>(),
+    ) {
+        let inline = if msg_send { inline.max(4) } else { inline };
+        let c = cfg(sq, rq, inline, rbuf_kb * 1024, sbuf_kb * 1024, msg_send);
+        run(c, c, na, nb, seed);
+    }
+}
