@@ -280,7 +280,10 @@ impl Stream {
     /// host order). Only entries we have used up are taken: anything else is stale or hostile.
     pub fn refresh_target_sgl(&mut self, mem: [RemoteSge; 2]) {
         for (local, fresh) in self.target_sgl.iter_mut().zip(mem) {
-            if local.length == 0 && fresh.length != 0 && fresh.addr.checked_add(fresh.length as u64).is_some() {
+            if local.length == 0
+                && fresh.length != 0
+                && fresh.addr.checked_add(fresh.length as u64).is_some()
+            {
                 *local = fresh;
             }
         }
@@ -315,7 +318,11 @@ impl Stream {
             if len <= to_end {
                 ring[0] = (self.sbuf_head, len);
                 ring_segs = 1;
-                self.sbuf_head = if len == to_end { 0 } else { self.sbuf_head + len };
+                self.sbuf_head = if len == to_end {
+                    0
+                } else {
+                    self.sbuf_head + len
+                };
             } else {
                 ring[0] = (self.sbuf_head, to_end);
                 ring[1] = (0, len - to_end);
@@ -495,10 +502,10 @@ impl Stream {
         let n = max - left;
         if !peek {
             self.rmsg.drain(..msgs_done);
-            if head_partial > 0 {
-                if let Some(h) = self.rmsg.front_mut() {
-                    *h -= head_partial;
-                }
+            if head_partial > 0
+                && let Some(h) = self.rmsg.front_mut()
+            {
+                *h -= head_partial;
             }
             self.rseq_no = self.rseq_no.wrapping_add(msgs_done as u16);
             self.rbuf_offset = offset;

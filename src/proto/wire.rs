@@ -363,6 +363,9 @@ mod tests {
             length: 0x10000,
         };
         assert_eq!(RemoteSge::from_be_bytes(&s.to_be_bytes()), s);
-        assert_eq!(RemoteSge::from_ne_bytes(&s.to_peer_bytes(cfg!(target_endian = "big"))), s);
+        assert_eq!(
+            RemoteSge::from_ne_bytes(&s.to_peer_bytes(cfg!(target_endian = "big"))),
+            s
+        );
     }
 }

@@ -138,7 +138,9 @@ impl Peer {
         }
         while self.sent < self.to_send.len() {
             let want = (self.to_send.len() - self.sent).min(seg as usize) as u32;
-            let Some(w) = self.s.plan_write(want) else { break };
+            let Some(w) = self.s.plan_write(want) else {
+                break;
+            };
             if let Some(i) = w.exhausted_sge {
                 self.tsgl[i * 16..i * 16 + 16].fill(0);
             }
@@ -183,11 +185,11 @@ impl Peer {
             assert!(off + wr.data.len() <= mem.len(), "write beyond region");
             mem[off..off + wr.data.len()].copy_from_slice(&wr.data);
         }
-        if let Some(m) = wr.msg {
-            if let Msg::Credits(_) = self.s.on_recv(m)? {
-                let mem = self.tsgl_mem();
-                self.s.refresh_target_sgl(mem);
-            }
+        if let Some(m) = wr.msg
+            && let Msg::Credits(_) = self.s.on_recv(m)?
+        {
+            let mem = self.tsgl_mem();
+            self.s.refresh_target_sgl(mem);
         }
         Ok(())
     }
@@ -206,7 +208,9 @@ impl Peer {
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// Runs both directions until all data arrived, delivering in random order across the two
@@ -243,7 +247,12 @@ fn run(ca: StreamConfig, cb: StreamConfig, na: usize, nb: usize, seed: u64) {
             assert_eq!(b.received, a.to_send, "A->B stream differs");
             return;
         }
-        assert!(step < 1_999_999, "no progress: a sent {} b got {}", a.sent, b.received.len());
+        assert!(
+            step < 1_999_999,
+            "no progress: a sent {} b got {}",
+            a.sent,
+            b.received.len()
+        );
     }
 }
 
@@ -274,7 +283,11 @@ fn credit_starvation_stalls_without_overrun() {
         }
     }
     assert!(!a.s.can_send());
-    assert!(a.sent <= 16384, "sent {} bytes into a 16 KiB receive buffer", a.sent);
+    assert!(
+        a.sent <= 16384,
+        "sent {} bytes into a 16 KiB receive buffer",
+        a.sent
+    );
     assert!(b.s.readable_bytes() == a.sent);
     // Messages are at most the credits granted.
     assert!(b.s.rmsg.len() <= 16);

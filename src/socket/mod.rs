@@ -1,0 +1,69 @@
+//! Sockets: the descriptor table, stream rsockets, options and configuration.
+//!
+//! A descriptor is the number of a file descriptor the rsocket owns (its rdma_cm event channel),
+//! as in librdmacm, so rsocket numbers never collide with the process's real descriptors.
+
+pub mod config;
+pub mod options;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::{Arc, OnceLock, RwLock};
+
+use crate::error::{Error, Result};
+pub use stream::StreamSocket;
+
+fn table() -> &'static RwLock<HashMap<RawFd, Arc<StreamSocket>>> {
+    static TABLE: OnceLock<RwLock<HashMap<RawFd, Arc<StreamSocket>>>> = OnceLock::new();
+    TABLE.get_or_init(|| RwLock::new(HashMap::new()))
+}
+
+/// Creates an rsocket and returns its descriptor.
+pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<RawFd> {
+    let base = ty & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK);
+    if !matches!(domain, libc::AF_INET | libc::AF_INET6 | libc::AF_IB) {
+        return Err(Error::Unsupported(libc::EAFNOSUPPORT));
+    }
+    match base {
+        libc::SOCK_STREAM => {
+            if protocol != 0 && protocol != libc::IPPROTO_TCP {
+                return Err(Error::Unsupported(libc::EPROTONOSUPPORT));
+            }
+        }
+        libc::SOCK_DGRAM => return Err(Error::NotImplemented),
+        _ => return Err(Error::Unsupported(libc::ESOCKTNOSUPPORT)),
+    }
+    let s = StreamSocket::new(ty & libc::SOCK_NONBLOCK != 0)?;
+    Ok(insert(s))
+}
+
+/// Registers a socket (e.g. one returned by accept) and returns its descriptor.
+pub fn insert(s: StreamSocket) -> RawFd {
+    let fd = s.fd();
+    table()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(fd, Arc::new(s));
+    fd
+}
+
+/// Finds the socket behind a descriptor.
+pub fn lookup(fd: RawFd) -> Result<Arc<StreamSocket>> {
+    table()
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&fd)
+        .cloned()
+        .ok_or(Error::BadDescriptor)
+}
+
+/// Closes a descriptor: orderly disconnect, then the resources go with the last handle.
+pub fn close(fd: RawFd) -> Result<()> {
+    let s = table()
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&fd)
+        .ok_or(Error::BadDescriptor)?;
+    s.close()
+}

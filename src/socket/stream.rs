@@ -1,0 +1,862 @@
+//! Stream rsockets: connection setup over rdma_cm, the data path over one RC QP, blocking and
+//! non-blocking waits.
+
+use std::os::fd::RawFd;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::proto::stream::{
+    self as core, CreditUpdate, LocalBuffers, Stream, StreamConfig, StreamError, WR_ID_MSG_SEND,
+    WR_ID_RECV,
+};
+use crate::proto::wire::{self, ConnData, Ctrl, Msg, RemoteSge};
+use crate::socket::config::Config;
+use crate::verbs::{
+    Access, CmEvent, CmEventKind, CmId, Completion, ConnParam, Endpoint, EventChannel, MrId,
+    Payload, SockAddr,
+};
+
+/// Per-socket settings, fixed once the connection exists (as with librdmacm).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Send queue depth.
+    pub sq_size: u32,
+    /// Receive queue depth.
+    pub rq_size: u32,
+    /// Inline size requested.
+    pub sq_inline: u32,
+    /// Receive buffer bytes (SO_RCVBUF).
+    pub rbuf_size: u32,
+    /// Send buffer bytes (SO_SNDBUF).
+    pub sbuf_size: u32,
+    /// O_NONBLOCK.
+    pub nonblocking: bool,
+    /// SO_REUSEADDR (accepted for compatibility; rdma_cm ports are not in TIME_WAIT).
+    pub reuseaddr: bool,
+    /// TCP_NODELAY (always effectively on: a lone message is never delayed).
+    pub nodelay: bool,
+    /// SO_KEEPALIVE.
+    pub keepalive: bool,
+}
+
+impl Options {
+    fn from_config(c: &Config) -> Self {
+        Options {
+            sq_size: c.sqsize_default,
+            rq_size: c.rqsize_default,
+            sq_inline: c.inline_default,
+            rbuf_size: c.mem_default,
+            sbuf_size: c.wmem_default,
+            nonblocking: false,
+            reuseaddr: false,
+            nodelay: false,
+            keepalive: false,
+        }
+    }
+}
+
+/// How long connection setup steps may take before ETIMEDOUT.
+const RESOLVE_TIMEOUT_MS: i32 = 2000;
+const CM_WAIT: Duration = Duration::from_secs(30);
+
+enum State {
+    /// Created, maybe bound.
+    Idle { id: CmId, bound: bool },
+    /// Listening for connect requests.
+    Listening { id: CmId },
+    /// Connected (or was: the core knows whether it still is).
+    Connected(Box<Conn>),
+    /// A failed connect consumed the id.
+    Failed,
+}
+
+struct Inner {
+    state: State,
+    opts: Options,
+    /// One thread sleeps on the descriptors; the others wait on the condvar.
+    sleeping: bool,
+    /// Pending SO_ERROR.
+    so_error: i32,
+}
+
+/// A stream rsocket.
+pub struct StreamSocket {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    // Declared last: dropped after the CM id that uses it.
+    channel: EventChannel,
+}
+
+impl std::fmt::Debug for StreamSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamSocket(fd {})", self.channel.fd())
+    }
+}
+
+/// An established connection's resources and state machine.
+struct Conn {
+    id: CmId,
+    ep: Endpoint,
+    core: Stream,
+    sbuf: MrId,
+    rbuf: MrId,
+    tsgl: MrId,
+    /// iWARP: 4-byte receive slots after the receive buffer (region, offset, slot count).
+    msg_area: Option<(MrId, usize, u32)>,
+    recv_slot: u32,
+    shut_wr: bool,
+    comps: Vec<Completion>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // The QP goes first, then the id, then the endpoint's MRs, CQ, channel and PD.
+        self.id.destroy_qp();
+    }
+}
+
+impl Conn {
+    /// Creates the endpoint and buffers on a routed/requested id.
+    fn setup(
+        mut id: CmId,
+        opts: &Options,
+        iomap: u16,
+    ) -> Result<(Self, StreamConfig, LocalBuffers)> {
+        let dev = id.device_info()?;
+        let max = dev
+            .max_qp_wr
+            .clamp(core::QP_MIN_SIZE as u32, core::QP_MAX_SIZE as u32);
+        let sq = opts.sq_size.clamp(core::QP_MIN_SIZE as u32, max);
+        let rq = opts.rq_size.clamp(core::QP_MIN_SIZE as u32, max);
+        let mut inline = opts.sq_inline;
+        if dev.iwarp {
+            inline = inline.max(wire::MSG_SIZE as u32);
+        }
+        let mut ep = id.create_endpoint(sq, rq, inline)?;
+        let sq_inline = ep.sq_inline();
+        if dev.iwarp && sq_inline < wire::MSG_SIZE as u32 {
+            return Err(Error::Unsupported(libc::ENOTSUP));
+        }
+        let cfg = StreamConfig {
+            sq_size: sq as u16,
+            rq_size: rq as u16,
+            sq_inline,
+            rbuf_size: opts.rbuf_size.max(4096) & !1,
+            sbuf_size: opts.sbuf_size.max(core::SNDLOWAT),
+            msg_send: dev.iwarp,
+        };
+        let sbuf = ep.register((cfg.sbuf_size + cfg.ctrl_area()) as usize, Access::Local)?;
+        let tsgl = ep.register(
+            wire::SGE_LEN * wire::SGL_SIZE as usize + wire::IOMAP_LEN * iomap as usize,
+            Access::RemoteWrite,
+        )?;
+        let msg_bytes = if dev.iwarp {
+            rq as usize * wire::MSG_SIZE
+        } else {
+            0
+        };
+        let rbuf = ep.register(cfg.rbuf_size as usize + msg_bytes, Access::RemoteWrite)?;
+        let msg_area = dev.iwarp.then_some((rbuf, cfg.rbuf_size as usize, rq));
+        let mut recv_slot = 0;
+        ep.post_recvs(rq, msg_area, &mut recv_slot)?;
+        let (taddr, tkey) = ep.remote_handle(tsgl);
+        let (raddr, rkey) = ep.remote_handle(rbuf);
+        let local = LocalBuffers {
+            target_sgl: RemoteSge {
+                addr: taddr,
+                key: tkey,
+                length: 0,
+            },
+            rbuf: RemoteSge {
+                addr: raddr,
+                key: rkey,
+                length: 0,
+            },
+            target_iomap_size: iomap,
+        };
+        // The core is replaced once the peer's private data is known.
+        let placeholder = ConnData {
+            flags: 0,
+            credits: 1,
+            target_iomap_size: 0,
+            target_sgl: RemoteSge::default(),
+            data_buf: RemoteSge::default(),
+        };
+        let conn = Conn {
+            id,
+            ep,
+            core: Stream::new(cfg, local, &placeholder),
+            sbuf,
+            rbuf,
+            tsgl,
+            msg_area,
+            recv_slot,
+            shut_wr: false,
+            comps: Vec::with_capacity(32),
+        };
+        Ok((conn, cfg, local))
+    }
+
+    fn conn_param(&self) -> ConnParam {
+        ConnParam {
+            responder_resources: 0,
+            // iWARP issues an RDMA read while connecting (librdmacm's workaround).
+            initiator_depth: self.core.config().msg_send as u8,
+            flow_control: 1,
+            retry_count: 7,
+            rnr_retry_count: 7,
+        }
+    }
+
+    /// Posts a message: a 0-byte write with immediate, or an inline SEND on iWARP.
+    fn post_msg(&self, msg: u32) -> Result<()> {
+        if self.core.config().msg_send {
+            self.ep
+                .post_send(msg as u64, Payload::Inline(&msg.to_ne_bytes()), None, None)?;
+        } else {
+            self.ep
+                .post_send(msg as u64, Payload::Empty, Some((0, 0)), Some(msg))?;
+        }
+        Ok(())
+    }
+
+    /// Posts an RDMA write carrying `msg` (with immediate, or followed by a SEND on iWARP).
+    fn post_write_msg(&self, msg: u32, payload: Payload<'_>, remote: (u64, u32)) -> Result<()> {
+        if self.core.config().msg_send {
+            self.ep.post_send(msg as u64, payload, Some(remote), None)?;
+            let op_only = (msg & !0x1FFF_FFFF) as u64 | WR_ID_MSG_SEND;
+            self.ep
+                .post_send(op_only, Payload::Inline(&msg.to_ne_bytes()), None, None)?;
+        } else {
+            self.ep
+                .post_send(msg as u64, payload, Some(remote), Some(msg))?;
+        }
+        Ok(())
+    }
+
+    fn refresh_target_sgl(&mut self) {
+        let mut b = [0u8; 32];
+        self.ep.read(self.tsgl, 0, &mut b);
+        let e0 = RemoteSge::from_ne_bytes(b[0..16].try_into().expect("16 bytes"));
+        let e1 = RemoteSge::from_ne_bytes(b[16..32].try_into().expect("16 bytes"));
+        self.core.refresh_target_sgl([e0, e1]);
+    }
+
+    /// Polls the CQ, feeds the core, reposts receives and sends owed credits.
+    /// Returns whether anything completed.
+    fn progress(&mut self) -> Result<bool> {
+        let mut any = false;
+        loop {
+            self.comps.clear();
+            self.ep.poll(&mut self.comps, 32)?;
+            if self.comps.is_empty() {
+                break;
+            }
+            any = true;
+            let mut reposts = 0;
+            for i in 0..self.comps.len() {
+                let c = self.comps[i];
+                if c.wr_id & WR_ID_RECV == 0 {
+                    self.core.on_send_completion(c.wr_id, c.ok);
+                    continue;
+                }
+                if !c.ok {
+                    // Flushed: the QP left RTS, the connection is gone.
+                    self.core.set_disconnected();
+                    continue;
+                }
+                reposts += 1;
+                let raw = match c.imm {
+                    Some(v) => v,
+                    None => {
+                        let Some((mr, base, _)) = self.msg_area else {
+                            continue;
+                        };
+                        let slot = (c.wr_id & 0xFFFF_FFFF) as usize;
+                        let mut b = [0u8; 4];
+                        self.ep.read(mr, base + slot * 4, &mut b);
+                        u32::from_ne_bytes(b)
+                    }
+                };
+                if let Ok(Msg::Credits(_)) = self.core.on_recv(raw) {
+                    self.refresh_target_sgl();
+                }
+            }
+            if reposts > 0 && self.core.flags().connected {
+                self.ep
+                    .post_recvs(reposts, self.msg_area, &mut self.recv_slot)?;
+            }
+        }
+        self.send_credits()?;
+        Ok(any)
+    }
+
+    fn send_credits(&mut self) -> Result<()> {
+        while let Some(CreditUpdate { msg, sge }) = self.core.poll_credit_update() {
+            match sge {
+                Some(w) if w.inline => {
+                    self.post_write_msg(msg, Payload::Inline(&w.bytes), (w.remote_addr, w.rkey))?;
+                }
+                Some(w) => {
+                    self.ep
+                        .write(self.sbuf, w.ctrl_slot_offset as usize, &w.bytes);
+                    let seg = [(w.ctrl_slot_offset, wire::SGE_LEN as u32), (0, 0)];
+                    self.post_write_msg(
+                        msg,
+                        Payload::Region(self.sbuf, seg, 1),
+                        (w.remote_addr, w.rkey),
+                    )?;
+                }
+                None => self.post_msg(msg)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends as much of `buf` as the credits and windows allow; returns bytes posted.
+    fn send_some(&mut self, buf: &[u8], olen: &mut u32) -> Result<usize> {
+        let mut sent = 0;
+        while sent < buf.len() {
+            let left = (buf.len() - sent).min(u32::MAX as usize) as u32;
+            let Some(w) = self.core.plan_write(left.min(*olen)) else {
+                break;
+            };
+            if *olen < core::MAX_TRANSFER {
+                *olen <<= 1;
+            }
+            if let Some(i) = w.exhausted_sge {
+                self.ep
+                    .write(self.tsgl, i * wire::SGE_LEN, &[0u8; wire::SGE_LEN]);
+            }
+            let data = &buf[sent..sent + w.len as usize];
+            let payload = if w.inline {
+                Payload::Inline(data)
+            } else {
+                let mut off = 0;
+                for &(o, l) in &w.ring[..w.ring_segs] {
+                    self.ep
+                        .write(self.sbuf, o as usize, &data[off..off + l as usize]);
+                    off += l as usize;
+                }
+                Payload::Region(self.sbuf, w.ring, w.ring_segs)
+            };
+            self.post_write_msg(w.msg, payload, (w.remote_addr, w.rkey))?;
+            sent += w.len as usize;
+        }
+        Ok(sent)
+    }
+
+    fn recv_some(&mut self, buf: &mut [u8], peek: bool) -> usize {
+        let Conn { core, ep, rbuf, .. } = self;
+        let mut off = 0;
+        core.consume(buf.len(), peek, |o, l| {
+            ep.read(*rbuf, o as usize, &mut buf[off..off + l as usize]);
+            off += l as usize;
+        })
+    }
+
+    fn drain_cm_events(&mut self, channel: &EventChannel) {
+        while let Ok(ev) = channel.get_event() {
+            if matches!(
+                ev.kind(),
+                CmEventKind::Disconnected | CmEventKind::DeviceRemoval
+            ) {
+                self.core.set_disconnected();
+            }
+        }
+    }
+}
+
+/// Waits until `fds` has input or `timeout` passes (None: forever). EINTR counts as a wake-up.
+fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    // SAFETY: pfds is a valid array of pfds.len() entries.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(true);
+        }
+        return Err(e.into());
+    }
+    Ok(n > 0)
+}
+
+/// Waits for the next CM event on `channel` (non-blocking fd) within `timeout`.
+fn next_cm_event(channel: &EventChannel, nonblocking: bool, timeout: Duration) -> Result<CmEvent> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match channel.get_event() {
+            Ok(ev) => return Ok(ev),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if nonblocking {
+            return Err(Error::WouldBlock);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(Error::TimedOut);
+        }
+        wait_readable(&[channel.fd()], Some(deadline - now))?;
+    }
+}
+
+/// Maps a failed connection-setup event to the errno a TCP socket would give.
+fn cm_failure(ev: &CmEvent) -> Error {
+    match ev.kind() {
+        CmEventKind::Rejected => Error::ConnectionRefused,
+        CmEventKind::Unreachable | CmEventKind::ResolveError => match -ev.status() {
+            libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENODEV | libc::EADDRNOTAVAIL => {
+                Error::Os(std::io::Error::from_raw_os_error(libc::EHOSTUNREACH))
+            }
+            libc::ECONNREFUSED => Error::ConnectionRefused,
+            _ => Error::TimedOut,
+        },
+        CmEventKind::ConnectError => Error::ConnectionRefused,
+        _ => Error::Protocol(format!(
+            "unexpected connection manager event {:?}",
+            ev.kind()
+        )),
+    }
+}
+
+/// Waits for the event `want`, skipping unrelated ones; maps failures like TCP.
+fn expect_event(channel: &EventChannel, want: CmEventKind, timeout: Duration) -> Result<CmEvent> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = next_cm_event(channel, false, left)?;
+        let k = ev.kind();
+        if k == want {
+            return Ok(ev);
+        }
+        if matches!(k, CmEventKind::Other(_)) {
+            continue;
+        }
+        return Err(cm_failure(&ev));
+    }
+}
+
+impl StreamSocket {
+    /// A new unconnected stream rsocket.
+    pub fn new(nonblocking: bool) -> Result<Self> {
+        let channel = EventChannel::new()?;
+        crate::verbs::set_nonblocking(channel.fd(), true)?;
+        let id = CmId::new(&channel)?;
+        let mut opts = Options::from_config(Config::get());
+        opts.nonblocking = nonblocking;
+        Ok(Self::from_parts(
+            channel,
+            State::Idle { id, bound: false },
+            opts,
+        ))
+    }
+
+    fn from_parts(channel: EventChannel, state: State, opts: Options) -> Self {
+        StreamSocket {
+            inner: Mutex::new(Inner {
+                state,
+                opts,
+                sleeping: false,
+                so_error: 0,
+            }),
+            cv: Condvar::new(),
+            channel,
+        }
+    }
+
+    /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
+    pub fn fd(&self) -> RawFd {
+        self.channel.fd()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the protocol state half-updated in a way
+        // that matters more than losing the socket; keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current options.
+    pub fn options(&self) -> Options {
+        self.lock().opts
+    }
+
+    /// Changes options (only sizes before connecting take effect, as upstream).
+    pub fn set_options(&self, f: impl FnOnce(&mut Options)) {
+        f(&mut self.lock().opts);
+    }
+
+    /// Whether a connection exists.
+    pub fn is_connected(&self) -> bool {
+        matches!(self.lock().state, State::Connected(_))
+    }
+
+    /// Binds to a local address.
+    pub fn bind(&self, addr: &SockAddr) -> Result<()> {
+        let mut g = self.lock();
+        match &mut g.state {
+            State::Idle { id, bound } => {
+                if *bound {
+                    return Err(Error::InvalidArgument);
+                }
+                id.bind(addr).map_err(|e| match e.raw_os_error() {
+                    Some(libc::ENODEV) => {
+                        Error::Os(std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+                    }
+                    _ => e.into(),
+                })?;
+                *bound = true;
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument),
+        }
+    }
+
+    /// Starts listening.
+    pub fn listen(&self, backlog: i32) -> Result<()> {
+        let mut g = self.lock();
+        let st = std::mem::replace(&mut g.state, State::Failed);
+        match st {
+            State::Idle { id, .. } => match id.listen(backlog.max(1)) {
+                Ok(()) => {
+                    g.state = State::Listening { id };
+                    Ok(())
+                }
+                Err(e) => {
+                    g.state = State::Idle { id, bound: true };
+                    Err(e.into())
+                }
+            },
+            s @ State::Listening { .. } => {
+                g.state = s;
+                Ok(())
+            }
+            s => {
+                g.state = s;
+                Err(Error::InvalidArgument)
+            }
+        }
+    }
+
+    /// Accepts one connection (blocking unless non-blocking).
+    pub fn accept(&self) -> Result<StreamSocket> {
+        let (nonblocking, opts) = {
+            let g = self.lock();
+            if !matches!(g.state, State::Listening { .. }) {
+                return Err(Error::InvalidArgument);
+            }
+            (g.opts.nonblocking, g.opts)
+        };
+        loop {
+            let ev = next_cm_event(
+                &self.channel,
+                nonblocking,
+                Duration::from_secs(u32::MAX as u64),
+            )?;
+            if ev.kind() != CmEventKind::ConnectRequest {
+                continue;
+            }
+            let private = ev.private_data();
+            let param = ev.conn_param();
+            let Some(id) = ev.take_request_id() else {
+                continue;
+            };
+            // The event must be acked before the id can migrate to its own channel.
+            drop(ev);
+            match Self::accept_one(id, &private, param, opts) {
+                Ok(s) => return Ok(s),
+                // A bad request or a peer that vanished mid-handshake is not the caller's
+                // problem: wait for the next one (non-blocking callers get EAGAIN).
+                Err(_) if !nonblocking => continue,
+                Err(_) => return Err(Error::WouldBlock),
+            }
+        }
+    }
+
+    fn accept_one(id: CmId, private: &[u8], req: ConnParam, opts: Options) -> Result<StreamSocket> {
+        let peer = match ConnData::decode(private) {
+            Ok(p) => p,
+            Err(e) => {
+                id.reject();
+                return Err(Error::Protocol(e.to_string()));
+            }
+        };
+        let channel = EventChannel::new()?;
+        crate::verbs::set_nonblocking(channel.fd(), true)?;
+        id.migrate(&channel)?;
+        let (mut conn, cfg, local) = Conn::setup(id, &opts, Config::get().iomap_size as u16)?;
+        conn.core = Stream::new(cfg, local, &peer);
+        let mine = Stream::local_conn_data(&cfg, &local).encode();
+        let param = ConnParam {
+            responder_resources: req.responder_resources,
+            initiator_depth: req.initiator_depth,
+            flow_control: req.flow_control,
+            retry_count: 7,
+            rnr_retry_count: 7,
+        };
+        conn.id.accept(&mine, &param)?;
+        expect_event(&channel, CmEventKind::Established, CM_WAIT)?;
+        conn.progress()?;
+        let mut o = opts;
+        o.nonblocking = opts.nonblocking;
+        Ok(Self::from_parts(
+            channel,
+            State::Connected(Box::new(conn)),
+            o,
+        ))
+    }
+
+    /// Connects to `dst`. Blocking; a non-blocking socket also completes the connect before
+    /// returning (POSIX allows an immediate success).
+    pub fn connect(&self, dst: &SockAddr) -> Result<()> {
+        let mut g = self.lock();
+        let st = std::mem::replace(&mut g.state, State::Failed);
+        let (id, bound) = match st {
+            State::Idle { id, bound } => (id, bound),
+            s @ State::Connected(_) => {
+                g.state = s;
+                return Err(Error::IsConnected);
+            }
+            s => {
+                g.state = s;
+                return Err(Error::InvalidArgument);
+            }
+        };
+        let opts = g.opts;
+        match self.do_connect(id, bound, dst, &opts) {
+            Ok(conn) => {
+                g.state = State::Connected(Box::new(conn));
+                Ok(())
+            }
+            Err(e) => {
+                g.so_error = e.errno();
+                Err(e)
+            }
+        }
+    }
+
+    fn do_connect(&self, id: CmId, _bound: bool, dst: &SockAddr, opts: &Options) -> Result<Conn> {
+        id.resolve_addr(None, dst, RESOLVE_TIMEOUT_MS)?;
+        expect_event(&self.channel, CmEventKind::AddrResolved, CM_WAIT)?;
+        id.resolve_route(RESOLVE_TIMEOUT_MS)?;
+        expect_event(&self.channel, CmEventKind::RouteResolved, CM_WAIT)?;
+        let (mut conn, cfg, local) = Conn::setup(id, opts, Config::get().iomap_size as u16)?;
+        let mine = Stream::local_conn_data(&cfg, &local).encode();
+        conn.id.connect(&mine, &conn.conn_param())?;
+        let ev = expect_event(&self.channel, CmEventKind::Established, CM_WAIT)?;
+        let peer =
+            ConnData::decode(&ev.private_data()).map_err(|e| Error::Protocol(e.to_string()))?;
+        drop(ev);
+        conn.core = Stream::new(cfg, local, &peer);
+        conn.progress()?;
+        Ok(conn)
+    }
+
+    /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait
+    /// into EAGAIN. `step` sees the connection after each round of completion processing.
+    fn wait_conn<R>(
+        &self,
+        nonblock: bool,
+        mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
+    ) -> Result<R> {
+        let polling = Duration::from_micros(Config::get().polling_time as u64);
+        let mut g = self.lock();
+        let mut spin_start: Option<Instant> = None;
+        loop {
+            let State::Connected(conn) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            if conn.progress()? {
+                self.cv.notify_all();
+                spin_start = None;
+            }
+            if let Some(r) = step(conn)? {
+                self.cv.notify_all();
+                return Ok(r);
+            }
+            if nonblock {
+                return Err(Error::WouldBlock);
+            }
+            let t0 = *spin_start.get_or_insert_with(Instant::now);
+            if t0.elapsed() < polling {
+                continue;
+            }
+            if g.sleeping {
+                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let State::Connected(conn) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            conn.ep.arm()?;
+            if conn.progress()? {
+                self.cv.notify_all();
+                continue;
+            }
+            let fds = [conn.ep.comp_fd(), self.channel.fd()];
+            g.sleeping = true;
+            drop(g);
+            let r = wait_readable(&fds, None);
+            g = self.lock();
+            g.sleeping = false;
+            if let State::Connected(conn) = &mut g.state {
+                while conn.ep.take_cq_event() {}
+                conn.drain_cm_events(&self.channel);
+            }
+            self.cv.notify_all();
+            spin_start = None;
+            r?;
+        }
+    }
+
+    /// Sends `buf`; blocking sends everything, non-blocking what fits (EAGAIN if nothing).
+    pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        if buf.is_empty() {
+            self.wait_conn(true, |_| Ok(Some(())))?;
+            return Ok(0);
+        }
+        let mut sent = 0;
+        let mut olen = core::OLAP_START_SIZE;
+        let r = self.wait_conn(nonblock, |c| {
+            if !c.core.flags().writable {
+                return Err(if c.shut_wr {
+                    Error::BrokenPipe
+                } else {
+                    Error::ConnectionReset
+                });
+            }
+            sent += c.send_some(&buf[sent..], &mut olen)?;
+            Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
+        });
+        match r {
+            Ok(n) => Ok(n),
+            Err(_) if sent > 0 => Ok(sent),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Receives into `buf` (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT honoured). 0 means end of stream.
+    pub fn recv(&self, buf: &mut [u8], flags: i32) -> Result<usize> {
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        let peek = flags & libc::MSG_PEEK != 0;
+        let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+        let mut got = 0;
+        let r = self.wait_conn(nonblock, |c| {
+            if c.core.has_data() {
+                got += c.recv_some(&mut buf[got..], peek);
+                c.send_credits()?;
+                if !waitall || got == buf.len() {
+                    return Ok(Some(got));
+                }
+            }
+            if !c.core.flags().readable && !c.core.has_data() {
+                if got == 0 && c.core.error().is_some() {
+                    return Err(Error::ConnectionReset);
+                }
+                return Ok(Some(got));
+            }
+            Ok(None)
+        });
+        match r {
+            Ok(n) => Ok(n),
+            Err(_) if got > 0 => Ok(got),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Shuts down one or both directions.
+    pub fn shutdown(&self, how: i32) -> Result<()> {
+        let (rd, wr) = match how {
+            libc::SHUT_RD => (true, false),
+            libc::SHUT_WR => (false, true),
+            libc::SHUT_RDWR => (true, true),
+            _ => return Err(Error::InvalidArgument),
+        };
+        let ctrl = {
+            let mut g = self.lock();
+            let State::Connected(c) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            if wr {
+                c.shut_wr = true;
+            }
+            c.core.shutdown(rd, wr)
+        };
+        let Some(ctrl) = ctrl else {
+            return Ok(());
+        };
+        // Like librdmacm, shutdown waits for a control slot and for the sends to drain.
+        self.wait_conn(false, |c| {
+            if !c.core.can_send_ctrl() {
+                return Ok(None);
+            }
+            if let Some(m) = c.core.post_ctrl(ctrl) {
+                c.post_msg(m)?;
+            }
+            Ok(Some(()))
+        })?;
+        self.wait_conn(false, |c| Ok(c.core.all_sends_done().then_some(())))?;
+        if ctrl == Ctrl::Disconnect
+            && let State::Connected(c) = &mut self.lock().state
+        {
+            c.core.set_disconnected();
+            c.id.disconnect();
+        }
+        Ok(())
+    }
+
+    /// Orderly close: disconnect if still connected. Resources go when the last handle drops.
+    pub fn close(&self) -> Result<()> {
+        let connected =
+            matches!(&self.lock().state, State::Connected(c) if c.core.flags().connected);
+        if connected {
+            let _ = self.shutdown(libc::SHUT_RDWR);
+        }
+        let mut g = self.lock();
+        if let State::Connected(c) = &mut g.state {
+            c.id.disconnect();
+        }
+        g.state = State::Failed;
+        Ok(())
+    }
+
+    /// Local address.
+    pub fn local_addr(&self) -> Result<SockAddr> {
+        match &self.lock().state {
+            State::Idle { id, .. } | State::Listening { id } => Ok(id.local_addr()),
+            State::Connected(c) => Ok(c.id.local_addr()),
+            State::Failed => Err(Error::NotConnected),
+        }
+    }
+
+    /// Peer address.
+    pub fn peer_addr(&self) -> Result<SockAddr> {
+        match &self.lock().state {
+            State::Connected(c) => Ok(c.id.peer_addr()),
+            _ => Err(Error::NotConnected),
+        }
+    }
+
+    /// Takes the pending socket error (SO_ERROR).
+    pub fn take_error(&self) -> i32 {
+        let mut g = self.lock();
+        if g.so_error == 0
+            && let State::Connected(c) = &g.state
+            && let Some(StreamError::Transport) = c.core.error()
+        {
+            return libc::ECONNRESET;
+        }
+        std::mem::take(&mut g.so_error)
+    }
+}

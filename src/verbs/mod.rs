@@ -1,0 +1,898 @@
+//! Thin owning wrappers over libibverbs and librdmacm (through `rdma-sys`).
+//!
+//! Every raw pointer and every `unsafe` call of the crate's RDMA side lives here. Each wrapper owns
+//! one object and releases it on drop; the socket layer composes them in an order that drops
+//! dependants first (QP before CQ and MRs, MRs before the PD, the CM id before its channel).
+
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::{self, NonNull};
+
+use rdma_sys as sys;
+
+/// `syscall!`-style helper: librdmacm/libibverbs calls return -1 (or non-zero) and set errno.
+fn cvt(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else if ret > 0 {
+        // ibv_* verbs return a positive errno instead of setting errno.
+        Err(io::Error::from_raw_os_error(ret))
+    } else {
+        Err(last_error())
+    }
+}
+
+fn last_error() -> io::Error {
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(0) | None => io::Error::from_raw_os_error(libc::EIO),
+        _ => e,
+    }
+}
+
+fn non_null<T>(p: *mut T) -> io::Result<NonNull<T>> {
+    NonNull::new(p).ok_or_else(|| {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No RDMA device or module: report it as such, not as "success".
+            Some(0) | None => io::Error::from_raw_os_error(libc::ENODEV),
+            _ => e,
+        }
+    })
+}
+
+/// Sets or clears O_NONBLOCK on a descriptor.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on an integer descriptor has no memory-safety requirements.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    if new != flags && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ rdma_cm
+
+/// An rdma_cm event channel: one per rsocket; its fd is the rsocket's descriptor number.
+#[derive(Debug)]
+pub struct EventChannel(NonNull<sys::rdma_event_channel>);
+
+// SAFETY: the channel is a kernel fd wrapper; librdmacm calls on it are thread-safe.
+unsafe impl Send for EventChannel {}
+// SAFETY: as above.
+unsafe impl Sync for EventChannel {}
+
+impl EventChannel {
+    /// Opens a channel (fails with ENODEV when the kernel has no rdma_cm).
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: no arguments; returns NULL with errno on failure.
+        let p = unsafe { sys::rdma_create_event_channel() };
+        let ch = EventChannel(non_null(p)?);
+        // CLOEXEC like the kernel sockets an rsocket stands for.
+        // SAFETY: fd belongs to the channel we own.
+        unsafe { libc::fcntl(ch.fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        Ok(ch)
+    }
+
+    /// The channel's file descriptor (readable when an event is queued).
+    pub fn fd(&self) -> RawFd {
+        // SAFETY: the pointer is valid while self lives.
+        unsafe { self.0.as_ref().fd }
+    }
+
+    /// Takes the next event; with a non-blocking fd, `WouldBlock` when none is queued.
+    pub fn get_event(&self) -> io::Result<CmEvent> {
+        let mut ev: *mut sys::rdma_cm_event = ptr::null_mut();
+        // SAFETY: valid channel, out-pointer to a local.
+        cvt(unsafe { sys::rdma_get_cm_event(self.0.as_ptr(), &mut ev) })?;
+        Ok(CmEvent(non_null(ev)?))
+    }
+
+    fn as_ptr(&self) -> *mut sys::rdma_event_channel {
+        self.0.as_ptr()
+    }
+}
+
+impl Drop for EventChannel {
+    fn drop(&mut self) {
+        // SAFETY: every id on this channel was destroyed or migrated before (owners drop ids first).
+        unsafe { sys::rdma_destroy_event_channel(self.0.as_ptr()) };
+    }
+}
+
+/// Kinds of connection-manager events we act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmEventKind {
+    /// Address resolved.
+    AddrResolved,
+    /// Route resolved.
+    RouteResolved,
+    /// A peer asks to connect (on a listening id).
+    ConnectRequest,
+    /// Connection established.
+    Established,
+    /// The peer rejected us (no listener, or refused).
+    Rejected,
+    /// The peer could not be reached.
+    Unreachable,
+    /// Address or route resolution failed.
+    ResolveError,
+    /// Connection failed while being set up.
+    ConnectError,
+    /// The peer disconnected.
+    Disconnected,
+    /// The device went away.
+    DeviceRemoval,
+    /// Anything else (timewait exit, address change, ...).
+    Other(u32),
+}
+
+/// One rdma_cm event; acknowledged when dropped.
+#[derive(Debug)]
+pub struct CmEvent(NonNull<sys::rdma_cm_event>);
+
+impl CmEvent {
+    fn raw(&self) -> &sys::rdma_cm_event {
+        // SAFETY: valid until acked in drop.
+        unsafe { self.0.as_ref() }
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> CmEventKind {
+        use sys::rdma_cm_event_type::*;
+        match self.raw().event {
+            RDMA_CM_EVENT_ADDR_RESOLVED => CmEventKind::AddrResolved,
+            RDMA_CM_EVENT_ROUTE_RESOLVED => CmEventKind::RouteResolved,
+            RDMA_CM_EVENT_CONNECT_REQUEST => CmEventKind::ConnectRequest,
+            RDMA_CM_EVENT_ESTABLISHED => CmEventKind::Established,
+            RDMA_CM_EVENT_REJECTED => CmEventKind::Rejected,
+            RDMA_CM_EVENT_UNREACHABLE => CmEventKind::Unreachable,
+            RDMA_CM_EVENT_ADDR_ERROR | RDMA_CM_EVENT_ROUTE_ERROR => CmEventKind::ResolveError,
+            RDMA_CM_EVENT_CONNECT_ERROR => CmEventKind::ConnectError,
+            RDMA_CM_EVENT_DISCONNECTED => CmEventKind::Disconnected,
+            RDMA_CM_EVENT_DEVICE_REMOVAL => CmEventKind::DeviceRemoval,
+            other => CmEventKind::Other(other),
+        }
+    }
+
+    /// The event's status (0, a negative errno, or a transport-specific code).
+    pub fn status(&self) -> i32 {
+        self.raw().status
+    }
+
+    /// Copy of the private data carried by connect requests and replies.
+    pub fn private_data(&self) -> Vec<u8> {
+        // SAFETY: conn is the active union member for connection events; the pointer and length
+        // come from librdmacm and stay valid until the event is acked.
+        unsafe {
+            let conn = &self.raw().param.conn;
+            if conn.private_data.is_null() {
+                return Vec::new();
+            }
+            std::slice::from_raw_parts(
+                conn.private_data as *const u8,
+                conn.private_data_len as usize,
+            )
+            .to_vec()
+        }
+    }
+
+    /// Connection parameters a connect request asked for (responder resources, retries).
+    pub fn conn_param(&self) -> ConnParam {
+        // SAFETY: conn is the union member for connect requests.
+        let c = unsafe { &self.raw().param.conn };
+        ConnParam {
+            responder_resources: c.responder_resources,
+            initiator_depth: c.initiator_depth,
+            flow_control: c.flow_control,
+            retry_count: c.retry_count,
+            rnr_retry_count: c.rnr_retry_count,
+        }
+    }
+
+    /// Takes ownership of the new id of a connect request.
+    pub fn take_request_id(&self) -> Option<CmId> {
+        if self.kind() != CmEventKind::ConnectRequest {
+            return None;
+        }
+        NonNull::new(self.raw().id).map(|id| CmId { id, has_qp: false })
+    }
+}
+
+impl Drop for CmEvent {
+    fn drop(&mut self) {
+        // SAFETY: each event is acked exactly once.
+        unsafe { sys::rdma_ack_cm_event(self.0.as_ptr()) };
+    }
+}
+
+/// Connection parameters for connect/accept.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnParam {
+    /// RDMA reads the peer may have outstanding against us.
+    pub responder_resources: u8,
+    /// RDMA reads we may have outstanding.
+    pub initiator_depth: u8,
+    /// Whether end-to-end flow control is used.
+    pub flow_control: u8,
+    /// Transport retries.
+    pub retry_count: u8,
+    /// Receiver-not-ready retries (7 = infinite).
+    pub rnr_retry_count: u8,
+}
+
+/// An rdma_cm identifier (the RDMA analogue of a socket).
+#[derive(Debug)]
+pub struct CmId {
+    id: NonNull<sys::rdma_cm_id>,
+    has_qp: bool,
+}
+
+// SAFETY: rdma_cm ids are used under the owning socket's lock; librdmacm is thread-safe.
+unsafe impl Send for CmId {}
+// SAFETY: as above.
+unsafe impl Sync for CmId {}
+
+/// A socket address as bytes plus length (IPv4/IPv6/AF_IB).
+#[derive(Clone, Copy)]
+pub struct SockAddr {
+    /// Storage.
+    pub storage: libc::sockaddr_storage,
+    /// Meaningful length.
+    pub len: libc::socklen_t,
+}
+
+impl std::fmt::Debug for SockAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SockAddr(family {}, len {})",
+            self.storage.ss_family, self.len
+        )
+    }
+}
+
+impl SockAddr {
+    /// Copies a caller's address after checking its length against its family.
+    ///
+    /// # Safety
+    /// `addr` must point to `len` readable bytes.
+    pub unsafe fn from_raw(addr: *const libc::sockaddr, len: libc::socklen_t) -> io::Result<Self> {
+        if addr.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        let len_us = len as usize;
+        if len_us < std::mem::size_of::<libc::sa_family_t>()
+            || len_us > std::mem::size_of::<libc::sockaddr_storage>()
+        {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: zeroed storage is a valid sockaddr_storage.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: caller guarantees len readable bytes; storage is larger (checked above).
+        unsafe {
+            ptr::copy_nonoverlapping(addr as *const u8, &mut storage as *mut _ as *mut u8, len_us)
+        };
+        let need = match storage.ss_family as i32 {
+            libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+            libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+            libc::AF_IB => len_us,
+            _ => return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+        };
+        if len_us < need {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(SockAddr { storage, len })
+    }
+
+    fn from_storage(storage: libc::sockaddr_storage) -> Self {
+        let len = match storage.ss_family as i32 {
+            libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+            libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+            _ => std::mem::size_of::<libc::sockaddr_storage>(),
+        } as libc::socklen_t;
+        SockAddr { storage, len }
+    }
+
+    /// Address family.
+    pub fn family(&self) -> i32 {
+        self.storage.ss_family as i32
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut libc::sockaddr {
+        &mut self.storage as *mut _ as *mut libc::sockaddr
+    }
+
+    /// Copies into a caller's buffer with socket semantics (truncate, report full length).
+    ///
+    /// # Safety
+    /// `addr` must point to `*addrlen` writable bytes and `addrlen` must be valid.
+    pub unsafe fn copy_out(&self, addr: *mut libc::sockaddr, addrlen: *mut libc::socklen_t) {
+        if addr.is_null() || addrlen.is_null() {
+            return;
+        }
+        // SAFETY: caller guarantees both pointers.
+        unsafe {
+            let n = (*addrlen).min(self.len) as usize;
+            ptr::copy_nonoverlapping(&self.storage as *const _ as *const u8, addr as *mut u8, n);
+            *addrlen = self.len;
+        }
+    }
+}
+
+impl CmId {
+    /// Creates a TCP-port-space id on `channel`.
+    pub fn new(channel: &EventChannel) -> io::Result<Self> {
+        let mut id: *mut sys::rdma_cm_id = ptr::null_mut();
+        // SAFETY: valid channel and out-pointer.
+        cvt(unsafe {
+            sys::rdma_create_id(
+                channel.as_ptr(),
+                &mut id,
+                ptr::null_mut(),
+                sys::rdma_port_space::RDMA_PS_TCP,
+            )
+        })?;
+        Ok(CmId {
+            id: non_null(id)?,
+            has_qp: false,
+        })
+    }
+
+    fn raw(&self) -> &sys::rdma_cm_id {
+        // SAFETY: valid while self lives.
+        unsafe { self.id.as_ref() }
+    }
+
+    /// Binds to a local address (port 0 picks one).
+    pub fn bind(&self, addr: &SockAddr) -> io::Result<()> {
+        let mut a = *addr;
+        // SAFETY: valid id; address copied to a local buffer.
+        cvt(unsafe { sys::rdma_bind_addr(self.id.as_ptr(), a.as_mut_ptr()) })
+    }
+
+    /// Starts listening.
+    pub fn listen(&self, backlog: i32) -> io::Result<()> {
+        // SAFETY: valid id.
+        cvt(unsafe { sys::rdma_listen(self.id.as_ptr(), backlog) })
+    }
+
+    /// Starts address resolution (completes with an event).
+    pub fn resolve_addr(
+        &self,
+        src: Option<&SockAddr>,
+        dst: &SockAddr,
+        timeout_ms: i32,
+    ) -> io::Result<()> {
+        let mut d = *dst;
+        let mut s = src.copied();
+        let sp = s.as_mut().map_or(ptr::null_mut(), |s| s.as_mut_ptr());
+        // SAFETY: valid id; addresses are local copies.
+        cvt(unsafe { sys::rdma_resolve_addr(self.id.as_ptr(), sp, d.as_mut_ptr(), timeout_ms) })
+    }
+
+    /// Starts route resolution (completes with an event).
+    pub fn resolve_route(&self, timeout_ms: i32) -> io::Result<()> {
+        // SAFETY: valid id.
+        cvt(unsafe { sys::rdma_resolve_route(self.id.as_ptr(), timeout_ms) })
+    }
+
+    fn raw_param(private: &[u8], p: &ConnParam) -> sys::rdma_conn_param {
+        sys::rdma_conn_param {
+            private_data: private.as_ptr() as *const libc::c_void,
+            private_data_len: private.len() as u8,
+            responder_resources: p.responder_resources,
+            initiator_depth: p.initiator_depth,
+            flow_control: p.flow_control,
+            retry_count: p.retry_count,
+            rnr_retry_count: p.rnr_retry_count,
+            srq: 0,
+            qp_num: 0,
+        }
+    }
+
+    /// Sends the connect request with our private data.
+    pub fn connect(&self, private: &[u8], p: &ConnParam) -> io::Result<()> {
+        let mut param = Self::raw_param(private, p);
+        // SAFETY: valid id; param points at `private`, which outlives the call (copied by the kernel).
+        cvt(unsafe { sys::rdma_connect(self.id.as_ptr(), &mut param) })
+    }
+
+    /// Accepts a connect request with our private data.
+    pub fn accept(&self, private: &[u8], p: &ConnParam) -> io::Result<()> {
+        let mut param = Self::raw_param(private, p);
+        // SAFETY: as in connect.
+        cvt(unsafe { sys::rdma_accept(self.id.as_ptr(), &mut param) })
+    }
+
+    /// Rejects a connect request.
+    pub fn reject(&self) {
+        // SAFETY: valid id; no private data.
+        unsafe { sys::rdma_reject(self.id.as_ptr(), ptr::null(), 0) };
+    }
+
+    /// Starts a disconnect (DREQ); errors are irrelevant on teardown.
+    pub fn disconnect(&self) {
+        // SAFETY: valid id.
+        unsafe { sys::rdma_disconnect(self.id.as_ptr()) };
+    }
+
+    /// Moves the id (and its future events) to another channel.
+    pub fn migrate(&self, channel: &EventChannel) -> io::Result<()> {
+        // SAFETY: both valid.
+        cvt(unsafe { sys::rdma_migrate_id(self.id.as_ptr(), channel.as_ptr()) })
+    }
+
+    /// Our bound/resolved local address.
+    pub fn local_addr(&self) -> SockAddr {
+        // SAFETY: the storage member spans the whole union; reading it as bytes is always valid.
+        SockAddr::from_storage(unsafe { self.raw().route.addr.src_addr_union.src_storage })
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SockAddr {
+        // SAFETY: as above.
+        SockAddr::from_storage(unsafe { self.raw().route.addr.dst_addr_union.dst_storage })
+    }
+
+    /// Whether the id is bound to a device yet.
+    pub fn has_device(&self) -> bool {
+        !self.raw().verbs.is_null()
+    }
+
+    /// Device facts needed to size an endpoint.
+    pub fn device_info(&self) -> io::Result<DeviceInfo> {
+        let ctx = self.raw().verbs;
+        if ctx.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        // SAFETY: zeroed attr struct is valid output storage; ctx is a live device context.
+        let mut attr: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
+        cvt(unsafe { sys::ibv_query_device(ctx, &mut attr) })?;
+        // SAFETY: ctx->device is valid for the context's lifetime.
+        let transport = unsafe { (*(*ctx).device).transport_type };
+        Ok(DeviceInfo {
+            max_qp_wr: attr.max_qp_wr.max(0) as u32,
+            max_cqe: attr.max_cqe.max(0) as u32,
+            iwarp: transport == sys::ibv_transport_type::IBV_TRANSPORT_IWARP,
+        })
+    }
+
+    /// Creates the RC endpoint (PD, completion channel, one CQ for both queues, QP).
+    pub fn create_endpoint(
+        &mut self,
+        sq_size: u32,
+        rq_size: u32,
+        sq_inline: u32,
+    ) -> io::Result<Endpoint> {
+        let ctx = self.raw().verbs;
+        if ctx.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        // SAFETY: ctx is a live device context.
+        let pd = ProtectionDomain(non_null(unsafe { sys::ibv_alloc_pd(ctx) })?);
+        // SAFETY: as above.
+        let comp = CompChannel(non_null(unsafe { sys::ibv_create_comp_channel(ctx) })?);
+        set_nonblocking(comp.fd(), true)?;
+        // SAFETY: ctx and channel valid; no cq_context.
+        let cq = unsafe {
+            sys::ibv_create_cq(
+                ctx,
+                (sq_size + rq_size) as i32,
+                ptr::null_mut(),
+                comp.0.as_ptr(),
+                0,
+            )
+        };
+        let cq = CompletionQueue(non_null(cq)?);
+        // SAFETY: zeroed init attr is valid; fields set below.
+        let mut attr: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        attr.send_cq = cq.0.as_ptr();
+        attr.recv_cq = cq.0.as_ptr();
+        attr.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
+        attr.sq_sig_all = 1;
+        attr.cap.max_send_wr = sq_size;
+        attr.cap.max_recv_wr = rq_size;
+        attr.cap.max_send_sge = 2;
+        attr.cap.max_recv_sge = 1;
+        attr.cap.max_inline_data = sq_inline;
+        // SAFETY: valid id, pd and attr; on success librdmacm stores the QP in id->qp and
+        // writes back the granted caps.
+        cvt(unsafe { sys::rdma_create_qp(self.id.as_ptr(), pd.0.as_ptr(), &mut attr) })?;
+        self.has_qp = true;
+        Ok(Endpoint {
+            qp: self.raw().qp,
+            sq_inline: attr.cap.max_inline_data,
+            mrs: Vec::new(),
+            cq,
+            comp,
+            pd,
+        })
+    }
+
+    /// Destroys the QP (before the endpoint's CQ and PD go).
+    pub fn destroy_qp(&mut self) {
+        if self.has_qp {
+            // SAFETY: the QP was created on this id and is destroyed once.
+            unsafe { sys::rdma_destroy_qp(self.id.as_ptr()) };
+            self.has_qp = false;
+        }
+    }
+}
+
+impl Drop for CmId {
+    fn drop(&mut self) {
+        self.destroy_qp();
+        // SAFETY: destroyed once; events for it were acked by their owners.
+        unsafe { sys::rdma_destroy_id(self.id.as_ptr()) };
+    }
+}
+
+/// What an endpoint needs to know about its device.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceInfo {
+    /// Largest queue depth.
+    pub max_qp_wr: u32,
+    /// Largest CQ.
+    pub max_cqe: u32,
+    /// iWARP transport: no immediate data on RDMA writes.
+    pub iwarp: bool,
+}
+
+// ------------------------------------------------------------------------------------ verbs
+
+#[derive(Debug)]
+struct ProtectionDomain(NonNull<sys::ibv_pd>);
+
+impl Drop for ProtectionDomain {
+    fn drop(&mut self) {
+        // SAFETY: the endpoint drops its MRs and QP first.
+        unsafe { sys::ibv_dealloc_pd(self.0.as_ptr()) };
+    }
+}
+
+#[derive(Debug)]
+struct CompChannel(NonNull<sys::ibv_comp_channel>);
+
+impl CompChannel {
+    fn fd(&self) -> RawFd {
+        // SAFETY: valid while self lives.
+        unsafe { self.0.as_ref().fd }
+    }
+}
+
+impl Drop for CompChannel {
+    fn drop(&mut self) {
+        // SAFETY: the CQ using it is destroyed first (field order in Endpoint).
+        unsafe { sys::ibv_destroy_comp_channel(self.0.as_ptr()) };
+    }
+}
+
+#[derive(Debug)]
+struct CompletionQueue(NonNull<sys::ibv_cq>);
+
+impl Drop for CompletionQueue {
+    fn drop(&mut self) {
+        // SAFETY: the QP using it is destroyed first (CmId::destroy_qp before Endpoint drops).
+        unsafe { sys::ibv_destroy_cq(self.0.as_ptr()) };
+    }
+}
+
+/// A registered buffer owned by its endpoint, addressed by offsets. The NIC may write it at any
+/// time, so it is only ever accessed through raw copies, never through references.
+#[derive(Debug)]
+pub struct MemoryRegion {
+    mr: NonNull<sys::ibv_mr>,
+    buf: NonNull<u8>,
+    len: usize,
+}
+
+/// Handle to a region of an [`Endpoint`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MrId(usize);
+
+/// Access a region grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Local use only (send buffers).
+    Local,
+    /// The peer may RDMA-write into it.
+    RemoteWrite,
+}
+
+impl MemoryRegion {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), 4096).expect("region size fits a layout")
+    }
+}
+
+impl Drop for MemoryRegion {
+    fn drop(&mut self) {
+        // SAFETY: registered once; the QP that used it is gone (endpoint field order).
+        unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+        // SAFETY: allocated in Endpoint::register with this layout.
+        unsafe { std::alloc::dealloc(self.buf.as_ptr(), Self::layout(self.len)) };
+    }
+}
+
+/// A connected RC endpoint: QP (owned by the CM id), one CQ with its completion channel, a PD and
+/// the registered buffers. Field order is drop order.
+#[derive(Debug)]
+pub struct Endpoint {
+    qp: *mut sys::ibv_qp,
+    sq_inline: u32,
+    mrs: Vec<MemoryRegion>,
+    cq: CompletionQueue,
+    comp: CompChannel,
+    pd: ProtectionDomain,
+}
+
+// SAFETY: used only under the owning socket's mutex; verbs objects are thread-safe.
+unsafe impl Send for Endpoint {}
+
+/// A completion, decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    /// The work request id.
+    pub wr_id: u64,
+    /// Success.
+    pub ok: bool,
+    /// Raw status (for diagnostics).
+    pub status: u32,
+    /// Immediate data (host order) if the completion carried one.
+    pub imm: Option<u32>,
+    /// Bytes received.
+    pub byte_len: u32,
+}
+
+/// Data source for a send: inline bytes copied at post time, or ranges of a registered region.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Nothing (0-byte message).
+    Empty,
+    /// Inline from this slice (must be ≤ the QP's inline size).
+    Inline(&'a [u8]),
+    /// Up to two (offset, len) ranges of a region.
+    Region(MrId, [(u32, u32); 2], usize),
+}
+
+impl Endpoint {
+    /// Inline size the device granted.
+    pub fn sq_inline(&self) -> u32 {
+        self.sq_inline
+    }
+
+    /// Completion channel fd (readable after an armed CQ got a completion).
+    pub fn comp_fd(&self) -> RawFd {
+        self.comp.fd()
+    }
+
+    /// Allocates and registers a zeroed buffer.
+    pub fn register(&mut self, len: usize, access: Access) -> io::Result<MrId> {
+        let layout = MemoryRegion::layout(len);
+        // SAFETY: non-zero size layout.
+        let buf = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let acc = match access {
+            Access::Local => sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
+            Access::RemoteWrite => {
+                (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                    | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+                    .0
+            }
+        };
+        // SAFETY: buf is a live allocation of len bytes, pd valid.
+        let mr =
+            unsafe { sys::ibv_reg_mr(self.pd.0.as_ptr(), buf.as_ptr() as *mut _, len, acc as i32) };
+        match NonNull::new(mr) {
+            Some(mr) => {
+                self.mrs.push(MemoryRegion { mr, buf, len });
+                Ok(MrId(self.mrs.len() - 1))
+            }
+            None => {
+                let e = last_error();
+                // SAFETY: allocated just above with this layout.
+                unsafe { std::alloc::dealloc(buf.as_ptr(), layout) };
+                Err(e)
+            }
+        }
+    }
+
+    fn mr(&self, id: MrId) -> &MemoryRegion {
+        &self.mrs[id.0]
+    }
+
+    /// (address, rkey) of a region, for the peer.
+    pub fn remote_handle(&self, id: MrId) -> (u64, u32) {
+        let m = self.mr(id);
+        // SAFETY: mr valid while registered.
+        (m.buf.as_ptr() as u64, unsafe { m.mr.as_ref().rkey })
+    }
+
+    /// Copies region bytes out. Panics on an out-of-range request (a bug, not peer input).
+    pub fn read(&self, id: MrId, offset: usize, out: &mut [u8]) {
+        let m = self.mr(id);
+        assert!(
+            offset.checked_add(out.len()).is_some_and(|e| e <= m.len),
+            "read outside region"
+        );
+        // SAFETY: range checked against the allocation; raw copy because the NIC may write.
+        unsafe {
+            ptr::copy_nonoverlapping(m.buf.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+    }
+
+    /// Copies bytes into a region. Panics on an out-of-range request.
+    pub fn write(&self, id: MrId, offset: usize, data: &[u8]) {
+        let m = self.mr(id);
+        assert!(
+            offset.checked_add(data.len()).is_some_and(|e| e <= m.len),
+            "write outside region"
+        );
+        // SAFETY: range checked against the allocation.
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), m.buf.as_ptr().add(offset), data.len()) };
+    }
+
+    /// Posts `n` receives: zero-SGE ones (data arrives by RDMA write with immediate), or on
+    /// iWARP 4-byte receives into `msg_area` at slots `first_slot..` (wrapping at `slots`).
+    pub fn post_recvs(
+        &self,
+        n: u32,
+        msg_area: Option<(MrId, usize, u32)>,
+        first_slot: &mut u32,
+    ) -> io::Result<()> {
+        for _ in 0..n {
+            let mut sge = sys::ibv_sge {
+                addr: 0,
+                length: 0,
+                lkey: 0,
+            };
+            // SAFETY: zeroed recv WR is valid; fields set below.
+            let mut wr: sys::ibv_recv_wr = unsafe { std::mem::zeroed() };
+            wr.wr_id = crate::proto::stream::WR_ID_RECV;
+            if let Some((id, base, slots)) = msg_area {
+                let m = self.mr(id);
+                let slot = *first_slot;
+                *first_slot = (slot + 1) % slots;
+                sge.addr = m.buf.as_ptr() as u64 + (base + slot as usize * 4) as u64;
+                sge.length = 4;
+                // SAFETY: mr valid.
+                sge.lkey = unsafe { m.mr.as_ref().lkey };
+                wr.wr_id |= slot as u64;
+                wr.sg_list = &mut sge;
+                wr.num_sge = 1;
+            }
+            let mut bad: *mut sys::ibv_recv_wr = ptr::null_mut();
+            // SAFETY: valid QP; wr and sge live across the call.
+            cvt(unsafe { sys::ibv_post_recv(self.qp, &mut wr, &mut bad) })?;
+        }
+        Ok(())
+    }
+
+    /// Posts an RDMA write (optionally with immediate data) or, with `remote == None`, a SEND.
+    pub fn post_send(
+        &self,
+        wr_id: u64,
+        payload: Payload<'_>,
+        remote: Option<(u64, u32)>,
+        imm: Option<u32>,
+    ) -> io::Result<()> {
+        let mut sges = [sys::ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        }; 2];
+        let mut nsge = 0;
+        let mut flags = 0;
+        match payload {
+            Payload::Empty => {}
+            Payload::Inline(b) => {
+                if b.len() > self.sq_inline as usize {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                sges[0] = sys::ibv_sge {
+                    addr: b.as_ptr() as u64,
+                    length: b.len() as u32,
+                    lkey: 0,
+                };
+                nsge = 1;
+                flags |= sys::ibv_send_flags::IBV_SEND_INLINE.0;
+            }
+            Payload::Region(id, ranges, n) => {
+                let m = self.mr(id);
+                for (i, &(off, len)) in ranges[..n].iter().enumerate() {
+                    assert!(off as usize + len as usize <= m.len, "send outside region");
+                    sges[i] = sys::ibv_sge {
+                        addr: m.buf.as_ptr() as u64 + off as u64,
+                        length: len,
+                        // SAFETY: mr valid.
+                        lkey: unsafe { m.mr.as_ref().lkey },
+                    };
+                }
+                nsge = n;
+            }
+        }
+        // SAFETY: zeroed send WR is valid; fields set below.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = sges.as_mut_ptr();
+        wr.num_sge = nsge as i32;
+        wr.send_flags = flags;
+        match remote {
+            Some((addr, rkey)) => {
+                wr.opcode = if imm.is_some() {
+                    sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM
+                } else {
+                    sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE
+                };
+                wr.wr.rdma = sys::rdma_t {
+                    remote_addr: addr,
+                    rkey,
+                };
+            }
+            None => wr.opcode = sys::ibv_wr_opcode::IBV_WR_SEND,
+        }
+        if let Some(imm) = imm {
+            wr.imm_data_invalidated_rkey_union.imm_data = imm.to_be();
+        }
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: valid QP; wr, sges and inline data live across the call (inline data is copied).
+        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })
+    }
+
+    /// Polls up to `out.len()` completions.
+    pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> io::Result<()> {
+        // SAFETY: zeroed ibv_wc array is valid output storage.
+        let mut wcs: [sys::ibv_wc; 32] = unsafe { std::mem::zeroed() };
+        let want = max.min(32) as i32;
+        // SAFETY: valid CQ and output array of `want` entries.
+        let n = unsafe { sys::ibv_poll_cq(self.cq.0.as_ptr(), want, wcs.as_mut_ptr()) };
+        if n < 0 {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        for wc in &wcs[..n as usize] {
+            let with_imm = wc.wc_flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
+            out.push(Completion {
+                wr_id: wc.wr_id,
+                ok: wc.status == sys::ibv_wc_status::IBV_WC_SUCCESS,
+                status: wc.status,
+                // SAFETY: imm_data is the active member when IBV_WC_WITH_IMM is set.
+                imm: with_imm
+                    .then(|| u32::from_be(unsafe { wc.imm_data_invalidated_rkey_union.imm_data })),
+                byte_len: wc.byte_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Arms the CQ: the completion channel fd becomes readable at the next completion.
+    pub fn arm(&self) -> io::Result<()> {
+        // SAFETY: valid CQ.
+        cvt(unsafe { sys::ibv_req_notify_cq(self.cq.0.as_ptr(), 0) })
+    }
+
+    /// Consumes a completion-channel event if one is pending (non-blocking). Returns whether
+    /// one was consumed; each is acknowledged at once.
+    pub fn take_cq_event(&self) -> bool {
+        let mut cq: *mut sys::ibv_cq = ptr::null_mut();
+        let mut ctx: *mut libc::c_void = ptr::null_mut();
+        // SAFETY: valid channel; the fd is non-blocking so this never sleeps.
+        let r = unsafe { sys::ibv_get_cq_event(self.comp.0.as_ptr(), &mut cq, &mut ctx) };
+        if r == 0 {
+            // SAFETY: cq is ours; one event to ack.
+            unsafe { sys::ibv_ack_cq_events(cq, 1) };
+            true
+        } else {
+            false
+        }
+    }
+}
