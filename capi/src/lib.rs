@@ -1,1 +1,458 @@
-//! capi
+//! The C ABI of rsocket-rs: `librsocket-rs.so` / `librsocket-rs.a`, a drop-in replacement for
+//! librdmacm's rsockets (`<rdma/rsocket.h>`, librdmacm 44).
+//!
+//! Every function is three steps: look up the descriptor, call the core, map the result. The
+//! [`ffi!`] boundary catches panics (errno EIO) and maps [`rsocket::Error`] to errno, so nothing
+//! unwinds into C. Pointer arguments are checked for NULL here; everything else is the core's job.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![allow(clippy::missing_safety_doc)] // the C header documents each call's contract
+
+use std::os::raw::{c_int, c_long, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use libc::{fd_set, iovec, msghdr, nfds_t, off_t, pollfd, size_t, sockaddr, socklen_t, ssize_t, timeval};
+use rsocket::Error;
+use rsocket::socket::{self, options};
+use rsocket::verbs::SockAddr;
+
+mod errno;
+
+/// Level of the RDMA-specific socket options (`SOL_RDMA` in rsocket.h).
+pub const SOL_RDMA: c_int = options::SOL_RDMA;
+/// `RDMA_SQSIZE`: send queue size.
+pub const RDMA_SQSIZE: c_int = options::RDMA_SQSIZE;
+/// `RDMA_RQSIZE`: receive queue size.
+pub const RDMA_RQSIZE: c_int = options::RDMA_RQSIZE;
+/// `RDMA_INLINE`: inline data size.
+pub const RDMA_INLINE: c_int = options::RDMA_INLINE;
+/// `RDMA_IOMAPSIZE`: iomap entries offered to the peer.
+pub const RDMA_IOMAPSIZE: c_int = options::RDMA_IOMAPSIZE;
+/// `RDMA_ROUTE`: path record to use.
+pub const RDMA_ROUTE: c_int = options::RDMA_ROUTE;
+
+/// Runs `body`, turning errors and panics into `errno` plus the C error value `$fail`.
+macro_rules! ffi {
+    ($fail:expr, $body:expr) => {
+        match catch_unwind(AssertUnwindSafe(|| -> Result<_, Error> { $body })) {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                errno::set(&e);
+                $fail
+            }
+            Err(_) => {
+                errno::set_raw(libc::EIO);
+                $fail
+            }
+        }
+    };
+}
+
+fn null_check<T>(p: *const T) -> Result<(), Error> {
+    if p.is_null() { Err(Error::Os(std::io::Error::from_raw_os_error(libc::EFAULT))) } else { Ok(()) }
+}
+
+/// Builds a byte slice from a C buffer; an empty one for `len == 0` whatever the pointer.
+unsafe fn buf<'a>(p: *const c_void, len: size_t) -> Result<&'a [u8], Error> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    null_check(p)?;
+    // SAFETY: the caller passes a buffer of len readable bytes (C contract of rsend & co.).
+    Ok(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
+}
+
+/// Mutable counterpart of [`buf`].
+unsafe fn buf_mut<'a>(p: *mut c_void, len: size_t) -> Result<&'a mut [u8], Error> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    null_check(p)?;
+    // SAFETY: the caller passes a buffer of len writable bytes (C contract of rrecv & co.).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) })
+}
+
+unsafe fn iovecs<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], Error> {
+    if n < 0 || n > libc::UIO_MAXIOV {
+        return Err(Error::InvalidArgument);
+    }
+    if n == 0 {
+        return Ok(&[]);
+    }
+    null_check(iov)?;
+    // SAFETY: the caller passes n iovecs.
+    Ok(unsafe { std::slice::from_raw_parts(iov, n as usize) })
+}
+
+/// Creates an rsocket. See rsocket(7); AF_INET/AF_INET6 SOCK_STREAM.
+#[unsafe(no_mangle)]
+pub extern "C" fn rsocket(domain: c_int, r#type: c_int, protocol: c_int) -> c_int {
+    ffi!(-1, socket::socket(domain, r#type, protocol))
+}
+
+/// Binds an rsocket to a local address.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rbind(socket: c_int, addr: *const sockaddr, addrlen: socklen_t) -> c_int {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        // SAFETY: C contract: addr points to addrlen bytes.
+        let a = unsafe { SockAddr::from_raw(addr, addrlen) }?;
+        s.bind(&a).map(|()| 0)
+    })
+}
+
+/// Listens for connections.
+#[unsafe(no_mangle)]
+pub extern "C" fn rlisten(socket: c_int, backlog: c_int) -> c_int {
+    ffi!(-1, socket::lookup(socket)?.listen(backlog).map(|()| 0))
+}
+
+/// Accepts a connection; fills `addr`/`addrlen` with the peer's address when both are given.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn raccept(socket: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?.accept()?;
+        if !addr.is_null() && !addrlen.is_null() {
+            // SAFETY: C contract: addr has *addrlen writable bytes.
+            unsafe { s.peer_addr()?.copy_out(addr, addrlen) };
+        }
+        Ok(socket::insert(s))
+    })
+}
+
+/// Connects to a listening rsocket.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rconnect(socket: c_int, addr: *const sockaddr, addrlen: socklen_t) -> c_int {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        // SAFETY: C contract: addr points to addrlen bytes.
+        let a = unsafe { SockAddr::from_raw(addr, addrlen) }?;
+        s.connect(&a).map(|()| 0)
+    })
+}
+
+/// Shuts down part of a connection (SHUT_RD, SHUT_WR, SHUT_RDWR).
+#[unsafe(no_mangle)]
+pub extern "C" fn rshutdown(socket: c_int, how: c_int) -> c_int {
+    ffi!(-1, socket::lookup(socket)?.shutdown(how).map(|()| 0))
+}
+
+/// Closes an rsocket. Unlike librdmacm (which returns EBADF), an unknown descriptor gives -1
+/// with errno EBADF, as close(2) does.
+#[unsafe(no_mangle)]
+pub extern "C" fn rclose(socket: c_int) -> c_int {
+    ffi!(-1, socket::close(socket).map(|()| 0))
+}
+
+/// Receives data. 0 means the peer shut down its sending side.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rrecv(socket: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        // SAFETY: C contract.
+        let b = unsafe { buf_mut(buf, len) }?;
+        s.recv(b, flags).map(|n| n as ssize_t)
+    })
+}
+
+/// Receives data; on a connected stream `src_addr` gets the peer's address.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rrecvfrom(
+    socket: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    flags: c_int,
+    src_addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
+) -> ssize_t {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        // SAFETY: C contract.
+        let b = unsafe { buf_mut(buf, len) }?;
+        let n = s.recv(b, flags)?;
+        if !src_addr.is_null() && !addrlen.is_null() {
+            // SAFETY: C contract: src_addr has *addrlen writable bytes.
+            unsafe { s.peer_addr()?.copy_out(src_addr, addrlen) };
+        }
+        Ok(n as ssize_t)
+    })
+}
+
+/// Receives into several buffers, filling each in turn.
+fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error> {
+    let s = socket::lookup(socket)?;
+    let mut total = 0usize;
+    for (i, v) in iov.iter().enumerate() {
+        // SAFETY: C contract: each iovec describes writable memory.
+        let b = unsafe { buf_mut(v.iov_base, v.iov_len) }?;
+        if b.is_empty() {
+            continue;
+        }
+        // After the first bytes, only take what is already there (like readv on a socket).
+        let f = if total > 0 { flags | libc::MSG_DONTWAIT } else { flags };
+        match s.recv(b, f) {
+            Ok(n) => {
+                total += n;
+                if n < b.len() && flags & libc::MSG_WAITALL == 0 {
+                    break;
+                }
+                if n == 0 {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => return Err(e),
+        }
+        let _ = i;
+    }
+    Ok(total as ssize_t)
+}
+
+/// Sends from several buffers in order.
+fn send_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error> {
+    let s = socket::lookup(socket)?;
+    let mut total = 0usize;
+    for v in iov {
+        // SAFETY: C contract: each iovec describes readable memory.
+        let b = unsafe { buf(v.iov_base, v.iov_len) }?;
+        if b.is_empty() {
+            continue;
+        }
+        match s.send(b, flags) {
+            Ok(n) => {
+                total += n;
+                if n < b.len() {
+                    break;
+                }
+            }
+            Err(_) if total > 0 => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total as ssize_t)
+}
+
+/// Receives into the message's iovecs (all of them, unlike librdmacm which fills only the first).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    ffi!(-1, {
+        null_check(msg)?;
+        // SAFETY: non-null msghdr from the caller.
+        let m = unsafe { &mut *msg };
+        // SAFETY: C contract.
+        let iov = unsafe { iovecs(m.msg_iov, m.msg_iovlen as c_int) }?;
+        let n = recv_iov(socket, iov, flags)?;
+        m.msg_flags = 0;
+        m.msg_controllen = 0;
+        Ok(n)
+    })
+}
+
+/// Sends data.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rsend(socket: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        // SAFETY: C contract.
+        let b = unsafe { self::buf(buf, len) }?;
+        s.send(b, flags).map(|n| n as ssize_t)
+    })
+}
+
+/// Sends data; on a connected stream the destination must be NULL (or is ignored, as upstream).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rsendto(
+    socket: c_int,
+    buf: *const c_void,
+    len: size_t,
+    flags: c_int,
+    dest_addr: *const sockaddr,
+    addrlen: socklen_t,
+) -> ssize_t {
+    let _ = (dest_addr, addrlen);
+    // SAFETY: same contract as rsend.
+    unsafe { rsend(socket, buf, len, flags) }
+}
+
+/// Sends the message's iovecs in order.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rsendmsg(socket: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    ffi!(-1, {
+        null_check(msg)?;
+        // SAFETY: non-null msghdr from the caller.
+        let m = unsafe { &*msg };
+        // SAFETY: C contract.
+        let iov = unsafe { iovecs(m.msg_iov, m.msg_iovlen as c_int) }?;
+        send_iov(socket, iov, flags)
+    })
+}
+
+/// read(2) on an rsocket.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rread(socket: c_int, buf: *mut c_void, count: size_t) -> ssize_t {
+    // SAFETY: same contract as rrecv.
+    unsafe { rrecv(socket, buf, count, 0) }
+}
+
+/// readv(2) on an rsocket.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rreadv(socket: c_int, iov: *const iovec, iovcnt: c_int) -> ssize_t {
+    ffi!(-1, {
+        // SAFETY: C contract.
+        let iov = unsafe { iovecs(iov, iovcnt) }?;
+        recv_iov(socket, iov, 0)
+    })
+}
+
+/// write(2) on an rsocket.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rwrite(socket: c_int, buf: *const c_void, count: size_t) -> ssize_t {
+    // SAFETY: same contract as rsend.
+    unsafe { rsend(socket, buf, count, 0) }
+}
+
+/// writev(2) on an rsocket.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rwritev(socket: c_int, iov: *const iovec, iovcnt: c_int) -> ssize_t {
+    ffi!(-1, {
+        // SAFETY: C contract.
+        let iov = unsafe { iovecs(iov, iovcnt) }?;
+        send_iov(socket, iov, 0)
+    })
+}
+
+/// poll(2) over rsockets and regular descriptors. Not yet provided: -1/ENOSYS.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rpoll(fds: *mut pollfd, nfds: nfds_t, timeout: c_int) -> c_int {
+    let _ = (fds, nfds, timeout);
+    ffi!(-1, Err::<c_int, _>(Error::NotImplemented))
+}
+
+/// select(2) over rsockets and regular descriptors. Not yet provided: -1/ENOSYS.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rselect(
+    nfds: c_int,
+    readfds: *mut fd_set,
+    writefds: *mut fd_set,
+    exceptfds: *mut fd_set,
+    timeout: *mut timeval,
+) -> c_int {
+    let _ = (nfds, readfds, writefds, exceptfds, timeout);
+    ffi!(-1, Err::<c_int, _>(Error::NotImplemented))
+}
+
+/// The peer's address.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rgetpeername(socket: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int {
+    ffi!(-1, {
+        null_check(addr)?;
+        null_check(addrlen)?;
+        let a = socket::lookup(socket)?.peer_addr()?;
+        // SAFETY: C contract: addr has *addrlen writable bytes.
+        unsafe { a.copy_out(addr, addrlen) };
+        Ok(0)
+    })
+}
+
+/// The local address.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rgetsockname(socket: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int {
+    ffi!(-1, {
+        null_check(addr)?;
+        null_check(addrlen)?;
+        let a = socket::lookup(socket)?.local_addr()?;
+        // SAFETY: C contract: addr has *addrlen writable bytes.
+        unsafe { a.copy_out(addr, addrlen) };
+        Ok(0)
+    })
+}
+
+/// Sets a socket option (SOL_SOCKET, IPPROTO_TCP, SOL_RDMA). Unknown options: ENOPROTOOPT.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rsetsockopt(
+    socket: c_int,
+    level: c_int,
+    optname: c_int,
+    optval: *const c_void,
+    optlen: socklen_t,
+) -> c_int {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        // SAFETY: C contract: optval has optlen bytes.
+        let b = unsafe { buf(optval, optlen as size_t) }?;
+        let v = match b.len() {
+            4.. => i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")),
+            1 => b[0] as i32,
+            _ => return Err(Error::InvalidArgument),
+        };
+        options::set_int(&s, level, optname, v).map(|()| 0)
+    })
+}
+
+/// Reads a socket option.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn rgetsockopt(
+    socket: c_int,
+    level: c_int,
+    optname: c_int,
+    optval: *mut c_void,
+    optlen: *mut socklen_t,
+) -> c_int {
+    ffi!(-1, {
+        null_check(optval)?;
+        null_check(optlen)?;
+        let s = socket::lookup(socket)?;
+        let v = options::get_int(&s, level, optname)?;
+        // SAFETY: non-null, caller-owned.
+        let len = unsafe { *optlen } as usize;
+        let bytes = v.to_ne_bytes();
+        let n = len.min(4);
+        // SAFETY: optval has *optlen writable bytes; we write at most that.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), optval as *mut u8, n);
+            *optlen = n as socklen_t;
+        }
+        Ok(0)
+    })
+}
+
+/// fcntl(2) on an rsocket: F_GETFL/F_SETFL (O_NONBLOCK), F_GETFD/F_SETFD.
+///
+/// Declared variadic in rsocket.h (`int rfcntl(int socket, int cmd, ...)`). On the System V
+/// x86-64 and AArch64 Linux ABIs a variadic integer/pointer argument travels in the same
+/// register as a fixed one, so this definition receives it; `c_long` covers both.
+#[unsafe(no_mangle)]
+pub extern "C" fn rfcntl(socket: c_int, cmd: c_int, arg: c_long) -> c_int {
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        options::fcntl(&s, cmd, arg as i64)
+    })
+}
+
+/// Maps a buffer for remote RDMA writes by the peer. Not yet provided: -1/ENOSYS.
+#[unsafe(no_mangle)]
+pub extern "C" fn riomap(socket: c_int, buf: *mut c_void, len: size_t, prot: c_int, flags: c_int, offset: off_t) -> off_t {
+    let _ = (socket, buf, len, prot, flags, offset);
+    ffi!(-1, Err::<off_t, _>(Error::NotImplemented))
+}
+
+/// Unmaps a buffer mapped with riomap. Not yet provided: -1/ENOSYS.
+#[unsafe(no_mangle)]
+pub extern "C" fn riounmap(socket: c_int, buf: *mut c_void, len: size_t) -> c_int {
+    let _ = (socket, buf, len);
+    ffi!(-1, Err::<c_int, _>(Error::NotImplemented))
+}
+
+/// RDMA-writes into a region the peer mapped with riomap. Not yet provided: (size_t)-1/ENOSYS.
+#[unsafe(no_mangle)]
+pub extern "C" fn riowrite(socket: c_int, buf: *const c_void, count: size_t, offset: off_t, flags: c_int) -> size_t {
+    let _ = (socket, buf, count, offset, flags);
+    ffi!(usize::MAX, Err::<size_t, _>(Error::NotImplemented))
+}
+
+/// Extension (not in librdmacm): RDMA-reads from a region the peer mapped for reading. Not yet provided:
+/// (size_t)-1/ENOSYS.
+#[unsafe(no_mangle)]
+pub extern "C" fn rioread(socket: c_int, buf: *mut c_void, count: size_t, offset: off_t, flags: c_int) -> size_t {
+    let _ = (socket, buf, count, offset, flags);
+    ffi!(usize::MAX, Err::<size_t, _>(Error::NotImplemented))
+}

@@ -1,0 +1,73 @@
+# rsocket-rs: the README's two commands (`make demo`, `make test`) and `make install`.
+#
+#   make demo              set up (packages, VM), build, run a client/server transfer in the VM
+#   make test              fmt, clippy, host tests, C tests, VM tests (what CI runs)
+#   make install PREFIX=.. install lib (.so, .so.0, .a), rsocket.h and rsocket-rs.pc
+#   make header            regenerate include/rsocket.h
+
+PREFIX  ?= /usr/local
+LIBDIR  ?= $(PREFIX)/lib
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+CARGO   ?= cargo
+REL     := target/release
+STAGE   := $(CURDIR)/build/stage
+export PKG_CONFIG_PATH := $(STAGE)/lib/pkgconfig:$(PKG_CONFIG_PATH)
+
+.PHONY: all build install header deps vm-setup demo test test-host test-c test-vm clean
+
+all: build
+
+# Build dependencies on a fresh Debian 12 (idempotent, quick when present).
+deps:
+	@./scripts/install-deps
+
+vm-setup: deps
+	@vm/setup
+
+build:
+	$(CARGO) build --release -p rsocket-capi --all-targets
+
+install: build
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -m 755 $(REL)/librsocket_rs.so $(DESTDIR)$(LIBDIR)/librsocket-rs.so.0
+	ln -sf librsocket-rs.so.0 $(DESTDIR)$(LIBDIR)/librsocket-rs.so
+	install -m 644 $(REL)/librsocket_rs.a $(DESTDIR)$(LIBDIR)/librsocket-rs.a
+	install -m 644 include/rsocket.h $(DESTDIR)$(PREFIX)/include/rsocket.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	    pkgconfig/rsocket-rs.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/rsocket-rs.pc
+
+header:
+	RSOCKET_BLESS=1 $(CARGO) test -p rsocket-capi --test header
+
+stage:
+	$(MAKE) --no-print-directory install PREFIX=$(STAGE)
+
+demo: vm-setup stage
+	$(MAKE) --no-print-directory -C c-tests
+	vm/run-in-vm -- c-tests/demo.sh
+
+test: deps vm-setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(MAKE) --no-print-directory test-host
+	$(MAKE) --no-print-directory stage
+	$(MAKE) --no-print-directory test-c
+	$(MAKE) --no-print-directory test-vm
+	@echo "make test: all passed"
+
+test-host:
+	$(CARGO) test --workspace
+
+test-c:
+	$(MAKE) --no-print-directory -C c-tests check
+
+# RDMA tests: one VM boot for the Rust integration tests, one for the C/interop suite.
+test-vm:
+	$(CARGO) test --release --test vm --no-run
+	vm/run-in-vm -- $(CARGO) test --release --test vm -- --test-threads=1
+	vm/run-in-vm -- c-tests/run-vm-tests.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf build
+	$(MAKE) -C c-tests clean
