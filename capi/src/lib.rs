@@ -10,7 +10,9 @@
 use std::os::raw::{c_int, c_long, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use libc::{fd_set, iovec, msghdr, nfds_t, off_t, pollfd, size_t, sockaddr, socklen_t, ssize_t, timeval};
+use libc::{
+    fd_set, iovec, msghdr, nfds_t, off_t, pollfd, size_t, sockaddr, socklen_t, ssize_t, timeval,
+};
 use rsocket::Error;
 use rsocket::socket::{self, options};
 use rsocket::verbs::SockAddr;
@@ -48,7 +50,11 @@ macro_rules! ffi {
 }
 
 fn null_check<T>(p: *const T) -> Result<(), Error> {
-    if p.is_null() { Err(Error::Os(std::io::Error::from_raw_os_error(libc::EFAULT))) } else { Ok(()) }
+    if p.is_null() {
+        Err(Error::Os(std::io::Error::from_raw_os_error(libc::EFAULT)))
+    } else {
+        Ok(())
+    }
 }
 
 /// Builds a byte slice from a C buffer; an empty one for `len == 0` whatever the pointer.
@@ -108,7 +114,11 @@ pub extern "C" fn rlisten(socket: c_int, backlog: c_int) -> c_int {
 
 /// Accepts a connection; fills `addr`/`addrlen` with the peer's address when both are given.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn raccept(socket: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int {
+pub unsafe extern "C" fn raccept(
+    socket: c_int,
+    addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
+) -> c_int {
     ffi!(-1, {
         let s = socket::lookup(socket)?.accept()?;
         if !addr.is_null() && !addrlen.is_null() {
@@ -121,7 +131,11 @@ pub unsafe extern "C" fn raccept(socket: c_int, addr: *mut sockaddr, addrlen: *m
 
 /// Connects to a listening rsocket.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn rconnect(socket: c_int, addr: *const sockaddr, addrlen: socklen_t) -> c_int {
+pub unsafe extern "C" fn rconnect(
+    socket: c_int,
+    addr: *const sockaddr,
+    addrlen: socklen_t,
+) -> c_int {
     ffi!(-1, {
         let s = socket::lookup(socket)?;
         // SAFETY: C contract: addr points to addrlen bytes.
@@ -145,7 +159,12 @@ pub extern "C" fn rclose(socket: c_int) -> c_int {
 
 /// Receives data. 0 means the peer shut down its sending side.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn rrecv(socket: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
+pub unsafe extern "C" fn rrecv(
+    socket: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    flags: c_int,
+) -> ssize_t {
     ffi!(-1, {
         let s = socket::lookup(socket)?;
         // SAFETY: C contract.
@@ -188,7 +207,11 @@ fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error
             continue;
         }
         // After the first bytes, only take what is already there (like readv on a socket).
-        let f = if total > 0 { flags | libc::MSG_DONTWAIT } else { flags };
+        let f = if total > 0 {
+            flags | libc::MSG_DONTWAIT
+        } else {
+            flags
+        };
         match s.recv(b, f) {
             Ok(n) => {
                 total += n;
@@ -249,7 +272,12 @@ pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int)
 
 /// Sends data.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn rsend(socket: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
+pub unsafe extern "C" fn rsend(
+    socket: c_int,
+    buf: *const c_void,
+    len: size_t,
+    flags: c_int,
+) -> ssize_t {
     ffi!(-1, {
         let s = socket::lookup(socket)?;
         // SAFETY: C contract.
@@ -342,7 +370,11 @@ pub unsafe extern "C" fn rselect(
 
 /// The peer's address.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn rgetpeername(socket: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int {
+pub unsafe extern "C" fn rgetpeername(
+    socket: c_int,
+    addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
+) -> c_int {
     ffi!(-1, {
         null_check(addr)?;
         null_check(addrlen)?;
@@ -355,7 +387,11 @@ pub unsafe extern "C" fn rgetpeername(socket: c_int, addr: *mut sockaddr, addrle
 
 /// The local address.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn rgetsockname(socket: c_int, addr: *mut sockaddr, addrlen: *mut socklen_t) -> c_int {
+pub unsafe extern "C" fn rgetsockname(
+    socket: c_int,
+    addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
+) -> c_int {
     ffi!(-1, {
         null_check(addr)?;
         null_check(addrlen)?;
@@ -430,7 +466,14 @@ pub extern "C" fn rfcntl(socket: c_int, cmd: c_int, arg: c_long) -> c_int {
 
 /// Maps a buffer for remote RDMA writes by the peer. Not yet provided: -1/ENOSYS.
 #[unsafe(no_mangle)]
-pub extern "C" fn riomap(socket: c_int, buf: *mut c_void, len: size_t, prot: c_int, flags: c_int, offset: off_t) -> off_t {
+pub extern "C" fn riomap(
+    socket: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    offset: off_t,
+) -> off_t {
     let _ = (socket, buf, len, prot, flags, offset);
     ffi!(-1, Err::<off_t, _>(Error::NotImplemented))
 }
@@ -444,7 +487,13 @@ pub extern "C" fn riounmap(socket: c_int, buf: *mut c_void, len: size_t) -> c_in
 
 /// RDMA-writes into a region the peer mapped with riomap. Not yet provided: (size_t)-1/ENOSYS.
 #[unsafe(no_mangle)]
-pub extern "C" fn riowrite(socket: c_int, buf: *const c_void, count: size_t, offset: off_t, flags: c_int) -> size_t {
+pub extern "C" fn riowrite(
+    socket: c_int,
+    buf: *const c_void,
+    count: size_t,
+    offset: off_t,
+    flags: c_int,
+) -> size_t {
     let _ = (socket, buf, count, offset, flags);
     ffi!(usize::MAX, Err::<size_t, _>(Error::NotImplemented))
 }
@@ -452,7 +501,13 @@ pub extern "C" fn riowrite(socket: c_int, buf: *const c_void, count: size_t, off
 /// Extension (not in librdmacm): RDMA-reads from a region the peer mapped for reading. Not yet provided:
 /// (size_t)-1/ENOSYS.
 #[unsafe(no_mangle)]
-pub extern "C" fn rioread(socket: c_int, buf: *mut c_void, count: size_t, offset: off_t, flags: c_int) -> size_t {
+pub extern "C" fn rioread(
+    socket: c_int,
+    buf: *mut c_void,
+    count: size_t,
+    offset: off_t,
+    flags: c_int,
+) -> size_t {
     let _ = (socket, buf, count, offset, flags);
     ffi!(usize::MAX, Err::<size_t, _>(Error::NotImplemented))
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 #[test]
 fn checked_in_header_matches_generation() {
     let crate_dir = env!("CARGO_MANIFEST_DIR");
-    let config = cbindgen::Config::from_file(Path::new(crate_dir).join("cbindgen.toml")).expect("cbindgen.toml");
+    let config = cbindgen::Config::from_file(Path::new(crate_dir).join("cbindgen.toml"))
+        .expect("cbindgen.toml");
     let bindings = cbindgen::Builder::new()
         .with_crate(crate_dir)
         .with_config(config)

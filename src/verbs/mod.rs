@@ -261,7 +261,72 @@ impl std::fmt::Debug for SockAddr {
     }
 }
 
+impl From<std::net::SocketAddr> for SockAddr {
+    fn from(a: std::net::SocketAddr) -> Self {
+        // SAFETY: zeroed sockaddr_storage is valid; the sockaddr_in/in6 written fit inside it.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match a {
+            std::net::SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*v4.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: storage is larger than and suitably aligned for sockaddr_in.
+                unsafe { ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+                std::mem::size_of::<libc::sockaddr_in>()
+            }
+            std::net::SocketAddr::V6(v6) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: v6.port().to_be(),
+                    sin6_flowinfo: v6.flowinfo().to_be(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: v6.ip().octets(),
+                    },
+                    sin6_scope_id: v6.scope_id(),
+                };
+                // SAFETY: storage is larger than and suitably aligned for sockaddr_in6.
+                unsafe { ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+                std::mem::size_of::<libc::sockaddr_in6>()
+            }
+        };
+        SockAddr {
+            storage,
+            len: len as libc::socklen_t,
+        }
+    }
+}
+
 impl SockAddr {
+    /// The address as a std one, for IPv4/IPv6.
+    pub fn to_std(&self) -> Option<std::net::SocketAddr> {
+        match self.family() {
+            libc::AF_INET => {
+                // SAFETY: family says the storage holds a sockaddr_in.
+                let sin = unsafe { &*(&self.storage as *const _ as *const libc::sockaddr_in) };
+                Some(std::net::SocketAddr::from((
+                    std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                    u16::from_be(sin.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                // SAFETY: family says the storage holds a sockaddr_in6.
+                let sin6 = unsafe { &*(&self.storage as *const _ as *const libc::sockaddr_in6) };
+                Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                    sin6.sin6_addr.s6_addr.into(),
+                    u16::from_be(sin6.sin6_port),
+                    u32::from_be(sin6.sin6_flowinfo),
+                    sin6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+
     /// Copies a caller's address after checking its length against its family.
     ///
     /// # Safety
