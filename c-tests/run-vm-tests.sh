@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# C and interop tests; runs inside the VM (vm/run-in-vm -- c-tests/run-vm-tests.sh), on the
+# Soft-RoCE pair or, with --siw given to run-in-vm, the Soft-iWARP pair.
+# Server 10.10.0.1, client 10.10.0.2. Every pair checks data and both exit codes.
+set -uo pipefail
+cd "$(dirname "$0")"
+BIN=$PWD/bin
+LIB=$(PKG_CONFIG_PATH=$PWD/../build/stage/lib/pkgconfig pkg-config --variable=libdir rsocket-rs)/librsocket-rs.so
+DEV=$(ls /sys/class/infiniband | tr '\n' ' ')
+PORT=$((7000 + RANDOM % 1000))
+pass=0; fail=0
+log=$(mktemp -d)
+
+# pair NAME "SERVER CMD" "CLIENT CMD": server first, client ~1.5 s later; both must exit 0.
+pair() {
+  local name=$1 srv=$2 cli=$3
+  PORT=$((PORT + 1))
+  srv=${srv//@PORT@/$PORT}; cli=${cli//@PORT@/$PORT}
+  timeout 120 bash -c "$srv" >"$log/srv" 2>&1 &
+  local spid=$!
+  sleep 1.5
+  timeout 120 bash -c "$cli" >"$log/cli" 2>&1
+  local crc=$?
+  wait $spid
+  local src=$?
+  if [ $crc -eq 0 ] && [ $src -eq 0 ]; then
+    pass=$((pass + 1)); echo "ok   $name"
+    sed 's/^/       /' "$log/srv" "$log/cli" | grep -vE '^\s*$' | grep -iE 'verified|gb/sec|refused|[0-9]+k? +[0-9]+ +' | head -4
+  else
+    fail=$((fail + 1)); echo "FAIL $name (server rc $src, client rc $crc)"
+    sed 's/^/  srv| /' "$log/srv"; sed 's/^/  cli| /' "$log/cli"
+  fi
+}
+
+# bound_to_us LOGFILE: LD_DEBUG proves the r* calls bound to rsocket-rs, not librdmacm.
+bound_to_us() {
+  local from="binding file [^ ]*rstream [^:]* to [^ ]*"
+  grep -hE "${from}librsocket-rs[^:]*: normal symbol \`(rsend|rrecv)'" "$1"* >/dev/null 2>&1 &&
+    ! grep -hE "${from}librdmacm[^:]*: normal symbol \`(rsend|rrecv)'" "$1"* >/dev/null 2>&1
+}
+
+echo "c-tests in the VM on: $DEV"
+S="$BIN/rsping -s -b 10.10.0.1 -p @PORT@"
+C="$BIN/rsping -c 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
+pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -S 4194304"
+pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b 10.10.0.1 -p @PORT@ -C 3" "$C -C 3"
+pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -C 3"
+pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
+pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -E"
+
+# librdmacm's own rstream; our side is the same binary with LD_PRELOAD=librsocket-rs.so.
+RS="rstream -b 10.10.0.1 -p @PORT@"
+RC="rstream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+for opts in "-S 1000000 -C 20 -T v" "-S 64 -C 2000 -T v" "-S 65536 -C 100 -T b -T v"; do
+  pair "rstream rsocket-rs client -> librdmacm rstream server ($opts)" "$RS $opts" \
+    "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-c LD_PRELOAD=$LIB $RC $opts"
+  if ! bound_to_us "$log/bind-c"; then fail=$((fail + 1)); echo "FAIL   (client did not run on rsocket-rs)"; fi
+  rm -f "$log"/bind-c*
+  pair "rstream librdmacm client -> rsocket-rs rstream server ($opts)" \
+    "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-s LD_PRELOAD=$LIB $RS $opts" "$RC $opts"
+  if ! bound_to_us "$log/bind-s"; then fail=$((fail + 1)); echo "FAIL   (server did not run on rsocket-rs)"; fi
+  rm -f "$log"/bind-s*
+done
+rm -rf "$log"
+echo
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
