@@ -80,6 +80,10 @@ impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         match e.raw_os_error() {
             Some(libc::EAGAIN) => Error::WouldBlock,
+            Some(libc::ECONNREFUSED) => Error::ConnectionRefused,
+            Some(libc::ECONNRESET) => Error::ConnectionReset,
+            Some(libc::ETIMEDOUT) => Error::TimedOut,
+            Some(libc::EINVAL) => Error::InvalidArgument,
             _ => Error::Os(e),
         }
     }

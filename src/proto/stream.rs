@@ -443,9 +443,9 @@ impl Stream {
                     self.fail(e.clone().into());
                     return Err(e.into());
                 }
-                if self.flags.readable || self.flags.writable {
-                    self.rmsg.push_back(len);
-                }
+                // Data that arrived is kept even if a disconnect was noticed first (a CM event can
+                // be seen before the CQ is drained): it is read before end of stream.
+                self.rmsg.push_back(len);
             }
             Msg::Credits(limit) => self.sseq_comp = limit,
             Msg::IomapSgl(_) => {}

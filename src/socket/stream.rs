@@ -356,15 +356,18 @@ impl Conn {
         })
     }
 
-    fn drain_cm_events(&mut self, channel: &EventChannel) {
+    fn drain_cm_events(&mut self, channel: &EventChannel) -> Result<()> {
         while let Ok(ev) = channel.get_event() {
             if matches!(
                 ev.kind(),
                 CmEventKind::Disconnected | CmEventKind::DeviceRemoval
             ) {
+                // Everything the peer sent before disconnecting is in the CQ: take it first.
+                self.progress()?;
                 self.core.set_disconnected();
             }
         }
+        Ok(())
     }
 }
 
@@ -711,9 +714,10 @@ impl StreamSocket {
             g.sleeping = false;
             if let State::Connected(conn) = &mut g.state {
                 while conn.ep.take_cq_event() {}
-                conn.drain_cm_events(&self.channel);
+                let d = conn.drain_cm_events(&self.channel);
+                self.cv.notify_all();
+                d?;
             }
-            self.cv.notify_all();
             spin_start = None;
             r?;
         }

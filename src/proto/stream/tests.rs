@@ -459,3 +459,22 @@ proptest! {
         run(c, c, na, nb, seed);
     }
 }
+
+#[test]
+fn data_completed_before_a_noticed_disconnect_is_still_delivered() {
+    // The CM's DISCONNECTED event can be handled before the CQ is drained: the data that
+    // completed first must still be readable before end of stream.
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    a.to_send = pattern(3000, 6);
+    let mut ab = VecDeque::new();
+    a.pump(&mut ab, 65536);
+    b.s.set_disconnected();
+    while let Some(wr) = ab.pop_front() {
+        b.deliver(&wr).unwrap();
+    }
+    b.read(100_000);
+    assert_eq!(b.received, a.to_send);
+    b.read(100_000);
+    assert!(b.eof);
+}
