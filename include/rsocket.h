@@ -38,8 +38,14 @@ enum {
 };
 #endif
 
-/** fcntl(2) on an rsocket: F_GETFL/F_SETFL (O_NONBLOCK), F_GETFD/F_SETFD. */
+#ifdef __cplusplus
+extern "C" {
+#endif
+/* fcntl(2) on an rsocket: F_GETFL/F_SETFL (O_NONBLOCK), F_GETFD/F_SETFD. */
 int rfcntl(int socket, int cmd, ... /* arg */ );
+#ifdef __cplusplus
+}
+#endif
 
 
 #ifdef __cplusplus
@@ -192,10 +198,14 @@ int riounmap(int socket, void *buf, size_t len);
 size_t riowrite(int socket, const void *buf, size_t count, off_t offset, int flags);
 
 /*
- Extension: RDMA-reads from a region the peer mapped for reading. Not yet provided:
+ Extension (not in librdmacm): RDMA-reads from a region the peer mapped for reading. Not yet provided:
  (size_t)-1/ENOSYS.
  */
-size_t rioread(int socket, void *buf, size_t count, off_t offset, int flags);
+size_t rioread(int socket,
+               void *buf,
+               size_t count,
+               off_t offset,
+               int flags);
 
 #ifdef __cplusplus
 }  // extern "C"
