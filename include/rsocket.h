@@ -149,12 +149,13 @@ ssize_t rwrite(int socket, const void *buf, size_t count);
 ssize_t rwritev(int socket, const struct iovec *iov, int iovcnt);
 
 /*
- poll(2) over rsockets and regular descriptors. Not yet provided: -1/ENOSYS.
+ poll(2) over rsockets and regular descriptors together: POLLIN/POLLOUT/POLLHUP/POLLERR mean
+ what they mean for kernel TCP sockets. Busy-polls for `polling_time` µs, then sleeps.
  */
 int rpoll(struct pollfd *fds, nfds_t nfds, int timeout);
 
 /*
- select(2) over rsockets and regular descriptors. Not yet provided: -1/ENOSYS.
+ select(2) over rsockets and regular descriptors (implemented with rpoll).
  */
 int rselect(int nfds,
             fd_set *readfds,

@@ -156,7 +156,23 @@ fn refused_connect() {
     c.bind(&addr(CLIENT, 0).into()).unwrap();
     let e = c.connect(&addr(SERVER, next_port()).into()).unwrap_err();
     assert!(matches!(e, Error::ConnectionRefused), "got {e:?}");
-    assert_eq!(c.take_error(), libc::ECONNREFUSED);
+    // As on Linux, a blocking connect reports its error once; SO_ERROR is clear afterwards.
+    assert_eq!(c.take_error(), 0);
+    close(c);
+    // Non-blocking: EINPROGRESS (or the error at once), then POLLOUT|POLLERR and SO_ERROR.
+    let c = new_socket();
+    c.set_options(|o| o.nonblocking = true);
+    c.bind(&addr(CLIENT, 0).into()).unwrap();
+    match c.connect(&addr(SERVER, next_port()).into()) {
+        Err(Error::InProgress) => {
+            let r = poll1(c.fd(), libc::POLLOUT, 20_000);
+            assert_ne!(r & libc::POLLOUT, 0, "revents {r:#x}");
+            assert_ne!(r & libc::POLLERR, 0, "revents {r:#x}");
+            assert_eq!(c.take_error(), libc::ECONNREFUSED);
+        }
+        Err(Error::ConnectionRefused) => {}
+        other => panic!("non-blocking refused connect: {other:?}"),
+    }
     close(c);
 }
 
@@ -180,7 +196,10 @@ fn half_close() {
     let c = connect(port);
     send_all(&c, &pattern(5000, 3));
     c.shutdown(libc::SHUT_WR).expect("shutdown");
-    assert!(matches!(c.send(b"x", 0), Err(Error::BrokenPipe)));
+    assert!(matches!(
+        c.send(b"x", libc::MSG_NOSIGNAL),
+        Err(Error::BrokenPipe)
+    ));
     let got = recv_exact(&c, 13);
     assert_eq!(&got, b"still talking");
     let mut b = [0u8; 4];
@@ -269,6 +288,172 @@ fn concurrent_send_and_recv() {
     close(c);
 }
 
+fn poll1(fd: i32, events: i16, timeout_ms: i32) -> i16 {
+    let mut p = [libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }];
+    let n = socket::poll::poll(&mut p, timeout_ms).expect("rpoll");
+    assert_eq!(n, (p[0].revents != 0) as usize);
+    p[0].revents
+}
+
+/// Non-blocking connect (EINPROGRESS, POLLOUT, SO_ERROR 0), then one thread drives both ends
+/// of the connection with rpoll only: random sizes from 1 byte to 16 MiB in both directions at
+/// once, non-blocking sends and receives, verified byte for byte.
+fn rpoll_driven_nonblocking_transfers() {
+    let port = next_port();
+    let l = listener(port);
+    l.set_options(|o| o.nonblocking = true);
+    assert!(matches!(l.accept(), Err(Error::WouldBlock)));
+    let c = new_socket();
+    c.set_options(|o| o.nonblocking = true);
+    c.bind(&addr(CLIENT, 0).into()).unwrap();
+    match c.connect(&addr(SERVER, port).into()) {
+        Err(Error::InProgress) | Ok(()) => {}
+        Err(e) => panic!("non-blocking connect: {e:?}"),
+    }
+    // The listener becomes readable, then accept works without blocking.
+    assert_ne!(poll1(l.fd(), libc::POLLIN, 20_000) & libc::POLLIN, 0);
+    // Through the descriptor table, as raccept does: rpoll finds rsockets there.
+    let s = socket::lookup(socket::insert(l.accept().expect("accept after POLLIN"))).unwrap();
+    s.set_options(|o| o.nonblocking = true);
+    assert_ne!(poll1(c.fd(), libc::POLLOUT, 20_000) & libc::POLLOUT, 0);
+    assert_eq!(c.take_error(), 0);
+
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ port as u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut sizes = vec![1usize, 16 << 20];
+    for _ in 0..10 {
+        let r = rnd();
+        // Log-uniform between 1 B and 4 MiB.
+        sizes.push(1 + (r % (1 << (r >> 59).min(22))) as usize);
+    }
+    let total: usize = sizes.iter().sum();
+    let a_data = pattern(total, 11);
+    let b_data = pattern(total, 22);
+    let ends = [c.clone(), s.clone()];
+    let outs = [&a_data, &b_data];
+    let mut sent = [0usize; 2];
+    let mut got = [Vec::with_capacity(total), Vec::with_capacity(total)];
+    let mut buf = vec![0u8; 1 << 20];
+    while got[0].len() < total || got[1].len() < total {
+        let mut pfds: Vec<libc::pollfd> = ends
+            .iter()
+            .enumerate()
+            .map(|(i, e)| libc::pollfd {
+                fd: e.fd(),
+                events: libc::POLLIN | if sent[i] < total { libc::POLLOUT } else { 0 },
+                revents: 0,
+            })
+            .collect();
+        let n = socket::poll::poll(&mut pfds, 20_000).expect("rpoll");
+        if n == 0 {
+            eprintln!("client: {}\nserver: {}", c.describe(), s.describe());
+        }
+        assert!(
+            n > 0,
+            "rpoll timed out: sent {sent:?}, got {} {}",
+            got[0].len(),
+            got[1].len()
+        );
+        for i in 0..2 {
+            let r = pfds[i].revents;
+            assert_eq!(
+                r & (libc::POLLERR | libc::POLLHUP),
+                0,
+                "end {i} failed: {r:#x}"
+            );
+            if r & libc::POLLOUT != 0 && sent[i] < total {
+                // Send message by message so every size boundary is exercised.
+                let mut off = 0;
+                let end = sizes
+                    .iter()
+                    .map(|&z| {
+                        off += z;
+                        off
+                    })
+                    .find(|&e| e > sent[i])
+                    .unwrap_or(total);
+                match ends[i].send(&outs[i][sent[i]..end], 0) {
+                    Ok(k) => sent[i] += k,
+                    Err(Error::WouldBlock) => {}
+                    Err(e) => panic!("send: {e:?}"),
+                }
+            }
+            if r & libc::POLLIN != 0 {
+                match ends[i].recv(&mut buf, 0) {
+                    Ok(0) => panic!("unexpected end of stream"),
+                    Ok(k) => got[i].extend_from_slice(&buf[..k]),
+                    Err(Error::WouldBlock) => {}
+                    Err(e) => panic!("recv: {e:?}"),
+                }
+            }
+        }
+    }
+    assert!(got[0] == b_data, "client received a different stream");
+    assert!(got[1] == a_data, "server received a different stream");
+    // Nothing more to read: rpoll with a timeout returns 0 and leaves revents clear.
+    assert_eq!(poll1(c.fd(), libc::POLLIN, 50), 0);
+    c.shutdown(libc::SHUT_WR).unwrap();
+    assert_ne!(poll1(s.fd(), libc::POLLIN, 20_000) & libc::POLLIN, 0);
+    let mut b = [0u8; 1];
+    assert_eq!(s.recv(&mut b, 0).unwrap(), 0, "POLLIN with end of stream");
+    close(s);
+    close(c);
+    close(l);
+}
+
+/// rpoll mixes rsockets and kernel descriptors.
+fn rpoll_with_regular_fds() {
+    let port = next_port();
+    let l = listener(port);
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let mut p = [
+        libc::pollfd {
+            fd: l.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: fds[0],
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    assert_eq!(socket::poll::poll(&mut p, 30).unwrap(), 0);
+    // SAFETY: writes one byte from a static buffer to our pipe.
+    assert_eq!(
+        unsafe { libc::write(fds[1], b"x".as_ptr() as *const _, 1) },
+        1
+    );
+    assert_eq!(socket::poll::poll(&mut p, 10_000).unwrap(), 1);
+    assert_eq!(p[0].revents, 0);
+    assert_eq!(p[1].revents, libc::POLLIN);
+    let t = thread::spawn(move || connect(port));
+    p[1].fd = -1;
+    assert_eq!(socket::poll::poll(&mut p, 20_000).unwrap(), 1);
+    assert_eq!(p[0].revents, libc::POLLIN);
+    let s = l.accept().unwrap();
+    let c = t.join().unwrap();
+    s.close().unwrap();
+    close(c);
+    close(l);
+    // SAFETY: closing our own pipe descriptors.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+}
+
 type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
@@ -282,6 +467,11 @@ const TESTS: &[Test] = &[
     ("nonblocking_and_peek", nonblocking_and_peek),
     ("addresses", addresses),
     ("concurrent_send_and_recv", concurrent_send_and_recv),
+    (
+        "rpoll_driven_nonblocking_transfers",
+        rpoll_driven_nonblocking_transfers,
+    ),
+    ("rpoll_with_regular_fds", rpoll_with_regular_fds),
 ];
 
 fn rdma_devices() -> Vec<String> {

@@ -348,14 +348,26 @@ pub unsafe extern "C" fn rwritev(socket: c_int, iov: *const iovec, iovcnt: c_int
     })
 }
 
-/// poll(2) over rsockets and regular descriptors. Not yet provided: -1/ENOSYS.
+/// poll(2) over rsockets and regular descriptors together: POLLIN/POLLOUT/POLLHUP/POLLERR mean
+/// what they mean for kernel TCP sockets. Busy-polls for `polling_time` µs, then sleeps.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rpoll(fds: *mut pollfd, nfds: nfds_t, timeout: c_int) -> c_int {
-    let _ = (fds, nfds, timeout);
-    ffi!(-1, Err::<c_int, _>(Error::NotImplemented))
+    ffi!(-1, {
+        if nfds > 1 << 20 {
+            return Err(Error::InvalidArgument);
+        }
+        let fds: &mut [pollfd] = if nfds == 0 {
+            &mut []
+        } else {
+            null_check(fds)?;
+            // SAFETY: C contract: fds points to nfds pollfd entries.
+            unsafe { std::slice::from_raw_parts_mut(fds, nfds as usize) }
+        };
+        socket::poll::poll(fds, timeout).map(|n| n as c_int)
+    })
 }
 
-/// select(2) over rsockets and regular descriptors. Not yet provided: -1/ENOSYS.
+/// select(2) over rsockets and regular descriptors (implemented with rpoll).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rselect(
     nfds: c_int,
@@ -364,8 +376,76 @@ pub unsafe extern "C" fn rselect(
     exceptfds: *mut fd_set,
     timeout: *mut timeval,
 ) -> c_int {
-    let _ = (nfds, readfds, writefds, exceptfds, timeout);
-    ffi!(-1, Err::<c_int, _>(Error::NotImplemented))
+    ffi!(-1, {
+        if !(0..=libc::FD_SETSIZE as c_int).contains(&nfds) {
+            return Err(Error::InvalidArgument);
+        }
+        // SAFETY: FD_ISSET reads a caller-provided set (NULL checked) for fd < FD_SETSIZE.
+        let isset = |set: *mut fd_set, fd| !set.is_null() && unsafe { libc::FD_ISSET(fd, set) };
+        let mut pfds = Vec::new();
+        for fd in 0..nfds {
+            let mut events = 0;
+            if isset(readfds, fd) {
+                events |= libc::POLLIN;
+            }
+            if isset(writefds, fd) {
+                events |= libc::POLLOUT;
+            }
+            if isset(exceptfds, fd) {
+                events |= libc::POLLPRI;
+            }
+            if events != 0 {
+                pfds.push(pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+            }
+        }
+        let ms = if timeout.is_null() {
+            -1
+        } else {
+            // SAFETY: non-null timeval from the caller.
+            let t = unsafe { &*timeout };
+            if t.tv_sec < 0 || t.tv_usec < 0 {
+                return Err(Error::InvalidArgument);
+            }
+            (t.tv_sec.saturating_mul(1000) + (t.tv_usec + 999) / 1000).min(i32::MAX as i64) as i32
+        };
+        socket::poll::poll(&mut pfds, ms)?;
+        for set in [readfds, writefds, exceptfds] {
+            if !set.is_null() {
+                // SAFETY: caller-provided set, non-null.
+                unsafe { libc::FD_ZERO(set) };
+            }
+        }
+        let mut n = 0;
+        for p in &pfds {
+            let r = p.revents;
+            // SAFETY: p.fd < nfds <= FD_SETSIZE and the sets are non-null when used.
+            unsafe {
+                if !readfds.is_null()
+                    && p.events & libc::POLLIN != 0
+                    && r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+                {
+                    libc::FD_SET(p.fd, readfds);
+                    n += 1;
+                }
+                if !writefds.is_null()
+                    && p.events & libc::POLLOUT != 0
+                    && r & (libc::POLLOUT | libc::POLLERR) != 0
+                {
+                    libc::FD_SET(p.fd, writefds);
+                    n += 1;
+                }
+                if !exceptfds.is_null() && p.events & libc::POLLPRI != 0 && r & libc::POLLPRI != 0 {
+                    libc::FD_SET(p.fd, exceptfds);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    })
 }
 
 /// The peer's address.

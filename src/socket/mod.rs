@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod options;
+pub mod poll;
 pub mod stream;
 
 use std::collections::HashMap;

@@ -1,6 +1,7 @@
 //! Stream rsockets: connection setup over rdma_cm, the data path over one RC QP, blocking and
 //! non-blocking waits.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -14,7 +15,7 @@ use crate::proto::wire::{self, ConnData, Ctrl, Msg, RemoteSge};
 use crate::socket::config::Config;
 use crate::verbs::{
     Access, CmEvent, CmEventKind, CmId, Completion, ConnParam, Endpoint, EventChannel, MrId,
-    Payload, SockAddr,
+    Payload, SockAddr, Waker, poll_fds, raise_sigpipe,
 };
 
 /// Per-socket settings, fixed once the connection exists (as with librdmacm).
@@ -63,11 +64,18 @@ const CM_WAIT: Duration = Duration::from_secs(30);
 enum State {
     /// Created, maybe bound.
     Idle { id: CmId, bound: bool },
-    /// Listening for connect requests.
-    Listening { id: CmId },
+    /// Connect request sent; waiting for the reply.
+    Connecting(Box<Conn>),
+    /// Accepted and replied to; waiting for the peer's confirmation (the core is ready).
+    Accepting(Box<Conn>),
+    /// Listening; connect requests already taken off the channel wait in `pending`.
+    Listening {
+        id: CmId,
+        pending: VecDeque<CmEvent>,
+    },
     /// Connected (or was: the core knows whether it still is).
     Connected(Box<Conn>),
-    /// A failed connect consumed the id.
+    /// A failed connect consumed the id (SO_ERROR tells why).
     Failed,
 }
 
@@ -84,8 +92,21 @@ struct Inner {
 pub struct StreamSocket {
     inner: Mutex<Inner>,
     cv: Condvar,
+    /// Wakes the thread sleeping in `wait_conn` when another thread consumed its wake-up.
+    waker: Waker,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
+}
+
+/// Readiness of one rsocket for rpoll, and what to sleep on when it is not ready.
+#[derive(Debug, Clone, Copy)]
+pub struct PollState {
+    /// POLLIN/POLLOUT/POLLHUP/POLLERR as for a kernel TCP socket.
+    pub revents: i16,
+    /// Descriptors that become readable when the state may have changed (after `arm`).
+    pub wait_fds: [RawFd; 2],
+    /// How many of `wait_fds` are valid.
+    pub n_wait: usize,
 }
 
 impl std::fmt::Debug for StreamSocket {
@@ -107,6 +128,8 @@ struct Conn {
     recv_slot: u32,
     shut_wr: bool,
     comps: Vec<Completion>,
+    cfg: StreamConfig,
+    local: LocalBuffers,
 }
 
 impl Drop for Conn {
@@ -118,11 +141,7 @@ impl Drop for Conn {
 
 impl Conn {
     /// Creates the endpoint and buffers on a routed/requested id.
-    fn setup(
-        mut id: CmId,
-        opts: &Options,
-        iomap: u16,
-    ) -> Result<(Self, StreamConfig, LocalBuffers)> {
+    fn setup(mut id: CmId, opts: &Options, iomap: u16) -> Result<Self> {
         let dev = id.device_info()?;
         let max = dev
             .max_qp_wr
@@ -194,8 +213,10 @@ impl Conn {
             recv_slot,
             shut_wr: false,
             comps: Vec::with_capacity(32),
+            cfg,
+            local,
         };
-        Ok((conn, cfg, local))
+        Ok(conn)
     }
 
     fn conn_param(&self) -> ConnParam {
@@ -207,6 +228,37 @@ impl Conn {
             retry_count: 7,
             rnr_retry_count: 7,
         }
+    }
+
+    /// Starts the protocol once the peer's private data is known.
+    fn establish(&mut self, peer: &ConnData) -> Result<()> {
+        self.core = Stream::new(self.cfg, self.local, peer);
+        self.progress()?;
+        Ok(())
+    }
+
+    /// Our connect private data.
+    fn conn_data(&self) -> [u8; wire::CONN_DATA_LEN] {
+        Stream::local_conn_data(&self.cfg, &self.local).encode()
+    }
+
+    /// Readiness as a kernel TCP socket reports it.
+    fn revents(&self) -> i16 {
+        let f = self.core.flags();
+        let mut r = 0;
+        if self.core.has_data() || !f.readable {
+            r |= libc::POLLIN;
+        }
+        if self.core.can_send() || !f.writable {
+            r |= libc::POLLOUT;
+        }
+        if !f.connected {
+            r |= libc::POLLHUP;
+        }
+        if self.core.error().is_some() {
+            r |= libc::POLLERR;
+        }
+        r
     }
 
     /// Posts a message: a 0-byte write with immediate, or an inline SEND on iWARP.
@@ -382,16 +434,7 @@ fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
         })
         .collect();
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
-    // SAFETY: pfds is a valid array of pfds.len() entries.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            return Ok(true);
-        }
-        return Err(e.into());
-    }
-    Ok(n > 0)
+    Ok(poll_fds(&mut pfds, ms)? > 0)
 }
 
 /// Waits for the next CM event on `channel` (non-blocking fd) within `timeout`.
@@ -458,15 +501,11 @@ impl StreamSocket {
         let id = CmId::new(&channel)?;
         let mut opts = Options::from_config(Config::get());
         opts.nonblocking = nonblocking;
-        Ok(Self::from_parts(
-            channel,
-            State::Idle { id, bound: false },
-            opts,
-        ))
+        Self::from_parts(channel, State::Idle { id, bound: false }, opts)
     }
 
-    fn from_parts(channel: EventChannel, state: State, opts: Options) -> Self {
-        StreamSocket {
+    fn from_parts(channel: EventChannel, state: State, opts: Options) -> Result<Self> {
+        Ok(StreamSocket {
             inner: Mutex::new(Inner {
                 state,
                 opts,
@@ -474,8 +513,9 @@ impl StreamSocket {
                 so_error: 0,
             }),
             cv: Condvar::new(),
+            waker: Waker::new()?,
             channel,
-        }
+        })
     }
 
     /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
@@ -499,9 +539,12 @@ impl StreamSocket {
         f(&mut self.lock().opts);
     }
 
-    /// Whether a connection exists.
+    /// Whether a connection exists (or is being set up).
     pub fn is_connected(&self) -> bool {
-        matches!(self.lock().state, State::Connected(_))
+        matches!(
+            self.lock().state,
+            State::Connected(_) | State::Connecting(_) | State::Accepting(_)
+        )
     }
 
     /// Binds to a local address.
@@ -530,13 +573,16 @@ impl StreamSocket {
         let mut g = self.lock();
         let st = std::mem::replace(&mut g.state, State::Failed);
         match st {
-            State::Idle { id, .. } => match id.listen(backlog.max(1)) {
+            State::Idle { id, bound } => match id.listen(backlog.max(1)) {
                 Ok(()) => {
-                    g.state = State::Listening { id };
+                    g.state = State::Listening {
+                        id,
+                        pending: VecDeque::new(),
+                    };
                     Ok(())
                 }
                 Err(e) => {
-                    g.state = State::Idle { id, bound: true };
+                    g.state = State::Idle { id, bound };
                     Err(e.into())
                 }
             },
@@ -551,24 +597,38 @@ impl StreamSocket {
         }
     }
 
+    /// Moves connect requests from the channel into the listener's queue.
+    fn collect_requests(&self, g: &mut Inner) {
+        if let State::Listening { pending, .. } = &mut g.state {
+            while let Ok(ev) = self.channel.get_event() {
+                if ev.kind() == CmEventKind::ConnectRequest {
+                    pending.push_back(ev);
+                }
+            }
+        }
+    }
+
     /// Accepts one connection (blocking unless non-blocking).
     pub fn accept(&self) -> Result<StreamSocket> {
-        let (nonblocking, opts) = {
-            let g = self.lock();
+        loop {
+            let mut g = self.lock();
             if !matches!(g.state, State::Listening { .. }) {
                 return Err(Error::InvalidArgument);
             }
-            (g.opts.nonblocking, g.opts)
-        };
-        loop {
-            let ev = next_cm_event(
-                &self.channel,
-                nonblocking,
-                Duration::from_secs(u32::MAX as u64),
-            )?;
-            if ev.kind() != CmEventKind::ConnectRequest {
+            self.collect_requests(&mut g);
+            let opts = g.opts;
+            let next = match &mut g.state {
+                State::Listening { pending, .. } => pending.pop_front(),
+                _ => None,
+            };
+            drop(g);
+            let Some(ev) = next else {
+                if opts.nonblocking {
+                    return Err(Error::WouldBlock);
+                }
+                wait_readable(&[self.channel.fd()], None)?;
                 continue;
-            }
+            };
             let private = ev.private_data();
             let param = ev.conn_param();
             let Some(id) = ev.take_request_id() else {
@@ -579,8 +639,8 @@ impl StreamSocket {
             match Self::accept_one(id, &private, param, opts) {
                 Ok(s) => return Ok(s),
                 // A bad request or a peer that vanished mid-handshake is not the caller's
-                // problem: wait for the next one (non-blocking callers get EAGAIN).
-                Err(_) if !nonblocking => continue,
+                // problem: take the next one (non-blocking callers get EAGAIN).
+                Err(_) if !opts.nonblocking => continue,
                 Err(_) => return Err(Error::WouldBlock),
             }
         }
@@ -597,9 +657,8 @@ impl StreamSocket {
         let channel = EventChannel::new()?;
         crate::verbs::set_nonblocking(channel.fd(), true)?;
         id.migrate(&channel)?;
-        let (mut conn, cfg, local) = Conn::setup(id, &opts, Config::get().iomap_size as u16)?;
-        conn.core = Stream::new(cfg, local, &peer);
-        let mine = Stream::local_conn_data(&cfg, &local).encode();
+        let mut conn = Conn::setup(id, &opts, Config::get().iomap_size as u16)?;
+        conn.core = Stream::new(conn.cfg, conn.local, &peer);
         let param = ConnParam {
             responder_resources: req.responder_resources,
             initiator_depth: req.initiator_depth,
@@ -607,25 +666,24 @@ impl StreamSocket {
             retry_count: 7,
             rnr_retry_count: 7,
         };
-        conn.id.accept(&mine, &param)?;
-        expect_event(&channel, CmEventKind::Established, CM_WAIT)?;
-        conn.progress()?;
-        let mut o = opts;
-        o.nonblocking = opts.nonblocking;
-        Ok(Self::from_parts(
-            channel,
-            State::Connected(Box::new(conn)),
-            o,
-        ))
+        conn.id.accept(&conn.conn_data(), &param)?;
+        // Like librdmacm, the connection completes when the peer's confirmation (ESTABLISHED)
+        // is seen by the next call on the socket: a single-threaded program may be the peer.
+        Self::from_parts(channel, State::Accepting(Box::new(conn)), opts)
     }
 
-    /// Connects to `dst`. Blocking; a non-blocking socket also completes the connect before
-    /// returning (POSIX allows an immediate success).
+    /// Connects to `dst`. Address and route resolution are local and done here; a non-blocking
+    /// socket then returns EINPROGRESS, rpoll reports POLLOUT when the connect finished and
+    /// SO_ERROR tells how.
     pub fn connect(&self, dst: &SockAddr) -> Result<()> {
         let mut g = self.lock();
         let st = std::mem::replace(&mut g.state, State::Failed);
-        let (id, bound) = match st {
-            State::Idle { id, bound } => (id, bound),
+        let id = match st {
+            State::Idle { id, .. } => id,
+            s @ (State::Connecting(_) | State::Accepting(_)) => {
+                g.state = s;
+                return Err(Error::Already);
+            }
             s @ State::Connected(_) => {
                 g.state = s;
                 return Err(Error::IsConnected);
@@ -636,33 +694,155 @@ impl StreamSocket {
             }
         };
         let opts = g.opts;
-        match self.do_connect(id, bound, dst, &opts) {
-            Ok(conn) => {
-                g.state = State::Connected(Box::new(conn));
-                Ok(())
+        let started = (|| -> Result<Conn> {
+            id.resolve_addr(None, dst, RESOLVE_TIMEOUT_MS)?;
+            expect_event(&self.channel, CmEventKind::AddrResolved, CM_WAIT)?;
+            id.resolve_route(RESOLVE_TIMEOUT_MS)?;
+            expect_event(&self.channel, CmEventKind::RouteResolved, CM_WAIT)?;
+            let conn = Conn::setup(id, &opts, Config::get().iomap_size as u16)?;
+            conn.id.connect(&conn.conn_data(), &conn.conn_param())?;
+            Ok(conn)
+        })();
+        match started {
+            Ok(conn) => g.state = State::Connecting(Box::new(conn)),
+            Err(e) => return Err(e),
+        }
+        let deadline = Instant::now() + CM_WAIT;
+        loop {
+            self.advance_connect(&mut g);
+            match g.state {
+                State::Connected(_) => return Ok(()),
+                State::Failed => return Err(errno_error(std::mem::take(&mut g.so_error))),
+                _ if opts.nonblocking => return Err(Error::InProgress),
+                _ => {}
             }
-            Err(e) => {
-                g.so_error = e.errno();
-                Err(e)
+            let now = Instant::now();
+            if now >= deadline {
+                g.state = State::Failed;
+                return Err(Error::TimedOut);
+            }
+            drop(g);
+            wait_readable(&[self.channel.fd()], Some(deadline - now))?;
+            g = self.lock();
+        }
+    }
+
+    /// Drives a connect or accept in progress with the CM events queued (never blocks).
+    fn advance_connect(&self, g: &mut Inner) {
+        while matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
+            let ev = match self.channel.get_event() {
+                Ok(ev) => ev,
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return,
+                Err(e) => {
+                    g.so_error = e.raw_os_error().unwrap_or(libc::EIO);
+                    g.state = State::Failed;
+                    return;
+                }
+            };
+            let kind = ev.kind();
+            if matches!(kind, CmEventKind::Other(_)) {
+                continue;
+            }
+            let st = std::mem::replace(&mut g.state, State::Failed);
+            let next: Result<State> = match (st, kind) {
+                (State::Connecting(mut conn), CmEventKind::Established) => {
+                    let peer = ConnData::decode(&ev.private_data())
+                        .map_err(|e| Error::Protocol(e.to_string()));
+                    drop(ev);
+                    peer.and_then(|p| conn.establish(&p))
+                        .map(|()| State::Connected(conn))
+                }
+                (State::Accepting(mut conn), CmEventKind::Established) => {
+                    drop(ev);
+                    conn.progress().map(|_| State::Connected(conn))
+                }
+                (st, _) => {
+                    let e = match (&st, cm_failure(&ev)) {
+                        // The peer gave up on a connection we were accepting.
+                        (State::Accepting(_), _) => Error::ConnectionReset,
+                        (_, e) => e,
+                    };
+                    drop(ev);
+                    drop(st);
+                    Err(e)
+                }
+            };
+            match next {
+                Ok(s) => g.state = s,
+                Err(e) => {
+                    g.so_error = e.errno();
+                    g.state = State::Failed;
+                }
             }
         }
     }
 
-    fn do_connect(&self, id: CmId, _bound: bool, dst: &SockAddr, opts: &Options) -> Result<Conn> {
-        id.resolve_addr(None, dst, RESOLVE_TIMEOUT_MS)?;
-        expect_event(&self.channel, CmEventKind::AddrResolved, CM_WAIT)?;
-        id.resolve_route(RESOLVE_TIMEOUT_MS)?;
-        expect_event(&self.channel, CmEventKind::RouteResolved, CM_WAIT)?;
-        let (mut conn, cfg, local) = Conn::setup(id, opts, Config::get().iomap_size as u16)?;
-        let mine = Stream::local_conn_data(&cfg, &local).encode();
-        conn.id.connect(&mine, &conn.conn_param())?;
-        let ev = expect_event(&self.channel, CmEventKind::Established, CM_WAIT)?;
-        let peer =
-            ConnData::decode(&ev.private_data()).map_err(|e| Error::Protocol(e.to_string()))?;
-        drop(ev);
-        conn.core = Stream::new(cfg, local, &peer);
-        conn.progress()?;
-        Ok(conn)
+    /// Readiness for rpoll. Drives connection setup and completions; with `arm`, also arms the
+    /// CQ so that `wait_fds` become readable on the next change.
+    pub fn poll_state(&self, arm: bool) -> Result<PollState> {
+        let mut g = self.lock();
+        self.advance_connect(&mut g);
+        self.collect_requests(&mut g);
+        let ch = self.channel.fd();
+        let mut ps = PollState {
+            revents: 0,
+            wait_fds: [ch, -1],
+            n_wait: 1,
+        };
+        match &mut g.state {
+            State::Idle { .. } => ps.revents = libc::POLLOUT | libc::POLLHUP,
+            State::Connecting(_) | State::Accepting(_) => {}
+            State::Failed => {
+                ps.revents = libc::POLLOUT | libc::POLLHUP;
+                if g.so_error != 0 {
+                    ps.revents |= libc::POLLERR;
+                }
+            }
+            State::Listening { pending, .. } => {
+                if !pending.is_empty() {
+                    ps.revents = libc::POLLIN;
+                }
+            }
+            State::Connected(conn) => {
+                if conn.progress()? {
+                    self.cv.notify_all();
+                }
+                ps.revents = conn.revents();
+                if ps.revents == 0 && arm {
+                    conn.ep.arm()?;
+                    // A completion that raced with arming is visible now.
+                    if conn.progress()? {
+                        self.cv.notify_all();
+                    }
+                    ps.revents = conn.revents();
+                }
+                ps.wait_fds = [conn.ep.comp_fd(), ch];
+                ps.n_wait = 2;
+            }
+        }
+        Ok(ps)
+    }
+
+    /// After rpoll slept: consume completion-channel and CM wake-ups so they don't repeat.
+    pub fn poll_woke(&self) -> Result<()> {
+        let mut g = self.lock();
+        let sleeping = g.sleeping;
+        if let State::Connected(conn) = &mut g.state {
+            let mut took = false;
+            while conn.ep.take_cq_event() {
+                took = true;
+            }
+            conn.drain_cm_events(&self.channel)?;
+            if took && sleeping {
+                // We took the wake-up of a thread sleeping in wait_conn: pass it on.
+                self.waker.wake();
+            }
+            self.cv.notify_all();
+        } else if matches!(g.state, State::Idle { .. } | State::Failed) {
+            // Stray CM events (after a failed connect) would keep the channel readable.
+            while self.channel.get_event().is_ok() {}
+        }
+        Ok(())
     }
 
     /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait
@@ -676,6 +856,21 @@ impl StreamSocket {
         let mut g = self.lock();
         let mut spin_start: Option<Instant> = None;
         loop {
+            if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
+                self.advance_connect(&mut g);
+                if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
+                    if nonblock {
+                        return Err(Error::WouldBlock);
+                    }
+                    drop(g);
+                    wait_readable(&[self.channel.fd()], Some(CM_WAIT))?;
+                    g = self.lock();
+                    continue;
+                }
+                if matches!(g.state, State::Failed) {
+                    return Err(errno_error(std::mem::take(&mut g.so_error)));
+                }
+            }
             let State::Connected(conn) = &mut g.state else {
                 return Err(Error::NotConnected);
             };
@@ -706,12 +901,13 @@ impl StreamSocket {
                 self.cv.notify_all();
                 continue;
             }
-            let fds = [conn.ep.comp_fd(), self.channel.fd()];
+            let fds = [conn.ep.comp_fd(), self.channel.fd(), self.waker.fd()];
             g.sleeping = true;
             drop(g);
             let r = wait_readable(&fds, None);
             g = self.lock();
             g.sleeping = false;
+            self.waker.reset();
             if let State::Connected(conn) = &mut g.state {
                 while conn.ep.take_cq_event() {}
                 let d = conn.drain_cm_events(&self.channel);
@@ -724,11 +920,11 @@ impl StreamSocket {
     }
 
     /// Sends `buf`; blocking sends everything, non-blocking what fits (EAGAIN if nothing).
+    /// Writing after SHUT_WR gives EPIPE and raises SIGPIPE unless MSG_NOSIGNAL.
     pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
         if buf.is_empty() {
-            self.wait_conn(true, |_| Ok(Some(())))?;
-            return Ok(0);
+            return self.wait_conn(true, |_| Ok(Some(0)));
         }
         let mut sent = 0;
         let mut olen = core::OLAP_START_SIZE;
@@ -746,6 +942,12 @@ impl StreamSocket {
         match r {
             Ok(n) => Ok(n),
             Err(_) if sent > 0 => Ok(sent),
+            Err(Error::BrokenPipe) => {
+                if flags & libc::MSG_NOSIGNAL == 0 {
+                    raise_sigpipe();
+                }
+                Err(Error::BrokenPipe)
+            }
             Err(e) => Err(e),
         }
     }
@@ -828,18 +1030,21 @@ impl StreamSocket {
             let _ = self.shutdown(libc::SHUT_RDWR);
         }
         let mut g = self.lock();
-        if let State::Connected(c) = &mut g.state {
+        if let State::Connected(c) | State::Connecting(c) | State::Accepting(c) = &mut g.state {
             c.id.disconnect();
         }
         g.state = State::Failed;
+        self.waker.wake();
         Ok(())
     }
 
     /// Local address.
     pub fn local_addr(&self) -> Result<SockAddr> {
         match &self.lock().state {
-            State::Idle { id, .. } | State::Listening { id } => Ok(id.local_addr()),
-            State::Connected(c) => Ok(c.id.local_addr()),
+            State::Idle { id, .. } | State::Listening { id, .. } => Ok(id.local_addr()),
+            State::Connected(c) | State::Connecting(c) | State::Accepting(c) => {
+                Ok(c.id.local_addr())
+            }
             State::Failed => Err(Error::NotConnected),
         }
     }
@@ -847,14 +1052,28 @@ impl StreamSocket {
     /// Peer address.
     pub fn peer_addr(&self) -> Result<SockAddr> {
         match &self.lock().state {
-            State::Connected(c) => Ok(c.id.peer_addr()),
+            State::Connected(c) | State::Accepting(c) => Ok(c.id.peer_addr()),
             _ => Err(Error::NotConnected),
         }
     }
 
-    /// Takes the pending socket error (SO_ERROR).
+    /// A one-line description of the socket's state, for diagnostics.
+    pub fn describe(&self) -> String {
+        let g = self.lock();
+        match &g.state {
+            State::Idle { bound, .. } => format!("idle (bound {bound})"),
+            State::Connecting(_) => "connecting".into(),
+            State::Accepting(_) => "accepting".into(),
+            State::Listening { pending, .. } => format!("listening ({} pending)", pending.len()),
+            State::Connected(c) => format!("connected: {:?}", c.core),
+            State::Failed => format!("failed (so_error {})", g.so_error),
+        }
+    }
+
+    /// Takes the pending socket error (SO_ERROR); drives a connect in progress first.
     pub fn take_error(&self) -> i32 {
         let mut g = self.lock();
+        self.advance_connect(&mut g);
         if g.so_error == 0
             && let State::Connected(c) = &g.state
             && let Some(StreamError::Transport) = c.core.error()
@@ -863,4 +1082,13 @@ impl StreamSocket {
         }
         std::mem::take(&mut g.so_error)
     }
+}
+
+/// An error from a saved errno (SO_ERROR of a failed connect).
+fn errno_error(e: i32) -> Error {
+    Error::from(std::io::Error::from_raw_os_error(if e == 0 {
+        libc::EIO
+    } else {
+        e
+    }))
 }

@@ -60,6 +60,63 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// An eventfd used to wake a thread sleeping in `poll` on a socket's descriptors.
+#[derive(Debug)]
+pub struct Waker(std::os::fd::OwnedFd);
+
+impl Waker {
+    /// Creates a non-blocking eventfd.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory arguments.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        Ok(Waker(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    /// The descriptor to poll for input.
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+
+    /// Makes the descriptor readable.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local to our eventfd; a full counter only means "awake".
+        unsafe { libc::write(self.fd(), &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    /// Clears a pending wake-up.
+    pub fn reset(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a local; non-blocking, EAGAIN when not woken.
+        unsafe { libc::read(self.fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+/// poll(2) over `fds` (events and revents as in libc). EINTR counts as a wake-up with no events.
+/// `timeout_ms` < 0 waits forever.
+pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: fds is a valid, exclusively borrowed array of fds.len() entries.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
+/// Raises SIGPIPE in the calling thread, as a write to a shut-down kernel socket does.
+pub fn raise_sigpipe() {
+    // SAFETY: raise has no memory arguments.
+    unsafe { libc::raise(libc::SIGPIPE) };
+}
+
 // ------------------------------------------------------------------------------------ rdma_cm
 
 /// An rdma_cm event channel: one per rsocket; its fd is the rsocket's descriptor number.
@@ -207,6 +264,9 @@ impl CmEvent {
         NonNull::new(self.raw().id).map(|id| CmId { id, has_qp: false })
     }
 }
+
+// SAFETY: an event is a heap record of librdmacm; acking it from another thread is allowed.
+unsafe impl Send for CmEvent {}
 
 impl Drop for CmEvent {
     fn drop(&mut self) {

@@ -1,0 +1,115 @@
+//! rpoll over rsockets and regular descriptors together.
+//!
+//! Like librdmacm: check every rsocket (driving its completions), busy-poll for `polling_time`
+//! µs, then arm each rsocket's CQ and sleep in poll(2) on the completion channels, the CM channels
+//! and the caller's regular descriptors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::Result;
+use crate::socket::config::Config;
+use crate::socket::{StreamSocket, lookup};
+use crate::verbs::poll_fds;
+
+fn mask(events: i16) -> i16 {
+    events | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL
+}
+
+/// One pass without sleeping: fills `revents`, returns how many entries are ready.
+fn check(fds: &mut [libc::pollfd], socks: &[Option<Arc<StreamSocket>>]) -> Result<usize> {
+    let mut real: Vec<libc::pollfd> = Vec::new();
+    let mut real_idx = Vec::new();
+    let mut n = 0;
+    for (i, p) in fds.iter_mut().enumerate() {
+        p.revents = 0;
+        if p.fd < 0 {
+            continue;
+        }
+        match &socks[i] {
+            Some(s) => {
+                p.revents = s.poll_state(false)?.revents & mask(p.events);
+                n += (p.revents != 0) as usize;
+            }
+            None => {
+                real.push(libc::pollfd {
+                    fd: p.fd,
+                    events: p.events,
+                    revents: 0,
+                });
+                real_idx.push(i);
+            }
+        }
+    }
+    if !real.is_empty() && poll_fds(&mut real, 0)? > 0 {
+        for (r, &i) in real.iter().zip(&real_idx) {
+            fds[i].revents = r.revents;
+            n += (r.revents != 0) as usize;
+        }
+    }
+    Ok(n)
+}
+
+/// poll(2) semantics over a mix of rsockets and regular descriptors. `timeout_ms` < 0 waits
+/// forever, 0 checks once.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
+    let socks: Vec<Option<Arc<StreamSocket>>> = fds
+        .iter()
+        .map(|p| if p.fd >= 0 { lookup(p.fd).ok() } else { None })
+        .collect();
+    let start = Instant::now();
+    let polling = Duration::from_micros(Config::get().polling_time as u64);
+    let deadline = (timeout_ms >= 0).then(|| start + Duration::from_millis(timeout_ms as u64));
+    loop {
+        let n = check(fds, &socks)?;
+        if n > 0 || timeout_ms == 0 {
+            return Ok(n);
+        }
+        if start.elapsed() < polling {
+            continue;
+        }
+        // Arm, then sleep on everything that can change a state.
+        let mut sleep: Vec<libc::pollfd> = Vec::new();
+        let mut ready = false;
+        for (i, p) in fds.iter().enumerate() {
+            if p.fd < 0 {
+                continue;
+            }
+            match &socks[i] {
+                Some(s) => {
+                    let ps = s.poll_state(true)?;
+                    ready |= ps.revents & mask(p.events) != 0;
+                    for &fd in &ps.wait_fds[..ps.n_wait] {
+                        sleep.push(libc::pollfd {
+                            fd,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        });
+                    }
+                }
+                None => sleep.push(libc::pollfd {
+                    fd: p.fd,
+                    events: p.events,
+                    revents: 0,
+                }),
+            }
+        }
+        if ready {
+            continue;
+        }
+        let wait_ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return check(fds, &socks);
+                }
+                (d - now).as_millis().clamp(1, i32::MAX as u128) as i32
+            }
+        };
+        poll_fds(&mut sleep, wait_ms)?;
+        for s in socks.iter().flatten() {
+            s.poll_woke()?;
+        }
+    }
+}
