@@ -52,7 +52,7 @@ pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm
 # librdmacm's own rstream; our side is the same binary with LD_PRELOAD=librsocket-rs.so.
 RS="rstream -b 10.10.0.1 -p @PORT@"
 RC="rstream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
-for opts in "-S 1000000 -C 20 -T v" "-S 64 -C 2000 -T v" "-S 65536 -C 100 -T b -T v"; do
+for opts in "-S 1000000 -C 20 -T v" "-S 64 -C 2000 -T v" "-S 65536 -C 100 -T b -T v" "-S 100000 -C 50 -T a -T v"; do
   pair "rstream rsocket-rs client -> librdmacm rstream server ($opts)" "$RS $opts" \
     "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-c LD_PRELOAD=$LIB $RC $opts"
   if ! bound_to_us "$log/bind-c"; then fail=$((fail + 1)); echo "FAIL   (client did not run on rsocket-rs)"; fi
