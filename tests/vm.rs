@@ -15,7 +15,7 @@ use std::thread;
 use std::time::Duration;
 
 use rsocket::Error;
-use rsocket::socket::{self, StreamSocket};
+use rsocket::socket::{self, StreamSocket, options};
 
 const SERVER: [u8; 4] = [10, 10, 0, 1];
 const CLIENT: [u8; 4] = [10, 10, 0, 2];
@@ -454,6 +454,217 @@ fn rpoll_with_regular_fds() {
     }
 }
 
+fn get_int(s: &StreamSocket, level: i32, name: i32) -> i32 {
+    let mut b = [0u8; 4];
+    assert_eq!(options::get(s, level, name, &mut b).expect("getsockopt"), 4);
+    i32::from_ne_bytes(b)
+}
+
+fn set_int(s: &Arc<StreamSocket>, level: i32, name: i32, v: i32) -> Result<(), Error> {
+    options::set(s, level, name, &v.to_ne_bytes())
+}
+
+/// Socket options: what is set is read back, sizes take effect on the connection, SOL_RDMA
+/// after connecting is EINVAL, unknown options are ENOPROTOOPT.
+fn socket_options() {
+    let port = next_port();
+    let l = listener(port);
+    let c = new_socket();
+    for (level, name, v) in [
+        (libc::SOL_SOCKET, libc::SO_REUSEADDR, 1),
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::SOL_SOCKET, libc::SO_OOBINLINE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_NODELAY, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+        (libc::IPPROTO_IP, libc::IP_TOS, 0x10),
+        (options::SOL_RDMA, options::RDMA_SQSIZE, 64),
+        (options::SOL_RDMA, options::RDMA_RQSIZE, 32),
+        (options::SOL_RDMA, options::RDMA_INLINE, 32),
+        (options::SOL_RDMA, options::RDMA_IOMAPSIZE, 8),
+    ] {
+        set_int(&c, level, name, v).unwrap_or_else(|e| panic!("set {level}/{name}: {e:?}"));
+        assert_eq!(get_int(&c, level, name), v, "option {level}/{name}");
+    }
+    set_int(&c, libc::SOL_SOCKET, libc::SO_RCVBUF, 32768).unwrap();
+    assert_eq!(
+        get_int(&c, libc::SOL_SOCKET, libc::SO_RCVBUF),
+        65536,
+        "doubled like the kernel"
+    );
+    set_int(&c, libc::SOL_SOCKET, libc::SO_SNDBUF, 8192).unwrap();
+    assert_eq!(get_int(&c, libc::SOL_SOCKET, libc::SO_SNDBUF), 16384);
+    let linger = [1i32.to_ne_bytes(), 7i32.to_ne_bytes()].concat();
+    options::set(&c, libc::SOL_SOCKET, libc::SO_LINGER, &linger).unwrap();
+    let mut b = [0u8; 8];
+    assert_eq!(
+        options::get(&c, libc::SOL_SOCKET, libc::SO_LINGER, &mut b).unwrap(),
+        8
+    );
+    assert_eq!(&b[..], &linger[..]);
+    assert!(matches!(
+        set_int(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 0),
+        Err(Error::InvalidArgument)
+    ));
+    assert_eq!(
+        get_int(&c, libc::SOL_SOCKET, libc::SO_TYPE),
+        libc::SOCK_STREAM
+    );
+    assert_eq!(
+        get_int(&c, libc::SOL_SOCKET, libc::SO_DOMAIN),
+        libc::AF_INET
+    );
+    assert_eq!(get_int(&l, libc::SOL_SOCKET, libc::SO_ACCEPTCONN), 1);
+    let e = set_int(&c, libc::SOL_SOCKET, libc::SO_BROADCAST, 1).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOPROTOOPT);
+    let e = options::get(&c, libc::IPPROTO_TCP, libc::TCP_INFO, &mut [0u8; 256]).unwrap_err();
+    assert_eq!(e.errno(), libc::ENOPROTOOPT);
+
+    let server = thread::spawn(move || {
+        let s = l.accept().expect("accept");
+        let got = recv_exact(&s, 200_000);
+        assert!(got == pattern(200_000, 8));
+        s.close().unwrap();
+        close(l);
+    });
+    c.bind(&addr(CLIENT, 0).into()).unwrap();
+    c.connect(&addr(SERVER, port).into()).unwrap();
+    // Small queues and buffers still move data correctly.
+    send_all(&c, &pattern(200_000, 8));
+    assert!(matches!(
+        set_int(&c, options::SOL_RDMA, options::RDMA_SQSIZE, 128),
+        Err(Error::InvalidArgument)
+    ));
+    assert!(get_int(&c, libc::IPPROTO_TCP, libc::TCP_MAXSEG) >= 256);
+    server.join().unwrap();
+    close(c);
+}
+
+/// `rdma resource show` totals (qp, cq, mr, pd, cm_id) of the first device.
+fn rdma_resources() -> String {
+    let out = Command::new("rdma")
+        .args(["resource", "show"])
+        .output()
+        .expect("rdma tool");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Connect, transfer, close, many times: no QP, CQ, MR, PD, CM id or descriptor is left over.
+fn close_releases_everything() {
+    // Warm up once so lazily created process-wide state is not counted.
+    let warm = |port| {
+        let l = listener(port);
+        let t = thread::spawn(move || {
+            let s = l.accept().unwrap();
+            let _ = recv_exact(&s, 1000);
+            s.close().unwrap();
+            close(l);
+        });
+        let c = connect(port);
+        send_all(&c, &pattern(1000, 1));
+        t.join().unwrap();
+        close(c);
+    };
+    warm(next_port());
+    thread::sleep(Duration::from_millis(200));
+    let (res0, fds0) = (rdma_resources(), open_fds());
+    for _ in 0..10 {
+        warm(next_port());
+    }
+    // A listener closed with a connection never accepted, and a socket never connected.
+    let l = listener(next_port());
+    close(l);
+    close(new_socket());
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(open_fds(), fds0, "descriptors leaked");
+    assert_eq!(rdma_resources(), res0, "RDMA resources leaked");
+}
+
+/// SO_KEEPALIVE detects a peer that went silent (link down) and reports ETIMEDOUT to a blocked
+/// receiver instead of waiting forever. The dead-link half needs Soft-RoCE: on iWARP an RDMA
+/// write completes when TCP took it, so a probe cannot prove the peer is there.
+fn keepalive_detects_dead_link() {
+    let port = next_port();
+    let l = listener(port);
+    let t = thread::spawn(move || {
+        let s = l.accept().unwrap();
+        let _ = recv_exact(&s, 1);
+        close(l);
+        s
+    });
+    let c = connect(port);
+    send_all(&c, b"!");
+    let s = t.join().unwrap();
+    set_int(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1).unwrap();
+    set_int(&c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1).unwrap();
+    c.set_keepalive(true);
+    let c2 = c.clone();
+    let reader = thread::spawn(move || {
+        let mut b = [0u8; 16];
+        c2.recv(&mut b, 0)
+    });
+    // Probes while the peer is alive are acknowledged: the connection stays up.
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        !reader.is_finished(),
+        "idle connection with a live peer must stay up"
+    );
+    if !rdma_devices().iter().any(|d| d.starts_with("rxe")) {
+        // On iWARP an RDMA write completes once TCP took it, so a probe cannot prove the peer
+        // is there: only the live-peer half of this test applies.
+        println!("    (iWARP: probes checked against a live peer only)");
+        s.close().unwrap();
+        assert!(
+            matches!(reader.join().unwrap(), Ok(0)),
+            "peer closed: end of stream"
+        );
+        close(c);
+        return;
+    }
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["link", "set", "veth0", "down"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    ip(&["link", "set", "veth0", "up"]);
+    let _ = Command::new("ip")
+        .args([
+            "route",
+            "replace",
+            "10.10.0.2/32",
+            "dev",
+            "veth0",
+            "table",
+            "100",
+        ])
+        .status();
+    if !reader.is_finished() {
+        eprintln!("client: {}", c.describe());
+    }
+    assert!(
+        reader.is_finished(),
+        "keepalive never noticed the dead link"
+    );
+    let r = reader.join().unwrap();
+    assert!(matches!(r, Err(Error::TimedOut)), "got {r:?}");
+    assert_eq!(c.take_error(), libc::ETIMEDOUT);
+    drop(s);
+    close(c);
+}
+
 type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
@@ -472,6 +683,10 @@ const TESTS: &[Test] = &[
         rpoll_driven_nonblocking_transfers,
     ),
     ("rpoll_with_regular_fds", rpoll_with_regular_fds),
+    ("socket_options", socket_options),
+    ("close_releases_everything", close_releases_everything),
+    // Last: it takes a link down and up again.
+    ("keepalive_detects_dead_link", keepalive_detects_dead_link),
 ];
 
 fn rdma_devices() -> Vec<String> {

@@ -495,12 +495,7 @@ pub unsafe extern "C" fn rsetsockopt(
         let s = socket::lookup(socket)?;
         // SAFETY: C contract: optval has optlen bytes.
         let b = unsafe { buf(optval, optlen as size_t) }?;
-        let v = match b.len() {
-            4.. => i32::from_ne_bytes(b[..4].try_into().expect("4 bytes")),
-            1 => b[0] as i32,
-            _ => return Err(Error::InvalidArgument),
-        };
-        options::set_int(&s, level, optname, v).map(|()| 0)
+        options::set(&s, level, optname, b).map(|()| 0)
     })
 }
 
@@ -517,16 +512,11 @@ pub unsafe extern "C" fn rgetsockopt(
         null_check(optval)?;
         null_check(optlen)?;
         let s = socket::lookup(socket)?;
-        let v = options::get_int(&s, level, optname)?;
+        // SAFETY: non-null, caller-owned; optval has *optlen writable bytes.
+        let out = unsafe { buf_mut(optval, *optlen as size_t) }?;
+        let n = options::get(&s, level, optname, out)?;
         // SAFETY: non-null, caller-owned.
-        let len = unsafe { *optlen } as usize;
-        let bytes = v.to_ne_bytes();
-        let n = len.min(4);
-        // SAFETY: optval has *optlen writable bytes; we write at most that.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), optval as *mut u8, n);
-            *optlen = n as socklen_t;
-        }
+        unsafe { *optlen = n as socklen_t };
         Ok(0)
     })
 }

@@ -125,6 +125,8 @@ pub enum StreamError {
     Protocol(WireError),
     /// A work request failed (status non-success).
     Transport,
+    /// A keepalive probe was not acknowledged: the peer is gone.
+    KeepaliveTimeout,
 }
 
 impl From<WireError> for StreamError {
@@ -356,6 +358,16 @@ impl Stream {
         Some(Msg::Ctrl(ctrl).encode())
     }
 
+    /// Takes a control slot for a keepalive probe (a 0-byte RDMA write the peer's NIC acks
+    /// without software, so no receive and no credit are used). Returns its wr_id.
+    pub fn post_keepalive(&mut self) -> Option<u64> {
+        if !self.flags.connected || !self.ctrl_avail(1) {
+            return None;
+        }
+        self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
+        Some(Msg::Ctrl(Ctrl::Keepalive).encode() as u64)
+    }
+
     /// Whether a control message could be posted now (or never will: not connected).
     pub fn can_send_ctrl(&self) -> bool {
         self.ctrl_avail(1) || !self.flags.connected
@@ -404,7 +416,10 @@ impl Stream {
             4 => self.ctrl_max_seqno = self.ctrl_max_seqno.wrapping_add(1),
             7 => {
                 self.ctrl_max_seqno = self.ctrl_max_seqno.wrapping_add(1);
-                if msg & 0x1FFF_FFFF == Ctrl::Disconnect as u32 {
+                let ctrl = msg & 0x1FFF_FFFF;
+                if ctrl == Ctrl::Keepalive as u32 && !ok && self.flags.connected {
+                    self.fail(StreamError::KeepaliveTimeout);
+                } else if ctrl == Ctrl::Disconnect as u32 {
                     self.set_disconnected();
                 }
             }

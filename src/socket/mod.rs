@@ -4,6 +4,7 @@
 //! as in librdmacm, so rsocket numbers never collide with the process's real descriptors.
 
 pub mod config;
+pub mod keepalive;
 pub mod options;
 pub mod poll;
 pub mod stream;
@@ -35,7 +36,10 @@ pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<RawFd> {
         libc::SOCK_DGRAM => return Err(Error::NotImplemented),
         _ => return Err(Error::Unsupported(libc::ESOCKTNOSUPPORT)),
     }
-    let s = StreamSocket::new(ty & libc::SOCK_NONBLOCK != 0)?;
+    let s = StreamSocket::new(domain, ty & libc::SOCK_NONBLOCK != 0)?;
+    if ty & libc::SOCK_CLOEXEC != 0 {
+        s.set_options(|o| o.cloexec = true);
+    }
     Ok(insert(s))
 }
 

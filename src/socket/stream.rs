@@ -39,6 +39,32 @@ pub struct Options {
     pub nodelay: bool,
     /// SO_KEEPALIVE.
     pub keepalive: bool,
+    /// TCP_KEEPIDLE: seconds of silence before the first probe.
+    pub keepidle: u32,
+    /// TCP_KEEPINTVL: seconds between probes.
+    pub keepintvl: u32,
+    /// TCP_KEEPCNT (kept for getsockopt: over RC one unacknowledged probe is conclusive).
+    pub keepcnt: u32,
+    /// SO_LINGER: `Some(seconds)` when on (close waits at most that long for sends to drain).
+    pub linger: Option<i32>,
+    /// SO_OOBINLINE (there is no out-of-band data; kept for getsockopt).
+    pub oobinline: bool,
+    /// IP_TOS.
+    pub tos: u8,
+    /// IPV6_V6ONLY.
+    pub v6only: bool,
+    /// RDMA_IOMAPSIZE: iomap entries offered to the peer.
+    pub iomap_size: u16,
+    /// FD_CLOEXEC (descriptor flag).
+    pub cloexec: bool,
+}
+
+/// Default TCP_KEEPIDLE: the kernel's tcp_keepalive_time, else 7200 s (as librdmacm).
+fn default_keepidle() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(7200)
 }
 
 impl Options {
@@ -53,9 +79,22 @@ impl Options {
             reuseaddr: false,
             nodelay: false,
             keepalive: false,
+            keepidle: default_keepidle(),
+            keepintvl: 75,
+            keepcnt: 9,
+            linger: None,
+            oobinline: false,
+            tos: 0,
+            v6only: false,
+            iomap_size: c.iomap_size.min(u16::MAX as u32) as u16,
+            cloexec: false,
         }
     }
 }
+
+/// Transport retries of the QP. librdmacm asks for 7, which Soft-RoCE treats as "retry for
+/// ever": a dead peer would then never be reported. 6 is the largest finite count.
+const TRANSPORT_RETRIES: u8 = 6;
 
 /// How long connection setup steps may take before ETIMEDOUT.
 const RESOLVE_TIMEOUT_MS: i32 = 2000;
@@ -86,6 +125,8 @@ struct Inner {
     sleeping: bool,
     /// Pending SO_ERROR.
     so_error: i32,
+    /// RDMA_ROUTE set by the application (`struct ibv_path_data[]`), used instead of resolving.
+    route: Option<Vec<u8>>,
 }
 
 /// A stream rsocket.
@@ -94,6 +135,8 @@ pub struct StreamSocket {
     cv: Condvar,
     /// Wakes the thread sleeping in `wait_conn` when another thread consumed its wake-up.
     waker: Waker,
+    /// Address family given to rsocket (SO_DOMAIN).
+    domain: i32,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -130,6 +173,10 @@ struct Conn {
     comps: Vec<Completion>,
     cfg: StreamConfig,
     local: LocalBuffers,
+    /// Last completion of any kind (keepalive idle timer).
+    last_activity: Instant,
+    /// Last keepalive probe.
+    last_probe: Option<Instant>,
 }
 
 impl Drop for Conn {
@@ -215,6 +262,8 @@ impl Conn {
             comps: Vec::with_capacity(32),
             cfg,
             local,
+            last_activity: Instant::now(),
+            last_probe: None,
         };
         Ok(conn)
     }
@@ -225,7 +274,7 @@ impl Conn {
             // iWARP issues an RDMA read while connecting (librdmacm's workaround).
             initiator_depth: self.core.config().msg_send as u8,
             flow_control: 1,
-            retry_count: 7,
+            retry_count: TRANSPORT_RETRIES,
             rnr_retry_count: 7,
         }
     }
@@ -306,6 +355,7 @@ impl Conn {
                 break;
             }
             any = true;
+            self.last_activity = Instant::now();
             let mut reposts = 0;
             for i in 0..self.comps.len() {
                 let c = self.comps[i];
@@ -495,27 +545,113 @@ fn expect_event(channel: &EventChannel, want: CmEventKind, timeout: Duration) ->
 
 impl StreamSocket {
     /// A new unconnected stream rsocket.
-    pub fn new(nonblocking: bool) -> Result<Self> {
+    pub fn new(domain: i32, nonblocking: bool) -> Result<Self> {
         let channel = EventChannel::new()?;
         crate::verbs::set_nonblocking(channel.fd(), true)?;
         let id = CmId::new(&channel)?;
         let mut opts = Options::from_config(Config::get());
         opts.nonblocking = nonblocking;
-        Self::from_parts(channel, State::Idle { id, bound: false }, opts)
+        Self::from_parts(channel, State::Idle { id, bound: false }, opts, domain)
     }
 
-    fn from_parts(channel: EventChannel, state: State, opts: Options) -> Result<Self> {
+    fn from_parts(channel: EventChannel, state: State, opts: Options, domain: i32) -> Result<Self> {
         Ok(StreamSocket {
             inner: Mutex::new(Inner {
                 state,
                 opts,
                 sleeping: false,
                 so_error: 0,
+                route: None,
             }),
             cv: Condvar::new(),
             waker: Waker::new()?,
+            domain,
             channel,
         })
+    }
+
+    /// Address family (SO_DOMAIN).
+    pub fn domain(&self) -> i32 {
+        self.domain
+    }
+
+    /// Whether the socket listens (SO_ACCEPTCONN).
+    pub fn is_listening(&self) -> bool {
+        matches!(self.lock().state, State::Listening { .. })
+    }
+
+    /// Sets an rdma_cm option on the id while it is not connected (later changes are kept
+    /// for getsockopt only, as upstream).
+    pub fn set_cm_option(&self, level: i32, name: i32, value: &[u8]) -> Result<()> {
+        match &self.lock().state {
+            State::Idle { id, .. } | State::Listening { id, .. } => match id
+                .set_option(level, name, value)
+            {
+                // Options the device or kernel lacks (e.g. REUSEADDR on some transports) are
+                // kept as settings, like librdmacm does.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::ENOTSUP)) => {
+                    Ok(())
+                }
+                r => r.map_err(Error::from),
+            },
+            _ => Ok(()),
+        }
+    }
+
+    /// Path MTU of the connection's route (TCP_MAXSEG).
+    pub fn path_mtu(&self) -> Option<u32> {
+        match &self.lock().state {
+            State::Idle { id, .. } | State::Listening { id, .. } => id.path_mtu(),
+            State::Connected(c) | State::Connecting(c) | State::Accepting(c) => c.id.path_mtu(),
+            State::Failed => None,
+        }
+    }
+
+    /// Sets RDMA_ROUTE (used by the next connect instead of route resolution).
+    pub fn set_route(&self, route: Vec<u8>) {
+        self.lock().route = Some(route);
+    }
+
+    /// The route set with RDMA_ROUTE.
+    pub fn route(&self) -> Option<Vec<u8>> {
+        self.lock().route.clone()
+    }
+
+    /// SO_KEEPALIVE on or off; probes are sent by the process-wide keepalive service.
+    pub fn set_keepalive(self: &std::sync::Arc<Self>, on: bool) {
+        self.set_options(|o| o.keepalive = on);
+        if on {
+            crate::socket::keepalive::register(self);
+        }
+    }
+
+    /// Called by the keepalive service: probes the peer when the connection was idle for
+    /// TCP_KEEPIDLE and the last probe is TCP_KEEPINTVL old.
+    pub(crate) fn keepalive_tick(&self, now: Instant) -> Result<()> {
+        let mut g = self.lock();
+        let (idle, intvl) = (g.opts.keepidle as u64, g.opts.keepintvl as u64);
+        if !g.opts.keepalive {
+            return Ok(());
+        }
+        let State::Connected(conn) = &mut g.state else {
+            return Ok(());
+        };
+        if conn.progress()? {
+            self.cv.notify_all();
+        }
+        let quiet = now.saturating_duration_since(conn.last_activity);
+        let since_probe = conn.last_probe.map(|t| now.saturating_duration_since(t));
+        if quiet < Duration::from_secs(idle)
+            || since_probe.is_some_and(|d| d < Duration::from_secs(intvl))
+        {
+            return Ok(());
+        }
+        if let Some(wr_id) = conn.core.post_keepalive() {
+            conn.last_probe = Some(now);
+            conn.ep
+                .post_send(wr_id, Payload::Empty, Some((0, 0)), None)?;
+        }
+        Ok(())
     }
 
     /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
@@ -636,7 +772,7 @@ impl StreamSocket {
             };
             // The event must be acked before the id can migrate to its own channel.
             drop(ev);
-            match Self::accept_one(id, &private, param, opts) {
+            match Self::accept_one(id, &private, param, opts, self.domain) {
                 Ok(s) => return Ok(s),
                 // A bad request or a peer that vanished mid-handshake is not the caller's
                 // problem: take the next one (non-blocking callers get EAGAIN).
@@ -646,7 +782,13 @@ impl StreamSocket {
         }
     }
 
-    fn accept_one(id: CmId, private: &[u8], req: ConnParam, opts: Options) -> Result<StreamSocket> {
+    fn accept_one(
+        id: CmId,
+        private: &[u8],
+        req: ConnParam,
+        opts: Options,
+        domain: i32,
+    ) -> Result<StreamSocket> {
         let peer = match ConnData::decode(private) {
             Ok(p) => p,
             Err(e) => {
@@ -657,19 +799,19 @@ impl StreamSocket {
         let channel = EventChannel::new()?;
         crate::verbs::set_nonblocking(channel.fd(), true)?;
         id.migrate(&channel)?;
-        let mut conn = Conn::setup(id, &opts, Config::get().iomap_size as u16)?;
+        let mut conn = Conn::setup(id, &opts, opts.iomap_size)?;
         conn.core = Stream::new(conn.cfg, conn.local, &peer);
         let param = ConnParam {
             responder_resources: req.responder_resources,
             initiator_depth: req.initiator_depth,
             flow_control: req.flow_control,
-            retry_count: 7,
+            retry_count: TRANSPORT_RETRIES,
             rnr_retry_count: 7,
         };
         conn.id.accept(&conn.conn_data(), &param)?;
         // Like librdmacm, the connection completes when the peer's confirmation (ESTABLISHED)
         // is seen by the next call on the socket: a single-threaded program may be the peer.
-        Self::from_parts(channel, State::Accepting(Box::new(conn)), opts)
+        Self::from_parts(channel, State::Accepting(Box::new(conn)), opts, domain)
     }
 
     /// Connects to `dst`. Address and route resolution are local and done here; a non-blocking
@@ -694,12 +836,16 @@ impl StreamSocket {
             }
         };
         let opts = g.opts;
+        let route = g.route.clone();
         let started = (|| -> Result<Conn> {
             id.resolve_addr(None, dst, RESOLVE_TIMEOUT_MS)?;
             expect_event(&self.channel, CmEventKind::AddrResolved, CM_WAIT)?;
-            id.resolve_route(RESOLVE_TIMEOUT_MS)?;
+            match route {
+                Some(r) => id.set_option(1, 1, &r)?,
+                None => id.resolve_route(RESOLVE_TIMEOUT_MS)?,
+            }
             expect_event(&self.channel, CmEventKind::RouteResolved, CM_WAIT)?;
-            let conn = Conn::setup(id, &opts, Config::get().iomap_size as u16)?;
+            let conn = Conn::setup(id, &opts, opts.iomap_size)?;
             conn.id.connect(&conn.conn_data(), &conn.conn_param())?;
             Ok(conn)
         })();
@@ -967,8 +1113,10 @@ impl StreamSocket {
                 }
             }
             if !c.core.flags().readable && !c.core.has_data() {
-                if got == 0 && c.core.error().is_some() {
-                    return Err(Error::ConnectionReset);
+                match c.core.error() {
+                    Some(StreamError::KeepaliveTimeout) if got == 0 => return Err(Error::TimedOut),
+                    Some(_) if got == 0 => return Err(Error::ConnectionReset),
+                    _ => {}
                 }
                 return Ok(Some(got));
             }
@@ -1076,9 +1224,12 @@ impl StreamSocket {
         self.advance_connect(&mut g);
         if g.so_error == 0
             && let State::Connected(c) = &g.state
-            && let Some(StreamError::Transport) = c.core.error()
         {
-            return libc::ECONNRESET;
+            match c.core.error() {
+                Some(StreamError::KeepaliveTimeout) => return libc::ETIMEDOUT,
+                Some(_) => return libc::ECONNRESET,
+                None => {}
+            }
         }
         std::mem::take(&mut g.so_error)
     }

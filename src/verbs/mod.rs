@@ -551,6 +551,31 @@ impl CmId {
         unsafe { sys::rdma_disconnect(self.id.as_ptr()) };
     }
 
+    /// rdma_set_option: level 0 (ID: TOS, REUSEADDR, AFONLY), 1 (IB: PATH).
+    pub fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+        // SAFETY: valid id; librdmacm reads value.len() bytes from the slice.
+        cvt(unsafe {
+            sys::rdma_set_option(
+                self.id.as_ptr(),
+                level,
+                name,
+                value.as_ptr() as *mut libc::c_void,
+                value.len(),
+            )
+        })
+    }
+
+    /// Path MTU of the resolved route in bytes, if there is one (IB MTU enum 1..5 = 256..4096).
+    pub fn path_mtu(&self) -> Option<u32> {
+        let r = &self.raw().route;
+        if r.num_paths <= 0 || r.path_rec.is_null() {
+            return None;
+        }
+        // SAFETY: num_paths > 0 records live at path_rec while the id does.
+        let mtu = unsafe { (*r.path_rec).mtu } as u32;
+        (1..=5).contains(&mtu).then(|| 1 << (7 + mtu))
+    }
+
     /// Moves the id (and its future events) to another channel.
     pub fn migrate(&self, channel: &EventChannel) -> io::Result<()> {
         // SAFETY: both valid.

@@ -478,3 +478,27 @@ fn data_completed_before_a_noticed_disconnect_is_still_delivered() {
     b.read(100_000);
     assert!(b.eof);
 }
+
+#[test]
+fn keepalive_uses_a_control_slot_and_a_lost_probe_is_a_timeout() {
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let (mut a, _b) = pair(c, c);
+    let mut ids = Vec::new();
+    while let Some(id) = a.s.post_keepalive() {
+        ids.push(id);
+    }
+    assert_eq!(
+        ids.len(),
+        CTRL_SLOTS as usize,
+        "probes are bounded by the control slots"
+    );
+    assert!(!a.s.can_send_ctrl());
+    for &id in &ids[1..] {
+        a.s.on_send_completion(id, true);
+    }
+    assert!(a.s.flags().connected);
+    assert!(!a.s.all_sends_done());
+    a.s.on_send_completion(ids[0], false);
+    assert_eq!(a.s.error(), Some(&StreamError::KeepaliveTimeout));
+    assert!(!a.s.flags().connected);
+}
