@@ -8,12 +8,16 @@
  *   server: rsping -s -b 10.10.0.1 -p 7000 [-S bytes] [-C iterations]
  *   client: rsping -c 10.10.0.1 -b 10.10.0.2 -p 7000 [-S bytes] [-C iterations]
  *   refused-connect check: rsping -c 10.10.0.1 -b 10.10.0.2 -p 7999 -E
+ *   peer-killed check (client): -X  sends and receives until the peer dies, expects ECONNRESET
+ *   write-after-shutdown check (client): -P  expects EPIPE, and SIGPIPE unless MSG_NOSIGNAL
+ *   -K: the same program over kernel TCP sockets, for errno parity
  *
  * The client sends S bytes, the server verifies and echoes them, the client verifies the echo;
  * C times. Then the client shuts down and the server must read end-of-stream (0).
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <signal.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdint.h>
@@ -30,9 +34,44 @@
 #define IMPL "rsocket-rs"
 #endif
 
+/* The socket calls, rsockets by default, kernel sockets with -K. */
+static int (*s_socket)(int, int, int) = rsocket;
+static int (*s_bind)(int, const struct sockaddr *, socklen_t) = rbind;
+static int (*s_listen)(int, int) = rlisten;
+static int (*s_accept)(int, struct sockaddr *, socklen_t *) = raccept;
+static int (*s_connect)(int, const struct sockaddr *, socklen_t) = rconnect;
+static ssize_t (*s_send)(int, const void *, size_t, int) = rsend;
+static ssize_t (*s_recv)(int, void *, size_t, int) = rrecv;
+static int (*s_setsockopt)(int, int, int, const void *, socklen_t) = rsetsockopt;
+static int (*s_shutdown)(int, int) = rshutdown;
+static int (*s_close)(int) = rclose;
+static const char *impl = IMPL;
+
+static void use_kernel_sockets(void)
+{
+	s_socket = socket;
+	s_bind = bind;
+	s_listen = listen;
+	s_accept = accept;
+	s_connect = connect;
+	s_send = send;
+	s_recv = recv;
+	s_setsockopt = setsockopt;
+	s_shutdown = shutdown;
+	s_close = close;
+	impl = "kernel-tcp";
+}
+
+static volatile sig_atomic_t sigpipes;
+static void on_sigpipe(int sig)
+{
+	(void)sig;
+	sigpipes++;
+}
+
 static void die(const char *what)
 {
-	fprintf(stderr, "rsping(%s): %s: %s\n", IMPL, what, strerror(errno));
+	fprintf(stderr, "rsping(%s): %s: %s\n", impl, what, strerror(errno));
 	exit(1);
 }
 
@@ -54,7 +93,7 @@ static void send_all(int s, const uint8_t *b, size_t n)
 {
 	size_t off = 0;
 	while (off < n) {
-		ssize_t r = rsend(s, b + off, n - off, 0);
+		ssize_t r = s_send(s, b + off, n - off, MSG_NOSIGNAL);
 		if (r <= 0)
 			die("rsend");
 		off += (size_t)r;
@@ -65,9 +104,9 @@ static void recv_all(int s, uint8_t *b, size_t n)
 {
 	size_t off = 0;
 	while (off < n) {
-		ssize_t r = rrecv(s, b + off, n - off, 0);
+		ssize_t r = s_recv(s, b + off, n - off, 0);
 		if (r == 0) {
-			fprintf(stderr, "rsping(%s): early end of stream after %zu of %zu bytes\n", IMPL, off, n);
+			fprintf(stderr, "rsping(%s): early end of stream after %zu of %zu bytes\n", impl, off, n);
 			exit(1);
 		}
 		if (r < 0)
@@ -97,10 +136,10 @@ static double now(void)
 int main(int argc, char **argv)
 {
 	const char *server = NULL, *bind_ip = NULL;
-	int port = 7000, is_server = 0, expect_refused = 0, opt, iters = 1;
+	int port = 7000, is_server = 0, expect_refused = 0, expect_reset = 0, expect_pipe = 0, opt, iters = 1;
 	size_t size = 1 << 20;
 
-	while ((opt = getopt(argc, argv, "sc:b:p:S:C:E")) != -1) {
+	while ((opt = getopt(argc, argv, "sc:b:p:S:C:EXPK")) != -1) {
 		switch (opt) {
 		case 's': is_server = 1; break;
 		case 'c': server = optarg; break;
@@ -109,6 +148,9 @@ int main(int argc, char **argv)
 		case 'S': size = strtoul(optarg, NULL, 0); break;
 		case 'C': iters = atoi(optarg); break;
 		case 'E': expect_refused = 1; break;
+		case 'X': expect_reset = 1; break;
+		case 'P': expect_pipe = 1; break;
+		case 'K': use_kernel_sockets(); break;
 		default:
 			fprintf(stderr, "usage: rsping -s|-c SERVER [-b ADDR] [-p PORT] [-S BYTES] [-C N] [-E]\n");
 			return 2;
@@ -118,24 +160,24 @@ int main(int argc, char **argv)
 	if (!buf)
 		die("malloc");
 
-	int s = rsocket(AF_INET, SOCK_STREAM, 0);
+	int s = s_socket(AF_INET, SOCK_STREAM, 0);
 	if (s < 0)
 		die("rsocket");
 	int one = 1;
-	if (rsetsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one))
+	if (s_setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one))
 		die("rsetsockopt SO_REUSEADDR");
-	if (rsetsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one))
+	if (s_setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one))
 		die("rsetsockopt TCP_NODELAY");
 
 	if (is_server) {
 		struct sockaddr_in a, peer;
 		socklen_t plen = sizeof peer;
 		addr_of(&a, bind_ip ? bind_ip : "0.0.0.0", port);
-		if (rbind(s, (struct sockaddr *)&a, sizeof a))
+		if (s_bind(s, (struct sockaddr *)&a, sizeof a))
 			die("rbind");
-		if (rlisten(s, 4))
+		if (s_listen(s, 4))
 			die("rlisten");
-		int c = raccept(s, (struct sockaddr *)&peer, &plen);
+		int c = s_accept(s, (struct sockaddr *)&peer, &plen);
 		if (c < 0)
 			die("raccept");
 		char ip[64];
@@ -144,21 +186,21 @@ int main(int argc, char **argv)
 			recv_all(c, buf, size);
 			size_t bad = mismatch(buf, size, (unsigned)i);
 			if (bad) {
-				fprintf(stderr, "rsping(%s): server: data mismatch at byte %zu\n", IMPL, bad - 1);
+				fprintf(stderr, "rsping(%s): server: data mismatch at byte %zu\n", impl, bad - 1);
 				return 1;
 			}
 			send_all(c, buf, size);
 		}
-		ssize_t r = rrecv(c, buf, 1, 0);
+		ssize_t r = s_recv(c, buf, 1, 0);
 		if (r != 0) {
-			fprintf(stderr, "rsping(%s): server: expected end of stream, got %zd (%s)\n", IMPL, r,
+			fprintf(stderr, "rsping(%s): server: expected end of stream, got %zd (%s)\n", impl, r,
 				strerror(errno));
 			return 1;
 		}
-		printf("rsping(%s) server: %d x %zu bytes from %s verified and echoed; EOF seen\n", IMPL, iters,
+		printf("rsping(%s) server: %d x %zu bytes from %s verified and echoed; EOF seen\n", impl, iters,
 		       size, ip);
-		rclose(c);
-		rclose(s);
+		s_close(c);
+		s_close(s);
 		return 0;
 	}
 
@@ -169,23 +211,53 @@ int main(int argc, char **argv)
 	if (bind_ip) {
 		struct sockaddr_in l;
 		addr_of(&l, bind_ip, 0);
-		if (rbind(s, (struct sockaddr *)&l, sizeof l))
+		if (s_bind(s, (struct sockaddr *)&l, sizeof l))
 			die("rbind");
 	}
 	struct sockaddr_in d;
 	addr_of(&d, server, port);
-	int r = rconnect(s, (struct sockaddr *)&d, sizeof d);
+	int r = s_connect(s, (struct sockaddr *)&d, sizeof d);
 	if (expect_refused) {
 		if (r == 0 || errno != ECONNREFUSED) {
-			fprintf(stderr, "rsping(%s): expected ECONNREFUSED, got %d (%s)\n", IMPL, r, strerror(errno));
+			fprintf(stderr, "rsping(%s): expected ECONNREFUSED, got %d (%s)\n", impl, r, strerror(errno));
 			return 1;
 		}
-		printf("rsping(%s): connect to a port without listener: ECONNREFUSED as expected\n", IMPL);
-		rclose(s);
+		printf("rsping(%s): connect to a port without listener: ECONNREFUSED as expected\n", impl);
+		s_close(s);
 		return 0;
 	}
 	if (r)
 		die("rconnect");
+	if (expect_reset) {
+		/* Stream without reading the echo: the peer stalls with unread data, so its death is
+		 * an abortive close (a TCP reset), not an orderly end of stream. */
+		for (int i = 0;; i++) {
+			fill(buf, size, (unsigned)i);
+			ssize_t n = s_send(s, buf, size, MSG_NOSIGNAL);
+			if (n == 0) {
+				printf("rsping(%s): peer killed: end of stream (no reset)\n", impl);
+				return 1;
+			}
+			if (n < 0) {
+				int e = errno;
+				printf("rsping(%s): peer killed mid-transfer: %s\n", impl, strerror(e));
+				return e == ECONNRESET ? 0 : 1;
+			}
+		}
+	}
+	if (expect_pipe) {
+		if (s_shutdown(s, SHUT_WR))
+			die("shutdown");
+		ssize_t n = s_send(s, "x", 1, MSG_NOSIGNAL);
+		int e1 = errno;
+		signal(SIGPIPE, on_sigpipe);
+		ssize_t m = s_send(s, "x", 1, 0);
+		int e2 = errno;
+		printf("rsping(%s): send after SHUT_WR: %zd %s with MSG_NOSIGNAL; %zd %s and %d SIGPIPE without\n",
+		       impl, n, strerror(e1), m, strerror(e2), (int)sigpipes);
+		s_close(s);
+		return (n == -1 && e1 == EPIPE && m == -1 && e2 == EPIPE && sigpipes == 1) ? 0 : 1;
+	}
 	uint8_t *echo = malloc(size ? size : 1);
 	if (!echo)
 		die("malloc");
@@ -196,16 +268,16 @@ int main(int argc, char **argv)
 		recv_all(s, echo, size);
 		size_t bad = mismatch(echo, size, (unsigned)i);
 		if (bad) {
-			fprintf(stderr, "rsping(%s): client: echo mismatch at byte %zu\n", IMPL, bad - 1);
+			fprintf(stderr, "rsping(%s): client: echo mismatch at byte %zu\n", impl, bad - 1);
 			return 1;
 		}
 	}
 	double dt = now() - t0;
-	printf("rsping(%s) client: %d x %zu bytes sent, echoed and verified in %.3f s: %.1f MB/s each way\n", IMPL,
+	printf("rsping(%s) client: %d x %zu bytes sent, echoed and verified in %.3f s: %.1f MB/s each way\n", impl,
 	       iters, size, dt, (double)size * iters / dt / 1e6);
-	if (rshutdown(s, SHUT_RDWR))
+	if (s_shutdown(s, SHUT_RDWR))
 		die("rshutdown");
-	rclose(s);
+	s_close(s);
 	free(echo);
 	free(buf);
 	return 0;

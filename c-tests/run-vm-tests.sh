@@ -25,7 +25,7 @@ pair() {
   local src=$?
   if [ $crc -eq 0 ] && [ $src -eq 0 ]; then
     pass=$((pass + 1)); echo "ok   $name"
-    sed 's/^/       /' "$log/srv" "$log/cli" | grep -vE '^\s*$' | grep -iE 'verified|gb/sec|refused|[0-9]+k? +[0-9]+ +' | head -4
+    sed 's/^/       /' "$log/srv" "$log/cli" | grep -vE '^\s*$' | grep -iE 'verified|gb/sec|refused|shut_wr|[0-9]+k? +[0-9]+ +' | head -4
   else
     fail=$((fail + 1)); echo "FAIL $name (server rc $src, client rc $crc)"
     sed 's/^/  srv| /' "$log/srv"; sed 's/^/  cli| /' "$log/cli"
@@ -41,13 +41,42 @@ bound_to_us() {
 
 echo "c-tests in the VM on: $DEV"
 S="$BIN/rsping -s -b 10.10.0.1 -p @PORT@"
-C="$BIN/rsping -c 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+C_ARGS="-c 10.10.0.1 -b 10.10.0.2"
+C="$BIN/rsping $C_ARGS -p @PORT@"
 pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
 pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -S 4194304"
 pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b 10.10.0.1 -p @PORT@ -C 3" "$C -C 3"
 pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -C 3"
 pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
 pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -E"
+
+# kill_peer NAME SERVER CLIENT: the server is killed (SIGKILL) mid-transfer; the client must
+# report ECONNRESET (rsping -X checks the errno) and must not hang.
+kill_peer() {
+  local name=$1 srv=$2 cli=$3
+  PORT=$((PORT + 1))
+  srv=${srv//@PORT@/$PORT}; cli=${cli//@PORT@/$PORT}
+  $srv >"$log/srv" 2>&1 &
+  local spid=$!
+  sleep 1.5
+  timeout 60 bash -c "$cli" >"$log/cli" 2>&1 &
+  local cpid=$!
+  sleep 2
+  kill -9 $spid; wait $spid 2>/dev/null
+  wait $cpid; local crc=$?
+  if [ $crc -eq 0 ]; then
+    pass=$((pass + 1)); echo "ok   $name"; sed 's/^/       /' "$log/cli"
+  else
+    fail=$((fail + 1)); echo "FAIL $name (client rc $crc)"; sed 's/^/  cli| /' "$log/cli"
+  fi
+}
+
+K="-S 1048576 -C 100000"
+kill_peer "peer killed mid-transfer: kernel TCP gives ECONNRESET" "$BIN/rsping -K -s -b 10.10.0.1 -p @PORT@ $K" "$BIN/rsping -K -X $C_ARGS -p @PORT@ $K"
+kill_peer "peer killed mid-transfer: rsocket-rs gives ECONNRESET" "$S $K" "$C -X $K"
+kill_peer "librdmacm peer killed mid-transfer: rsocket-rs gives ECONNRESET" "$BIN/rsping-rdmacm -s -b 10.10.0.1 -p @PORT@ $K" "$C -X $K"
+pair "send after SHUT_WR: kernel TCP gives EPIPE + SIGPIPE" "$BIN/rsping -K -s -b 10.10.0.1 -p @PORT@ -S 0" "$BIN/rsping -K -P $C_ARGS -p @PORT@"
+pair "send after SHUT_WR: rsocket-rs gives EPIPE + SIGPIPE" "$S -S 0" "$C -P"
 
 # librdmacm's own rstream; our side is the same binary with LD_PRELOAD=librsocket-rs.so.
 RS="rstream -b 10.10.0.1 -p @PORT@"

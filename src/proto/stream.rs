@@ -127,6 +127,9 @@ pub enum StreamError {
     Transport,
     /// A keepalive probe was not acknowledged: the peer is gone.
     KeepaliveTimeout,
+    /// The connection went away without the peer's orderly DISCONNECT/SHUTDOWN (it was
+    /// killed or aborted): ECONNRESET, like a TCP reset.
+    Reset,
 }
 
 impl From<WireError> for StreamError {
@@ -264,6 +267,16 @@ impl Stream {
         self.flags.connected = false;
         self.flags.readable = false;
         self.flags.writable = false;
+    }
+
+    /// The connection vanished underneath us (CM disconnect, flushed QP). If the peer had not
+    /// said goodbye (we could still read), it is a reset, not an end of stream.
+    pub fn on_connection_lost(&mut self) {
+        if self.flags.readable && self.flags.connected {
+            self.fail(StreamError::Reset);
+        } else {
+            self.set_disconnected();
+        }
     }
 
     // ---------------------------------------------------------------- send side

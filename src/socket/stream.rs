@@ -365,7 +365,7 @@ impl Conn {
                 }
                 if !c.ok {
                     // Flushed: the QP left RTS, the connection is gone.
-                    self.core.set_disconnected();
+                    self.core.on_connection_lost();
                     continue;
                 }
                 reposts += 1;
@@ -466,7 +466,7 @@ impl Conn {
             ) {
                 // Everything the peer sent before disconnecting is in the CQ: take it first.
                 self.progress()?;
-                self.core.set_disconnected();
+                self.core.on_connection_lost();
             }
         }
         Ok(())

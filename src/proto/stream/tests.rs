@@ -502,3 +502,15 @@ fn keepalive_uses_a_control_slot_and_a_lost_probe_is_a_timeout() {
     assert_eq!(a.s.error(), Some(&StreamError::KeepaliveTimeout));
     assert!(!a.s.flags().connected);
 }
+
+#[test]
+fn losing_the_connection_without_goodbye_is_a_reset() {
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let (mut a, mut b) = pair(c, c);
+    a.s.on_connection_lost();
+    assert_eq!(a.s.error(), Some(&StreamError::Reset));
+    // After an orderly DISCONNECT from the peer, losing the QP is just the end.
+    b.s.on_recv(Msg::Ctrl(Ctrl::Disconnect).encode()).unwrap();
+    b.s.on_connection_lost();
+    assert_eq!(b.s.error(), None);
+}
