@@ -665,6 +665,61 @@ fn keepalive_detects_dead_link() {
     close(c);
 }
 
+fn socket6() -> Arc<StreamSocket> {
+    let fd = socket::socket(libc::AF_INET6, libc::SOCK_STREAM, 0).expect("rsocket AF_INET6");
+    socket::lookup(fd).unwrap()
+}
+
+/// One message each way between `c` (connecting to `dst`) and the listener `l`; returns the
+/// peer address the accepted socket reports.
+fn exchange(l: Arc<StreamSocket>, c: &StreamSocket, dst: SocketAddr) -> SocketAddr {
+    let t = thread::spawn(move || {
+        let s = l.accept().expect("accept");
+        let got = recv_exact(&s, 3000);
+        send_all(&s, &got);
+        let peer = s.peer_addr().unwrap().to_std().unwrap();
+        s.close().unwrap();
+        close(l);
+        peer
+    });
+    c.connect(&dst.into()).expect("connect");
+    send_all(c, &pattern(3000, 4));
+    assert!(recv_exact(c, 3000) == pattern(3000, 4));
+    t.join().unwrap()
+}
+
+/// IPv4-mapped IPv6 (which librdmacm lacks) in both directions, and family checks.
+fn ipv6_and_v4_mapped() {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let mapped = |ip: [u8; 4]| Ipv4Addr::from(ip).to_ipv6_mapped();
+    // An AF_INET6 listener on :: takes an IPv4 client and reports it as ::ffff:10.10.0.2.
+    let port = next_port();
+    let l = socket6();
+    l.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())
+        .unwrap();
+    l.listen(4).unwrap();
+    let c = new_socket();
+    c.bind(&addr(CLIENT, 0).into()).unwrap();
+    let peer = exchange(l, &c, addr(SERVER, port));
+    assert_eq!(peer.ip(), std::net::IpAddr::V6(mapped(CLIENT)));
+    close(c);
+    // An AF_INET6 client reaches an IPv4 listener through ::ffff:10.10.0.1.
+    let port = next_port();
+    let l = listener(port);
+    let c = socket6();
+    c.bind(&SocketAddr::from((mapped(CLIENT), 0)).into())
+        .unwrap();
+    exchange(l, &c, SocketAddr::from((mapped(SERVER), port)));
+    assert_eq!(
+        c.peer_addr().unwrap().to_std().unwrap(),
+        SocketAddr::from((mapped(SERVER), port))
+    );
+    // IPv4 addresses on an AF_INET6 socket and IPv6 on AF_INET are refused like the kernel does.
+    let e = socket6().bind(&addr(CLIENT, 0).into()).unwrap_err();
+    assert_eq!(e.errno(), libc::EAFNOSUPPORT);
+    close(c);
+}
+
 type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
@@ -685,6 +740,7 @@ const TESTS: &[Test] = &[
     ("rpoll_with_regular_fds", rpoll_with_regular_fds),
     ("socket_options", socket_options),
     ("close_releases_everything", close_releases_everything),
+    ("ipv6_and_v4_mapped", ipv6_and_v4_mapped),
     // Last: it takes a link down and up again.
     ("keepalive_detects_dead_link", keepalive_detects_dead_link),
 ];

@@ -570,6 +570,25 @@ impl StreamSocket {
         })
     }
 
+    /// An AF_INET socket takes only IPv4 addresses; AF_INET6 takes IPv6 (and IPv4-mapped).
+    fn check_family(&self, a: &SockAddr) -> Result<()> {
+        match (self.domain, a.family()) {
+            (libc::AF_INET, libc::AF_INET)
+            | (libc::AF_INET6, libc::AF_INET6)
+            | (libc::AF_IB, _) => Ok(()),
+            _ => Err(Error::Unsupported(libc::EAFNOSUPPORT)),
+        }
+    }
+
+    /// How this socket reports an address: IPv4 as IPv4-mapped on AF_INET6 sockets.
+    fn report(&self, a: SockAddr) -> SockAddr {
+        if self.domain == libc::AF_INET6 {
+            a.map_v4()
+        } else {
+            a
+        }
+    }
+
     /// Address family (SO_DOMAIN).
     pub fn domain(&self) -> i32 {
         self.domain
@@ -691,12 +710,14 @@ impl StreamSocket {
                 if *bound {
                     return Err(Error::InvalidArgument);
                 }
-                id.bind(addr).map_err(|e| match e.raw_os_error() {
-                    Some(libc::ENODEV) => {
-                        Error::Os(std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
-                    }
-                    _ => e.into(),
-                })?;
+                self.check_family(addr)?;
+                id.bind(&addr.unmap_v4())
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ENODEV) => {
+                            Error::Os(std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL))
+                        }
+                        _ => e.into(),
+                    })?;
                 *bound = true;
                 Ok(())
             }
@@ -835,6 +856,11 @@ impl StreamSocket {
                 return Err(Error::InvalidArgument);
             }
         };
+        if let Err(e) = self.check_family(dst) {
+            g.state = State::Idle { id, bound: false };
+            return Err(e);
+        }
+        let dst = &dst.unmap_v4();
         let opts = g.opts;
         let route = g.route.clone();
         let started = (|| -> Result<Conn> {
@@ -1188,19 +1214,18 @@ impl StreamSocket {
 
     /// Local address.
     pub fn local_addr(&self) -> Result<SockAddr> {
-        match &self.lock().state {
-            State::Idle { id, .. } | State::Listening { id, .. } => Ok(id.local_addr()),
-            State::Connected(c) | State::Connecting(c) | State::Accepting(c) => {
-                Ok(c.id.local_addr())
-            }
-            State::Failed => Err(Error::NotConnected),
-        }
+        let a = match &self.lock().state {
+            State::Idle { id, .. } | State::Listening { id, .. } => id.local_addr(),
+            State::Connected(c) | State::Connecting(c) | State::Accepting(c) => c.id.local_addr(),
+            State::Failed => return Err(Error::NotConnected),
+        };
+        Ok(self.report(a))
     }
 
     /// Peer address.
     pub fn peer_addr(&self) -> Result<SockAddr> {
         match &self.lock().state {
-            State::Connected(c) | State::Accepting(c) => Ok(c.id.peer_addr()),
+            State::Connected(c) | State::Accepting(c) => Ok(self.report(c.id.peer_addr())),
             _ => Err(Error::NotConnected),
         }
     }

@@ -387,6 +387,28 @@ impl SockAddr {
         }
     }
 
+    /// An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as the IPv4 address rdma_cm understands;
+    /// anything else unchanged.
+    pub fn unmap_v4(&self) -> SockAddr {
+        match self.to_std() {
+            Some(std::net::SocketAddr::V6(v6)) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => std::net::SocketAddr::from((v4, v6.port())).into(),
+                None => *self,
+            },
+            _ => *self,
+        }
+    }
+
+    /// An IPv4 address as IPv4-mapped IPv6, the way an AF_INET6 socket reports it.
+    pub fn map_v4(&self) -> SockAddr {
+        match self.to_std() {
+            Some(std::net::SocketAddr::V4(v4)) => {
+                std::net::SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())).into()
+            }
+            _ => *self,
+        }
+    }
+
     /// Copies a caller's address after checking its length against its family.
     ///
     /// # Safety
