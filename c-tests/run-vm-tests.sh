@@ -40,6 +40,12 @@ bound_to_us() {
 }
 
 echo "c-tests in the VM on: $DEV"
+PORT=$((PORT + 1))
+if timeout 120 "$BIN/api_calls" 10.10.0.1 10.10.0.2 $PORT >"$log/api" 2>&1; then
+  pass=$((pass + 1)); echo "ok   every rsocket.h stream call (api_calls)"
+else
+  fail=$((fail + 1)); echo "FAIL every rsocket.h stream call (api_calls)"; sed 's/^/  | /' "$log/api"
+fi
 S="$BIN/rsping -s -b 10.10.0.1 -p @PORT@"
 C_ARGS="-c 10.10.0.1 -b 10.10.0.2"
 C="$BIN/rsping $C_ARGS -p @PORT@"
