@@ -720,6 +720,35 @@ fn ipv6_and_v4_mapped() {
     close(c);
 }
 
+/// Many rsockets in many threads at once, each pair moving its own verified data.
+fn many_sockets_many_threads() {
+    let handles: Vec<_> = (0..8u8)
+        .map(|k| {
+            thread::spawn(move || {
+                let port = next_port();
+                let l = listener(port);
+                let n = 300_000 + k as usize * 1000;
+                let t = thread::spawn(move || {
+                    let s = l.accept().expect("accept");
+                    let got = recv_exact(&s, n);
+                    assert!(got == pattern(n, k), "pair {k}: data differs");
+                    send_all(&s, &got[..1000]);
+                    s.close().unwrap();
+                    close(l);
+                });
+                let c = connect(port);
+                send_all(&c, &pattern(n, k));
+                assert!(recv_exact(&c, 1000) == pattern(1000, k));
+                t.join().unwrap();
+                close(c);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("pair thread");
+    }
+}
+
 type Test = (&'static str, fn());
 
 const TESTS: &[Test] = &[
@@ -738,6 +767,7 @@ const TESTS: &[Test] = &[
         rpoll_driven_nonblocking_transfers,
     ),
     ("rpoll_with_regular_fds", rpoll_with_regular_fds),
+    ("many_sockets_many_threads", many_sockets_many_threads),
     ("socket_options", socket_options),
     ("close_releases_everything", close_releases_everything),
     ("ipv6_and_v4_mapped", ipv6_and_v4_mapped),
