@@ -111,6 +111,9 @@ enum State {
     Listening {
         id: CmId,
         pending: VecDeque<CmEvent>,
+        /// Dual stack where the device's IPv6 wildcard listener does not take IPv4 (iWARP):
+        /// a second listener on 0.0.0.0 at the same port, on the same channel.
+        v4: Option<CmId>,
     },
     /// Connected (or was: the core knows whether it still is).
     Connected(Box<Conn>),
@@ -711,6 +714,13 @@ impl StreamSocket {
                     return Err(Error::InvalidArgument);
                 }
                 self.check_family(addr)?;
+                if let Some(std::net::SocketAddr::V6(v6)) = addr.to_std()
+                    && v6.ip().is_unspecified()
+                {
+                    // Dual stack is done with a separate IPv4 listener (see v4_companion), the
+                    // same way on every transport: the IPv6 id takes IPv6 only.
+                    let _ = id.set_option(0, 2, &1i32.to_ne_bytes());
+                }
                 id.bind(&addr.unmap_v4())
                     .map_err(|e| match e.raw_os_error() {
                         Some(libc::ENODEV) => {
@@ -732,9 +742,15 @@ impl StreamSocket {
         match st {
             State::Idle { id, bound } => match id.listen(backlog.max(1)) {
                 Ok(()) => {
+                    let v4 = if g.opts.v6only {
+                        None
+                    } else {
+                        self.v4_companion(&id, backlog)
+                    };
                     g.state = State::Listening {
                         id,
                         pending: VecDeque::new(),
+                        v4,
                     };
                     Ok(())
                 }
@@ -751,6 +767,22 @@ impl StreamSocket {
                 g.state = s;
                 Err(Error::InvalidArgument)
             }
+        }
+    }
+
+    /// For an AF_INET6 listener on the wildcard address: an IPv4 wildcard listener on the same
+    /// port (the IPv6 id was bound IPv6-only, since iWARP's IPv6 wildcard does not take IPv4).
+    fn v4_companion(&self, id: &CmId, backlog: i32) -> Option<CmId> {
+        let local = id.local_addr().to_std()?;
+        match local {
+            std::net::SocketAddr::V6(v6) if v6.ip().is_unspecified() => {
+                let v4 = CmId::new(&self.channel).ok()?;
+                let any = std::net::SocketAddr::from(([0, 0, 0, 0], v6.port()));
+                v4.bind(&any.into()).ok()?;
+                v4.listen(backlog.max(1)).ok()?;
+                Some(v4)
+            }
+            _ => None,
         }
     }
 
