@@ -1269,7 +1269,11 @@ impl StreamSocket {
             State::Idle { bound, .. } => format!("idle (bound {bound})"),
             State::Connecting(_) => "connecting".into(),
             State::Accepting(_) => "accepting".into(),
-            State::Listening { pending, .. } => format!("listening ({} pending)", pending.len()),
+            State::Listening { pending, v4, .. } => format!(
+                "listening ({} pending{})",
+                pending.len(),
+                if v4.is_some() { ", IPv4 companion" } else { "" }
+            ),
             State::Connected(c) => format!("connected: {:?}", c.core),
             State::Failed => format!("failed (so_error {})", g.so_error),
         }
