@@ -83,7 +83,7 @@ fn close(s: Arc<StreamSocket>) {
     socket::close(s.fd()).expect("close");
 }
 
-/// Both directions at once, sizes from 1 byte to 4 MiB, verified byte for byte.
+/// Blocking calls, both directions, sizes from 1 byte to 16 MiB, verified byte for byte.
 fn transfer_sizes_both_directions() {
     let port = next_port();
     let l = listener(port);
@@ -98,7 +98,7 @@ fn transfer_sizes_both_directions() {
         65536 + 7,
         300_001,
         1 << 20,
-        4 << 20,
+        16 << 20,
     ];
     let server = thread::spawn(move || {
         let c = Arc::new(l.accept().expect("accept"));
