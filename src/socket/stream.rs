@@ -1105,16 +1105,32 @@ impl StreamSocket {
                 self.cv.notify_all();
                 continue;
             }
-            let fds = [conn.ep.comp_fd(), self.channel.fd(), self.waker.fd()];
+            let mut fds =
+                [conn.ep.comp_fd(), self.channel.fd(), self.waker.fd()].map(|fd| libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
             g.sleeping = true;
             drop(g);
-            let r = wait_readable(&fds, None);
+            let r = poll_fds(&mut fds, -1);
             g = self.lock();
             g.sleeping = false;
-            self.waker.reset();
+            // Only touch what woke us: each extra read is a syscall on the latency path.
+            let [comp, cm, wake] = fds.map(|p| p.revents != 0);
+            if wake {
+                self.waker.reset();
+            }
             if let State::Connected(conn) = &mut g.state {
-                while conn.ep.take_cq_event() {}
-                let d = conn.drain_cm_events(&self.channel);
+                // An armed CQ raises one event; another thread may have taken it already.
+                if comp {
+                    conn.ep.take_cq_event();
+                }
+                let d = if cm {
+                    conn.drain_cm_events(&self.channel)
+                } else {
+                    Ok(())
+                };
                 self.cv.notify_all();
                 d?;
             }
