@@ -93,6 +93,29 @@ pub struct DataWrite {
     pub exhausted_sge: Option<usize>,
 }
 
+/// What [`Stream::plan_send`] decided for the next bytes of a send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendPlan {
+    /// Post this write now. `fresh` writes carry the caller's next `len` bytes (copy them into
+    /// `ring` unless inline); a flushed pending write already holds its bytes in the ring.
+    Post {
+        /// The write.
+        write: DataWrite,
+        /// Whether the write carries new caller bytes (false: a flushed pending write).
+        fresh: bool,
+    },
+    /// Copy the caller's next `len` bytes into the ring segments; they leave later, gathered
+    /// with their neighbours into one write, via [`Stream::flush`].
+    Queued {
+        /// Ring segments (offset, len).
+        ring: [(u32, u32); 2],
+        /// Valid entries of `ring`.
+        ring_segs: usize,
+        /// Bytes taken.
+        len: u32,
+    },
+}
+
 /// A credit update to post ([`Stream::poll_credit_update`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CreditUpdate {
@@ -165,6 +188,11 @@ pub struct Stream {
     sqe_avail: u32,
     sbuf_bytes_avail: u32,
     sbuf_head: u32,
+    /// Data writes posted and not completed.
+    inflight: u32,
+    /// Small sends gathered while earlier writes are in flight: one planned write that grows
+    /// until it is flushed (credit, send-queue entry and window are already reserved).
+    pending: Option<DataWrite>,
     target_sgl: [RemoteSge; 2],
     target_sge: usize,
     ctrl_seqno: u32,
@@ -223,6 +251,8 @@ impl Stream {
             sqe_avail: cfg.sq_size as u32 - ctrl_max,
             sbuf_bytes_avail: cfg.sbuf_size,
             sbuf_head: 0,
+            inflight: 0,
+            pending: None,
             target_sgl: [peer.data_buf, RemoteSge::default()],
             target_sge: 0,
             ctrl_seqno: 0,
@@ -357,6 +387,103 @@ impl Stream {
         })
     }
 
+    /// Data writes posted and not yet completed.
+    pub fn data_in_flight(&self) -> u32 {
+        self.inflight
+    }
+
+    /// Plans the next at most `max` bytes of a send, coalescing small sends: with nothing in
+    /// flight they leave at once (a lone message is never delayed); while earlier writes are in
+    /// flight, sends smaller than [`OLAP_START_SIZE`] are gathered in the ring into one pending
+    /// write, which leaves with [`Stream::flush`] once the writes in flight completed
+    /// ([`Stream::should_flush`]). Data always leaves in order: a send that cannot join the
+    /// pending write first flushes it (`Post` with `fresh: false`; ask again).
+    pub fn plan_send(&mut self, max: u32) -> Option<SendPlan> {
+        if max == 0 || !self.flags.writable {
+            return None;
+        }
+        let small = max < OLAP_START_SIZE;
+        if self.pending.is_none() && (self.inflight == 0 || !small) {
+            let w = self.plan_write(max)?;
+            self.inflight += 1;
+            return Some(SendPlan::Post {
+                write: w,
+                fresh: true,
+            });
+        }
+        if self.pending.is_some() {
+            let n = if small { self.appendable(max) } else { 0 };
+            if n == 0 {
+                return self.flush().map(|w| SendPlan::Post {
+                    write: w,
+                    fresh: false,
+                });
+            }
+            let p = self.pending.as_mut().expect("pending checked above");
+            let at = p.ring[0].0 + p.ring[0].1;
+            p.ring[0].1 += n;
+            p.len += n;
+            p.msg = Msg::Data(p.len).encode();
+            let sge = &mut self.target_sgl[self.target_sge];
+            sge.addr += n as u64;
+            sge.length -= n;
+            if sge.length == 0 {
+                p.exhausted_sge = Some(self.target_sge);
+                self.target_sge = (self.target_sge + 1) % wire::SGL_SIZE as usize;
+            }
+            self.sbuf_bytes_avail -= n;
+            self.sbuf_head = (at + n) % self.cfg.sbuf_size;
+            return Some(SendPlan::Queued {
+                ring: [(at, n), (0, 0)],
+                ring_segs: 1,
+                len: n,
+            });
+        }
+        // Start a pending write; it always goes through the ring (the caller's buffer is gone
+        // by the time it leaves).
+        let inline = self.cfg.sq_inline;
+        self.cfg.sq_inline = 0;
+        let w = self.plan_write(max);
+        self.cfg.sq_inline = inline;
+        let w = w?;
+        self.pending = Some(w);
+        Some(SendPlan::Queued {
+            ring: w.ring,
+            ring_segs: w.ring_segs,
+            len: w.len,
+        })
+    }
+
+    /// Bytes (≤ `max`) that can join the pending write: contiguous in the ring and in the
+    /// peer's window, within one transfer.
+    fn appendable(&self, max: u32) -> u32 {
+        let Some(p) = &self.pending else { return 0 };
+        if p.exhausted_sge.is_some() || p.ring_segs != 1 {
+            return 0;
+        }
+        let end = p.ring[0].0 + p.ring[0].1;
+        let sge = &self.target_sgl[self.target_sge];
+        if sge.addr != p.remote_addr + p.len as u64 || end % self.cfg.sbuf_size != self.sbuf_head {
+            return 0;
+        }
+        max.min(MAX_TRANSFER - p.len.min(MAX_TRANSFER))
+            .min(self.sbuf_bytes_avail)
+            .min(sge.length)
+            .min(self.cfg.sbuf_size - end)
+    }
+
+    /// Whether the pending write should leave now (nothing else in flight).
+    pub fn should_flush(&self) -> bool {
+        self.pending.is_some() && self.inflight == 0
+    }
+
+    /// Takes the pending write to post (its bytes are in the ring already).
+    pub fn flush(&mut self) -> Option<DataWrite> {
+        let w = self.pending.take()?;
+        self.inflight += 1;
+        Some(w)
+    }
+
     /// Whether a control slot is free (two on iWARP when a credit SGE goes with it).
     fn ctrl_avail(&self, n: u32) -> bool {
         self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) >= n
@@ -440,6 +567,7 @@ impl Stream {
                 self.sqe_avail += 1;
                 if wr_id & WR_ID_MSG_SEND == 0 {
                     self.sbuf_bytes_avail += msg & 0x1FFF_FFFF;
+                    self.inflight = self.inflight.saturating_sub(1);
                 }
             }
         }
