@@ -472,6 +472,11 @@ impl Stream {
             .min(self.cfg.sbuf_size - end)
     }
 
+    /// Whether gathered sends wait to leave.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// Whether the pending write should leave now (nothing else in flight).
     pub fn should_flush(&self) -> bool {
         self.pending.is_some() && self.inflight == 0

@@ -4,6 +4,7 @@
 //! as in librdmacm, so rsocket numbers never collide with the process's real descriptors.
 
 pub mod config;
+pub mod flusher;
 pub mod keepalive;
 pub mod options;
 pub mod poll;

@@ -3,13 +3,14 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::proto::stream::{
-    self as core, CreditUpdate, LocalBuffers, Stream, StreamConfig, StreamError, WR_ID_MSG_SEND,
-    WR_ID_RECV,
+    self as core, CreditUpdate, DataWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
+    StreamError, WR_ID_MSG_SEND, WR_ID_RECV,
 };
 use crate::proto::wire::{self, ConnData, Ctrl, Msg, RemoteSge};
 use crate::socket::config::Config;
@@ -126,6 +127,7 @@ struct Inner {
     opts: Options,
     /// One thread sleeps on the descriptors; the others wait on the condvar.
     sleeping: bool,
+
     /// Pending SO_ERROR.
     so_error: i32,
     /// RDMA_ROUTE set by the application (`struct ibv_path_data[]`), used instead of resolving.
@@ -136,10 +138,15 @@ struct Inner {
 pub struct StreamSocket {
     inner: Mutex<Inner>,
     cv: Condvar,
+    /// Threads waiting on `cv`: notifying costs a syscall, so only when someone waits.
+    waiters: AtomicU32,
     /// Wakes the thread sleeping in `wait_conn` when another thread consumed its wake-up.
     waker: Waker,
     /// Address family given to rsocket (SO_DOMAIN).
     domain: i32,
+    /// Set when the socket is in the descriptor table: the flusher can then reach it, so
+    /// small sends may be gathered (see `flusher`).
+    me: std::sync::OnceLock<std::sync::Weak<StreamSocket>>,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -393,6 +400,7 @@ impl Conn {
                     .post_recvs(reposts, self.msg_area, &mut self.recv_slot)?;
             }
         }
+        self.flush_due()?;
         self.send_credits()?;
         Ok(any)
     }
@@ -420,36 +428,84 @@ impl Conn {
     }
 
     /// Sends as much of `buf` as the credits and windows allow; returns bytes posted.
-    fn send_some(&mut self, buf: &[u8], olen: &mut u32) -> Result<usize> {
+    fn send_some(&mut self, buf: &[u8], olen: &mut u32, coalesce: bool) -> Result<usize> {
         let mut sent = 0;
         while sent < buf.len() {
             let left = (buf.len() - sent).min(u32::MAX as usize) as u32;
-            let Some(w) = self.core.plan_write(left.min(*olen)) else {
-                break;
-            };
-            if *olen < core::MAX_TRANSFER {
-                *olen <<= 1;
-            }
-            if let Some(i) = w.exhausted_sge {
-                self.ep
-                    .write(self.tsgl, i * wire::SGE_LEN, &[0u8; wire::SGE_LEN]);
-            }
-            let data = &buf[sent..sent + w.len as usize];
-            let payload = if w.inline {
-                Payload::Inline(data)
+            let max = left.min(*olen);
+            let plan = if coalesce {
+                self.core.plan_send(max)
             } else {
-                let mut off = 0;
-                for &(o, l) in &w.ring[..w.ring_segs] {
-                    self.ep
-                        .write(self.sbuf, o as usize, &data[off..off + l as usize]);
-                    off += l as usize;
-                }
-                Payload::Region(self.sbuf, w.ring, w.ring_segs)
+                self.core
+                    .plan_write(max)
+                    .map(|write| SendPlan::Post { write, fresh: true })
             };
-            self.post_write_msg(w.msg, payload, (w.remote_addr, w.rkey))?;
-            sent += w.len as usize;
+            match plan {
+                None => break,
+                Some(SendPlan::Post { write, fresh: true }) => {
+                    if *olen < core::MAX_TRANSFER {
+                        *olen <<= 1;
+                    }
+                    self.post_data(write, Some(&buf[sent..sent + write.len as usize]))?;
+                    sent += write.len as usize;
+                }
+                Some(SendPlan::Post {
+                    write,
+                    fresh: false,
+                }) => self.post_data(write, None)?,
+                Some(SendPlan::Queued {
+                    ring,
+                    ring_segs,
+                    len,
+                }) => {
+                    self.copy_to_ring(&ring[..ring_segs], &buf[sent..sent + len as usize]);
+                    sent += len as usize;
+                }
+            }
         }
+        self.flush_due()?;
         Ok(sent)
+    }
+
+    fn copy_to_ring(&self, ring: &[(u32, u32)], mut data: &[u8]) {
+        for &(o, l) in ring {
+            self.ep.write(self.sbuf, o as usize, &data[..l as usize]);
+            data = &data[l as usize..];
+        }
+    }
+
+    /// Posts a planned data write: `src` holds its bytes (copied into the ring unless inline),
+    /// or, for a flushed pending write, the ring already does.
+    fn post_data(&self, w: DataWrite, src: Option<&[u8]>) -> Result<()> {
+        if let Some(i) = w.exhausted_sge {
+            self.ep
+                .write(self.tsgl, i * wire::SGE_LEN, &[0u8; wire::SGE_LEN]);
+        }
+        let payload = match src {
+            Some(data) if w.inline => Payload::Inline(data),
+            Some(data) => {
+                self.copy_to_ring(&w.ring[..w.ring_segs], data);
+                Payload::Region(self.sbuf, w.ring, w.ring_segs)
+            }
+            None => Payload::Region(self.sbuf, w.ring, w.ring_segs),
+        };
+        self.post_write_msg(w.msg, payload, (w.remote_addr, w.rkey))
+    }
+
+    /// Posts the gathered small sends once nothing else is in flight.
+    fn flush_due(&mut self) -> Result<()> {
+        if self.core.should_flush() {
+            self.flush_now()?;
+        }
+        Ok(())
+    }
+
+    /// Posts the gathered small sends now (before a shutdown, say).
+    fn flush_now(&mut self) -> Result<()> {
+        if let Some(w) = self.core.flush() {
+            self.post_data(w, None)?;
+        }
+        Ok(())
     }
 
     fn recv_some(&mut self, buf: &mut [u8], peek: bool) -> usize {
@@ -567,8 +623,10 @@ impl StreamSocket {
                 route: None,
             }),
             cv: Condvar::new(),
+            waiters: AtomicU32::new(0),
             waker: Waker::new()?,
             domain,
+            me: std::sync::OnceLock::new(),
             channel,
         })
     }
@@ -590,6 +648,31 @@ impl StreamSocket {
         } else {
             a
         }
+    }
+
+    /// Lets the socket hand itself to the flusher (called when it enters the descriptor table).
+    pub fn set_handle(&self, me: std::sync::Weak<StreamSocket>) {
+        let _ = self.me.set(me);
+    }
+
+    /// Flusher: posts gathered sends that are due. Returns the completion-channel fd to wait on
+    /// (CQ armed) while some are still waiting for writes in flight, or None when done.
+    pub(crate) fn flush_state(&self) -> Result<Option<RawFd>> {
+        let mut g = self.lock();
+        let State::Connected(conn) = &mut g.state else {
+            return Ok(None);
+        };
+        if conn.progress()? {
+            self.notify();
+        }
+        if !conn.core.has_pending() || !conn.core.flags().connected {
+            return Ok(None);
+        }
+        conn.ep.arm()?;
+        if conn.progress()? {
+            self.notify();
+        }
+        Ok(conn.core.has_pending().then(|| conn.ep.comp_fd()))
     }
 
     /// Address family (SO_DOMAIN).
@@ -659,7 +742,7 @@ impl StreamSocket {
             return Ok(());
         };
         if conn.progress()? {
-            self.cv.notify_all();
+            self.notify();
         }
         let quiet = now.saturating_duration_since(conn.last_activity);
         let since_probe = conn.last_probe.map(|t| now.saturating_duration_since(t));
@@ -679,6 +762,13 @@ impl StreamSocket {
     /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
     pub fn fd(&self) -> RawFd {
         self.channel.fd()
+    }
+
+    /// Wakes the threads waiting on the condvar, if any (call with the lock held).
+    fn notify(&self) {
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            self.cv.notify_all();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -1009,14 +1099,14 @@ impl StreamSocket {
             }
             State::Connected(conn) => {
                 if conn.progress()? {
-                    self.cv.notify_all();
+                    self.notify();
                 }
                 ps.revents = conn.revents();
                 if ps.revents == 0 && arm {
                     conn.ep.arm()?;
                     // A completion that raced with arming is visible now.
                     if conn.progress()? {
-                        self.cv.notify_all();
+                        self.notify();
                     }
                     ps.revents = conn.revents();
                 }
@@ -1041,7 +1131,7 @@ impl StreamSocket {
                 // We took the wake-up of a thread sleeping in wait_conn: pass it on.
                 self.waker.wake();
             }
-            self.cv.notify_all();
+            self.notify();
         } else if matches!(g.state, State::Idle { .. } | State::Failed) {
             // Stray CM events (after a failed connect) would keep the channel readable.
             while self.channel.get_event().is_ok() {}
@@ -1079,11 +1169,11 @@ impl StreamSocket {
                 return Err(Error::NotConnected);
             };
             if conn.progress()? {
-                self.cv.notify_all();
+                self.notify();
                 spin_start = None;
             }
             if let Some(r) = step(conn)? {
-                self.cv.notify_all();
+                self.notify();
                 return Ok(r);
             }
             if nonblock {
@@ -1094,7 +1184,10 @@ impl StreamSocket {
                 continue;
             }
             if g.sleeping {
+                // Counted under the lock, so a notifier (also under the lock) cannot miss us.
+                self.waiters.fetch_add(1, Ordering::Relaxed);
                 g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                self.waiters.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             let State::Connected(conn) = &mut g.state else {
@@ -1102,7 +1195,7 @@ impl StreamSocket {
             };
             conn.ep.arm()?;
             if conn.progress()? {
-                self.cv.notify_all();
+                self.notify();
                 continue;
             }
             let mut fds =
@@ -1131,7 +1224,7 @@ impl StreamSocket {
                 } else {
                     Ok(())
                 };
-                self.cv.notify_all();
+                self.notify();
                 d?;
             }
             spin_start = None;
@@ -1148,6 +1241,9 @@ impl StreamSocket {
         }
         let mut sent = 0;
         let mut olen = core::OLAP_START_SIZE;
+        let handle = self.me.get();
+        let coalesce = handle.is_some();
+        let mut pending = false;
         let r = self.wait_conn(nonblock, |c| {
             if !c.core.flags().writable {
                 return Err(if c.shut_wr {
@@ -1156,9 +1252,14 @@ impl StreamSocket {
                     Error::ConnectionReset
                 });
             }
-            sent += c.send_some(&buf[sent..], &mut olen)?;
+            sent += c.send_some(&buf[sent..], &mut olen, coalesce)?;
+            pending = c.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
         });
+        if pending && let Some(h) = handle {
+            // Gathered sends leave when the writes in flight complete, even if we go idle.
+            crate::socket::flusher::register(h.clone());
+        }
         match r {
             Ok(n) => Ok(n),
             Err(_) if sent > 0 => Ok(sent),
@@ -1226,6 +1327,8 @@ impl StreamSocket {
         };
         // Like librdmacm, shutdown waits for a control slot and for the sends to drain.
         self.wait_conn(false, |c| {
+            // Gathered data goes before the control message.
+            c.flush_now()?;
             if !c.core.can_send_ctrl() {
                 return Ok(None);
             }

@@ -1023,15 +1023,24 @@ impl Endpoint {
 
     /// Polls up to `out.len()` completions.
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> io::Result<()> {
-        // SAFETY: zeroed ibv_wc array is valid output storage.
-        let mut wcs: [sys::ibv_wc; 32] = unsafe { std::mem::zeroed() };
+        // Not zeroed: this runs on every call of the fast path, and the CQ writes what it returns.
+        let mut wcs: [std::mem::MaybeUninit<sys::ibv_wc>; 32] =
+            [const { std::mem::MaybeUninit::uninit() }; 32];
         let want = max.min(32) as i32;
         // SAFETY: valid CQ and output array of `want` entries.
-        let n = unsafe { sys::ibv_poll_cq(self.cq.0.as_ptr(), want, wcs.as_mut_ptr()) };
+        let n = unsafe {
+            sys::ibv_poll_cq(
+                self.cq.0.as_ptr(),
+                want,
+                wcs.as_mut_ptr() as *mut sys::ibv_wc,
+            )
+        };
         if n < 0 {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         for wc in &wcs[..n as usize] {
+            // SAFETY: ibv_poll_cq initialised the first n entries.
+            let wc = unsafe { wc.assume_init_ref() };
             let with_imm = wc.wc_flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
             out.push(Completion {
                 wr_id: wc.wr_id,
