@@ -3,6 +3,7 @@
 //! further call. One thread per process sleeps on the completion channels of the sockets that
 //! hold gathered data and posts it; it is idle (blocked on an eventfd) otherwise.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::socket::stream::StreamSocket;
@@ -65,11 +66,11 @@ fn run() {
         {
             // Keep what still waits, plus anything registered meanwhile.
             let mut list = f.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            // flush_state clears the flag (under the socket's lock) when nothing waits; a send
+            // that gathers again sets it before registering, so this cannot drop a live entry.
             list.retain(|w| {
-                let seen = socks
-                    .iter()
-                    .any(|s| std::ptr::eq(Arc::as_ptr(s), w.as_ptr()));
-                w.strong_count() > 0 && (!seen || waiting.iter().any(|x| x.ptr_eq(w)))
+                w.upgrade()
+                    .is_some_and(|s| s.in_flusher.load(Ordering::Acquire))
             });
         }
         drop(socks);

@@ -147,6 +147,8 @@ pub struct StreamSocket {
     /// Set when the socket is in the descriptor table: the flusher can then reach it, so
     /// small sends may be gathered (see `flusher`).
     me: std::sync::OnceLock<std::sync::Weak<StreamSocket>>,
+    /// The flusher holds this socket (registering again would cost a wake-up per send).
+    pub(crate) in_flusher: std::sync::atomic::AtomicBool,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -627,6 +629,7 @@ impl StreamSocket {
             waker: Waker::new()?,
             domain,
             me: std::sync::OnceLock::new(),
+            in_flusher: std::sync::atomic::AtomicBool::new(false),
             channel,
         })
     }
@@ -660,12 +663,14 @@ impl StreamSocket {
     pub(crate) fn flush_state(&self) -> Result<Option<RawFd>> {
         let mut g = self.lock();
         let State::Connected(conn) = &mut g.state else {
+            self.in_flusher.store(false, Ordering::Release);
             return Ok(None);
         };
         if conn.progress()? {
             self.notify();
         }
         if !conn.core.has_pending() || !conn.core.flags().connected {
+            self.in_flusher.store(false, Ordering::Release);
             return Ok(None);
         }
         conn.ep.arm()?;
@@ -1256,7 +1261,10 @@ impl StreamSocket {
             pending = c.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
         });
-        if pending && let Some(h) = handle {
+        if pending
+            && let Some(h) = handle
+            && !self.in_flusher.swap(true, Ordering::AcqRel)
+        {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
             crate::socket::flusher::register(h.clone());
         }
