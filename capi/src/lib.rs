@@ -448,6 +448,21 @@ pub unsafe extern "C" fn rselect(
     })
 }
 
+/// Copies an address of the socket (`which` picks it) out with socket semantics.
+unsafe fn address_out(
+    socket: c_int,
+    addr: *mut sockaddr,
+    addrlen: *mut socklen_t,
+    which: fn(&socket::StreamSocket) -> Result<SockAddr, Error>,
+) -> Result<c_int, Error> {
+    null_check(addr)?;
+    null_check(addrlen)?;
+    let a = which(&*socket::lookup(socket)?)?;
+    // SAFETY: C contract: addr has *addrlen writable bytes.
+    unsafe { a.copy_out(addr, addrlen) };
+    Ok(0)
+}
+
 /// The peer's address.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rgetpeername(
@@ -455,13 +470,9 @@ pub unsafe extern "C" fn rgetpeername(
     addr: *mut sockaddr,
     addrlen: *mut socklen_t,
 ) -> c_int {
-    ffi!(-1, {
-        null_check(addr)?;
-        null_check(addrlen)?;
-        let a = socket::lookup(socket)?.peer_addr()?;
-        // SAFETY: C contract: addr has *addrlen writable bytes.
-        unsafe { a.copy_out(addr, addrlen) };
-        Ok(0)
+    // SAFETY: same contract as getpeername(2).
+    ffi!(-1, unsafe {
+        address_out(socket, addr, addrlen, |s| s.peer_addr())
     })
 }
 
@@ -472,13 +483,9 @@ pub unsafe extern "C" fn rgetsockname(
     addr: *mut sockaddr,
     addrlen: *mut socklen_t,
 ) -> c_int {
-    ffi!(-1, {
-        null_check(addr)?;
-        null_check(addrlen)?;
-        let a = socket::lookup(socket)?.local_addr()?;
-        // SAFETY: C contract: addr has *addrlen writable bytes.
-        unsafe { a.copy_out(addr, addrlen) };
-        Ok(0)
+    // SAFETY: same contract as getsockname(2).
+    ffi!(-1, unsafe {
+        address_out(socket, addr, addrlen, |s| s.local_addr())
     })
 }
 

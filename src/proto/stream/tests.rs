@@ -144,33 +144,9 @@ impl Peer {
             let Some(w) = self.s.plan_write(want) else {
                 break;
             };
-            if let Some(i) = w.exhausted_sge {
-                self.tsgl[i * 16..i * 16 + 16].fill(0);
-            }
-            let src = &self.to_send[self.sent..self.sent + w.len as usize];
-            let data = if w.inline {
-                src.to_vec()
-            } else {
-                // Copy through the ring as the socket layer does, then gather from it.
-                let mut off = 0;
-                let mut out = Vec::new();
-                for &(o, l) in &w.ring[..w.ring_segs] {
-                    let (o, l) = (o as usize, l as usize);
-                    self.sbuf[o..o + l].copy_from_slice(&src[off..off + l]);
-                    out.extend_from_slice(&self.sbuf[o..o + l]);
-                    off += l;
-                }
-                assert_eq!(off, w.len as usize);
-                out
-            };
+            let src = self.to_send[self.sent..self.sent + w.len as usize].to_vec();
             self.sent += w.len as usize;
-            wire.push_back(Wr {
-                wr_id: w.msg as u64,
-                addr: w.remote_addr,
-                rkey: w.rkey,
-                data,
-                msg: Some(w.msg),
-            });
+            self.post_write(wire, w, Some(src));
         }
     }
 
