@@ -53,6 +53,7 @@ pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
 pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -S 4194304"
 pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b 10.10.0.1 -p @PORT@ -C 3" "$C -C 3"
 pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -C 3"
+pair "refused connect gives ECONNREFUSED (kernel TCP)" "true" "$BIN/rsping -K -E $C_ARGS -p @PORT@"
 pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
 pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -E"
 
