@@ -200,14 +200,15 @@ pub unsafe extern "C" fn rrecvfrom(
 fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error> {
     let s = socket::lookup(socket)?;
     let mut total = 0usize;
-    for (i, v) in iov.iter().enumerate() {
+    for v in iov {
         // SAFETY: C contract: each iovec describes writable memory.
         let b = unsafe { buf_mut(v.iov_base, v.iov_len) }?;
         if b.is_empty() {
             continue;
         }
-        // After the first bytes, only take what is already there (like readv on a socket).
-        let f = if total > 0 {
+        // After the first bytes, only take what is already there (like readv on a socket),
+        // unless MSG_WAITALL asks for every iovec to be filled.
+        let f = if total > 0 && flags & libc::MSG_WAITALL == 0 {
             flags | libc::MSG_DONTWAIT
         } else {
             flags
@@ -225,7 +226,6 @@ fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error
             Err(_) if total > 0 => break,
             Err(e) => return Err(e),
         }
-        let _ = i;
     }
     Ok(total as ssize_t)
 }
