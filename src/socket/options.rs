@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::socket::stream::StreamSocket;
+use crate::verbs::CmOption;
 
 /// Level of the RDMA-specific options.
 pub const SOL_RDMA: i32 = 0x10000;
@@ -21,12 +22,6 @@ pub const RDMA_INLINE: i32 = 2;
 pub const RDMA_IOMAPSIZE: i32 = 3;
 /// Path record (route) to use, as `struct ibv_path_data[]`.
 pub const RDMA_ROUTE: i32 = 4;
-
-/// rdma_cm option levels and names (rdma_cma.h).
-const CM_ID: i32 = 0;
-const CM_ID_TOS: i32 = 0;
-const CM_ID_REUSEADDR: i32 = 1;
-const CM_ID_AFONLY: i32 = 2;
 
 /// The name TCP_CONGESTION reports: there is no congestion control over RC, the HCA paces.
 const CONGESTION_NAME: &[u8] = b"rdma";
@@ -57,7 +52,7 @@ pub fn set(s: &Arc<StreamSocket>, level: i32, name: i32, v: &[u8]) -> Result<()>
     match (level, name) {
         (libc::SOL_SOCKET, libc::SO_REUSEADDR) => {
             let on = int(v)? != 0;
-            s.set_cm_option(CM_ID, CM_ID_REUSEADDR, &(on as i32).to_ne_bytes())?;
+            s.set_cm_option(CmOption::ReuseAddr, &(on as i32).to_ne_bytes())?;
             s.set_options(|o| o.reuseaddr = on);
         }
         (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => s.set_keepalive(int(v)? != 0),
@@ -89,7 +84,7 @@ pub fn set(s: &Arc<StreamSocket>, level: i32, name: i32, v: &[u8]) -> Result<()>
         }
         (libc::IPPROTO_IP, libc::IP_TOS) => {
             let tos = int(v)? as u8;
-            s.set_cm_option(CM_ID, CM_ID_TOS, &[tos])?;
+            s.set_cm_option(CmOption::Tos, &[tos])?;
             s.set_options(|o| o.tos = tos);
         }
         (libc::IPPROTO_TCP, libc::TCP_NODELAY) => {
@@ -113,7 +108,7 @@ pub fn set(s: &Arc<StreamSocket>, level: i32, name: i32, v: &[u8]) -> Result<()>
         (libc::IPPROTO_TCP, libc::TCP_CONGESTION) => {}
         (libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) => {
             let on = int(v)? != 0;
-            s.set_cm_option(CM_ID, CM_ID_AFONLY, &(on as i32).to_ne_bytes())?;
+            s.set_cm_option(CmOption::AfOnly, &(on as i32).to_ne_bytes())?;
             s.set_options(|o| o.v6only = on);
         }
         (SOL_RDMA, _) if connected => return Err(Error::InvalidArgument),

@@ -15,8 +15,8 @@ use crate::proto::stream::{
 use crate::proto::wire::{self, ConnData, Ctrl, Msg, RemoteSge};
 use crate::socket::config::Config;
 use crate::verbs::{
-    Access, CmEvent, CmEventKind, CmId, Completion, ConnParam, Endpoint, EventChannel, MrId,
-    Payload, SockAddr, Waker, poll_fds, raise_sigpipe,
+    Access, CmEvent, CmEventKind, CmId, CmOption, Completion, ConnParam, Endpoint, EventChannel,
+    MrId, Payload, SockAddr, Waker, poll_fds, raise_sigpipe,
 };
 
 /// Per-socket settings, fixed once the connection exists (as with librdmacm).
@@ -46,7 +46,8 @@ pub struct Options {
     pub keepintvl: u32,
     /// TCP_KEEPCNT (kept for getsockopt: over RC one unacknowledged probe is conclusive).
     pub keepcnt: u32,
-    /// SO_LINGER: `Some(seconds)` when on (close waits at most that long for sends to drain).
+    /// SO_LINGER: `Some(seconds)` when on. Kept for getsockopt: close always drains the sends
+    /// (bounded by the transport's retries), as librdmacm does.
     pub linger: Option<i32>,
     /// SO_OOBINLINE (there is no out-of-band data; kept for getsockopt).
     pub oobinline: bool,
@@ -60,12 +61,16 @@ pub struct Options {
     pub cloexec: bool,
 }
 
-/// Default TCP_KEEPIDLE: the kernel's tcp_keepalive_time, else 7200 s (as librdmacm).
+/// Default TCP_KEEPIDLE: the kernel's tcp_keepalive_time, else 7200 s (as librdmacm). Read
+/// once per process, not at every rsocket().
 fn default_keepidle() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(7200)
+    static IDLE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *IDLE.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(7200)
+    })
 }
 
 impl Options {
@@ -127,7 +132,6 @@ struct Inner {
     opts: Options,
     /// One thread sleeps on the descriptors; the others wait on the condvar.
     sleeping: bool,
-
     /// Pending SO_ERROR.
     so_error: i32,
     /// RDMA_ROUTE set by the application (`struct ibv_path_data[]`), used instead of resolving.
@@ -185,8 +189,11 @@ struct Conn {
     comps: Vec<Completion>,
     cfg: StreamConfig,
     local: LocalBuffers,
-    /// Last completion of any kind (keepalive idle timer).
-    last_activity: Instant,
+    /// Completion batches processed: the keepalive service turns changes into an idle timer,
+    /// so the data path never reads the clock for it.
+    activity: u64,
+    /// Keepalive service: the activity count it last saw, and when it saw it change.
+    seen_activity: (u64, Instant),
     /// Last keepalive probe.
     last_probe: Option<Instant>,
 }
@@ -274,7 +281,8 @@ impl Conn {
             comps: Vec::with_capacity(32),
             cfg,
             local,
-            last_activity: Instant::now(),
+            activity: 0,
+            seen_activity: (0, Instant::now()),
             last_probe: None,
         };
         Ok(conn)
@@ -291,9 +299,14 @@ impl Conn {
         }
     }
 
-    /// Starts the protocol once the peer's private data is known.
-    fn establish(&mut self, peer: &ConnData) -> Result<()> {
+    /// Sets up the protocol state once the peer's private data is known.
+    fn start(&mut self, peer: &ConnData) {
         self.core = Stream::new(self.cfg, self.local, peer);
+    }
+
+    /// Starts the protocol and sends what is owed at once (the first credit update).
+    fn establish(&mut self, peer: &ConnData) -> Result<()> {
+        self.start(peer);
         self.progress()?;
         Ok(())
     }
@@ -367,7 +380,7 @@ impl Conn {
                 break;
             }
             any = true;
-            self.last_activity = Instant::now();
+            self.activity = self.activity.wrapping_add(1);
             let mut reposts = 0;
             for i in 0..self.comps.len() {
                 let c = self.comps[i];
@@ -548,26 +561,6 @@ fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
     Ok(poll_fds(&mut pfds, ms)? > 0)
 }
 
-/// Waits for the next CM event on `channel` (non-blocking fd) within `timeout`.
-fn next_cm_event(channel: &EventChannel, nonblocking: bool, timeout: Duration) -> Result<CmEvent> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match channel.get_event() {
-            Ok(ev) => return Ok(ev),
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-            Err(e) => return Err(e.into()),
-        }
-        if nonblocking {
-            return Err(Error::WouldBlock);
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(Error::TimedOut);
-        }
-        wait_readable(&[channel.fd()], Some(deadline - now))?;
-    }
-}
-
 /// Maps a failed connection-setup event to the errno a TCP socket would give.
 fn cm_failure(ev: &CmEvent) -> Error {
     match ev.kind() {
@@ -591,8 +584,18 @@ fn cm_failure(ev: &CmEvent) -> Error {
 fn expect_event(channel: &EventChannel, want: CmEventKind, timeout: Duration) -> Result<CmEvent> {
     let deadline = Instant::now() + timeout;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ev = next_cm_event(channel, false, left)?;
+        let ev = match channel.get_event() {
+            Ok(ev) => ev,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::TimedOut);
+                }
+                wait_readable(&[channel.fd()], Some(deadline - now))?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let k = ev.kind();
         if k == want {
             return Ok(ev);
@@ -608,7 +611,6 @@ impl StreamSocket {
     /// A new unconnected stream rsocket.
     pub fn new(domain: i32, nonblocking: bool) -> Result<Self> {
         let channel = EventChannel::new()?;
-        crate::verbs::set_nonblocking(channel.fd(), true)?;
         let id = CmId::new(&channel)?;
         let mut opts = Options::from_config(Config::get());
         opts.nonblocking = nonblocking;
@@ -666,17 +668,13 @@ impl StreamSocket {
             self.in_flusher.store(false, Ordering::Release);
             return Ok(None);
         };
-        if conn.progress()? {
-            self.notify();
-        }
+        self.drive(conn)?;
         if !conn.core.has_pending() || !conn.core.flags().connected {
             self.in_flusher.store(false, Ordering::Release);
             return Ok(None);
         }
         conn.ep.arm()?;
-        if conn.progress()? {
-            self.notify();
-        }
+        self.drive(conn)?;
         Ok(conn.core.has_pending().then(|| conn.ep.comp_fd()))
     }
 
@@ -692,10 +690,9 @@ impl StreamSocket {
 
     /// Sets an rdma_cm option on the id while it is not connected (later changes are kept
     /// for getsockopt only, as upstream).
-    pub fn set_cm_option(&self, level: i32, name: i32, value: &[u8]) -> Result<()> {
+    pub fn set_cm_option(&self, opt: CmOption, value: &[u8]) -> Result<()> {
         match &self.lock().state {
-            State::Idle { id, .. } | State::Listening { id, .. } => match id
-                .set_option(level, name, value)
+            State::Idle { id, .. } | State::Listening { id, .. } => match id.set_option(opt, value)
             {
                 // Options the device or kernel lacks (e.g. REUSEADDR on some transports) are
                 // kept as settings, like librdmacm does.
@@ -746,10 +743,11 @@ impl StreamSocket {
         let State::Connected(conn) = &mut g.state else {
             return Ok(());
         };
-        if conn.progress()? {
-            self.notify();
+        self.drive(conn)?;
+        if conn.seen_activity.0 != conn.activity {
+            conn.seen_activity = (conn.activity, now);
         }
-        let quiet = now.saturating_duration_since(conn.last_activity);
+        let quiet = now.saturating_duration_since(conn.seen_activity.1);
         let since_probe = conn.last_probe.map(|t| now.saturating_duration_since(t));
         if quiet < Duration::from_secs(idle)
             || since_probe.is_some_and(|d| d < Duration::from_secs(intvl))
@@ -767,6 +765,15 @@ impl StreamSocket {
     /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
     pub fn fd(&self) -> RawFd {
         self.channel.fd()
+    }
+
+    /// Processes the connection's completions; wakes condvar waiters if anything changed.
+    fn drive(&self, conn: &mut Conn) -> Result<bool> {
+        let any = conn.progress()?;
+        if any {
+            self.notify();
+        }
+        Ok(any)
     }
 
     /// Wakes the threads waiting on the condvar, if any (call with the lock held).
@@ -814,7 +821,7 @@ impl StreamSocket {
                 {
                     // Dual stack is done with a separate IPv4 listener (see v4_companion), the
                     // same way on every transport: the IPv6 id takes IPv6 only.
-                    let _ = id.set_option(0, 2, &1i32.to_ne_bytes());
+                    let _ = id.set_option(CmOption::AfOnly, &1i32.to_ne_bytes());
                 }
                 id.bind(&addr.unmap_v4())
                     .map_err(|e| match e.raw_os_error() {
@@ -945,10 +952,9 @@ impl StreamSocket {
             }
         };
         let channel = EventChannel::new()?;
-        crate::verbs::set_nonblocking(channel.fd(), true)?;
         id.migrate(&channel)?;
         let mut conn = Conn::setup(id, &opts, opts.iomap_size)?;
-        conn.core = Stream::new(conn.cfg, conn.local, &peer);
+        conn.start(&peer);
         let param = ConnParam {
             responder_resources: req.responder_resources,
             initiator_depth: req.initiator_depth,
@@ -994,7 +1000,7 @@ impl StreamSocket {
             id.resolve_addr(None, dst, RESOLVE_TIMEOUT_MS)?;
             expect_event(&self.channel, CmEventKind::AddrResolved, CM_WAIT)?;
             match route {
-                Some(r) => id.set_option(1, 1, &r)?,
+                Some(r) => id.set_option(CmOption::IbPath, &r)?,
                 None => id.resolve_route(RESOLVE_TIMEOUT_MS)?,
             }
             expect_event(&self.channel, CmEventKind::RouteResolved, CM_WAIT)?;
@@ -1002,10 +1008,7 @@ impl StreamSocket {
             conn.id.connect(&conn.conn_data(), &conn.conn_param())?;
             Ok(conn)
         })();
-        match started {
-            Ok(conn) => g.state = State::Connecting(Box::new(conn)),
-            Err(e) => return Err(e),
-        }
+        g.state = State::Connecting(Box::new(started?));
         let deadline = Instant::now() + CM_WAIT;
         loop {
             self.advance_connect(&mut g);
@@ -1056,11 +1059,13 @@ impl StreamSocket {
                     conn.progress().map(|_| State::Connected(conn))
                 }
                 (st, _) => {
-                    let e = match (&st, cm_failure(&ev)) {
+                    let e = if matches!(st, State::Accepting(_)) {
                         // The peer gave up on a connection we were accepting.
-                        (State::Accepting(_), _) => Error::ConnectionReset,
-                        (_, e) => e,
+                        Error::ConnectionReset
+                    } else {
+                        cm_failure(&ev)
                     };
+                    // The event goes (acked) before the id it names.
                     drop(ev);
                     drop(st);
                     Err(e)
@@ -1103,16 +1108,12 @@ impl StreamSocket {
                 }
             }
             State::Connected(conn) => {
-                if conn.progress()? {
-                    self.notify();
-                }
+                self.drive(conn)?;
                 ps.revents = conn.revents();
                 if ps.revents == 0 && arm {
                     conn.ep.arm()?;
                     // A completion that raced with arming is visible now.
-                    if conn.progress()? {
-                        self.notify();
-                    }
+                    self.drive(conn)?;
                     ps.revents = conn.revents();
                 }
                 ps.wait_fds = [conn.ep.comp_fd(), ch];
@@ -1173,8 +1174,7 @@ impl StreamSocket {
             let State::Connected(conn) = &mut g.state else {
                 return Err(Error::NotConnected);
             };
-            if conn.progress()? {
-                self.notify();
+            if self.drive(conn)? {
                 spin_start = None;
             }
             if let Some(r) = step(conn)? {
@@ -1199,8 +1199,7 @@ impl StreamSocket {
                 return Err(Error::NotConnected);
             };
             conn.ep.arm()?;
-            if conn.progress()? {
-                self.notify();
+            if self.drive(conn)? {
                 continue;
             }
             let mut fds =
@@ -1296,10 +1295,10 @@ impl StreamSocket {
                 }
             }
             if !c.core.flags().readable && !c.core.has_data() {
-                match c.core.error() {
-                    Some(StreamError::KeepaliveTimeout) if got == 0 => return Err(Error::TimedOut),
-                    Some(_) if got == 0 => return Err(Error::ConnectionReset),
-                    _ => {}
+                if let Some(e) = c.core.error()
+                    && got == 0
+                {
+                    return Err(broken(e));
                 }
                 return Ok(Some(got));
             }
@@ -1412,14 +1411,20 @@ impl StreamSocket {
         self.advance_connect(&mut g);
         if g.so_error == 0
             && let State::Connected(c) = &g.state
+            && let Some(e) = c.core.error()
         {
-            match c.core.error() {
-                Some(StreamError::KeepaliveTimeout) => return libc::ETIMEDOUT,
-                Some(_) => return libc::ECONNRESET,
-                None => {}
-            }
+            return broken(e).errno();
         }
         std::mem::take(&mut g.so_error)
+    }
+}
+
+/// What a broken connection reports, as TCP would: a keepalive that went unanswered is
+/// ETIMEDOUT, anything else (reset, failed transfer, protocol violation) ECONNRESET.
+fn broken(e: &StreamError) -> Error {
+    match e {
+        StreamError::KeepaliveTimeout => Error::TimedOut,
+        _ => Error::ConnectionReset,
     }
 }
 

@@ -129,7 +129,8 @@ unsafe impl Send for EventChannel {}
 unsafe impl Sync for EventChannel {}
 
 impl EventChannel {
-    /// Opens a channel (fails with ENODEV when the kernel has no rdma_cm).
+    /// Opens a channel (fails with ENODEV when the kernel has no rdma_cm). Its fd is
+    /// non-blocking: waits are done with poll, so a read never sleeps.
     pub fn new() -> io::Result<Self> {
         // SAFETY: no arguments; returns NULL with errno on failure.
         let p = unsafe { sys::rdma_create_event_channel() };
@@ -137,6 +138,7 @@ impl EventChannel {
         // CLOEXEC like the kernel sockets an rsocket stands for.
         // SAFETY: fd belongs to the channel we own.
         unsafe { libc::fcntl(ch.fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        set_nonblocking(ch.fd(), true)?;
         Ok(ch)
     }
 
@@ -573,8 +575,9 @@ impl CmId {
         unsafe { sys::rdma_disconnect(self.id.as_ptr()) };
     }
 
-    /// rdma_set_option: level 0 (ID: TOS, REUSEADDR, AFONLY), 1 (IB: PATH).
-    pub fn set_option(&self, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    /// rdma_set_option.
+    pub fn set_option(&self, opt: CmOption, value: &[u8]) -> io::Result<()> {
+        let (level, name) = opt.level_name();
         // SAFETY: valid id; librdmacm reads value.len() bytes from the slice.
         cvt(unsafe {
             sys::rdma_set_option(
@@ -706,6 +709,32 @@ impl Drop for CmId {
         self.destroy_qp();
         // SAFETY: destroyed once; events for it were acked by their owners.
         unsafe { sys::rdma_destroy_id(self.id.as_ptr()) };
+    }
+}
+
+/// Options of an rdma_cm id (`rdma_set_option`, rdma_cma.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmOption {
+    /// `RDMA_OPTION_ID_TOS`: u8 type of service.
+    Tos,
+    /// `RDMA_OPTION_ID_REUSEADDR`: int, like SO_REUSEADDR.
+    ReuseAddr,
+    /// `RDMA_OPTION_ID_AFONLY`: int, like IPV6_V6ONLY.
+    AfOnly,
+    /// `RDMA_OPTION_IB_PATH`: `struct ibv_path_data[]`, the route to use.
+    IbPath,
+}
+
+impl CmOption {
+    fn level_name(self) -> (i32, i32) {
+        const ID: i32 = 0;
+        const IB: i32 = 1;
+        match self {
+            CmOption::Tos => (ID, 0),
+            CmOption::ReuseAddr => (ID, 1),
+            CmOption::AfOnly => (ID, 2),
+            CmOption::IbPath => (IB, 1),
+        }
     }
 }
 
