@@ -841,7 +841,25 @@ fn main() -> ExitCode {
         if !filter.is_empty() && !filter.iter().any(|p| name.contains(p.as_str())) {
             continue;
         }
+        // A hang is a failure too: name the test and stop instead of waiting for the VM's
+        // own timeout.
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = {
+            let done = done.clone();
+            thread::spawn(move || {
+                let start = std::time::Instant::now();
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    if start.elapsed() > Duration::from_secs(300) {
+                        println!("test {name} ... FAILED (still running after 300 s)");
+                        std::process::exit(1);
+                    }
+                    thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
         let r = catch_unwind(AssertUnwindSafe(f));
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        watch.join().expect("watchdog");
         if r.is_ok() {
             passed += 1;
             println!("test {name} ... ok");
