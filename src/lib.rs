@@ -9,6 +9,7 @@
 pub mod error;
 pub mod proto;
 pub mod socket;
+pub mod trace;
 pub mod verbs;
 
 pub use error::{Error, Result};

@@ -789,6 +789,18 @@ const TESTS: &[Test] = &[
     ("keepalive_detects_dead_link", keepalive_detects_dead_link),
 ];
 
+/// Prints every thread's stack (gdb, when installed) so that a hang says where it hangs.
+fn dump_threads() {
+    let pid = std::process::id().to_string();
+    let r = Command::new("gdb")
+        .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt"])
+        .stdin(std::process::Stdio::null())
+        .status();
+    if r.is_err() {
+        println!("(no gdb: no stacks)");
+    }
+}
+
 fn rdma_devices() -> Vec<String> {
     std::fs::read_dir("/sys/class/infiniband")
         .map(|d| {
@@ -837,6 +849,12 @@ fn main() -> ExitCode {
     }
     println!("vm tests on {}", devices.join(", "));
     let (mut passed, mut failed) = (0, 0);
+    let watchdog = Duration::from_secs(
+        std::env::var("RSOCKET_TEST_WATCHDOG")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    );
     for (name, f) in TESTS {
         if !filter.is_empty() && !filter.iter().any(|p| name.contains(p.as_str())) {
             continue;
@@ -849,8 +867,9 @@ fn main() -> ExitCode {
             thread::spawn(move || {
                 let start = std::time::Instant::now();
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
-                    if start.elapsed() > Duration::from_secs(300) {
-                        println!("test {name} ... FAILED (still running after 300 s)");
+                    if start.elapsed() > watchdog {
+                        println!("test {name} ... FAILED (still running after {watchdog:?})");
+                        dump_threads();
                         std::process::exit(1);
                     }
                     thread::sleep(Duration::from_millis(200));

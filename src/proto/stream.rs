@@ -204,6 +204,9 @@ pub struct Stream {
     rbuf_free_offset: u32,
     rseq_no: u16,
     rseq_comp: u16,
+    /// Nothing may be posted until the peer's first message arrives (see
+    /// [`Stream::hold_sends_until_peer_speaks`]).
+    held: bool,
 }
 
 impl Stream {
@@ -263,7 +266,23 @@ impl Stream {
             rbuf_free_offset: cfg.rbuf_size / 2,
             rseq_no: 0,
             rseq_comp: cfg.rq_size / 2,
+            held: false,
         }
+    }
+
+    /// For the accepting side of an iWARP connection: post nothing (data, credit updates,
+    /// control messages, keepalive probes) until the peer's first message has arrived. Without
+    /// MPA's peer-to-peer mode the initiator learns that the connection is up from the MPA reply
+    /// and fails the connection if our first frame arrives before it has read that reply (Soft-
+    /// iWARP checks). Both librdmacm's and our initiator send a credit update first thing, so the
+    /// hold is short; a peer that disconnects instead releases it (nothing is owed then).
+    pub fn hold_sends_until_peer_speaks(&mut self) {
+        self.held = true;
+    }
+
+    /// Whether sends wait for the peer's first message.
+    pub fn sends_held(&self) -> bool {
+        self.held && self.flags.connected
     }
 
     /// The negotiated configuration.
@@ -315,6 +334,7 @@ impl Stream {
     pub fn can_send(&self) -> bool {
         let need_sqe = if self.cfg.msg_send { 2 } else { 1 };
         self.flags.writable
+            && !self.held
             && self.sqe_avail >= need_sqe
             && self.sbuf_bytes_avail >= SNDLOWAT.min(self.cfg.sbuf_size)
             && self.sseq_no != self.sseq_comp
@@ -491,7 +511,7 @@ impl Stream {
 
     /// Whether a control slot is free (two on iWARP when a credit SGE goes with it).
     fn ctrl_avail(&self, n: u32) -> bool {
-        self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) >= n
+        !self.held && self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) >= n
     }
 
     /// Posts a control message (shutdown/disconnect) if a control slot is free.
@@ -586,6 +606,7 @@ impl Stream {
     /// Feeds a received message back. Returns what it was, for the socket layer (credit updates
     /// mean: re-read the target SGL with [`Stream::refresh_target_sgl`]).
     pub fn on_recv(&mut self, raw: u32) -> Result<Msg, StreamError> {
+        self.held = false;
         let msg = match Msg::decode(raw) {
             Ok(m) => m,
             Err(e) => {

@@ -14,6 +14,7 @@ use crate::proto::stream::{
 };
 use crate::proto::wire::{self, ConnData, Ctrl, Msg, RemoteSge};
 use crate::socket::config::Config;
+use crate::trace::trace;
 use crate::verbs::{
     Access, CmEvent, CmEventKind, CmId, CmOption, Completion, ConnParam, Endpoint, EventChannel,
     MrId, Payload, SockAddr, Waker, poll_fds, raise_sigpipe,
@@ -534,6 +535,12 @@ impl Conn {
 
     fn drain_cm_events(&mut self, channel: &EventChannel) -> Result<()> {
         while let Ok(ev) = channel.get_event() {
+            trace!(
+                "fd {}: event {:?} status {}",
+                channel.fd(),
+                ev.kind(),
+                ev.status()
+            );
             if matches!(
                 ev.kind(),
                 CmEventKind::Disconnected | CmEventKind::DeviceRemoval
@@ -892,6 +899,12 @@ impl StreamSocket {
     fn collect_requests(&self, g: &mut Inner) {
         if let State::Listening { pending, .. } = &mut g.state {
             while let Ok(ev) = self.channel.get_event() {
+                trace!(
+                    "fd {}: listener event {:?} status {}",
+                    self.channel.fd(),
+                    ev.kind(),
+                    ev.status()
+                );
                 if ev.kind() == CmEventKind::ConnectRequest {
                     pending.push_back(ev);
                 }
@@ -931,8 +944,12 @@ impl StreamSocket {
                 Ok(s) => return Ok(s),
                 // A bad request or a peer that vanished mid-handshake is not the caller's
                 // problem: take the next one (non-blocking callers get EAGAIN).
-                Err(_) if !opts.nonblocking => continue,
-                Err(_) => return Err(Error::WouldBlock),
+                Err(e) => {
+                    trace!("fd {}: accept failed: {e}", self.channel.fd());
+                    if opts.nonblocking {
+                        return Err(Error::WouldBlock);
+                    }
+                }
             }
         }
     }
@@ -955,6 +972,10 @@ impl StreamSocket {
         id.migrate(&channel)?;
         let mut conn = Conn::setup(id, &opts, opts.iomap_size)?;
         conn.start(&peer);
+        if conn.core.config().msg_send {
+            // iWARP without MPA peer-to-peer mode: the initiator speaks first.
+            conn.core.hold_sends_until_peer_speaks();
+        }
         let param = ConnParam {
             responder_resources: req.responder_resources,
             initiator_depth: req.initiator_depth,
@@ -1042,6 +1063,16 @@ impl StreamSocket {
                 }
             };
             let kind = ev.kind();
+            trace!(
+                "fd {}: {} event {kind:?} status {}",
+                self.channel.fd(),
+                if matches!(g.state, State::Accepting(_)) {
+                    "accept"
+                } else {
+                    "connect"
+                },
+                ev.status()
+            );
             if matches!(kind, CmEventKind::Other(_)) {
                 continue;
             }

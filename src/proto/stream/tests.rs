@@ -336,6 +336,57 @@ fn transfers_on_iwarp_mode_and_tiny_queues() {
     run(c, c, 200_000, 123_457, 99);
 }
 
+/// iWARP without MPA peer-to-peer mode: the accepting side posts nothing (no credit update, no
+/// data, no control message, no probe) until the initiator's first message arrived; then
+/// everything flows. A connection lost while held owes nothing (shutdown does not wait).
+#[test]
+fn iwarp_acceptor_waits_for_the_initiator_to_speak_first() {
+    let c = cfg(16, 16, 4, 8192, 4096, true);
+    let (mut a, mut b) = pair(c, c);
+    b.s.hold_sends_until_peer_speaks();
+    a.to_send = pattern(20_000, 5);
+    b.to_send = pattern(30_000, 6);
+    let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
+    b.pump(&mut ba, 1024);
+    assert!(ba.is_empty(), "the acceptor spoke first: {:?}", ba.front());
+    assert!(b.s.sends_held() && !b.s.can_send() && !b.s.can_send_ctrl());
+    assert_eq!(b.s.post_ctrl(Ctrl::Shutdown), None);
+    assert_eq!(b.s.post_keepalive(), None);
+    // The initiator's first message (its credit update) releases the hold.
+    a.pump(&mut ab, 1024);
+    let first = ab.pop_front().expect("initiator sends first");
+    assert!(matches!(
+        Msg::decode(first.msg.unwrap()),
+        Ok(Msg::Credits(_))
+    ));
+    b.deliver(&first).unwrap();
+    a.complete(&first);
+    assert!(!b.s.sends_held());
+    for _ in 0..10_000 {
+        a.pump(&mut ab, 1024);
+        b.pump(&mut ba, 1024);
+        while let Some(wr) = ab.pop_front() {
+            b.deliver(&wr).unwrap();
+            a.complete(&wr);
+        }
+        while let Some(wr) = ba.pop_front() {
+            a.deliver(&wr).unwrap();
+            b.complete(&wr);
+        }
+        a.read(1 << 20);
+        b.read(1 << 20);
+        if a.received.len() == 30_000 && b.received.len() == 20_000 {
+            break;
+        }
+    }
+    assert!(a.received == b.to_send && b.received == a.to_send);
+
+    let (_, mut b) = pair(c, c);
+    b.s.hold_sends_until_peer_speaks();
+    b.s.on_connection_lost();
+    assert!(!b.s.sends_held() && b.s.can_send_ctrl() && b.s.all_sends_done());
+}
+
 #[test]
 fn credit_starvation_stalls_without_overrun() {
     let c = cfg(64, 16, 64, 16384, 65536, false);
