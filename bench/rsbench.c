@@ -1,0 +1,616 @@
+/*
+ * rsbench: one stream-socket benchmark, built three ways from this one source:
+ *
+ *   rsbench          against rsocket-rs (installed <rsocket.h>, pkg-config rsocket-rs)
+ *   rsbench-rdmacm   -DIMPL_LIBRDMACM: against librdmacm's rsockets (<rdma/rsocket.h>, -lrdmacm)
+ *   rsbench-tcp      -DIMPL_TCP: the r* calls mapped to kernel sockets (TCP_NODELAY)
+ *
+ *   server: rsbench -s ADDR [-p PORT] [-m MODE] [-T SECS]
+ *   client: rsbench -c SERVER [-b LOCAL] [-p PORT] [-t TEST] [-S BYTES] [-N ITERS] [-z SIZES]
+ *                   [-B BYTES] [-w WARMUP] [-m MODE] [-T SECS]
+ *
+ * The client drives the server over one connection: per test it sends a header (test, size,
+ * iterations), the test runs, the server answers with its verified byte count and its CPU time.
+ *
+ * Tests (-t):
+ *   pingpong  S bytes client->server, S bytes back, N times; per-iteration latency (p50/p99/mean)
+ *   stream    N messages of S bytes client->server back to back; the server receives every byte
+ *             (one rrecv per message, like rstream) and answers with a 4-byte ack at the end
+ *   sweep     pingpong and stream for every size of -z (iterations scaled down by the -B budget)
+ *
+ * Data: byte o of each direction's stream is pat(o) (a pseudo-random table with a prime period);
+ * the receiver compares every byte and exits 2 on a mismatch.
+ *
+ * Modes (-m), both sides should use the same:
+ *   spin   (default) O_NONBLOCK, retry at once on EAGAIN (librdmacm rstream's default mode)
+ *   poll   O_NONBLOCK, rpoll() on EAGAIN
+ *   block  blocking calls
+ *
+ * CPU: getrusage(RUSAGE_SELF) user+sys over each timed section (all threads of the process), on
+ * both sides; the server sends its figure to the client, which reports both and their sum.
+ *
+ * Output (client): one JSON object per result on stdout, plus a human line starting with "#".
+ * Exit status: 0 ok, 1 error, 2 data mismatch, 3 timeout, 64 usage.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#if defined(IMPL_TCP)
+#define IMPL "tcp"
+#define rsocket socket
+#define rbind bind
+#define rlisten listen
+#define raccept accept
+#define rconnect connect
+#define rsend send
+#define rrecv recv
+#define rpoll poll
+#define rfcntl fcntl
+#define rsetsockopt setsockopt
+#define rgetsockopt getsockopt
+#define rshutdown shutdown
+#define rclose close
+#elif defined(IMPL_LIBRDMACM)
+#include <rdma/rsocket.h>
+#define IMPL "librdmacm"
+#else
+#include <rsocket.h>
+#define IMPL "rsocket-rs"
+#endif
+
+#define MAGIC 0x52534231u /* "RSB1" */
+#define PERIOD 65521u     /* prime: a lost or repeated chunk of any power-of-two size shows */
+
+enum { CMD_PINGPONG = 1, CMD_STREAM = 2, CMD_QUIT = 3 };
+enum { MODE_SPIN, MODE_POLL, MODE_BLOCK };
+static const char *mode_names[] = { "spin", "poll", "block" };
+
+struct hdr {
+	uint32_t magic, cmd;
+	uint64_t size, iters, warmup;
+};
+struct result {
+	uint32_t magic, status;
+	uint64_t verified; /* bytes the server compared with the pattern */
+	uint64_t cpu_ns;   /* server user+sys over the timed section */
+};
+
+static int mode = MODE_SPIN;
+static unsigned timeout_s = 60;
+static const char *phase = "start";
+static uint8_t *pat;       /* pattern table, PERIOD + max size bytes: pat[o % PERIOD + k] = pat(o + k) */
+static size_t max_size;
+static uint64_t tx_off, rx_off; /* stream offsets of pattern bytes, per direction */
+static uint64_t rx_verified;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	char msg[256];
+	int n = snprintf(msg, sizeof msg, "rsbench(%s): timed out after %u s during %s\n", IMPL, timeout_s, phase);
+	if (write(2, msg, (size_t)n) < 0) {
+	}
+	_exit(3);
+}
+
+static void die(const char *what)
+{
+	fprintf(stderr, "rsbench(%s): %s failed during %s: %s\n", IMPL, what, phase, strerror(errno));
+	exit(1);
+}
+
+static void arm(const char *what)
+{
+	phase = what;
+	alarm(timeout_s);
+}
+
+static void make_pattern(size_t maxsz)
+{
+	max_size = maxsz;
+	pat = malloc(PERIOD + maxsz);
+	if (!pat)
+		die("malloc");
+	uint32_t x = 2463534242u;
+	for (size_t i = 0; i < PERIOD; i++) {
+		x ^= x << 13;
+		x ^= x >> 17;
+		x ^= x << 5;
+		pat[i] = (uint8_t)(x >> 24);
+	}
+	for (size_t i = PERIOD; i < PERIOD + maxsz; i++)
+		pat[i] = pat[i - PERIOD];
+}
+
+/* Wait until fd is ready for `events` (poll mode) or just retry (spin mode). */
+static void wait_ready(int fd, short events)
+{
+	if (mode != MODE_POLL)
+		return;
+	struct pollfd p = { .fd = fd, .events = events };
+	int r = rpoll(&p, 1, -1); /* the alarm bounds it */
+	if (r < 0 && errno != EINTR)
+		die("rpoll");
+}
+
+static void send_bytes(int fd, const void *b, size_t n)
+{
+	const uint8_t *p = b;
+	while (n) {
+		ssize_t r = rsend(fd, p, n, MSG_NOSIGNAL);
+		if (r > 0) {
+			p += r;
+			n -= (size_t)r;
+		} else if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			wait_ready(fd, POLLOUT);
+		} else if (r < 0 && errno == EINTR) {
+			continue;
+		} else {
+			if (r == 0)
+				errno = EIO;
+			die("rsend");
+		}
+	}
+}
+
+/* Receives exactly n bytes; 0 at once on end of stream before any byte, if eof_ok. */
+static size_t recv_bytes(int fd, void *b, size_t n, int eof_ok)
+{
+	uint8_t *p = b;
+	size_t got = 0;
+	while (got < n) {
+		ssize_t r = rrecv(fd, p + got, n - got, 0);
+		if (r > 0) {
+			got += (size_t)r;
+		} else if (r == 0) {
+			if (eof_ok && got == 0)
+				return 0;
+			fprintf(stderr, "rsbench(%s): peer closed the connection during %s (%zu of %zu bytes)\n", IMPL,
+				phase, got, n);
+			exit(1);
+		} else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+			wait_ready(fd, POLLIN);
+		} else if (errno != EINTR) {
+			die("rrecv");
+		}
+	}
+	return got;
+}
+
+static void send_pattern(int fd, size_t n)
+{
+	send_bytes(fd, pat + tx_off % PERIOD, n);
+	tx_off += n;
+}
+
+/* Receives n pattern bytes into buf and checks every one of them. */
+static void recv_pattern(int fd, uint8_t *buf, size_t n)
+{
+	recv_bytes(fd, buf, n, 0);
+	const uint8_t *want = pat + rx_off % PERIOD;
+	if (memcmp(buf, want, n)) {
+		size_t i = 0;
+		while (buf[i] == want[i])
+			i++;
+		fprintf(stderr,
+			"rsbench(%s): DATA MISMATCH during %s at stream offset %llu: expected 0x%02x, got 0x%02x\n",
+			IMPL, phase, (unsigned long long)(rx_off + i), want[i], buf[i]);
+		exit(2);
+	}
+	rx_off += n;
+	rx_verified += n;
+}
+
+static uint64_t cpu_ns(void)
+{
+	struct rusage ru;
+	if (getrusage(RUSAGE_SELF, &ru))
+		die("getrusage");
+	return (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000000ull +
+	       (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) * 1000ull;
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+static void addr_of(struct sockaddr_in *a, const char *ip, int port)
+{
+	memset(a, 0, sizeof *a);
+	a->sin_family = AF_INET;
+	a->sin_port = htons((uint16_t)port);
+	if (inet_pton(AF_INET, ip, &a->sin_addr) != 1) {
+		fprintf(stderr, "rsbench: bad IPv4 address %s\n", ip);
+		exit(64);
+	}
+}
+
+static void set_opts(int fd)
+{
+	int one = 1;
+	if (rsetsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one))
+		die("rsetsockopt TCP_NODELAY");
+}
+
+static void set_mode(int fd)
+{
+	if (mode == MODE_BLOCK)
+		return;
+	int fl = rfcntl(fd, F_GETFL, 0);
+	if (fl < 0 || rfcntl(fd, F_SETFL, fl | O_NONBLOCK))
+		die("rfcntl O_NONBLOCK");
+}
+
+/* ---- server ---- */
+
+static int serve(const char *addr, int port)
+{
+	struct sockaddr_in a;
+	addr_of(&a, addr, port);
+	arm("listen");
+	int ls = rsocket(AF_INET, SOCK_STREAM, 0);
+	if (ls < 0)
+		die("rsocket");
+	int one = 1;
+	if (rsetsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one))
+		die("rsetsockopt SO_REUSEADDR");
+	if (rbind(ls, (struct sockaddr *)&a, sizeof a))
+		die("rbind");
+	if (rlisten(ls, 1))
+		die("rlisten");
+	printf("READY %s %s:%d mode %s\n", IMPL, addr, port, mode_names[mode]);
+	fflush(stdout);
+	arm("accept");
+	int fd = raccept(ls, NULL, NULL);
+	if (fd < 0)
+		die("raccept");
+	set_opts(fd);
+	set_mode(fd);
+	uint8_t *buf = NULL;
+	unsigned tests = 0;
+	for (;;) {
+		struct hdr h;
+		arm("wait for the next test");
+		if (recv_bytes(fd, &h, sizeof h, 1) == 0)
+			break; /* client gone without QUIT: fine if it had finished */
+		if (h.magic != MAGIC) {
+			fprintf(stderr, "rsbench(%s): server: bad header (magic 0x%08x)\n", IMPL, h.magic);
+			return 1;
+		}
+		if (h.cmd == CMD_QUIT)
+			break;
+		if (h.size == 0 || h.size > (64u << 20)) {
+			fprintf(stderr, "rsbench(%s): server: bad size %llu\n", IMPL, (unsigned long long)h.size);
+			return 1;
+		}
+		if (!buf || h.size > max_size) { /* grow the pattern and buffer to the biggest size yet */
+			free(pat);
+			free(buf);
+			uint64_t keep_tx = tx_off, keep_rx = rx_off;
+			make_pattern(h.size);
+			tx_off = keep_tx;
+			rx_off = keep_rx;
+			buf = malloc(h.size);
+			if (!buf)
+				die("malloc");
+		}
+		uint64_t v0 = rx_verified, c0, c1;
+		struct result res = { .magic = MAGIC };
+		if (h.cmd == CMD_PINGPONG) {
+			arm("pingpong warm-up");
+			for (uint64_t i = 0; i < h.warmup; i++) {
+				recv_pattern(fd, buf, h.size);
+				send_pattern(fd, h.size);
+			}
+			arm("pingpong");
+			c0 = cpu_ns();
+			for (uint64_t i = 0; i < h.iters; i++) {
+				recv_pattern(fd, buf, h.size);
+				send_pattern(fd, h.size);
+			}
+			c1 = cpu_ns();
+		} else if (h.cmd == CMD_STREAM) {
+			arm("stream");
+			uint32_t ack = MAGIC;
+			c0 = cpu_ns();
+			for (uint64_t i = 0; i < h.iters; i++)
+				recv_pattern(fd, buf, h.size);
+			send_bytes(fd, &ack, sizeof ack);
+			c1 = cpu_ns();
+		} else {
+			fprintf(stderr, "rsbench(%s): server: unknown test %u\n", IMPL, h.cmd);
+			return 1;
+		}
+		res.verified = rx_verified - v0;
+		res.cpu_ns = c1 - c0;
+		arm("send result");
+		send_bytes(fd, &res, sizeof res);
+		tests++;
+	}
+	alarm(0);
+	printf("rsbench(%s) server: %u tests, %llu bytes received and verified\n", IMPL, tests,
+	       (unsigned long long)rx_verified);
+	rclose(fd);
+	rclose(ls);
+	free(buf);
+	return 0;
+}
+
+/* ---- client ---- */
+
+static int connect_to(const char *server, const char *local, int port)
+{
+	struct sockaddr_in d;
+	addr_of(&d, server, port);
+	arm("connect");
+	/* Retry refused connects for a few seconds: the server may still be starting. */
+	for (int attempt = 0;; attempt++) {
+		int fd = rsocket(AF_INET, SOCK_STREAM, 0);
+		if (fd < 0)
+			die("rsocket");
+		if (local) {
+			struct sockaddr_in l;
+			addr_of(&l, local, 0);
+			if (rbind(fd, (struct sockaddr *)&l, sizeof l))
+				die("rbind");
+		}
+		if (rconnect(fd, (struct sockaddr *)&d, sizeof d) == 0) {
+			set_opts(fd);
+			set_mode(fd);
+			return fd;
+		}
+		if (errno != ECONNREFUSED || attempt >= 40)
+			die("rconnect");
+		rclose(fd);
+		usleep(250000);
+	}
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+static void get_result(int fd, struct result *r, uint64_t want_verified)
+{
+	arm("receive result");
+	recv_bytes(fd, r, sizeof *r, 0);
+	if (r->magic != MAGIC) {
+		fprintf(stderr, "rsbench(%s): bad result from server\n", IMPL);
+		exit(1);
+	}
+	if (r->verified != want_verified) {
+		fprintf(stderr, "rsbench(%s): server verified %llu bytes, expected %llu\n", IMPL,
+			(unsigned long long)r->verified, (unsigned long long)want_verified);
+		exit(2);
+	}
+}
+
+static void run_pingpong(int fd, size_t size, uint64_t iters, uint64_t warmup, uint8_t *buf, uint64_t *lat)
+{
+	struct hdr h = { MAGIC, CMD_PINGPONG, size, iters, warmup };
+	struct result r;
+	uint64_t v0 = rx_verified;
+	arm("pingpong header");
+	send_bytes(fd, &h, sizeof h);
+	arm("pingpong warm-up");
+	for (uint64_t i = 0; i < warmup; i++) {
+		send_pattern(fd, size);
+		recv_pattern(fd, buf, size);
+	}
+	arm("pingpong");
+	uint64_t c0 = cpu_ns(), t0 = now_ns(), t = t0;
+	for (uint64_t i = 0; i < iters; i++) {
+		send_pattern(fd, size);
+		recv_pattern(fd, buf, size);
+		uint64_t t1 = now_ns();
+		lat[i] = t1 - t;
+		t = t1;
+	}
+	uint64_t c1 = cpu_ns();
+	get_result(fd, &r, (warmup + iters) * size);
+	double total_us = (double)(t - t0) / 1e3, sum = 0;
+	for (uint64_t i = 0; i < iters; i++)
+		sum += (double)lat[i];
+	qsort(lat, iters, sizeof *lat, cmp_u64);
+	double p50 = (double)lat[(iters - 1) / 2] / 1e3, p99 = (double)lat[(iters * 99 + 99) / 100 - 1] / 1e3;
+	double mean = sum / (double)iters / 1e3;
+	double msgs = 2.0 * (double)iters;
+	double ccpu = (double)(c1 - c0) / 1e3 / msgs, scpu = (double)r.cpu_ns / 1e3 / msgs;
+	printf("{\"impl\":\"%s\",\"mode\":\"%s\",\"test\":\"pingpong\",\"size\":%zu,\"iters\":%llu,"
+	       "\"p50_us\":%.3f,\"p99_us\":%.3f,\"mean_us\":%.3f,\"total_us\":%.1f,"
+	       "\"cpu_client_us_per_msg\":%.3f,\"cpu_server_us_per_msg\":%.3f,\"cpu_us_per_msg\":%.3f,"
+	       "\"verified_client_bytes\":%llu,\"verified_server_bytes\":%llu,\"verified\":true}\n",
+	       IMPL, mode_names[mode], size, (unsigned long long)iters, p50, p99, mean, total_us, ccpu, scpu,
+	       ccpu + scpu, (unsigned long long)(rx_verified - v0), (unsigned long long)r.verified);
+	printf("# %-10s %-5s pingpong %8zu B x %-6llu p50 %9.2f us  p99 %9.2f us  mean %9.2f us  cpu %7.2f us/msg "
+	       "(client %.2f + server %.2f)\n",
+	       IMPL, mode_names[mode], size, (unsigned long long)iters, p50, p99, mean, ccpu + scpu, ccpu, scpu);
+	fflush(stdout);
+}
+
+static void run_stream(int fd, size_t size, uint64_t iters)
+{
+	struct hdr h = { MAGIC, CMD_STREAM, size, iters, 0 };
+	struct result r;
+	uint32_t ack;
+	arm("stream header");
+	send_bytes(fd, &h, sizeof h);
+	arm("stream");
+	uint64_t c0 = cpu_ns(), t0 = now_ns();
+	for (uint64_t i = 0; i < iters; i++)
+		send_pattern(fd, size);
+	recv_bytes(fd, &ack, sizeof ack, 0);
+	uint64_t t1 = now_ns(), c1 = cpu_ns();
+	if (ack != MAGIC) {
+		fprintf(stderr, "rsbench(%s): bad stream ack 0x%08x\n", IMPL, ack);
+		exit(1);
+	}
+	get_result(fd, &r, iters * size);
+	double secs = (double)(t1 - t0) / 1e9, n = (double)iters;
+	double mbps = (double)size * n / secs / 1e6, us_msg = secs * 1e6 / n, msgs_s = n / secs;
+	double ccpu = (double)(c1 - c0) / 1e3 / n, scpu = (double)r.cpu_ns / 1e3 / n;
+	printf("{\"impl\":\"%s\",\"mode\":\"%s\",\"test\":\"stream\",\"size\":%zu,\"iters\":%llu,"
+	       "\"seconds\":%.6f,\"MBps\":%.3f,\"Gbps\":%.4f,\"us_per_msg\":%.3f,\"msgs_per_s\":%.1f,"
+	       "\"cpu_client_us_per_msg\":%.3f,\"cpu_server_us_per_msg\":%.3f,\"cpu_us_per_msg\":%.3f,"
+	       "\"verified_server_bytes\":%llu,\"verified\":true}\n",
+	       IMPL, mode_names[mode], size, (unsigned long long)iters, secs, mbps, mbps * 8 / 1e3, us_msg, msgs_s,
+	       ccpu, scpu, ccpu + scpu, (unsigned long long)r.verified);
+	printf("# %-10s %-5s stream   %8zu B x %-6llu %9.2f MB/s  %9.2f us/msg  %10.0f msg/s  cpu %7.2f us/msg "
+	       "(client %.2f + server %.2f)\n",
+	       IMPL, mode_names[mode], size, (unsigned long long)iters, mbps, us_msg, msgs_s, ccpu + scpu, ccpu, scpu);
+	fflush(stdout);
+}
+
+static uint64_t scaled(uint64_t iters, uint64_t budget, size_t size, uint64_t floor)
+{
+	uint64_t n = budget / size;
+	if (n > iters)
+		n = iters;
+	return n < floor ? floor : n;
+}
+
+static void usage(void)
+{
+	fprintf(stderr,
+		"usage: rsbench -s ADDR [-p PORT] [-m spin|poll|block] [-T SECS]\n"
+		"       rsbench -c SERVER [-b LOCAL] [-p PORT] [-t pingpong|stream|sweep] [-S BYTES] [-N ITERS]\n"
+		"               [-z SIZE,SIZE,...] [-B BUDGET_BYTES] [-w WARMUP] [-m spin|poll|block] [-T SECS]\n");
+	exit(64);
+}
+
+static size_t parse_size(const char *s)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 0);
+	if (*end == 'k' || *end == 'K')
+		v <<= 10, end++;
+	else if (*end == 'm' || *end == 'M')
+		v <<= 20, end++;
+	if (errno || end == s || *end || v == 0 || v > (64u << 20)) {
+		fprintf(stderr, "rsbench: bad size '%s' (1 .. 64M)\n", s);
+		exit(64);
+	}
+	return (size_t)v;
+}
+
+int main(int argc, char **argv)
+{
+	const char *server_addr = NULL, *peer = NULL, *local = NULL, *test = "pingpong", *sizes = NULL;
+	int port = 7471, opt;
+	size_t size = 64;
+	uint64_t iters = 1000, budget = 64ull << 20, warmup = (uint64_t)-1;
+
+	while ((opt = getopt(argc, argv, "s:c:b:p:t:S:N:z:B:w:m:T:h")) != -1) {
+		switch (opt) {
+		case 's': server_addr = optarg; break;
+		case 'c': peer = optarg; break;
+		case 'b': local = optarg; break;
+		case 'p': port = atoi(optarg); break;
+		case 't': test = optarg; break;
+		case 'S': size = parse_size(optarg); break;
+		case 'N': iters = strtoull(optarg, NULL, 0); break;
+		case 'z': sizes = optarg; break;
+		case 'B': budget = parse_size(optarg); break;
+		case 'w': warmup = strtoull(optarg, NULL, 0); break;
+		case 'T': timeout_s = (unsigned)atoi(optarg); break;
+		case 'm':
+			if (!strcmp(optarg, "spin"))
+				mode = MODE_SPIN;
+			else if (!strcmp(optarg, "poll"))
+				mode = MODE_POLL;
+			else if (!strcmp(optarg, "block"))
+				mode = MODE_BLOCK;
+			else
+				usage();
+			break;
+		default: usage();
+		}
+	}
+	if (optind != argc || !!server_addr == !!peer || iters == 0 || timeout_s == 0 || port <= 0 || port > 65535)
+		usage();
+
+	struct sigaction sa = { .sa_handler = on_alarm };
+	sigaction(SIGALRM, &sa, NULL);
+	signal(SIGPIPE, SIG_IGN); /* a dead peer shows as EPIPE from rsend, reported by die() */
+
+	if (server_addr) {
+		make_pattern(64);
+		return serve(server_addr, port);
+	}
+
+	/* The list of (test, size) pairs to run. */
+	size_t list[32];
+	int nsizes = 0, do_pp = 0, do_st = 0;
+	if (!strcmp(test, "pingpong"))
+		do_pp = 1;
+	else if (!strcmp(test, "stream"))
+		do_st = 1;
+	else if (!strcmp(test, "sweep"))
+		do_pp = do_st = 1;
+	else
+		usage();
+	if (!strcmp(test, "sweep")) {
+		char *copy = strdup(sizes ? sizes : "16,64,256,1k,4k,16k,64k,256k,1m");
+		for (char *tok = strtok(copy, ","); tok; tok = strtok(NULL, ",")) {
+			if (nsizes == 32)
+				usage();
+			list[nsizes++] = parse_size(tok);
+		}
+		free(copy);
+	} else {
+		list[nsizes++] = size;
+	}
+	size_t biggest = 0;
+	for (int i = 0; i < nsizes; i++)
+		if (list[i] > biggest)
+			biggest = list[i];
+	make_pattern(biggest);
+	uint8_t *buf = malloc(biggest);
+	uint64_t *lat = malloc(iters * sizeof *lat);
+	if (!buf || !lat)
+		die("malloc");
+
+	int fd = connect_to(peer, local, port);
+	for (int i = 0; i < nsizes; i++) {
+		size_t s = list[i];
+		int sweep = nsizes > 1 || !strcmp(test, "sweep");
+		if (do_pp) {
+			uint64_t n = sweep ? scaled(iters, budget / 4, s, 20) : iters;
+			uint64_t w = warmup != (uint64_t)-1 ? warmup : (n / 10 < 100 ? n / 10 : 100);
+			if (w == 0)
+				w = 1;
+			run_pingpong(fd, s, n, w, buf, lat);
+		}
+		if (do_st)
+			run_stream(fd, s, sweep ? scaled(iters, budget, s, 20) : iters);
+	}
+	struct hdr q = { MAGIC, CMD_QUIT, 0, 0, 0 };
+	arm("quit");
+	send_bytes(fd, &q, sizeof q);
+	alarm(0);
+	rclose(fd);
+	free(buf);
+	free(lat);
+	free(pat);
+	return 0;
+}
