@@ -31,6 +31,7 @@
  *
  * Output (client): one JSON object per result on stdout, plus a human line starting with "#".
  * Exit status: 0 ok, 1 error, 2 data mismatch, 3 timeout, 64 usage.
+ * -X OFFSET (either side): flips one byte of what this side sends, to show the check catches it.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -191,9 +192,22 @@ static size_t recv_bytes(int fd, void *b, size_t n, int eof_ok)
 	return got;
 }
 
+static uint64_t corrupt_at = UINT64_MAX; /* -X: fault injection, flip this byte of the sent stream */
+
 static void send_pattern(int fd, size_t n)
 {
-	send_bytes(fd, pat + tx_off % PERIOD, n);
+	const uint8_t *src = pat + tx_off % PERIOD;
+	if (corrupt_at >= tx_off && corrupt_at - tx_off < n) {
+		uint8_t *bad = malloc(n);
+		if (!bad)
+			die("malloc");
+		memcpy(bad, src, n);
+		bad[corrupt_at - tx_off] ^= 0x5a;
+		send_bytes(fd, bad, n);
+		free(bad);
+	} else {
+		send_bytes(fd, src, n);
+	}
 	tx_off += n;
 }
 
@@ -493,7 +507,8 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: rsbench -s ADDR [-p PORT] [-m spin|poll|block] [-T SECS]\n"
 		"       rsbench -c SERVER [-b LOCAL] [-p PORT] [-t pingpong|stream|sweep] [-S BYTES] [-N ITERS]\n"
-		"               [-z SIZE,SIZE,...] [-B BUDGET_BYTES] [-w WARMUP] [-m spin|poll|block] [-T SECS]\n");
+		"               [-z SIZE,SIZE,...] [-B BUDGET_BYTES] [-w WARMUP] [-m spin|poll|block] [-T SECS]\n"
+		"       -X OFFSET (either side): fault injection, flip byte OFFSET of what this side sends\n");
 	exit(64);
 }
 
@@ -520,7 +535,7 @@ int main(int argc, char **argv)
 	size_t size = 64;
 	uint64_t iters = 1000, budget = 64ull << 20, warmup = (uint64_t)-1;
 
-	while ((opt = getopt(argc, argv, "s:c:b:p:t:S:N:z:B:w:m:T:h")) != -1) {
+	while ((opt = getopt(argc, argv, "s:c:b:p:t:S:N:z:B:w:m:T:X:h")) != -1) {
 		switch (opt) {
 		case 's': server_addr = optarg; break;
 		case 'c': peer = optarg; break;
@@ -533,6 +548,7 @@ int main(int argc, char **argv)
 		case 'B': budget = parse_size(optarg); break;
 		case 'w': warmup = strtoull(optarg, NULL, 0); break;
 		case 'T': timeout_s = (unsigned)atoi(optarg); break;
+		case 'X': corrupt_at = strtoull(optarg, NULL, 0); break;
 		case 'm':
 			if (!strcmp(optarg, "spin"))
 				mode = MODE_SPIN;
