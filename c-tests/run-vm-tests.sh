@@ -34,7 +34,7 @@ pair() {
 
 # bound_to_us LOGFILE: LD_DEBUG proves the r* calls bound to rsocket-rs, not librdmacm.
 bound_to_us() {
-  local from="binding file [^ ]*rstream [^:]* to [^ ]*"
+  local from="binding file [^ ]*${2:-rstream} [^:]* to [^ ]*"
   grep -hE "${from}librsocket-rs[^:]*: normal symbol \`(rsend|rrecv)'" "$1"* >/dev/null 2>&1 &&
     ! grep -hE "${from}librdmacm[^:]*: normal symbol \`(rsend|rrecv)'" "$1"* >/dev/null 2>&1
 }
@@ -96,6 +96,29 @@ for opts in "-S 1000000 -C 20 -T v" "-S 64 -C 2000 -T v" "-S 65536 -C 100 -T b -
   pair "rstream librdmacm client -> rsocket-rs rstream server ($opts)" \
     "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-s LD_PRELOAD=$LIB $RS $opts" "$RC $opts"
   if ! bound_to_us "$log/bind-s"; then fail=$((fail + 1)); echo "FAIL   (server did not run on rsocket-rs)"; fi
+  rm -f "$log"/bind-s*
+done
+
+# riomap/riowrite/rioread (iomap.c), ours on both ends and against librdmacm both ways.
+IS="$BIN/iomap -s -b 10.10.0.1 -p @PORT@"
+IC="$BIN/iomap -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -n 300"
+pair "riowrite/rioread rsocket-rs <-> rsocket-rs, random ranges verified, refusals" "$IS" "$IC"
+pair "riowrite rsocket-rs client -> librdmacm server (rioread refused: EOPNOTSUPP)" \
+  "$BIN/iomap-rdmacm -s -b 10.10.0.1 -p @PORT@" "$IC"
+pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
+  "$BIN/iomap-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -n 300"
+
+# librdmacm's riostream, our side under LD_PRELOAD, both ways.
+IOS="riostream -b 10.10.0.1 -p @PORT@"
+IOC="riostream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+for opts in "-S 65536 -C 50 -T v" "-S 1000 -C 200 -T b -T v"; do
+  pair "riostream rsocket-rs client -> librdmacm riostream server ($opts)" "$IOS $opts" \
+    "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-c LD_PRELOAD=$LIB $IOC $opts"
+  if ! bound_to_us "$log/bind-c" riostream; then fail=$((fail + 1)); echo "FAIL   (client did not run on rsocket-rs)"; fi
+  rm -f "$log"/bind-c*
+  pair "riostream librdmacm client -> rsocket-rs riostream server ($opts)" \
+    "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-s LD_PRELOAD=$LIB $IOS $opts" "$IOC $opts"
+  if ! bound_to_us "$log/bind-s" riostream; then fail=$((fail + 1)); echo "FAIL   (server did not run on rsocket-rs)"; fi
   rm -f "$log"/bind-s*
 done
 rm -rf "$log"

@@ -184,29 +184,41 @@ int rsetsockopt(int socket, int level, int optname, const void *optval, socklen_
 int rgetsockopt(int socket, int level, int optname, void *optval, socklen_t *optlen);
 
 /*
- Maps a buffer for remote RDMA writes by the peer. Not yet provided: -1/ENOSYS.
+ Maps `len` bytes at `buf` into the socket's riomap offset space at `offset` (-1: the
+ buffer's address) and returns that offset, or -1 with errno.
+
+ `prot`: PROT_WRITE offers the buffer to the peer's riowrite (as librdmacm does); PROT_READ,
+ our extension, offers it to the peer's rioread (rsocket-rs peers only); PROT_NONE registers
+ it locally only (zero-copy source or destination). The peer offers RDMA_IOMAPSIZE entries:
+ set that option before connecting. The buffer must stay valid until riounmap or rclose, and
+ the peer may write (PROT_WRITE) or read (PROT_READ) it at any time meanwhile.
+ Errors: EBADF, EINVAL (bad prot or length, not connected, overlapping window), ENOMEM (no
+ free entry), EOPNOTSUPP (PROT_READ alone towards a librdmacm peer).
  */
 off_t riomap(int socket, void *buf, size_t len, int prot, int flags, off_t offset);
 
 /*
- Unmaps a buffer mapped with riomap. Not yet provided: -1/ENOSYS.
+ Unmaps the buffer mapped with riomap at exactly (`buf`, `len`); a window offered to the
+ peer is withdrawn. 0, or -1 with errno (EBADF, EINVAL: no such mapping).
  */
 int riounmap(int socket, void *buf, size_t len);
 
 /*
- RDMA-writes into a region the peer mapped with riomap. Not yet provided: (size_t)-1/ENOSYS.
+ RDMA-writes `count` bytes from `buf` into the window the peer mapped at `offset`. Returns
+ the bytes written, or (size_t)-1 with errno: EINVAL (the range is not inside one window the
+ peer mapped), EACCES (mapped without PROT_WRITE), EAGAIN, EPIPE, ECONNRESET. Nothing is
+ written when the range is refused.
  */
 size_t riowrite(int socket, const void *buf, size_t count, off_t offset, int flags);
 
 /*
- Extension (not in librdmacm): RDMA-reads from a region the peer mapped for reading. Not yet provided:
- (size_t)-1/ENOSYS.
+ Extension (not in librdmacm): RDMA-reads `count` bytes from the window the peer mapped with
+ PROT_READ at `offset` into `buf`, returning once they are there. Returns the bytes read, or
+ (size_t)-1 with errno: EINVAL (the range is not inside one window the peer mapped), EACCES
+ (mapped without PROT_READ), EOPNOTSUPP (the peer is librdmacm, which cannot grant reads),
+ ECONNRESET. Nothing is read when the range is refused.
  */
-size_t rioread(int socket,
-               void *buf,
-               size_t count,
-               off_t offset,
-               int flags);
+size_t rioread(int socket, void *buf, size_t count, off_t offset, int flags);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -34,6 +34,10 @@ pub enum Error {
     NotImplemented,
     /// Operation not supported on this kind of socket (EOPNOTSUPP).
     OpNotSupported,
+    /// The access is not granted (EACCES): an iomap window without the needed protection.
+    PermissionDenied,
+    /// Out of a bounded resource (ENOMEM): no free iomap slot.
+    NoMemory,
     /// The peer violated the protocol (EPROTO).
     Protocol(String),
     /// An OS or verbs error with its errno.
@@ -58,6 +62,8 @@ impl Error {
             Error::Unsupported(e) => *e,
             Error::NotImplemented => libc::ENOSYS,
             Error::OpNotSupported => libc::EOPNOTSUPP,
+            Error::PermissionDenied => libc::EACCES,
+            Error::NoMemory => libc::ENOMEM,
             Error::Protocol(_) => libc::EPROTO,
             Error::Os(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }

@@ -15,7 +15,7 @@ use libc::{
 };
 use rsocket::Error;
 use rsocket::socket::{self, options};
-use rsocket::verbs::SockAddr;
+use rsocket::verbs::{SockAddr, UserMemory};
 
 mod errno;
 
@@ -541,9 +541,18 @@ pub extern "C" fn rfcntl(socket: c_int, cmd: c_int, arg: c_long) -> c_int {
     })
 }
 
-/// Maps a buffer for remote RDMA writes by the peer. Not yet provided: -1/ENOSYS.
+/// Maps `len` bytes at `buf` into the socket's riomap offset space at `offset` (-1: the
+/// buffer's address) and returns that offset, or -1 with errno.
+///
+/// `prot`: PROT_WRITE offers the buffer to the peer's riowrite (as librdmacm does); PROT_READ,
+/// our extension, offers it to the peer's rioread (rsocket-rs peers only); PROT_NONE registers
+/// it locally only (zero-copy source or destination). The peer offers RDMA_IOMAPSIZE entries:
+/// set that option before connecting. The buffer must stay valid until riounmap or rclose, and
+/// the peer may write (PROT_WRITE) or read (PROT_READ) it at any time meanwhile.
+/// Errors: EBADF, EINVAL (bad prot or length, not connected, overlapping window), ENOMEM (no
+/// free entry), EOPNOTSUPP (PROT_READ alone towards a librdmacm peer).
 #[unsafe(no_mangle)]
-pub extern "C" fn riomap(
+pub unsafe extern "C" fn riomap(
     socket: c_int,
     buf: *mut c_void,
     len: size_t,
@@ -551,40 +560,74 @@ pub extern "C" fn riomap(
     flags: c_int,
     offset: off_t,
 ) -> off_t {
-    let _ = (socket, buf, len, prot, flags, offset);
-    ffi!(-1, Err::<off_t, _>(Error::NotImplemented))
+    let _ = flags;
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        null_check(buf)?;
+        // SAFETY: riomap's contract: the application keeps the buffer valid until riounmap or
+        // rclose and lets the device access it meanwhile.
+        let mem = unsafe { UserMemory::new(buf as *mut u8, len) };
+        s.iomap(mem, prot, offset as i64).map(|o| o as off_t)
+    })
 }
 
-/// Unmaps a buffer mapped with riomap. Not yet provided: -1/ENOSYS.
+/// Unmaps the buffer mapped with riomap at exactly (`buf`, `len`); a window offered to the
+/// peer is withdrawn. 0, or -1 with errno (EBADF, EINVAL: no such mapping).
 #[unsafe(no_mangle)]
 pub extern "C" fn riounmap(socket: c_int, buf: *mut c_void, len: size_t) -> c_int {
-    let _ = (socket, buf, len);
-    ffi!(-1, Err::<c_int, _>(Error::NotImplemented))
+    ffi!(-1, {
+        let s = socket::lookup(socket)?;
+        s.iounmap(buf as u64, len).map(|()| 0)
+    })
 }
 
-/// RDMA-writes into a region the peer mapped with riomap. Not yet provided: (size_t)-1/ENOSYS.
+/// RDMA-writes `count` bytes from `buf` into the window the peer mapped at `offset`. Returns
+/// the bytes written, or (size_t)-1 with errno: EINVAL (the range is not inside one window the
+/// peer mapped), EACCES (mapped without PROT_WRITE), EAGAIN, EPIPE, ECONNRESET. Nothing is
+/// written when the range is refused.
 #[unsafe(no_mangle)]
-pub extern "C" fn riowrite(
+pub unsafe extern "C" fn riowrite(
     socket: c_int,
     buf: *const c_void,
     count: size_t,
     offset: off_t,
     flags: c_int,
 ) -> size_t {
-    let _ = (socket, buf, count, offset, flags);
-    ffi!(usize::MAX, Err::<size_t, _>(Error::NotImplemented))
+    ffi!(usize::MAX, {
+        let s = socket::lookup(socket)?;
+        if offset < 0 {
+            return Err(Error::InvalidArgument);
+        }
+        // SAFETY: C contract.
+        let b = unsafe { self::buf(buf, count) }?;
+        s.iowrite(b, offset as u64, flags)
+    })
 }
 
-/// Extension (not in librdmacm): RDMA-reads from a region the peer mapped for reading. Not yet provided:
-/// (size_t)-1/ENOSYS.
+/// Extension (not in librdmacm): RDMA-reads `count` bytes from the window the peer mapped with
+/// PROT_READ at `offset` into `buf`, returning once they are there. Returns the bytes read, or
+/// (size_t)-1 with errno: EINVAL (the range is not inside one window the peer mapped), EACCES
+/// (mapped without PROT_READ), EOPNOTSUPP (the peer is librdmacm, which cannot grant reads),
+/// ECONNRESET. Nothing is read when the range is refused.
 #[unsafe(no_mangle)]
-pub extern "C" fn rioread(
+pub unsafe extern "C" fn rioread(
     socket: c_int,
     buf: *mut c_void,
     count: size_t,
     offset: off_t,
     flags: c_int,
 ) -> size_t {
-    let _ = (socket, buf, count, offset, flags);
-    ffi!(usize::MAX, Err::<size_t, _>(Error::NotImplemented))
+    ffi!(usize::MAX, {
+        let s = socket::lookup(socket)?;
+        if offset < 0 {
+            return Err(Error::InvalidArgument);
+        }
+        if count > 0 {
+            null_check(buf)?;
+        }
+        // SAFETY: the caller's buffer of `count` bytes, written only by the device and only
+        // until this call returns (the registration ends first).
+        let mem = unsafe { UserMemory::new(buf as *mut u8, count) };
+        s.ioread(mem, offset as u64, flags)
+    })
 }

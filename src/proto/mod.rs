@@ -2,5 +2,6 @@
 //!
 //! Everything here is deterministic and unit-tested with simulated peers on the host.
 
+pub mod iomap;
 pub mod stream;
 pub mod wire;

@@ -31,6 +31,13 @@ pub const QP_MAX_SIZE: u16 = 0xFFFE;
 pub const WR_ID_RECV: u64 = 1 << 63;
 /// wr_id flag of the 4-byte message SEND that follows a write on iWARP.
 pub const WR_ID_MSG_SEND: u64 = 1 << 62;
+/// wr_id flag of a write or read that uses the application's registered memory, not the send
+/// ring (its completion gives no ring bytes back).
+pub const WR_ID_NO_RING: u64 = 1 << 61;
+/// Local opcode (wr_id only, never on the wire) of a riowrite.
+pub const LOCAL_OP_WRITE: u32 = wire::Op::Write as u32;
+/// Local opcode (wr_id only, never on the wire; reserved there) of a rioread.
+pub const LOCAL_OP_READ: u32 = 1;
 
 /// Sizes negotiated for one connection (after the device clamped them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +148,43 @@ pub struct SgeWrite {
     pub ctrl_slot_offset: u32,
 }
 
+/// An iomap announcement to post ([`Stream::plan_iomap_announce`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IomapWrite {
+    /// The message (host order): IOMAP_SGL; also the wr_id.
+    pub msg: u32,
+    /// Peer address of the entry.
+    pub remote_addr: u64,
+    /// Peer rkey of its target iomap.
+    pub rkey: u32,
+    /// Write the entry in big-endian order (the peer is a big-endian host).
+    pub big_endian: bool,
+}
+
+/// Which direct operation ([`Stream::plan_direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectKind {
+    /// RDMA WRITE into a peer window (riowrite).
+    Write,
+    /// RDMA READ from a peer window (rioread).
+    Read,
+}
+
+/// One planned direct operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    /// Bytes.
+    pub len: u32,
+    /// Work-request id to post with.
+    pub wr_id: u64,
+    /// A write sent inline from the caller's buffer.
+    pub inline: bool,
+    /// Ring segments to copy a write's bytes into (unless inline or zero-copy).
+    pub ring: [(u32, u32); 2],
+    /// Valid entries of `ring`.
+    pub ring_segs: usize,
+}
+
 /// Errors of the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamError {
@@ -204,6 +248,10 @@ pub struct Stream {
     rbuf_free_offset: u32,
     rseq_no: u16,
     rseq_comp: u16,
+    /// The peer is rsocket-rs.
+    peer_ext: bool,
+    /// The peer's target iomap: address, rkey, entry count.
+    remote_iomap: RemoteSge,
     /// Nothing may be posted until the peer's first message arrives (see
     /// [`Stream::hold_sends_until_peer_speaks`]).
     held: bool,
@@ -214,6 +262,7 @@ impl Stream {
     pub fn local_conn_data(cfg: &StreamConfig, local: &LocalBuffers) -> ConnData {
         ConnData {
             flags: wire::CONN_FLAG_IOMAP
+                | wire::CONN_FLAG_RSRS
                 | if cfg!(target_endian = "big") {
                     wire::CONN_FLAG_NET
                 } else {
@@ -267,6 +316,12 @@ impl Stream {
             rseq_no: 0,
             rseq_comp: cfg.rq_size / 2,
             held: false,
+            peer_ext: peer.is_rsocket_rs(),
+            remote_iomap: RemoteSge {
+                addr: peer.target_sgl.addr + wire::SGE_LEN as u64 * wire::SGL_SIZE as u64,
+                key: peer.target_sgl.key,
+                length: peer.target_iomap_size as u32,
+            },
         }
     }
 
@@ -376,25 +431,11 @@ impl Stream {
         self.sbuf_bytes_avail -= len;
 
         let inline = len <= self.cfg.sq_inline;
-        let mut ring = [(0, 0); 2];
-        let mut ring_segs = 0;
-        if !inline {
-            let to_end = self.cfg.sbuf_size - self.sbuf_head;
-            if len <= to_end {
-                ring[0] = (self.sbuf_head, len);
-                ring_segs = 1;
-                self.sbuf_head = if len == to_end {
-                    0
-                } else {
-                    self.sbuf_head + len
-                };
-            } else {
-                ring[0] = (self.sbuf_head, to_end);
-                ring[1] = (0, len - to_end);
-                ring_segs = 2;
-                self.sbuf_head = len - to_end;
-            }
-        }
+        let (ring, ring_segs) = if inline {
+            ([(0, 0); 2], 0)
+        } else {
+            self.take_ring(len)
+        };
         Some(DataWrite {
             len,
             remote_addr,
@@ -404,6 +445,110 @@ impl Stream {
             ring,
             ring_segs,
             exhausted_sge,
+        })
+    }
+
+    /// Takes the next `len` bytes of the send ring (already counted out of
+    /// `sbuf_bytes_avail`): one or two (offset, len) segments.
+    fn take_ring(&mut self, len: u32) -> ([(u32, u32); 2], usize) {
+        let mut ring = [(0, 0); 2];
+        let to_end = self.cfg.sbuf_size - self.sbuf_head;
+        if len <= to_end {
+            ring[0] = (self.sbuf_head, len);
+            self.sbuf_head = if len == to_end {
+                0
+            } else {
+                self.sbuf_head + len
+            };
+            (ring, 1)
+        } else {
+            ring[0] = (self.sbuf_head, to_end);
+            ring[1] = (0, len - to_end);
+            self.sbuf_head = len - to_end;
+            (ring, 2)
+        }
+    }
+
+    /// Whether a work request can be posted that needs `sqe` send-queue entries (and, if
+    /// `credit`, a receive credit of the peer).
+    fn can_post(&self, sqe: u32, credit: bool) -> bool {
+        self.flags.writable
+            && !self.held
+            && self.sqe_avail >= sqe
+            && (!credit || self.sseq_no != self.sseq_comp)
+    }
+
+    /// The peer is rsocket-rs (its iomap announcements carry permissions; rioread possible).
+    pub fn peer_is_rsocket_rs(&self) -> bool {
+        self.peer_ext
+    }
+
+    /// Entries of the peer's target iomap (windows we may announce to it).
+    pub fn peer_iomap_size(&self) -> u16 {
+        self.remote_iomap.length as u16
+    }
+
+    /// Plans the announcement of our window `index` (< [`Stream::peer_iomap_size`]) with
+    /// `perms` (0: withdrawn): an RDMA write of the 24-byte entry into the peer's target iomap
+    /// with IOMAP_SGL as message. Uses a credit like data. `None` while it cannot be posted.
+    pub fn plan_iomap_announce(&mut self, index: u16, perms: u8) -> Option<IomapWrite> {
+        let sqe = if self.cfg.msg_send { 2 } else { 1 };
+        if index >= self.peer_iomap_size() || !self.can_post(sqe, true) {
+            return None;
+        }
+        self.sseq_no = self.sseq_no.wrapping_add(1);
+        self.sqe_avail -= sqe;
+        let data = super::iomap::announce_data(index, perms, self.peer_ext);
+        Some(IomapWrite {
+            msg: Msg::IomapSgl(data).encode(),
+            remote_addr: self.remote_iomap.addr + index as u64 * wire::IOMAP_LEN as u64,
+            rkey: self.remote_iomap.key,
+            big_endian: self.peer_big_endian,
+        })
+    }
+
+    /// Plans one direct operation on a peer window (riowrite, rioread) of at most `max` bytes:
+    /// no message, no credit, one send-queue entry. A write that is not zero-copy goes through
+    /// the send ring (or inline); zero-copy writes and reads use the caller's registered memory.
+    /// Returns `None` while it cannot be posted (the caller waits for completions).
+    pub fn plan_direct(&mut self, kind: DirectKind, max: u32, zero_copy: bool) -> Option<Direct> {
+        if max == 0 || !self.can_post(1, false) {
+            return None;
+        }
+        let mut len = max.min(MAX_TRANSFER);
+        let copy = kind == DirectKind::Write && !zero_copy;
+        let inline = copy && len <= self.cfg.sq_inline;
+        if copy && !inline {
+            if self.sbuf_bytes_avail < SNDLOWAT.min(self.cfg.sbuf_size).min(len) {
+                return None;
+            }
+            len = len.min(self.sbuf_bytes_avail);
+        }
+        self.sqe_avail -= 1;
+        let (ring, ring_segs) = if copy {
+            self.sbuf_bytes_avail -= len;
+            if inline {
+                ([(0, 0); 2], 0)
+            } else {
+                self.take_ring(len)
+            }
+        } else {
+            ([(0, 0); 2], 0)
+        };
+        let op = match kind {
+            DirectKind::Write => LOCAL_OP_WRITE,
+            DirectKind::Read => LOCAL_OP_READ,
+        };
+        let mut wr_id = (op << 29 | len) as u64;
+        if !copy {
+            wr_id |= WR_ID_NO_RING;
+        }
+        Some(Direct {
+            len,
+            wr_id,
+            inline,
+            ring,
+            ring_segs,
         })
     }
 
@@ -577,7 +722,25 @@ impl Stream {
     /// Feeds a send completion back. `ok` is false for a failed work request.
     pub fn on_send_completion(&mut self, wr_id: u64, ok: bool) {
         let msg = wr_id as u32;
+        let len = msg & 0x1FFF_FFFF;
+        let ring = wr_id & WR_ID_NO_RING == 0;
         match msg >> 29 {
+            // The SEND that carried a data or iomap message on iWARP (control messages count
+            // their SEND as a control slot, below).
+            op if wr_id & WR_ID_MSG_SEND != 0 && op != 4 && op != 7 => self.sqe_avail += 1,
+            0 => {
+                self.sqe_avail += 1;
+                if ring {
+                    self.sbuf_bytes_avail += len;
+                }
+                self.inflight = self.inflight.saturating_sub(1);
+            }
+            LOCAL_OP_WRITE => {
+                self.sqe_avail += 1;
+                if ring {
+                    self.sbuf_bytes_avail += len;
+                }
+            }
             4 => self.ctrl_max_seqno = self.ctrl_max_seqno.wrapping_add(1),
             7 => {
                 self.ctrl_max_seqno = self.ctrl_max_seqno.wrapping_add(1);
@@ -588,13 +751,8 @@ impl Stream {
                     self.set_disconnected();
                 }
             }
-            _ => {
-                self.sqe_avail += 1;
-                if wr_id & WR_ID_MSG_SEND == 0 {
-                    self.sbuf_bytes_avail += msg & 0x1FFF_FFFF;
-                    self.inflight = self.inflight.saturating_sub(1);
-                }
-            }
+            // Reads, iomap announcements.
+            _ => self.sqe_avail += 1,
         }
         if !ok && self.flags.connected {
             self.fail(StreamError::Transport);
@@ -630,7 +788,15 @@ impl Stream {
                 self.rmsg.push_back(len);
             }
             Msg::Credits(limit) => self.sseq_comp = limit,
-            Msg::IomapSgl(_) => {}
+            Msg::IomapSgl(d) => {
+                // The entry landed in our target iomap: only at an index we offered.
+                if d & ((1 << super::iomap::PERM_SHIFT) - 1) >= self.local.target_iomap_size as u32
+                {
+                    let e = WireError::Invalid("iomap index beyond the entries offered");
+                    self.fail(e.clone().into());
+                    return Err(e.into());
+                }
+            }
             Msg::Ctrl(Ctrl::Disconnect) => self.set_disconnected(),
             Msg::Ctrl(Ctrl::Shutdown) => {
                 if self.flags.writable {

@@ -24,6 +24,9 @@ pub const MSG_SIZE: usize = 4;
 pub const CONN_FLAG_NET: u8 = 1 << 0;
 /// Connect flag: the sender supports iomap (librdmacm always sets it).
 pub const CONN_FLAG_IOMAP: u8 = 1 << 1;
+/// Connect flag (our extension; librdmacm ignores flags it does not know): the sender is
+/// rsocket-rs and speaks its extensions (iomap permissions and withdrawal, rioread).
+pub const CONN_FLAG_RSRS: u8 = 1 << 7;
 
 /// Errors found while decoding what a peer sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +194,11 @@ impl ConnData {
     pub fn is_big_endian(&self) -> bool {
         self.flags & CONN_FLAG_NET != 0
     }
+
+    /// Whether the sender is rsocket-rs (speaks our extensions).
+    pub fn is_rsocket_rs(&self) -> bool {
+        self.flags & CONN_FLAG_RSRS != 0
+    }
 }
 
 /// Message opcodes (top 3 bits of the 32-bit message).
@@ -228,8 +236,9 @@ pub enum Msg {
     Data(u32),
     /// New credit limit.
     Credits(u16),
-    /// An iomap entry was updated.
-    IomapSgl(u16),
+    /// An iomap entry was updated: its index, plus permission bits from rsocket-rs peers
+    /// (see [`crate::proto::iomap`]).
+    IomapSgl(u32),
     /// Control message.
     Ctrl(Ctrl),
 }
@@ -242,7 +251,7 @@ impl Msg {
         match self {
             Msg::Data(len) => (Op::Data as u32) << 29 | (len & DATA_MASK),
             Msg::Credits(c) => (Op::Sgl as u32) << 29 | c as u32,
-            Msg::IomapSgl(i) => (Op::IomapSgl as u32) << 29 | i as u32,
+            Msg::IomapSgl(d) => (Op::IomapSgl as u32) << 29 | (d & DATA_MASK),
             Msg::Ctrl(c) => (Op::Ctrl as u32) << 29 | c as u32,
         }
     }
@@ -254,7 +263,7 @@ impl Msg {
             0 => Ok(Msg::Data(data)),
             // librdmacm keeps the credit limit in a 16-bit sequence number and truncates.
             4 => Ok(Msg::Credits(data as u16)),
-            6 => Ok(Msg::IomapSgl(data as u16)),
+            6 => Ok(Msg::IomapSgl(data)),
             7 => match data {
                 0 => Ok(Msg::Ctrl(Ctrl::Disconnect)),
                 1 => Ok(Msg::Ctrl(Ctrl::Keepalive)),

@@ -20,6 +20,8 @@ use crate::verbs::{
     MrId, Payload, SockAddr, Waker, poll_fds, raise_sigpipe,
 };
 
+mod iomap;
+
 /// Per-socket settings, fixed once the connection exists (as with librdmacm).
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
@@ -197,6 +199,8 @@ struct Conn {
     seen_activity: (u64, Instant),
     /// Last keepalive probe.
     last_probe: Option<Instant>,
+    /// riomap state: the peer's windows, our mappings, announcements owed.
+    io: iomap::IoMaps,
 }
 
 impl Drop for Conn {
@@ -285,15 +289,17 @@ impl Conn {
             activity: 0,
             seen_activity: (0, Instant::now()),
             last_probe: None,
+            io: iomap::IoMaps::new(dev.max_rd_atom),
         };
         Ok(conn)
     }
 
     fn conn_param(&self) -> ConnParam {
         ConnParam {
-            responder_resources: 0,
-            // iWARP issues an RDMA read while connecting (librdmacm's workaround).
-            initiator_depth: self.core.config().msg_send as u8,
+            // RDMA reads (rioread) in both directions; iWARP also issues one while connecting
+            // (librdmacm's workaround needs initiator_depth ≥ 1 there).
+            responder_resources: self.io.rd_atom,
+            initiator_depth: self.io.rd_atom.max(self.core.config().msg_send as u8),
             flow_control: 1,
             retry_count: TRANSPORT_RETRIES,
             rnr_retry_count: 7,
@@ -303,6 +309,7 @@ impl Conn {
     /// Sets up the protocol state once the peer's private data is known.
     fn start(&mut self, peer: &ConnData) {
         self.core = Stream::new(self.cfg, self.local, peer);
+        self.io.start(self.local.target_iomap_size, peer);
     }
 
     /// Starts the protocol and sends what is owed at once (the first credit update).
@@ -386,6 +393,7 @@ impl Conn {
             for i in 0..self.comps.len() {
                 let c = self.comps[i];
                 if c.wr_id & WR_ID_RECV == 0 {
+                    self.io.on_send_completion(c.wr_id);
                     self.core.on_send_completion(c.wr_id, c.ok);
                     continue;
                 }
@@ -407,8 +415,10 @@ impl Conn {
                         u32::from_ne_bytes(b)
                     }
                 };
-                if let Ok(Msg::Credits(_)) = self.core.on_recv(raw) {
-                    self.refresh_target_sgl();
+                match self.core.on_recv(raw) {
+                    Ok(Msg::Credits(_)) => self.refresh_target_sgl(),
+                    Ok(Msg::IomapSgl(data)) => self.take_window(data),
+                    _ => {}
                 }
             }
             if reposts > 0 && self.core.flags().connected {
@@ -418,6 +428,7 @@ impl Conn {
         }
         self.flush_due()?;
         self.send_credits()?;
+        self.send_announcements()?;
         Ok(any)
     }
 
@@ -977,8 +988,8 @@ impl StreamSocket {
             conn.core.hold_sends_until_peer_speaks();
         }
         let param = ConnParam {
-            responder_resources: req.responder_resources,
-            initiator_depth: req.initiator_depth,
+            responder_resources: req.responder_resources.min(conn.io.rd_atom.max(1)),
+            initiator_depth: req.initiator_depth.min(conn.io.rd_atom.max(1)),
             flow_control: req.flow_control,
             retry_count: TRANSPORT_RETRIES,
             rnr_retry_count: 7,

@@ -639,6 +639,7 @@ impl CmId {
             max_qp_wr: attr.max_qp_wr.max(0) as u32,
             max_cqe: attr.max_cqe.max(0) as u32,
             iwarp: transport == sys::ibv_transport_type::IBV_TRANSPORT_IWARP,
+            max_rd_atom: attr.max_qp_rd_atom.min(attr.max_qp_init_rd_atom).max(0) as u8,
         })
     }
 
@@ -688,6 +689,7 @@ impl CmId {
             qp: self.raw().qp,
             sq_inline: attr.cap.max_inline_data,
             mrs: Vec::new(),
+            user_mrs: Vec::new(),
             cq,
             comp,
             pd,
@@ -747,6 +749,8 @@ pub struct DeviceInfo {
     pub max_cqe: u32,
     /// iWARP transport: no immediate data on RDMA writes.
     pub iwarp: bool,
+    /// RDMA reads a QP may have outstanding, as initiator and as responder (the smaller).
+    pub max_rd_atom: u8,
 }
 
 // ------------------------------------------------------------------------------------ verbs
@@ -801,6 +805,74 @@ pub struct MemoryRegion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MrId(usize);
 
+/// Application memory registered with the device (riomap). The application owns the memory;
+/// we only hold the registration.
+#[derive(Debug)]
+struct UserRegion {
+    mr: NonNull<sys::ibv_mr>,
+    addr: u64,
+    len: usize,
+}
+
+impl Drop for UserRegion {
+    fn drop(&mut self) {
+        // SAFETY: registered once in Endpoint::register_user; deregistered once here.
+        unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+    }
+}
+
+/// Application memory to be handed to the device (riomap'd buffers, rioread destinations).
+#[derive(Debug, Clone, Copy)]
+pub struct UserMemory {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: only an address range; whoever made it vouched for the memory (see `new`).
+unsafe impl Send for UserMemory {}
+
+impl UserMemory {
+    /// Describes `[addr, addr + len)`.
+    ///
+    /// # Safety
+    /// The range is application memory that stays mapped while it is registered, and no Rust
+    /// reference covers it while the device may read or write it (a registration lets the
+    /// device write it at any time: RDMA READ results, the peer's RDMA writes).
+    pub unsafe fn new(addr: *mut u8, len: usize) -> Self {
+        UserMemory { addr, len }
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Handle to application memory registered with [`Endpoint::register_user`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserMrId(usize);
+
+/// A range of registered application memory, checked to lie within its registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserSeg {
+    /// Start address.
+    pub addr: u64,
+    /// Bytes.
+    pub len: u32,
+    /// Local key of the registration.
+    pub lkey: u32,
+}
+
 /// Access a region grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -832,6 +904,7 @@ pub struct Endpoint {
     qp: *mut sys::ibv_qp,
     sq_inline: u32,
     mrs: Vec<MemoryRegion>,
+    user_mrs: Vec<Option<UserRegion>>,
     cq: CompletionQueue,
     comp: CompChannel,
     pd: ProtectionDomain,
@@ -864,6 +937,8 @@ pub enum Payload<'a> {
     Inline(&'a [u8]),
     /// Up to two (offset, len) ranges of a region.
     Region(MrId, [(u32, u32); 2], usize),
+    /// Registered application memory (zero-copy).
+    User(UserSeg),
 }
 
 impl Endpoint {
@@ -906,6 +981,96 @@ impl Endpoint {
                 Err(e)
             }
         }
+    }
+
+    /// Registers application memory for local access and, as asked, for the peer's RDMA reads
+    /// and writes, until [`Endpoint::deregister_user`] or the endpoint's drop (the contract of
+    /// [`UserMemory::new`] covers that time).
+    pub fn register_user(
+        &mut self,
+        mem: UserMemory,
+        remote_read: bool,
+        remote_write: bool,
+    ) -> io::Result<UserMrId> {
+        let (addr, len) = (mem.addr, mem.len);
+        if addr.is_null() || len == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut acc = sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0;
+        if remote_read {
+            acc |= sys::ibv_access_flags::IBV_ACCESS_REMOTE_READ.0;
+        }
+        if remote_write {
+            acc |= sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0;
+        }
+        // SAFETY: pd valid; the device checks the range is mapped (EFAULT otherwise); whoever
+        // made `mem` vouched for the rest (UserMemory::new).
+        let mr = unsafe { sys::ibv_reg_mr(self.pd.0.as_ptr(), addr as *mut _, len, acc as i32) };
+        let mr = NonNull::new(mr).ok_or_else(last_error)?;
+        let r = UserRegion {
+            mr,
+            addr: addr as u64,
+            len,
+        };
+        if let Some(i) = self.user_mrs.iter().position(Option::is_none) {
+            self.user_mrs[i] = Some(r);
+            Ok(UserMrId(i))
+        } else {
+            self.user_mrs.push(Some(r));
+            Ok(UserMrId(self.user_mrs.len() - 1))
+        }
+    }
+
+    /// Drops a registration made with [`Endpoint::register_user`].
+    pub fn deregister_user(&mut self, id: UserMrId) {
+        if let Some(slot) = self.user_mrs.get_mut(id.0) {
+            *slot = None;
+        }
+    }
+
+    /// (address, rkey) of a registration, for the peer.
+    pub fn user_remote_handle(&self, id: UserMrId) -> Option<(u64, u32)> {
+        let r = self.user_mrs.get(id.0)?.as_ref()?;
+        // SAFETY: mr valid while registered.
+        Some((r.addr, unsafe { r.mr.as_ref().rkey }))
+    }
+
+    /// The registered range `[addr, addr + len)` of `id`, if it lies inside the registration.
+    pub fn user_seg(&self, id: UserMrId, addr: u64, len: u32) -> Option<UserSeg> {
+        let r = self.user_mrs.get(id.0)?.as_ref()?;
+        let end = addr.checked_add(len as u64)?;
+        if addr < r.addr || end > r.addr + r.len as u64 {
+            return None;
+        }
+        Some(UserSeg {
+            addr,
+            len,
+            // SAFETY: mr valid while registered.
+            lkey: unsafe { r.mr.as_ref().lkey },
+        })
+    }
+
+    /// Posts an RDMA READ of `dst.len` bytes from the peer's `remote` (address, rkey) into `dst`.
+    pub fn post_read(&self, wr_id: u64, dst: UserSeg, remote: (u64, u32)) -> io::Result<()> {
+        let mut sge = sys::ibv_sge {
+            addr: dst.addr,
+            length: dst.len,
+            lkey: dst.lkey,
+        };
+        // SAFETY: zeroed send WR is valid; fields set below.
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.sg_list = &mut sge;
+        wr.num_sge = 1;
+        wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
+        wr.wr.rdma = sys::rdma_t {
+            remote_addr: remote.0,
+            rkey: remote.1,
+        };
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: valid QP; wr and sge live across the call; dst lies in a registration
+        // (UserSeg is only made by user_seg) whose memory the application vouched for.
+        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })
     }
 
     fn mr(&self, id: MrId) -> &MemoryRegion {
@@ -1020,6 +1185,14 @@ impl Endpoint {
                     };
                 }
                 nsge = n;
+            }
+            Payload::User(seg) => {
+                sges[0] = sys::ibv_sge {
+                    addr: seg.addr,
+                    length: seg.len,
+                    lkey: seg.lkey,
+                };
+                nsge = 1;
             }
         }
         // SAFETY: zeroed send WR is valid; fields set below.

@@ -387,6 +387,75 @@ fn iwarp_acceptor_waits_for_the_initiator_to_speak_first() {
     assert!(!b.s.sends_held() && b.s.can_send_ctrl() && b.s.all_sends_done());
 }
 
+/// riomap announcements go into the peer's target iomap (after its two SGL entries), use a
+/// credit each, and never beyond the entries it offered; direct writes and reads take a send
+/// queue entry (and ring bytes only when copied) and give them back on completion.
+#[test]
+fn iomap_announcements_and_direct_operations_account_resources() {
+    use crate::proto::iomap::{PERM_READ, PERM_WRITE};
+    let c = cfg(16, 4, 64, 8192, 8192, false);
+    let (la, lb) = (local(1), local(2));
+    let lb = LocalBuffers {
+        target_iomap_size: 3,
+        ..lb
+    };
+    let rep = ConnData::decode(&Stream::local_conn_data(&c, &lb).encode()).unwrap();
+    let mut a = Stream::new(c, la, &rep);
+    assert!(a.peer_is_rsocket_rs());
+    assert_eq!(a.peer_iomap_size(), 3);
+    assert_eq!(
+        a.plan_iomap_announce(3, PERM_WRITE),
+        None,
+        "index not offered"
+    );
+    let w = a.plan_iomap_announce(2, PERM_READ | PERM_WRITE).unwrap();
+    assert_eq!(w.remote_addr, TSGL_BASE + 32 + 2 * 24);
+    assert_eq!(w.rkey, lb.target_sgl.key);
+    assert_eq!(
+        Msg::decode(w.msg),
+        Ok(Msg::IomapSgl(2 | 3 << crate::proto::iomap::PERM_SHIFT))
+    );
+    // Four credits: three more announcements, then none until credits return.
+    for i in 0..3 {
+        assert!(a.plan_iomap_announce(i, PERM_WRITE).is_some());
+    }
+    assert_eq!(a.plan_iomap_announce(0, PERM_WRITE), None);
+    assert!(!a.can_send());
+    a.on_recv(Msg::Credits(8).encode()).unwrap();
+    assert!(a.plan_iomap_announce(0, 0).is_some());
+    for _ in 0..5 {
+        a.on_send_completion(Msg::IomapSgl(0).encode() as u64, true);
+    }
+    assert!(a.all_sends_done());
+
+    // Direct operations: copied writes use the ring, zero-copy ones and reads do not.
+    let before = a.sbuf_bytes_avail;
+    let w = a.plan_direct(DirectKind::Write, 5000, false).unwrap();
+    assert_eq!((w.len, w.inline, w.ring_segs), (5000, false, 1));
+    assert_eq!(a.sbuf_bytes_avail, before - 5000);
+    let z = a.plan_direct(DirectKind::Write, 1 << 20, true).unwrap();
+    assert_eq!(z.len, MAX_TRANSFER);
+    assert_eq!(z.wr_id & WR_ID_NO_RING, WR_ID_NO_RING);
+    let r = a.plan_direct(DirectKind::Read, 100, true).unwrap();
+    assert_eq!(a.sbuf_bytes_avail, before - 5000);
+    let small = a.plan_direct(DirectKind::Write, 10, false).unwrap();
+    assert!(small.inline);
+    for d in [w, z, r, small] {
+        a.on_send_completion(d.wr_id, true);
+    }
+    assert_eq!(a.sbuf_bytes_avail, before);
+    assert!(a.all_sends_done());
+    // A librdmacm peer (no extension flag) gets the bare index.
+    let plain = ConnData {
+        flags: wire::CONN_FLAG_IOMAP,
+        ..rep
+    };
+    let mut b = Stream::new(c, la, &plain);
+    assert!(!b.peer_is_rsocket_rs());
+    let w = b.plan_iomap_announce(1, PERM_READ | PERM_WRITE).unwrap();
+    assert_eq!(Msg::decode(w.msg), Ok(Msg::IomapSgl(1)));
+}
+
 #[test]
 fn credit_starvation_stalls_without_overrun() {
     let c = cfg(64, 16, 64, 16384, 65536, false);

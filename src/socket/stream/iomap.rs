@@ -1,0 +1,386 @@
+//! riomap, riounmap, riowrite and rioread on a connected stream rsocket.
+//!
+//! Our mappings are registrations of application memory, announced to the peer in the entries
+//! of its target iomap (librdmacm's wire, see [`crate::proto::iomap`]); the peer's
+//! announcements arrive in ours and are snapshotted into [`PeerWindows`]. Every riowrite and
+//! rioread is checked against those windows, for the whole range and the permission, before
+//! anything is posted.
+
+use super::{Conn, Error, Payload, Result, State, StreamSocket};
+use crate::proto::iomap::{IomapEntry, IomapError, PERM_READ, PERM_WRITE, PeerWindows};
+use crate::proto::stream::{DirectKind, LOCAL_OP_READ, WR_ID_MSG_SEND};
+use crate::proto::wire::{self, ConnData, RemoteSge};
+use crate::verbs::{Access, MrId, UserMemory, UserMrId};
+use std::collections::VecDeque;
+
+/// RDMA reads we allow in flight per direction (capped by the device).
+const MAX_RD_ATOM: u8 = 8;
+
+/// One riomap'd buffer.
+#[derive(Debug, Clone, Copy)]
+struct LocalMap {
+    mr: UserMrId,
+    addr: u64,
+    len: u64,
+    offset: u64,
+    perms: u8,
+    /// Entry of the peer's target iomap that announces it (none: local only, PROT_NONE).
+    index: Option<u16>,
+}
+
+/// riomap state of one connection.
+#[derive(Debug)]
+pub(super) struct IoMaps {
+    /// RDMA reads outstanding per direction (connect parameters).
+    pub(super) rd_atom: u8,
+    windows: PeerWindows,
+    maps: Vec<LocalMap>,
+    /// Entries of the peer's iomap whose current state (a window or its withdrawal) is owed.
+    announce: VecDeque<u16>,
+    /// Staging slots for entries when they cannot go inline.
+    stage: Option<MrId>,
+    reads_posted: u64,
+    reads_done: u64,
+}
+
+impl IoMaps {
+    pub(super) fn new(dev_rd_atom: u8) -> Self {
+        IoMaps {
+            rd_atom: dev_rd_atom.min(MAX_RD_ATOM),
+            windows: PeerWindows::new(0, false),
+            maps: Vec::new(),
+            announce: VecDeque::new(),
+            stage: None,
+            reads_posted: 0,
+            reads_done: 0,
+        }
+    }
+
+    /// Once the peer's private data is known.
+    pub(super) fn start(&mut self, offered: u16, peer: &ConnData) {
+        self.windows = PeerWindows::new(offered, peer.is_rsocket_rs());
+    }
+
+    pub(super) fn on_send_completion(&mut self, wr_id: u64) {
+        if (wr_id as u32) >> 29 == LOCAL_OP_READ && wr_id & WR_ID_MSG_SEND == 0 {
+            self.reads_done += 1;
+        }
+    }
+
+    /// The local map holding `[addr, addr + len)`, if any.
+    fn covering(&self, addr: u64, len: u64) -> Option<&LocalMap> {
+        self.maps
+            .iter()
+            .find(|m| addr >= m.addr && addr.checked_add(len).is_some_and(|e| e <= m.addr + m.len))
+    }
+}
+
+fn window_error(e: IomapError) -> Error {
+    match e {
+        IomapError::NoWindow => Error::InvalidArgument,
+        IomapError::Permission => Error::PermissionDenied,
+        IomapError::Unsupported => Error::OpNotSupported,
+    }
+}
+
+impl Conn {
+    /// The peer announced (or withdrew) a window in our target iomap.
+    pub(super) fn take_window(&mut self, data: u32) {
+        let (ep, tsgl) = (&self.ep, self.tsgl);
+        let base = wire::SGE_LEN * wire::SGL_SIZE as usize;
+        // The core already refused indexes we never offered.
+        let _ = self.io.windows.on_update(data, |i| {
+            let mut b = [0u8; wire::IOMAP_LEN];
+            ep.read(tsgl, base + i * wire::IOMAP_LEN, &mut b);
+            b
+        });
+    }
+
+    /// Posts the announcements owed, as far as credits and queue entries allow.
+    pub(super) fn send_announcements(&mut self) -> Result<()> {
+        while let Some(&index) = self.io.announce.front() {
+            let (entry, perms) = match self.io.maps.iter().find(|m| m.index == Some(index)) {
+                Some(m) => {
+                    let (addr, key) = self
+                        .ep
+                        .user_remote_handle(m.mr)
+                        .ok_or(Error::InvalidArgument)?;
+                    let sge = RemoteSge {
+                        addr,
+                        key,
+                        length: m.len as u32,
+                    };
+                    (
+                        IomapEntry {
+                            offset: m.offset,
+                            sge,
+                        },
+                        m.perms,
+                    )
+                }
+                None => (IomapEntry::default(), 0),
+            };
+            let Some(w) = self.core.plan_iomap_announce(index, perms) else {
+                break;
+            };
+            self.io.announce.pop_front();
+            let bytes = entry.to_peer_bytes(w.big_endian);
+            if self.ep.sq_inline() as usize >= wire::IOMAP_LEN {
+                self.post_write_msg(w.msg, Payload::Inline(&bytes), (w.remote_addr, w.rkey))?;
+            } else {
+                let stage = match self.io.stage {
+                    Some(m) => m,
+                    None => {
+                        let n = self.core.peer_iomap_size() as usize;
+                        let m = self.ep.register(n * wire::IOMAP_LEN, Access::Local)?;
+                        self.io.stage = Some(m);
+                        m
+                    }
+                };
+                let off = index as u32 * wire::IOMAP_LEN as u32;
+                self.ep.write(stage, off as usize, &bytes);
+                let seg = [(off, wire::IOMAP_LEN as u32), (0, 0)];
+                self.post_write_msg(
+                    w.msg,
+                    Payload::Region(stage, seg, 1),
+                    (w.remote_addr, w.rkey),
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StreamSocket {
+    /// Completes a connect or accept in progress (librdmacm maps on an accepted socket at
+    /// once); EINVAL when there is no connection, as librdmacm gives.
+    fn established(&self) -> Result<()> {
+        match self.wait_conn(false, |_| Ok(Some(()))) {
+            Err(Error::NotConnected) => Err(Error::InvalidArgument),
+            r => r,
+        }
+    }
+
+    /// riomap: registers `mem` and, with PROT_WRITE (or our PROT_READ extension), offers it to
+    /// the peer as the window `[offset, offset + len)` (offset -1: the buffer's address). Returns
+    /// the offset. Errors: EINVAL (bad prot, empty or > 4 GiB, not connected, a negative offset,
+    /// an overlap with another offered window), ENOMEM (every iomap entry the peer offered is
+    /// taken), EOPNOTSUPP (PROT_READ alone towards a librdmacm peer, which cannot be told).
+    pub fn iomap(&self, mem: UserMemory, prot: i32, offset: i64) -> Result<u64> {
+        if prot & !(libc::PROT_READ | libc::PROT_WRITE) != 0
+            || mem.is_empty()
+            || mem.len() > u32::MAX as usize
+            || offset < -1
+        {
+            return Err(Error::InvalidArgument);
+        }
+        let perms = if prot & libc::PROT_READ != 0 {
+            PERM_READ
+        } else {
+            0
+        } | if prot & libc::PROT_WRITE != 0 {
+            PERM_WRITE
+        } else {
+            0
+        };
+        self.established()?;
+        let mut g = self.lock();
+        let State::Connected(c) = &mut g.state else {
+            return Err(Error::InvalidArgument);
+        };
+        if perms == PERM_READ && !c.core.peer_is_rsocket_rs() {
+            return Err(Error::OpNotSupported);
+        }
+        let offset = if offset == -1 {
+            mem.addr()
+        } else {
+            offset as u64
+        };
+        let len = mem.len() as u64;
+        let end = offset.checked_add(len).ok_or(Error::InvalidArgument)?;
+        let index = if perms != 0 {
+            let overlap =
+                c.io.maps
+                    .iter()
+                    .any(|m| m.index.is_some() && offset < m.offset + m.len && m.offset < end);
+            if overlap {
+                return Err(Error::InvalidArgument);
+            }
+            let free = (0..c.core.peer_iomap_size())
+                .find(|i| !c.io.maps.iter().any(|m| m.index == Some(*i)));
+            Some(free.ok_or(Error::NoMemory)?)
+        } else {
+            None
+        };
+        let mr =
+            c.ep.register_user(mem, perms & PERM_READ != 0, perms & PERM_WRITE != 0)?;
+        c.io.maps.push(LocalMap {
+            mr,
+            addr: mem.addr(),
+            len,
+            offset,
+            perms,
+            index,
+        });
+        if let Some(i) = index {
+            c.io.announce.retain(|&x| x != i);
+            c.io.announce.push_back(i);
+            c.send_announcements()?;
+        }
+        Ok(offset)
+    }
+
+    /// riounmap: the mapping of exactly `(addr, len)` goes; an offered window is withdrawn from
+    /// the peer first (an rsocket-rs or librdmacm peer then finds no window there). EINVAL if
+    /// there is no such mapping.
+    pub fn iounmap(&self, addr: u64, len: usize) -> Result<()> {
+        self.established()?;
+        let mut g = self.lock();
+        let State::Connected(c) = &mut g.state else {
+            return Err(Error::InvalidArgument);
+        };
+        let i =
+            c.io.maps
+                .iter()
+                .position(|m| m.addr == addr && m.len == len as u64)
+                .ok_or(Error::InvalidArgument)?;
+        let m = c.io.maps.swap_remove(i);
+        if let Some(index) = m.index {
+            c.io.announce.retain(|&x| x != index);
+            c.io.announce.push_back(index);
+            c.send_announcements()?;
+        }
+        c.ep.deregister_user(m.mr);
+        Ok(())
+    }
+
+    /// riowrite: RDMA-writes `buf` into the peer's window at `offset`. The whole range must lie
+    /// in one window the peer mapped for writing: EINVAL (no such window, or the range runs past
+    /// its end) or EACCES (mapped without PROT_WRITE), and nothing is written. Data goes through
+    /// the send ring (or inline), so `buf` is free again on return; the peer learns of it from
+    /// a later rsend on the same socket (the order is kept). Non-blocking sockets and
+    /// MSG_DONTWAIT return what was posted, or EAGAIN.
+    pub fn iowrite(&self, buf: &[u8], offset: u64, flags: i32) -> Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        let mut done = 0usize;
+        let mut target = None;
+        let r = self.wait_conn(nonblock, |c| {
+            if !c.core.flags().writable {
+                return Err(if c.shut_wr {
+                    Error::BrokenPipe
+                } else {
+                    Error::ConnectionReset
+                });
+            }
+            let t = match target {
+                Some(t) => t,
+                None => {
+                    let t =
+                        c.io.windows
+                            .lookup(offset, buf.len() as u64, PERM_WRITE)
+                            .map_err(window_error)?;
+                    // Gathered rsend data goes first: the order on the wire is the call order.
+                    c.flush_now()?;
+                    target = Some(t);
+                    t
+                }
+            };
+            while done < buf.len() {
+                let left = (buf.len() - done).min(u32::MAX as usize) as u32;
+                let Some(d) = c.core.plan_direct(DirectKind::Write, left, false) else {
+                    break;
+                };
+                let src = &buf[done..done + d.len as usize];
+                let payload = if d.inline {
+                    Payload::Inline(src)
+                } else {
+                    c.copy_to_ring(&d.ring[..d.ring_segs], src);
+                    Payload::Region(c.sbuf, d.ring, d.ring_segs)
+                };
+                c.ep.post_send(d.wr_id, payload, Some((t.addr + done as u64, t.rkey)), None)?;
+                done += d.len as usize;
+            }
+            Ok((done == buf.len() || (nonblock && done > 0)).then_some(done))
+        });
+        match r {
+            Err(_) if done > 0 => Ok(done),
+            r => r,
+        }
+    }
+
+    /// rioread (our extension): RDMA-reads `dst.len()` bytes from the peer's window at `offset`
+    /// into `dst`. The whole range must lie in one window the peer (an rsocket-rs peer) mapped
+    /// with PROT_READ: EINVAL (no such window, or past its end), EACCES (mapped without
+    /// PROT_READ), EOPNOTSUPP (a librdmacm peer, which cannot grant reads); nothing is read
+    /// then. `dst` is read into directly when it lies in one of our riomap'd buffers, else it
+    /// is registered for the call. Returns once the data is in `dst`, like a memory copy (also
+    /// on non-blocking sockets; no flags are used yet).
+    pub fn ioread(&self, dst: UserMemory, offset: u64, flags: i32) -> Result<usize> {
+        let len = dst.len();
+        if len == 0 {
+            return Ok(0);
+        }
+        let _ = flags;
+        // Check before registering anything.
+        {
+            let mut g = self.lock();
+            let State::Connected(c) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            c.progress()?;
+            c.io.windows
+                .lookup(offset, len as u64, PERM_READ)
+                .map_err(window_error)?;
+        }
+        let (mr, temporary) = {
+            let mut g = self.lock();
+            let State::Connected(c) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            match c.io.covering(dst.addr(), len as u64) {
+                Some(m) => (m.mr, false),
+                None => (c.ep.register_user(dst, false, false)?, true),
+            }
+        };
+        let mut done = 0usize;
+        let mut last = None;
+        let r = self.wait_conn(false, |c| {
+            if !c.core.flags().connected {
+                return Err(Error::ConnectionReset);
+            }
+            let t =
+                c.io.windows
+                    .lookup(offset, len as u64, PERM_READ)
+                    .map_err(window_error)?;
+            while done < len {
+                let left = (len - done).min(u32::MAX as usize) as u32;
+                let Some(d) = c.core.plan_direct(DirectKind::Read, left, true) else {
+                    break;
+                };
+                let seg =
+                    c.ep.user_seg(mr, dst.addr() + done as u64, d.len)
+                        .ok_or(Error::InvalidArgument)?;
+                c.ep.post_read(d.wr_id, seg, (t.addr + done as u64, t.rkey))?;
+                c.io.reads_posted += 1;
+                last = Some(c.io.reads_posted);
+                done += d.len as usize;
+            }
+            Ok((done == len && last.is_some_and(|l| c.io.reads_done >= l)).then_some(done))
+        });
+        // Also after a failure: reads still in flight would find the QP in error (flushed).
+        if let Some(l) = last
+            && r.is_err()
+        {
+            let _ = self.wait_conn(false, |c| {
+                Ok((c.io.reads_done >= l || !c.core.flags().connected).then_some(()))
+            });
+        }
+        if temporary && let State::Connected(c) = &mut self.lock().state {
+            c.ep.deregister_user(mr);
+        }
+        r
+    }
+}
