@@ -171,8 +171,17 @@ static int server(const char *bind_ip, int port)
 	/* The client's image of W, then the comparison. */
 	uint8_t *img = malloc(W_LEN);
 	recv_all(fd, img, W_LEN);
-	if (memcmp(img, w, W_LEN))
+	if (memcmp(img, w, W_LEN)) {
+		size_t i = 0, n = 0, last = 0;
+		while (img[i] == w[i])
+			i++;
+		for (size_t k = i; k < W_LEN; k++)
+			if (img[k] != w[k])
+				n++, last = k;
+		fprintf(stderr, "first difference at %zu (image %u, W %u), last at %zu, %zu bytes differ\n",
+			i, img[i], w[i], last, n);
 		fail("W differs from the client's image");
+	}
 	for (size_t i = 0; i < GUARD; i++)
 		if (area[i] != 0xEE || area[GUARD + W_LEN + i] != 0xEE)
 			fail("a guard byte around W changed");

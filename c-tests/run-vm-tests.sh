@@ -88,11 +88,17 @@ pair "send after SHUT_WR: rsocket-rs gives EPIPE + SIGPIPE" "$S -S 0" "$C -P"
 # librdmacm's own rstream; our side is the same binary with LD_PRELOAD=librsocket-rs.so.
 RS="rstream -b 10.10.0.1 -p @PORT@"
 RC="rstream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+# -T a (rpoll) runs with our client only: librdmacm's rpoll reports POLLHUP while data is
+# still queued once the peer's DISCONNECT arrived, and rstream treats POLLHUP as failure, so a
+# librdmacm client fails when the server's last data and its disconnect arrive together (seen
+# with librdmacm on both ends too: 1 run in 6 on siw under load). Ours reports POLLHUP once the
+# data is read, as a TCP socket after FIN.
 for opts in "-S 1000000 -C 20 -T v" "-S 64 -C 2000 -T v" "-S 65536 -C 100 -T b -T v" "-S 100000 -C 50 -T a -T v"; do
   pair "rstream rsocket-rs client -> librdmacm rstream server ($opts)" "$RS $opts" \
     "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-c LD_PRELOAD=$LIB $RC $opts"
   if ! bound_to_us "$log/bind-c"; then fail=$((fail + 1)); echo "FAIL   (client did not run on rsocket-rs)"; fi
   rm -f "$log"/bind-c*
+  opts=${opts/-T a/-T n}
   pair "rstream librdmacm client -> rsocket-rs rstream server ($opts)" \
     "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-s LD_PRELOAD=$LIB $RS $opts" "$RC $opts"
   if ! bound_to_us "$log/bind-s"; then fail=$((fail + 1)); echo "FAIL   (server did not run on rsocket-rs)"; fi

@@ -334,7 +334,9 @@ impl Conn {
         if self.core.can_send() || !f.writable {
             r |= libc::POLLOUT;
         }
-        if !f.connected {
+        // After an orderly disconnect the data still queued is read first, as after a TCP FIN:
+        // POLLHUP only once it is drained (a reset reports at once, with POLLERR).
+        if !f.connected && (!self.core.has_data() || self.core.error().is_some()) {
             r |= libc::POLLHUP;
         }
         if self.core.error().is_some() {
