@@ -102,7 +102,9 @@ static void on_alarm(int sig)
 {
 	(void)sig;
 	char msg[256];
-	int n = snprintf(msg, sizeof msg, "rsbench(%s): timed out after %u s during %s\n", IMPL, timeout_s, phase);
+	int n = snprintf(msg, sizeof msg,
+			 "rsbench(%s): timed out after %u s during %s (pattern bytes sent %llu, received %llu)\n", IMPL,
+			 timeout_s, phase, (unsigned long long)tx_off, (unsigned long long)rx_off);
 	if (write(2, msg, (size_t)n) < 0) {
 	}
 	_exit(3);
