@@ -113,6 +113,8 @@ pair "riowrite rsocket-rs client -> librdmacm server (rioread refused: EOPNOTSUP
   "$BIN/iomap-rdmacm -s -b 10.10.0.1 -p @PORT@" "$IC"
 pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
   "$BIN/iomap-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -n 300"
+pair "zero-copy API: rsend/riowrite MSG_ZEROCOPY, POLLERR + MSG_ERRQUEUE notices (zerocopy.c)" \
+  "$BIN/zerocopy -s -b 10.10.0.1 -p @PORT@" "$BIN/zerocopy -c 10.10.0.1 -b 10.10.0.2 -p @PORT@"
 
 # librdmacm's riostream, our side under LD_PRELOAD, both ways.
 IOS="riostream -b 10.10.0.1 -p @PORT@"

@@ -38,6 +38,33 @@ enum {
 };
 #endif
 
+/*
+ * Zero-copy sends (rsocket-rs), in the shape of Linux's MSG_ZEROCOPY:
+ *   int one = 1; rsetsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof one);
+ *   riomap(fd, buf, len, PROT_NONE, 0, -1);        register once (local only)
+ *   rsend(fd, buf, n, MSG_ZEROCOPY);                 or riowrite(..., MSG_ZEROCOPY)
+ * The data is RDMA-written straight from buf; leave buf untouched until the call's notice.
+ * Each such call that sent data gets the next id (0, 1, ...). rpoll reports POLLERR while
+ * notices wait; rrecvmsg(fd, &msg, MSG_ERRQUEUE) returns one as a struct sock_extended_err
+ * (<linux/errqueue.h>) in an IP_RECVERR control message: ee_origin SO_EE_ORIGIN_ZEROCOPY,
+ * ids ee_info..ee_data, ee_code SO_EE_CODE_ZEROCOPY_COPIED when buf was not registered and
+ * the data was copied instead. EAGAIN when none waits. Receiving without a copy: let the peer
+ * riowrite into a buffer you riomap'd with PROT_WRITE, or rioread from its PROT_READ windows
+ * into one of yours. Example: c-tests/zerocopy.c.
+ */
+#ifndef MSG_ZEROCOPY
+#define MSG_ZEROCOPY 0x4000000
+#endif
+#ifndef SO_ZEROCOPY
+#define SO_ZEROCOPY 60
+#endif
+#ifndef SO_EE_ORIGIN_ZEROCOPY
+#define SO_EE_ORIGIN_ZEROCOPY 5
+#endif
+#ifndef SO_EE_CODE_ZEROCOPY_COPIED
+#define SO_EE_CODE_ZEROCOPY_COPIED 1
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -261,6 +261,10 @@ pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int)
         null_check(msg)?;
         // SAFETY: non-null msghdr from the caller.
         let m = unsafe { &mut *msg };
+        if flags & libc::MSG_ERRQUEUE != 0 {
+            // SAFETY: the caller's msghdr and its control buffer.
+            return unsafe { zero_copy_notice(socket, m) };
+        }
         // SAFETY: C contract.
         let iov = unsafe { iovecs(m.msg_iov, m.msg_iovlen as c_int) }?;
         let n = recv_iov(socket, iov, flags)?;
@@ -268,6 +272,61 @@ pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int)
         m.msg_controllen = 0;
         Ok(n)
     })
+}
+
+/// `<linux/errqueue.h>`: the notice comes from MSG_ZEROCOPY.
+const SO_EE_ORIGIN_ZEROCOPY: u8 = 5;
+/// `<linux/errqueue.h>`: the data was copied after all.
+const SO_EE_CODE_ZEROCOPY_COPIED: u8 = 1;
+
+/// rrecvmsg with MSG_ERRQUEUE: one MSG_ZEROCOPY notice as a kernel socket gives it, a
+/// `sock_extended_err` in an IP_RECVERR (IPV6_RECVERR on AF_INET6) control message; 0 bytes.
+///
+/// # Safety
+/// `m` is the caller's msghdr; its control buffer is `msg_controllen` writable bytes.
+unsafe fn zero_copy_notice(socket: c_int, m: &mut msghdr) -> Result<ssize_t, Error> {
+    let s = socket::lookup(socket)?;
+    let n = s.zero_copy_notice()?;
+    let err = libc::sock_extended_err {
+        ee_errno: 0,
+        ee_origin: SO_EE_ORIGIN_ZEROCOPY,
+        ee_type: 0,
+        ee_code: if n.copied {
+            SO_EE_CODE_ZEROCOPY_COPIED
+        } else {
+            0
+        },
+        ee_pad: 0,
+        ee_info: n.lo,
+        ee_data: n.hi,
+    };
+    let len = std::mem::size_of::<libc::sock_extended_err>() as u32;
+    // SAFETY: pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(len) } as usize;
+    m.msg_flags = libc::MSG_ERRQUEUE;
+    if m.msg_control.is_null() || (m.msg_controllen as usize) < space {
+        m.msg_flags |= libc::MSG_CTRUNC;
+        m.msg_controllen = 0;
+        return Ok(0);
+    }
+    // SAFETY: the control buffer holds at least one cmsg of `space` bytes (checked above).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(m);
+        (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+        (*c).cmsg_level = if s.domain() == libc::AF_INET6 {
+            libc::SOL_IPV6
+        } else {
+            libc::SOL_IP
+        };
+        (*c).cmsg_type = if s.domain() == libc::AF_INET6 {
+            libc::IPV6_RECVERR
+        } else {
+            libc::IP_RECVERR
+        };
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::sock_extended_err, err);
+    }
+    m.msg_controllen = space as _;
+    Ok(0)
 }
 
 /// Sends data.

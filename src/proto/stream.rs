@@ -412,11 +412,28 @@ impl Stream {
     /// Plans one RDMA write of at most `max` bytes (the caller's segment size), or `None` when
     /// [`Stream::can_send`] is false. The state is updated as if the write was posted.
     pub fn plan_write(&mut self, max: u32) -> Option<DataWrite> {
+        self.plan_write_from(max, false)
+    }
+
+    /// Like [`Stream::plan_write`] for data sent straight from the application's registered
+    /// memory (MSG_ZEROCOPY): no ring bytes, never inline; post it with wr_id
+    /// `msg | WR_ID_NO_RING`. Gathered sends must be flushed first (the order is the caller's).
+    pub fn plan_write_zero_copy(&mut self, max: u32) -> Option<DataWrite> {
+        let w = self.plan_write_from(max.min(MAX_TRANSFER), true)?;
+        self.inflight += 1;
+        Some(w)
+    }
+
+    fn plan_write_from(&mut self, max: u32, zero_copy: bool) -> Option<DataWrite> {
         if max == 0 || !self.can_send() {
             return None;
         }
         let sge = &mut self.target_sgl[self.target_sge];
-        let len = max.min(self.sbuf_bytes_avail).min(sge.length);
+        let len = if zero_copy {
+            max.min(sge.length)
+        } else {
+            max.min(self.sbuf_bytes_avail).min(sge.length)
+        };
         let remote_addr = sge.addr;
         let rkey = sge.key;
         sge.addr += len as u64;
@@ -428,10 +445,12 @@ impl Stream {
         }
         self.sseq_no = self.sseq_no.wrapping_add(1);
         self.sqe_avail -= if self.cfg.msg_send { 2 } else { 1 };
-        self.sbuf_bytes_avail -= len;
+        if !zero_copy {
+            self.sbuf_bytes_avail -= len;
+        }
 
-        let inline = len <= self.cfg.sq_inline;
-        let (ring, ring_segs) = if inline {
+        let inline = !zero_copy && len <= self.cfg.sq_inline;
+        let (ring, ring_segs) = if inline || zero_copy {
             ([(0, 0); 2], 0)
         } else {
             self.take_ring(len)

@@ -60,6 +60,10 @@ pub fn set(s: &Arc<StreamSocket>, level: i32, name: i32, v: &[u8]) -> Result<()>
             let on = int(v)? != 0;
             s.set_options(|o| o.oobinline = on);
         }
+        (libc::SOL_SOCKET, libc::SO_ZEROCOPY) => {
+            let on = int(v)? != 0;
+            s.set_options(|o| o.zerocopy = on);
+        }
         (libc::SOL_SOCKET, libc::SO_LINGER) => {
             if v.len() < 8 {
                 return Err(Error::InvalidArgument);
@@ -154,6 +158,7 @@ pub fn get(s: &StreamSocket, level: i32, name: i32, out: &mut [u8]) -> Result<us
         (libc::SOL_SOCKET, libc::SO_REUSEADDR) => o.reuseaddr as i32,
         (libc::SOL_SOCKET, libc::SO_KEEPALIVE) => o.keepalive as i32,
         (libc::SOL_SOCKET, libc::SO_OOBINLINE) => o.oobinline as i32,
+        (libc::SOL_SOCKET, libc::SO_ZEROCOPY) => o.zerocopy as i32,
         (libc::SOL_SOCKET, libc::SO_RCVBUF) => o.rbuf_size as i32,
         (libc::SOL_SOCKET, libc::SO_SNDBUF) => o.sbuf_size as i32,
         (libc::SOL_SOCKET, libc::SO_LINGER) => {

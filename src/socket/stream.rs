@@ -21,6 +21,8 @@ use crate::verbs::{
 };
 
 mod iomap;
+mod zerocopy;
+pub use zerocopy::ZeroCopyNotice;
 
 /// Per-socket settings, fixed once the connection exists (as with librdmacm).
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +62,9 @@ pub struct Options {
     pub v6only: bool,
     /// RDMA_IOMAPSIZE: iomap entries offered to the peer.
     pub iomap_size: u16,
+    /// SO_ZEROCOPY: MSG_ZEROCOPY sends from riomap'd memory go without a copy, with a
+    /// completion notice on the error queue (see `zerocopy`).
+    pub zerocopy: bool,
     /// FD_CLOEXEC (descriptor flag).
     pub cloexec: bool,
 }
@@ -96,6 +101,7 @@ impl Options {
             tos: 0,
             v6only: false,
             iomap_size: c.iomap_size.min(u16::MAX as u32) as u16,
+            zerocopy: false,
             cloexec: false,
         }
     }
@@ -201,6 +207,8 @@ struct Conn {
     last_probe: Option<Instant>,
     /// riomap state: the peer's windows, our mappings, announcements owed.
     io: iomap::IoMaps,
+    /// MSG_ZEROCOPY calls in flight and notices not yet read.
+    zc: zerocopy::ZeroCopy,
 }
 
 impl Drop for Conn {
@@ -290,6 +298,7 @@ impl Conn {
             seen_activity: (0, Instant::now()),
             last_probe: None,
             io: iomap::IoMaps::new(dev.max_rd_atom),
+            zc: zerocopy::ZeroCopy::default(),
         };
         Ok(conn)
     }
@@ -339,7 +348,8 @@ impl Conn {
         if !f.connected && (!self.core.has_data() || self.core.error().is_some()) {
             r |= libc::POLLHUP;
         }
-        if self.core.error().is_some() {
+        // As for a kernel socket, MSG_ZEROCOPY notices waiting on the error queue: POLLERR.
+        if self.core.error().is_some() || self.zc.has_notice() {
             r |= libc::POLLERR;
         }
         r
@@ -359,14 +369,24 @@ impl Conn {
 
     /// Posts an RDMA write carrying `msg` (with immediate, or followed by a SEND on iWARP).
     fn post_write_msg(&self, msg: u32, payload: Payload<'_>, remote: (u64, u32)) -> Result<()> {
+        self.post_write_msg_id(msg as u64, msg, payload, remote)
+    }
+
+    /// [`Conn::post_write_msg`] with the write's own wr_id (flags besides the message).
+    fn post_write_msg_id(
+        &self,
+        wr_id: u64,
+        msg: u32,
+        payload: Payload<'_>,
+        remote: (u64, u32),
+    ) -> Result<()> {
         if self.core.config().msg_send {
-            self.ep.post_send(msg as u64, payload, Some(remote), None)?;
+            self.ep.post_send(wr_id, payload, Some(remote), None)?;
             let op_only = (msg & !0x1FFF_FFFF) as u64 | WR_ID_MSG_SEND;
             self.ep
                 .post_send(op_only, Payload::Inline(&msg.to_ne_bytes()), None, None)?;
         } else {
-            self.ep
-                .post_send(msg as u64, payload, Some(remote), Some(msg))?;
+            self.ep.post_send(wr_id, payload, Some(remote), Some(msg))?;
         }
         Ok(())
     }
@@ -431,6 +451,7 @@ impl Conn {
         self.flush_due()?;
         self.send_credits()?;
         self.send_announcements()?;
+        self.zc.reap(self.ep.sends_completed());
         Ok(any)
     }
 
@@ -1283,6 +1304,9 @@ impl StreamSocket {
     /// Sends `buf`; blocking sends everything, non-blocking what fits (EAGAIN if nothing).
     /// Writing after SHUT_WR gives EPIPE and raises SIGPIPE unless MSG_NOSIGNAL.
     pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
+        if flags & libc::MSG_ZEROCOPY != 0 && self.lock().opts.zerocopy && !buf.is_empty() {
+            return self.send_zero_copy(buf, flags);
+        }
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
         if buf.is_empty() {
             return self.wait_conn(true, |_| Ok(Some(0)));

@@ -690,6 +690,8 @@ impl CmId {
             sq_inline: attr.cap.max_inline_data,
             mrs: Vec::new(),
             user_mrs: Vec::new(),
+            sends_posted: std::cell::Cell::new(0),
+            sends_completed: std::cell::Cell::new(0),
             cq,
             comp,
             pd,
@@ -905,6 +907,10 @@ pub struct Endpoint {
     sq_inline: u32,
     mrs: Vec<MemoryRegion>,
     user_mrs: Vec<Option<UserRegion>>,
+    /// Send work requests posted and completed (every one is signalled, and an RC send
+    /// queue completes in order, so `completed >= n` means the first `n` are done).
+    sends_posted: std::cell::Cell<u64>,
+    sends_completed: std::cell::Cell<u64>,
     cq: CompletionQueue,
     comp: CompChannel,
     pd: ProtectionDomain,
@@ -1070,7 +1076,19 @@ impl Endpoint {
         let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
         // SAFETY: valid QP; wr and sge live across the call; dst lies in a registration
         // (UserSeg is only made by user_seg) whose memory the application vouched for.
-        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })
+        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
+        self.sends_posted.set(self.sends_posted.get() + 1);
+        Ok(())
+    }
+
+    /// Send work requests posted so far (a sequence number for [`Endpoint::sends_completed`]).
+    pub fn sends_posted(&self) -> u64 {
+        self.sends_posted.get()
+    }
+
+    /// Send work requests completed so far (successfully or not).
+    pub fn sends_completed(&self) -> u64 {
+        self.sends_completed.get()
     }
 
     fn mr(&self, id: MrId) -> &MemoryRegion {
@@ -1220,7 +1238,9 @@ impl Endpoint {
         }
         let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
         // SAFETY: valid QP; wr, sges and inline data live across the call (inline data is copied).
-        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })
+        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
+        self.sends_posted.set(self.sends_posted.get() + 1);
+        Ok(())
     }
 
     /// Polls up to `out.len()` completions.
@@ -1243,6 +1263,9 @@ impl Endpoint {
         for wc in &wcs[..n as usize] {
             // SAFETY: ibv_poll_cq initialised the first n entries.
             let wc = unsafe { wc.assume_init_ref() };
+            if wc.wr_id & crate::proto::stream::WR_ID_RECV == 0 {
+                self.sends_completed.set(self.sends_completed.get() + 1);
+            }
             let with_imm = wc.wc_flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
             out.push(Completion {
                 wr_id: wc.wr_id,

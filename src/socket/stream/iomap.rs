@@ -18,8 +18,8 @@ const MAX_RD_ATOM: u8 = 8;
 
 /// One riomap'd buffer.
 #[derive(Debug, Clone, Copy)]
-struct LocalMap {
-    mr: UserMrId,
+pub(super) struct LocalMap {
+    pub(super) mr: UserMrId,
     addr: u64,
     len: u64,
     offset: u64,
@@ -68,7 +68,7 @@ impl IoMaps {
     }
 
     /// The local map holding `[addr, addr + len)`, if any.
-    fn covering(&self, addr: u64, len: u64) -> Option<&LocalMap> {
+    pub(super) fn covering(&self, addr: u64, len: u64) -> Option<&LocalMap> {
         self.maps
             .iter()
             .find(|m| addr >= m.addr && addr.checked_add(len).is_some_and(|e| e <= m.addr + m.len))
@@ -264,7 +264,31 @@ impl StreamSocket {
         if buf.is_empty() {
             return Ok(0);
         }
-        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        let (nonblock, zero_copy) = {
+            let g = self.lock();
+            (
+                flags & libc::MSG_DONTWAIT != 0 || g.opts.nonblocking,
+                flags & libc::MSG_ZEROCOPY != 0 && g.opts.zerocopy,
+            )
+        };
+        if zero_copy {
+            let t = {
+                let mut g = self.lock();
+                let State::Connected(c) = &mut g.state else {
+                    return Err(Error::NotConnected);
+                };
+                c.progress()?;
+                let t =
+                    c.io.windows
+                        .lookup(offset, buf.len() as u64, PERM_WRITE)
+                        .map_err(window_error)?;
+                c.flush_now()?;
+                t
+            };
+            if let Some(r) = self.iowrite_zero_copy(buf, (t.addr, t.rkey), nonblock) {
+                return r;
+            }
+        }
         let mut done = 0usize;
         let mut target = None;
         let r = self.wait_conn(nonblock, |c| {
@@ -305,6 +329,10 @@ impl StreamSocket {
             }
             Ok((done == buf.len() || (nonblock && done > 0)).then_some(done))
         });
+        if zero_copy && done > 0 {
+            // Not registered memory: copied, and the notice says so.
+            self.track_zero_copy(true);
+        }
         match r {
             Err(_) if done > 0 => Ok(done),
             r => r,
