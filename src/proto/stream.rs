@@ -536,13 +536,15 @@ impl Stream {
         }
         let mut len = max.min(MAX_TRANSFER);
         let copy = kind == DirectKind::Write && !zero_copy;
-        let inline = copy && len <= self.cfg.sq_inline;
-        if copy && !inline {
+        // Copied bytes (inline ones too, like plan_write) are counted out of the ring's free
+        // space until they complete: never more than it has.
+        if copy {
             if self.sbuf_bytes_avail < SNDLOWAT.min(self.cfg.sbuf_size).min(len) {
                 return None;
             }
             len = len.min(self.sbuf_bytes_avail);
         }
+        let inline = copy && len <= self.cfg.sq_inline;
         self.sqe_avail -= 1;
         let (ring, ring_segs) = if copy {
             self.sbuf_bytes_avail -= len;

@@ -445,6 +445,26 @@ fn iomap_announcements_and_direct_operations_account_resources() {
     }
     assert_eq!(a.sbuf_bytes_avail, before);
     assert!(a.all_sends_done());
+    // With the ring nearly full, a small (inline-sized) write waits instead of counting more
+    // bytes out than the ring has (found as corrupted riowrite data on siw).
+    let mut held = Vec::new();
+    while let Some(d) = a.plan_direct(DirectKind::Write, 8192, false) {
+        held.push(d);
+    }
+    assert!(a.sbuf_bytes_avail < 64);
+    let left = a.sbuf_bytes_avail;
+    match a.plan_direct(DirectKind::Write, 64, false) {
+        Some(d) => {
+            assert!(d.len <= left);
+            held.push(d);
+        }
+        None => {}
+    }
+    assert!(a.sbuf_bytes_avail <= c.sbuf_size);
+    for d in held {
+        a.on_send_completion(d.wr_id, true);
+    }
+    assert_eq!(a.sbuf_bytes_avail, before);
     // A librdmacm peer (no extension flag) gets the bare index.
     let plain = ConnData {
         flags: wire::CONN_FLAG_IOMAP,
