@@ -453,12 +453,9 @@ fn iomap_announcements_and_direct_operations_account_resources() {
     }
     assert!(a.sbuf_bytes_avail < 64);
     let left = a.sbuf_bytes_avail;
-    match a.plan_direct(DirectKind::Write, 64, false) {
-        Some(d) => {
-            assert!(d.len <= left);
-            held.push(d);
-        }
-        None => {}
+    if let Some(d) = a.plan_direct(DirectKind::Write, 64, false) {
+        assert!(d.len <= left);
+        held.push(d);
     }
     assert!(a.sbuf_bytes_avail <= c.sbuf_size);
     for d in held {
