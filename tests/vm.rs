@@ -313,6 +313,61 @@ fn poll1(fd: i32, events: i16, timeout_ms: i32) -> i16 {
     p[0].revents
 }
 
+/// Ping-pong between two threads on non-blocking sockets that wait in rpoll(POLLIN, no timeout)
+/// on EAGAIN while the socket is writable: rpoll must arm for POLLIN although POLLOUT is ready
+/// (it did not, and slept forever; found by bench/rsbench -m poll).
+fn rpoll_pingpong_waits_for_pollin() {
+    let port = next_port();
+    let l = listener(port);
+    fn send64(s: &StreamSocket, v: u8) {
+        let b = [v; 64];
+        let mut sent = 0;
+        while sent < 64 {
+            match s.send(&b[sent..], 0) {
+                Ok(n) => sent += n,
+                Err(Error::WouldBlock) => {
+                    poll1(s.fd(), libc::POLLOUT, -1);
+                }
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+    fn recv64(s: &StreamSocket, v: u8) {
+        let mut b = [0u8; 64];
+        let mut got = 0;
+        while got < 64 {
+            match s.recv(&mut b[got..], 0) {
+                Ok(0) => panic!("early end of stream"),
+                Ok(n) => got += n,
+                Err(Error::WouldBlock) => {
+                    poll1(s.fd(), libc::POLLIN, -1);
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+        assert!(b.iter().all(|&x| x == v), "round {v}: wrong bytes");
+    }
+    let server = thread::spawn(move || {
+        // Through the descriptor table, as raccept does: rpoll finds rsockets there.
+        let s = socket::lookup(socket::insert(l.accept().expect("accept"))).unwrap();
+        s.set_options(|o| o.nonblocking = true);
+        for i in 0..300 {
+            recv64(&s, i as u8);
+            send64(&s, i as u8);
+        }
+        close(s);
+        close(l);
+    });
+    let c = connect(port);
+    c.set_options(|o| o.nonblocking = true);
+    for i in 0..300 {
+        send64(&c, i as u8);
+        recv64(&c, i as u8);
+    }
+    server.join().expect("server");
+    close(c);
+}
+
 /// Non-blocking connect (EINPROGRESS, POLLOUT, SO_ERROR 0), then one thread drives both ends
 /// of the connection with rpoll only: random sizes from 1 byte to 16 MiB in both directions at
 /// once, non-blocking sends and receives, verified byte for byte.
@@ -781,6 +836,10 @@ const TESTS: &[Test] = &[
         rpoll_driven_nonblocking_transfers,
     ),
     ("rpoll_with_regular_fds", rpoll_with_regular_fds),
+    (
+        "rpoll_pingpong_waits_for_pollin",
+        rpoll_pingpong_waits_for_pollin,
+    ),
     ("many_sockets_many_threads", many_sockets_many_threads),
     ("socket_options", socket_options),
     ("close_releases_everything", close_releases_everything),

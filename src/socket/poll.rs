@@ -28,7 +28,7 @@ fn check(fds: &mut [libc::pollfd], socks: &[Option<Arc<StreamSocket>>]) -> Resul
         }
         match &socks[i] {
             Some(s) => {
-                p.revents = s.poll_state(false)?.revents & mask(p.events);
+                p.revents = s.poll_state(None)?.revents & mask(p.events);
                 n += (p.revents != 0) as usize;
             }
             None => {
@@ -77,7 +77,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
             }
             match &socks[i] {
                 Some(s) => {
-                    let ps = s.poll_state(true)?;
+                    let ps = s.poll_state(Some(p.events))?;
                     ready |= ps.revents & mask(p.events) != 0;
                     for &fd in &ps.wait_fds[..ps.n_wait] {
                         sleep.push(libc::pollfd {
@@ -107,7 +107,15 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
                 (d - now).as_millis().clamp(1, i32::MAX as u128) as i32
             }
         };
+        crate::trace::trace!(
+            "rpoll: sleeping on {:?}",
+            sleep.iter().map(|p| p.fd).collect::<Vec<_>>()
+        );
         poll_fds(&mut sleep, wait_ms)?;
+        crate::trace::trace!(
+            "rpoll: woke {:?}",
+            sleep.iter().map(|p| (p.fd, p.revents)).collect::<Vec<_>>()
+        );
         for s in socks.iter().flatten() {
             s.poll_woke()?;
         }

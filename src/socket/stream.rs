@@ -172,7 +172,7 @@ pub struct PollState {
     /// POLLIN/POLLOUT/POLLHUP/POLLERR as for a kernel TCP socket.
     pub revents: i16,
     /// Descriptors that become readable when the state may have changed (after `arm`).
-    pub wait_fds: [RawFd; 2],
+    pub wait_fds: [RawFd; 3],
     /// How many of `wait_fds` are valid.
     pub n_wait: usize,
 }
@@ -553,6 +553,7 @@ impl Conn {
     /// Posts the gathered small sends now (before a shutdown, say).
     fn flush_now(&mut self) -> Result<()> {
         if let Some(w) = self.core.flush() {
+            trace!("flush {} gathered bytes", w.len);
             self.post_data(w, None)?;
         }
         Ok(())
@@ -1146,16 +1147,17 @@ impl StreamSocket {
         }
     }
 
-    /// Readiness for rpoll. Drives connection setup and completions; with `arm`, also arms the
-    /// CQ so that `wait_fds` become readable on the next change.
-    pub fn poll_state(&self, arm: bool) -> Result<PollState> {
+    /// Readiness for rpoll. Drives connection setup and completions; with `arm` = the events
+    /// the caller waits for, also arms the CQ (unless they are ready) so that `wait_fds` become
+    /// readable on the next change.
+    pub fn poll_state(&self, arm: Option<i16>) -> Result<PollState> {
         let mut g = self.lock();
         self.advance_connect(&mut g);
         self.collect_requests(&mut g);
         let ch = self.channel.fd();
         let mut ps = PollState {
             revents: 0,
-            wait_fds: [ch, -1],
+            wait_fds: [ch, -1, -1],
             n_wait: 1,
         };
         match &mut g.state {
@@ -1175,14 +1177,20 @@ impl StreamSocket {
             State::Connected(conn) => {
                 self.drive(conn)?;
                 ps.revents = conn.revents();
-                if ps.revents == 0 && arm {
+                // Arm unless what the caller waits for is there already (other readiness,
+                // such as POLLOUT while it waits for POLLIN, must not stop the arming).
+                let wanted =
+                    |r: i16| arm.is_some_and(|e| r & (e | libc::POLLERR | libc::POLLHUP) == 0);
+                if wanted(ps.revents) {
                     conn.ep.arm()?;
                     // A completion that raced with arming is visible now.
                     self.drive(conn)?;
                     ps.revents = conn.revents();
                 }
-                ps.wait_fds = [conn.ep.comp_fd(), ch];
-                ps.n_wait = 2;
+                // The waker too: the flusher thread may take the CQ event that was ours and
+                // passes it on there.
+                ps.wait_fds = [conn.ep.comp_fd(), ch, self.waker.fd()];
+                ps.n_wait = 3;
             }
         }
         Ok(ps)
@@ -1190,6 +1198,18 @@ impl StreamSocket {
 
     /// After rpoll slept: consume completion-channel and CM wake-ups so they don't repeat.
     pub fn poll_woke(&self) -> Result<()> {
+        self.woke(false)
+    }
+
+    /// After the flusher thread's sleep on this socket's completion channel ended.
+    pub(crate) fn flusher_woke(&self) -> Result<()> {
+        self.woke(true)
+    }
+
+    /// Consumes what woke a sleeper. The completion channel raises one event per arming and
+    /// every sleeper on it (wait_conn, rpoll, the flusher) may have armed it: an event taken by
+    /// one is passed on through the waker, which the others also sleep on.
+    fn woke(&self, flusher: bool) -> Result<()> {
         let mut g = self.lock();
         let sleeping = g.sleeping;
         if let State::Connected(conn) = &mut g.state {
@@ -1198,9 +1218,11 @@ impl StreamSocket {
                 took = true;
             }
             conn.drain_cm_events(&self.channel)?;
-            if took && sleeping {
-                // We took the wake-up of a thread sleeping in wait_conn: pass it on.
+            if took && (sleeping || flusher) {
                 self.waker.wake();
+            } else if !flusher && !sleeping {
+                // rpoll: a wake-up passed to us is used up (a wait_conn sleeper keeps its own).
+                self.waker.reset();
             }
             self.notify();
         } else if matches!(g.state, State::Idle { .. } | State::Failed) {
@@ -1333,6 +1355,10 @@ impl StreamSocket {
             && !self.in_flusher.swap(true, Ordering::AcqRel)
         {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
+            trace!(
+                "fd {}: gathered send, flusher registered",
+                self.channel.fd()
+            );
             crate::socket::flusher::register(h.clone());
         }
         match r {
