@@ -205,6 +205,8 @@ struct Conn {
     seen_activity: (u64, Instant),
     /// Last keepalive probe.
     last_probe: Option<Instant>,
+    /// Last look at the CM channel from a non-blocking call that found nothing to do.
+    last_cm_check: Instant,
     /// riomap state: the peer's windows, our mappings, announcements owed.
     io: iomap::IoMaps,
     /// MSG_ZEROCOPY calls in flight and notices not yet read.
@@ -297,6 +299,7 @@ impl Conn {
             activity: 0,
             seen_activity: (0, Instant::now()),
             last_probe: None,
+            last_cm_check: Instant::now(),
             io: iomap::IoMaps::new(dev.max_rd_atom),
             zc: zerocopy::ZeroCopy::default(),
         };
@@ -1269,6 +1272,19 @@ impl StreamSocket {
                 return Ok(r);
             }
             if nonblock {
+                // A program that only retries on EAGAIN never sleeps on the CM channel, so a
+                // peer that vanished (DISCONNECTED, no completion) would go unnoticed: look at
+                // the channel now and then (a syscall, so at most once a millisecond).
+                let now = Instant::now();
+                if now.duration_since(conn.last_cm_check) >= Duration::from_millis(1) {
+                    conn.last_cm_check = now;
+                    let was = conn.core.flags().connected;
+                    conn.drain_cm_events(&self.channel)?;
+                    if was && !conn.core.flags().connected {
+                        self.notify();
+                        continue;
+                    }
+                }
                 return Err(Error::WouldBlock);
             }
             let t0 = *spin_start.get_or_insert_with(Instant::now);
