@@ -358,6 +358,18 @@ impl Conn {
         r
     }
 
+    /// Data may still be sent: else EPIPE after our SHUT_WR, ECONNRESET when the connection
+    /// went away.
+    fn check_writable(&self) -> Result<()> {
+        if self.core.flags().writable {
+            Ok(())
+        } else if self.shut_wr {
+            Err(Error::BrokenPipe)
+        } else {
+            Err(Error::ConnectionReset)
+        }
+    }
+
     /// Posts a message: a 0-byte write with immediate, or an inline SEND on iWARP.
     fn post_msg(&self, msg: u32) -> Result<()> {
         if self.core.config().msg_send {
@@ -589,6 +601,22 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// What a send call returns: the bytes sent if any went, else the error, with SIGPIPE for
+/// EPIPE unless MSG_NOSIGNAL (as a kernel socket).
+fn send_result(r: Result<usize>, sent: usize, flags: i32) -> Result<usize> {
+    match r {
+        Ok(n) => Ok(n),
+        Err(_) if sent > 0 => Ok(sent),
+        Err(Error::BrokenPipe) => {
+            if flags & libc::MSG_NOSIGNAL == 0 {
+                raise_sigpipe();
+            }
+            Err(Error::BrokenPipe)
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -1355,13 +1383,7 @@ impl StreamSocket {
         let coalesce = handle.is_some();
         let mut pending = false;
         let r = self.wait_conn(nonblock, |c| {
-            if !c.core.flags().writable {
-                return Err(if c.shut_wr {
-                    Error::BrokenPipe
-                } else {
-                    Error::ConnectionReset
-                });
-            }
+            c.check_writable()?;
             sent += c.send_some(&buf[sent..], &mut olen, coalesce)?;
             pending = c.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
@@ -1377,17 +1399,7 @@ impl StreamSocket {
             );
             crate::socket::flusher::register(h.clone());
         }
-        match r {
-            Ok(n) => Ok(n),
-            Err(_) if sent > 0 => Ok(sent),
-            Err(Error::BrokenPipe) => {
-                if flags & libc::MSG_NOSIGNAL == 0 {
-                    raise_sigpipe();
-                }
-                Err(Error::BrokenPipe)
-            }
-            Err(e) => Err(e),
-        }
+        send_result(r, sent, flags)
     }
 
     /// Receives into `buf` (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT honoured). 0 means end of stream.

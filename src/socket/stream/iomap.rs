@@ -294,13 +294,7 @@ impl StreamSocket {
         let mut done = 0usize;
         let mut target = None;
         let r = self.wait_conn(nonblock, |c| {
-            if !c.core.flags().writable {
-                return Err(if c.shut_wr {
-                    Error::BrokenPipe
-                } else {
-                    Error::ConnectionReset
-                });
-            }
+            c.check_writable()?;
             let t = match target {
                 Some(t) => t,
                 None => {

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 
-use super::{Error, Payload, Result, State, StreamSocket, raise_sigpipe};
+use super::{Error, Payload, Result, State, StreamSocket, send_result};
 use crate::proto::stream::{DirectKind, WR_ID_NO_RING};
 use crate::proto::wire;
 
@@ -77,13 +77,7 @@ impl StreamSocket {
         // None until the first round: then whether the buffer is registered (and where).
         let mut source = None;
         let r = self.wait_conn(nonblock, |c| {
-            if !c.core.flags().writable {
-                return Err(if c.shut_wr {
-                    Error::BrokenPipe
-                } else {
-                    Error::ConnectionReset
-                });
-            }
+            c.check_writable()?;
             let mr = match source {
                 Some(m) => m,
                 None => {
@@ -123,17 +117,7 @@ impl StreamSocket {
         if sent > 0 {
             self.track_zero_copy(source.flatten().is_none());
         }
-        match r {
-            Ok(n) => Ok(n),
-            Err(_) if sent > 0 => Ok(sent),
-            Err(Error::BrokenPipe) => {
-                if flags & libc::MSG_NOSIGNAL == 0 {
-                    raise_sigpipe();
-                }
-                Err(Error::BrokenPipe)
-            }
-            Err(e) => Err(e),
-        }
+        send_result(r, sent, flags)
     }
 
     /// riowrite with MSG_ZEROCOPY from a registered buffer: posts direct writes from it.
