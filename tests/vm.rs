@@ -165,6 +165,71 @@ fn many_small_messages() {
     close(c);
 }
 
+/// Small sends back to back are staged and posted by the flusher (see `stream/stage.rs`):
+/// mixed with larger sends and non-blocking ones, and followed at once by SHUT_WR, every byte
+/// must arrive, in order, before the end of stream.
+fn staged_sends_keep_order_through_shutdown() {
+    let port = next_port();
+    let l = listener(port);
+    // Sizes from a fixed LCG: mostly small (staged), now and then past the staging limit.
+    let mut x = 12345u32;
+    let sizes: Vec<usize> = (0..20_000)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            if (x >> 16).is_multiple_of(50) {
+                2048 + (x >> 8) as usize % 6000
+            } else {
+                1 + (x >> 8) as usize % 200
+            }
+        })
+        .collect();
+    let total: usize = sizes.iter().sum();
+    let data = pattern(total, 77);
+    let expect = data.clone();
+    let server = thread::spawn(move || {
+        let c = l.accept().expect("accept");
+        let mut got = Vec::with_capacity(total);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = c.recv(&mut buf, 0).expect("recv");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got.len(), total, "bytes before the end of stream");
+        if let Some(i) = got.iter().zip(&expect).position(|(a, b)| a != b) {
+            panic!("server: stream differs at byte {i} of {total}");
+        }
+        send_all(&c, &(got.len() as u64).to_le_bytes());
+        c.close().unwrap();
+        close(l);
+    });
+    let c = connect(port);
+    let mut off = 0;
+    for (i, &n) in sizes.iter().enumerate() {
+        let mut b = &data[off..off + n];
+        while !b.is_empty() {
+            let flags = if i.is_multiple_of(7) {
+                libc::MSG_DONTWAIT
+            } else {
+                0
+            };
+            match c.send(b, flags) {
+                Ok(k) => b = &b[k..],
+                Err(Error::WouldBlock) => thread::yield_now(),
+                Err(e) => panic!("send: {e:?}"),
+            }
+        }
+        off += n;
+    }
+    c.shutdown(libc::SHUT_WR).expect("shutdown");
+    let n = u64::from_le_bytes(recv_exact(&c, 8).try_into().unwrap());
+    assert_eq!(n as usize, total);
+    server.join().expect("server");
+    close(c);
+}
+
 fn refused_connect() {
     let c = new_socket();
     c.bind(&addr(CLIENT, 0).into()).unwrap();
@@ -826,6 +891,10 @@ const TESTS: &[Test] = &[
         transfer_sizes_both_directions,
     ),
     ("many_small_messages", many_small_messages),
+    (
+        "staged_sends_keep_order_through_shutdown",
+        staged_sends_keep_order_through_shutdown,
+    ),
     ("refused_connect", refused_connect),
     ("half_close", half_close),
     ("nonblocking_and_peek", nonblocking_and_peek),

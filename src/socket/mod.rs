@@ -47,10 +47,13 @@ pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<RawFd> {
 /// Registers a socket (e.g. one returned by accept) and returns its descriptor.
 pub fn insert(s: StreamSocket) -> RawFd {
     let fd = s.fd();
+    let s = Arc::new(s);
+    // Reachable by the flusher from now on, so small sends may be gathered and staged.
+    s.set_handle(Arc::downgrade(&s));
     table()
         .write()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(fd, Arc::new(s));
+        .insert(fd, s);
     fd
 }
 

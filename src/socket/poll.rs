@@ -57,15 +57,21 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
         .iter()
         .map(|p| if p.fd >= 0 { lookup(p.fd).ok() } else { None })
         .collect();
-    let start = Instant::now();
     let polling = Duration::from_micros(Config::get().polling_time as u64);
-    let deadline = (timeout_ms >= 0).then(|| start + Duration::from_millis(timeout_ms as u64));
+    // The clock is read only once something has to wait (a read can cost a syscall).
+    let mut start = None;
+    let mut deadline = None;
     loop {
         let n = check(fds, &socks)?;
         if n > 0 || timeout_ms == 0 {
             return Ok(n);
         }
-        if start.elapsed() < polling {
+        let t0 = *start.get_or_insert_with(|| {
+            let t = Instant::now();
+            deadline = (timeout_ms >= 0).then(|| t + Duration::from_millis(timeout_ms as u64));
+            t
+        });
+        if t0.elapsed() < polling {
             continue;
         }
         // Arm, then sleep on everything that can change a state.

@@ -21,8 +21,13 @@ use crate::verbs::{
 };
 
 mod iomap;
+mod stage;
 mod zerocopy;
 pub use zerocopy::ZeroCopyNotice;
+
+/// A non-blocking call that finds nothing to do looks at the CM channel once in this many
+/// (a vanished peer shows there, not in the CQ).
+const CM_CHECK_EVERY: u32 = 256;
 
 /// Per-socket settings, fixed once the connection exists (as with librdmacm).
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +167,8 @@ pub struct StreamSocket {
     me: std::sync::OnceLock<std::sync::Weak<StreamSocket>>,
     /// The flusher holds this socket (registering again would cost a wake-up per send).
     pub(crate) in_flusher: std::sync::atomic::AtomicBool,
+    /// Small sends of a streaming application, for the flusher to post (see `stage`).
+    stage: stage::Stage,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -205,8 +212,8 @@ struct Conn {
     seen_activity: (u64, Instant),
     /// Last keepalive probe.
     last_probe: Option<Instant>,
-    /// Last look at the CM channel from a non-blocking call that found nothing to do.
-    last_cm_check: Instant,
+    /// Non-blocking calls that found nothing to do since the last look at the CM channel.
+    idle_calls: u32,
     /// riomap state: the peer's windows, our mappings, announcements owed.
     io: iomap::IoMaps,
     /// MSG_ZEROCOPY calls in flight and notices not yet read.
@@ -299,7 +306,7 @@ impl Conn {
             activity: 0,
             seen_activity: (0, Instant::now()),
             last_probe: None,
-            last_cm_check: Instant::now(),
+            idle_calls: 0,
             io: iomap::IoMaps::new(dev.max_rd_atom),
             zc: zerocopy::ZeroCopy::default(),
         };
@@ -705,6 +712,7 @@ impl StreamSocket {
             domain,
             me: std::sync::OnceLock::new(),
             in_flusher: std::sync::atomic::AtomicBool::new(false),
+            stage: stage::Stage::default(),
             channel,
         })
     }
@@ -738,17 +746,19 @@ impl StreamSocket {
     pub(crate) fn flush_state(&self) -> Result<Option<RawFd>> {
         let mut g = self.lock();
         let State::Connected(conn) = &mut g.state else {
-            self.in_flusher.store(false, Ordering::Release);
+            self.settle_stage(false);
             return Ok(None);
         };
+        self.flush_stage(conn)?;
         self.drive(conn)?;
-        if !conn.core.has_pending() || !conn.core.flags().connected {
-            self.in_flusher.store(false, Ordering::Release);
+        let connected = conn.core.flags().connected;
+        let staged = self.settle_stage(connected && conn.core.has_pending());
+        if !connected || (!staged && !conn.core.has_pending()) {
             return Ok(None);
         }
         conn.ep.arm()?;
         self.drive(conn)?;
-        Ok(conn.core.has_pending().then(|| conn.ep.comp_fd()))
+        Ok((conn.core.has_pending() || self.stage.len() > 0).then(|| conn.ep.comp_fd()))
     }
 
     /// Address family (SO_DOMAIN).
@@ -842,7 +852,9 @@ impl StreamSocket {
 
     /// Processes the connection's completions; wakes condvar waiters if anything changed.
     fn drive(&self, conn: &mut Conn) -> Result<bool> {
-        let any = conn.progress()?;
+        let mut any = conn.progress()?;
+        // Staged sends go before anything this call does.
+        any |= self.drain_stage(conn)? > 0;
         if any {
             self.notify();
         }
@@ -1302,10 +1314,12 @@ impl StreamSocket {
             if nonblock {
                 // A program that only retries on EAGAIN never sleeps on the CM channel, so a
                 // peer that vanished (DISCONNECTED, no completion) would go unnoticed: look at
-                // the channel now and then (a syscall, so at most once a millisecond).
-                let now = Instant::now();
-                if now.duration_since(conn.last_cm_check) >= Duration::from_millis(1) {
-                    conn.last_cm_check = now;
+                // the channel now and then: a syscall, so once every CM_CHECK_EVERY such calls
+                // (counted, not timed: a clock read costs a syscall where the clock source is
+                // not in the vDSO, as in the test VM, and would slow every EAGAIN).
+                conn.idle_calls += 1;
+                if conn.idle_calls >= CM_CHECK_EVERY {
+                    conn.idle_calls = 0;
                     let was = conn.core.flags().connected;
                     conn.drain_cm_events(&self.channel)?;
                     if was && !conn.core.flags().connected {
@@ -1373,10 +1387,14 @@ impl StreamSocket {
         if flags & libc::MSG_ZEROCOPY != 0 && self.lock().opts.zerocopy && !buf.is_empty() {
             return self.send_zero_copy(buf, flags);
         }
+        if let Some(n) = self.try_stage(buf) {
+            return Ok(n);
+        }
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
         if buf.is_empty() {
             return self.wait_conn(true, |_| Ok(Some(0)));
         }
+        let t0 = crate::verbs::ticks();
         let mut sent = 0;
         let mut olen = core::OLAP_START_SIZE;
         let handle = self.me.get();
@@ -1384,6 +1402,10 @@ impl StreamSocket {
         let mut pending = false;
         let r = self.wait_conn(nonblock, |c| {
             c.check_writable()?;
+            if self.stage.len() > 0 {
+                // Staged bytes that did not fit yet go first.
+                return Ok(None);
+            }
             sent += c.send_some(&buf[sent..], &mut olen, coalesce)?;
             pending = c.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
@@ -1399,6 +1421,9 @@ impl StreamSocket {
             );
             crate::socket::flusher::register(h.clone());
         }
+        if r.is_ok() && coalesce {
+            self.sent_directly(t0);
+        }
         send_result(r, sent, flags)
     }
 
@@ -1406,6 +1431,7 @@ impl StreamSocket {
     pub fn recv(&self, buf: &mut [u8], flags: i32) -> Result<usize> {
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
         let peek = flags & libc::MSG_PEEK != 0;
+        self.stage.on_recv();
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
         let mut got = 0;
         let r = self.wait_conn(nonblock, |c| {
@@ -1441,6 +1467,13 @@ impl StreamSocket {
             libc::SHUT_RDWR => (true, true),
             _ => return Err(Error::InvalidArgument),
         };
+        if wr {
+            // Staged sends leave before the shutdown (or are dropped if the connection broke).
+            self.close_stage();
+            if self.stage.len() > 0 {
+                self.wait_conn(false, |_| Ok((self.stage.len() == 0).then_some(())))?;
+            }
+        }
         let ctrl = {
             let mut g = self.lock();
             let State::Connected(c) = &mut g.state else {

@@ -1,0 +1,193 @@
+//! Staging: the small sends of a streaming application leave in fewer, fuller RDMA writes.
+//!
+//! Posting a write costs far more than copying a small message. On Soft-RoCE the post runs the
+//! whole transmit path in the calling thread, so the write has completed before the call
+//! returns, and gathering "while a write is in flight" (`Stream::plan_send`) never finds one in
+//! flight. So a small send that comes sooner after the previous send than that send's own post
+//! took is copied into the stage and handed to the flusher thread, which posts everything staged
+//! as one write while the application goes on staging the next messages.
+//!
+//! A lone message is never held back: a send after a receive, after a pause longer than a post,
+//! or with nothing staged and no send before it posts its own write at once, as before. Staged
+//! bytes keep their order: every call that takes the socket's lock posts the stage first
+//! (`drive`), and a send that does not stage waits until the stage is empty.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::{Conn, StreamSocket};
+use crate::error::Result;
+use crate::proto::stream as core;
+use crate::trace::trace;
+use crate::verbs::ticks;
+
+/// Largest send that may be staged (larger ones are worth a write of their own).
+const STAGE_MAX_MSG: usize = core::OLAP_START_SIZE as usize;
+/// Most bytes staged at once; beyond, sends take the ordinary path (and wait for room there).
+const STAGE_LIMIT: usize = 32 * 1024;
+/// Writes the flusher posts in one go while the application keeps staging, before it lets
+/// others have the socket's lock.
+const FLUSH_ROUNDS: usize = 16;
+
+/// The stage of one socket.
+#[derive(Debug, Default)]
+pub(super) struct Stage {
+    staged: Mutex<Staged>,
+    /// Bytes in `staged` (read without its lock by every `drive`).
+    len: AtomicUsize,
+    /// Ticks when the last send returned (staged: when it started); 0 after a receive (a
+    /// reply is not a stream).
+    last_send: AtomicU64,
+    /// What the last send that posted its own write took, in ticks.
+    post_cost: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Staged {
+    bytes: Vec<u8>,
+    /// Staging allowed: a send succeeded and no shutdown or error came since.
+    open: bool,
+    /// The flusher was handed the stage and has not found it empty since.
+    queued: bool,
+}
+
+impl Stage {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Staged> {
+        self.staged.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes staged.
+    pub(super) fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// A receive: the next send answers the peer, it is not part of a stream.
+    pub(super) fn on_recv(&self) {
+        self.last_send.store(0, Ordering::Relaxed);
+    }
+}
+
+impl StreamSocket {
+    /// Stages `buf` if the application is streaming small sends (see the module comment);
+    /// `None` means send it the ordinary way.
+    pub(super) fn try_stage(&self, buf: &[u8]) -> Option<usize> {
+        if buf.len() >= STAGE_MAX_MSG || buf.is_empty() {
+            return None;
+        }
+        let st = &self.stage;
+        let last = st.last_send.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
+        }
+        let now = ticks();
+        if now.wrapping_sub(last) >= st.post_cost.load(Ordering::Relaxed) {
+            return None;
+        }
+        let me = self.me.get()?;
+        let mut s = st.lock();
+        if !s.open || s.bytes.len() + buf.len() > STAGE_LIMIT {
+            return None;
+        }
+        s.bytes.extend_from_slice(buf);
+        st.len.store(s.bytes.len(), Ordering::Release);
+        let hand_over = !std::mem::replace(&mut s.queued, true);
+        if hand_over {
+            // Under the stage's lock, so the flusher cannot let go of the socket between this
+            // and its look at the stage (see `settle_stage`).
+            self.in_flusher.store(true, Ordering::Release);
+        }
+        drop(s);
+        st.last_send.store(now, Ordering::Relaxed);
+        if hand_over {
+            crate::socket::flusher::register(me.clone());
+        }
+        Some(buf.len())
+    }
+
+    /// After a send that posted its own write: `t0` is when it started. Opens the stage.
+    pub(super) fn sent_directly(&self, t0: u64) {
+        let st = &self.stage;
+        let now = ticks();
+        st.post_cost.store(now.wrapping_sub(t0), Ordering::Relaxed);
+        st.last_send.store(now, Ordering::Relaxed);
+        let mut s = st.lock();
+        s.open = true;
+    }
+
+    /// Stops staging (shutdown): later sends take the ordinary path, which reports the error.
+    pub(super) fn close_stage(&self) {
+        self.stage.lock().open = false;
+        self.stage.last_send.store(0, Ordering::Relaxed);
+    }
+
+    /// Posts what is staged, as far as credits and buffers allow; returns the bytes posted.
+    /// On a connection that can no longer send, staged bytes are dropped (as a TCP socket's
+    /// send queue is on a reset) and staging stops.
+    pub(super) fn drain_stage(&self, conn: &mut Conn) -> Result<usize> {
+        let st = &self.stage;
+        if st.len() == 0 {
+            return Ok(0);
+        }
+        if !conn.core.flags().writable || conn.shut_wr {
+            let mut s = st.lock();
+            s.open = false;
+            s.bytes.clear();
+            st.len.store(0, Ordering::Release);
+            return Ok(0);
+        }
+        // Taken out, so the application can stage more while this posts.
+        let mut bytes = std::mem::take(&mut st.lock().bytes);
+        let mut olen = core::MAX_TRANSFER;
+        let r = conn.send_some(&bytes, &mut olen, true);
+        let posted = *r.as_ref().unwrap_or(&0);
+        let mut s = st.lock();
+        if r.is_err() {
+            s.open = false;
+            s.bytes.clear();
+            bytes.clear();
+        }
+        bytes.drain(..posted.min(bytes.len()));
+        if !bytes.is_empty() {
+            // What did not fit goes before anything staged meanwhile.
+            bytes.extend_from_slice(&s.bytes);
+            s.bytes = bytes;
+        } else if s.bytes.is_empty() {
+            // Keep the allocation.
+            s.bytes = bytes;
+        }
+        st.len.store(s.bytes.len(), Ordering::Release);
+        drop(s);
+        if posted > 0 {
+            trace!("fd {}: posted {posted} staged bytes", self.channel.fd());
+        }
+        r.map(|_| posted)
+    }
+
+    /// Flusher: posts the stage again and again while the application keeps staging (each
+    /// round is one write gathering what came during the previous one).
+    pub(super) fn flush_stage(&self, conn: &mut Conn) -> Result<()> {
+        for _ in 0..FLUSH_ROUNDS {
+            conn.progress()?;
+            if self.drain_stage(conn)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Flusher, after posting: whether staged bytes still wait (for credits or room). When
+    /// the stage is empty and `more` (gathered sends) is false, the flusher lets go of the
+    /// socket; decided under the stage's lock so that a send staging meanwhile hands it over
+    /// again.
+    pub(super) fn settle_stage(&self, more: bool) -> bool {
+        let mut s = self.stage.lock();
+        if !s.bytes.is_empty() {
+            return true;
+        }
+        s.queued = false;
+        if !more {
+            self.in_flusher.store(false, Ordering::Release);
+        }
+        false
+    }
+}
