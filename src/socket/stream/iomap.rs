@@ -295,6 +295,10 @@ impl StreamSocket {
         let mut target = None;
         let r = self.wait_conn(nonblock, |c| {
             c.check_writable()?;
+            if self.stage.len() > 0 {
+                // Staged sends go first: the order on the wire is the call order.
+                return Ok(None);
+            }
             let t = match target {
                 Some(t) => t,
                 None => {

@@ -78,6 +78,10 @@ impl StreamSocket {
         let mut source = None;
         let r = self.wait_conn(nonblock, |c| {
             c.check_writable()?;
+            if self.stage.len() > 0 {
+                // Staged sends go first: the order on the wire is the call order.
+                return Ok(None);
+            }
             let mr = match source {
                 Some(m) => m,
                 None => {
@@ -140,6 +144,10 @@ impl StreamSocket {
         let r = self.wait_conn(nonblock, |c| {
             if !c.core.flags().writable {
                 return Err(Error::ConnectionReset);
+            }
+            if self.stage.len() > 0 {
+                // Staged sends go first: the order on the wire is the call order.
+                return Ok(None);
             }
             while done < buf.len() {
                 let left = (buf.len() - done).min(u32::MAX as usize) as u32;
