@@ -746,6 +746,7 @@ impl StreamSocket {
     pub(crate) fn flush_state(&self) -> Result<Option<RawFd>> {
         let mut g = self.lock();
         let State::Connected(conn) = &mut g.state else {
+            self.drop_stage();
             self.settle_stage(false);
             return Ok(None);
         };
@@ -1396,7 +1397,7 @@ impl StreamSocket {
         }
         let t0 = crate::verbs::ticks();
         let mut sent = 0;
-        let mut olen = core::OLAP_START_SIZE;
+        let mut olen = self.stage.first_write_size();
         let handle = self.me.get();
         let coalesce = handle.is_some();
         let mut pending = false;
@@ -1422,7 +1423,7 @@ impl StreamSocket {
             crate::socket::flusher::register(h.clone());
         }
         if r.is_ok() && coalesce {
-            self.sent_directly(t0);
+            self.sent_directly(t0, olen);
         }
         send_result(r, sent, flags)
     }

@@ -13,7 +13,7 @@
 //! (`drive`), and a send that does not stage waits until the stage is empty.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::{Conn, StreamSocket};
 use crate::error::Result;
@@ -40,6 +40,9 @@ pub(super) struct Stage {
     last_send: AtomicU64,
     /// What the last send that posted its own write took, in ticks.
     post_cost: AtomicU64,
+    /// Write size the last send had reached (a send starts with small writes and doubles
+    /// them, so the first bytes leave early); a send that continues a stream goes on from there.
+    olen: AtomicU32,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +68,24 @@ impl Stage {
     pub(super) fn on_recv(&self) {
         self.last_send.store(0, Ordering::Relaxed);
     }
+
+    /// Whether a send now continues a stream: it comes sooner after the previous send than
+    /// that send's post took, with no receive in between.
+    fn streaming(&self, now: u64) -> bool {
+        let last = self.last_send.load(Ordering::Relaxed);
+        last != 0 && now.wrapping_sub(last) < self.post_cost.load(Ordering::Relaxed)
+    }
+
+    /// The write size a send starts with: where the previous send left off if this one
+    /// continues a stream (the pipe is busy already, small writes would only cost more posts,
+    /// completions and credits), else small.
+    pub(super) fn first_write_size(&self) -> u32 {
+        if self.streaming(ticks()) {
+            self.olen.load(Ordering::Relaxed).max(core::OLAP_START_SIZE)
+        } else {
+            core::OLAP_START_SIZE
+        }
+    }
 }
 
 impl StreamSocket {
@@ -75,12 +96,8 @@ impl StreamSocket {
             return None;
         }
         let st = &self.stage;
-        let last = st.last_send.load(Ordering::Relaxed);
-        if last == 0 {
-            return None;
-        }
         let now = ticks();
-        if now.wrapping_sub(last) >= st.post_cost.load(Ordering::Relaxed) {
+        if !st.streaming(now) {
             return None;
         }
         let me = self.me.get()?;
@@ -104,9 +121,11 @@ impl StreamSocket {
         Some(buf.len())
     }
 
-    /// After a send that posted its own write: `t0` is when it started. Opens the stage.
-    pub(super) fn sent_directly(&self, t0: u64) {
+    /// After a send that posted its own writes: `t0` is when it started, `olen` the write size
+    /// it reached. Opens the stage.
+    pub(super) fn sent_directly(&self, t0: u64, olen: u32) {
         let st = &self.stage;
+        st.olen.store(olen, Ordering::Relaxed);
         let now = ticks();
         st.post_cost.store(now.wrapping_sub(t0), Ordering::Relaxed);
         st.last_send.store(now, Ordering::Relaxed);
@@ -120,6 +139,14 @@ impl StreamSocket {
         self.stage.last_send.store(0, Ordering::Relaxed);
     }
 
+    /// Drops what is staged (the connection is gone) and stops staging.
+    pub(super) fn drop_stage(&self) {
+        let mut s = self.stage.lock();
+        s.open = false;
+        s.bytes.clear();
+        self.stage.len.store(0, Ordering::Release);
+    }
+
     /// Posts what is staged, as far as credits and buffers allow; returns the bytes posted.
     /// On a connection that can no longer send, staged bytes are dropped (as a TCP socket's
     /// send queue is on a reset) and staging stops.
@@ -129,10 +156,7 @@ impl StreamSocket {
             return Ok(0);
         }
         if !conn.core.flags().writable || conn.shut_wr {
-            let mut s = st.lock();
-            s.open = false;
-            s.bytes.clear();
-            st.len.store(0, Ordering::Release);
+            self.drop_stage();
             return Ok(0);
         }
         // Taken out, so the application can stage more while this posts.
