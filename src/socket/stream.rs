@@ -851,6 +851,13 @@ impl StreamSocket {
         self.channel.fd()
     }
 
+    /// Whether data may be posted on `c` now: EPIPE/ECONNRESET if it cannot be sent at all,
+    /// false while staged sends wait (they go first: the order on the wire is the call order).
+    fn may_post_data(&self, c: &Conn) -> Result<bool> {
+        c.check_writable()?;
+        Ok(self.stage.len() == 0)
+    }
+
     /// Processes the connection's completions; wakes condvar waiters if anything changed.
     fn drive(&self, conn: &mut Conn) -> Result<bool> {
         let mut any = conn.progress()?;
@@ -1388,23 +1395,21 @@ impl StreamSocket {
         if flags & libc::MSG_ZEROCOPY != 0 && self.lock().opts.zerocopy && !buf.is_empty() {
             return self.send_zero_copy(buf, flags);
         }
-        if let Some(n) = self.try_stage(buf) {
+        let t0 = crate::verbs::ticks();
+        if let Some(n) = self.try_stage(buf, t0) {
             return Ok(n);
         }
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
         if buf.is_empty() {
             return self.wait_conn(true, |_| Ok(Some(0)));
         }
-        let t0 = crate::verbs::ticks();
         let mut sent = 0;
-        let mut olen = self.stage.first_write_size();
+        let mut olen = self.stage.first_write_size(t0);
         let handle = self.me.get();
         let coalesce = handle.is_some();
         let mut pending = false;
         let r = self.wait_conn(nonblock, |c| {
-            c.check_writable()?;
-            if self.stage.len() > 0 {
-                // Staged bytes that did not fit yet go first.
+            if !self.may_post_data(c)? {
                 return Ok(None);
             }
             sent += c.send_some(&buf[sent..], &mut olen, coalesce)?;

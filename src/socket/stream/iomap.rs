@@ -294,9 +294,7 @@ impl StreamSocket {
         let mut done = 0usize;
         let mut target = None;
         let r = self.wait_conn(nonblock, |c| {
-            c.check_writable()?;
-            if self.stage.len() > 0 {
-                // Staged sends go first: the order on the wire is the call order.
+            if !self.may_post_data(c)? {
                 return Ok(None);
             }
             let t = match target {

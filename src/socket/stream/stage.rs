@@ -79,8 +79,8 @@ impl Stage {
     /// The write size a send starts with: where the previous send left off if this one
     /// continues a stream (the pipe is busy already, small writes would only cost more posts,
     /// completions and credits), else small.
-    pub(super) fn first_write_size(&self) -> u32 {
-        if self.streaming(ticks()) {
+    pub(super) fn first_write_size(&self, now: u64) -> u32 {
+        if self.streaming(now) {
             self.olen.load(Ordering::Relaxed).max(core::OLAP_START_SIZE)
         } else {
             core::OLAP_START_SIZE
@@ -90,13 +90,12 @@ impl Stage {
 
 impl StreamSocket {
     /// Stages `buf` if the application is streaming small sends (see the module comment);
-    /// `None` means send it the ordinary way.
-    pub(super) fn try_stage(&self, buf: &[u8]) -> Option<usize> {
+    /// `now` is when the send started (ticks). `None` means send it the ordinary way.
+    pub(super) fn try_stage(&self, buf: &[u8], now: u64) -> Option<usize> {
         if buf.len() >= STAGE_MAX_MSG || buf.is_empty() {
             return None;
         }
         let st = &self.stage;
-        let now = ticks();
         if !st.streaming(now) {
             return None;
         }
@@ -162,15 +161,16 @@ impl StreamSocket {
         // Taken out, so the application can stage more while this posts.
         let mut bytes = std::mem::take(&mut st.lock().bytes);
         let mut olen = core::MAX_TRANSFER;
-        let r = conn.send_some(&bytes, &mut olen, true);
-        let posted = *r.as_ref().unwrap_or(&0);
+        let posted = match conn.send_some(&bytes, &mut olen, true) {
+            Ok(n) => n,
+            Err(e) => {
+                // The post failed: the connection is gone, and so is what was staged.
+                self.drop_stage();
+                return Err(e);
+            }
+        };
         let mut s = st.lock();
-        if r.is_err() {
-            s.open = false;
-            s.bytes.clear();
-            bytes.clear();
-        }
-        bytes.drain(..posted.min(bytes.len()));
+        bytes.drain(..posted);
         if !bytes.is_empty() {
             // What did not fit goes before anything staged meanwhile.
             bytes.extend_from_slice(&s.bytes);
@@ -184,7 +184,7 @@ impl StreamSocket {
         if posted > 0 {
             trace!("fd {}: posted {posted} staged bytes", self.channel.fd());
         }
-        r.map(|_| posted)
+        Ok(posted)
     }
 
     /// Flusher: posts the stage again and again while the application keeps staging (each

@@ -77,9 +77,7 @@ impl StreamSocket {
         // None until the first round: then whether the buffer is registered (and where).
         let mut source = None;
         let r = self.wait_conn(nonblock, |c| {
-            c.check_writable()?;
-            if self.stage.len() > 0 {
-                // Staged sends go first: the order on the wire is the call order.
+            if !self.may_post_data(c)? {
                 return Ok(None);
             }
             let mr = match source {
