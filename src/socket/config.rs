@@ -10,6 +10,10 @@ use std::sync::OnceLock;
 pub struct Config {
     /// Microseconds to busy-poll before sleeping on the completion channel.
     pub polling_time: u32,
+    /// No `polling_time` file: blocking calls adapt their busy-poll between `polling_time` and
+    /// [`crate::socket::spin::CAP_US`] to the waits they see (see [`crate::socket::spin`]); a
+    /// `polling_time` file fixes it, as in librdmacm.
+    pub adaptive_spin: bool,
     /// Milliseconds between wake-ups of internal services.
     pub wake_up_interval: u32,
     /// Default inline send size.
@@ -30,6 +34,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             polling_time: 10,
+            adaptive_spin: true,
             wake_up_interval: 500,
             inline_default: 64,
             sqsize_default: 384,
@@ -53,6 +58,8 @@ impl Config {
             }
         };
         read("polling_time", &mut c.polling_time);
+        c.adaptive_spin =
+            c.polling_time == Config::default().polling_time && !dir.join("polling_time").exists();
         read("wake_up_interval", &mut c.wake_up_interval);
         read("inline_default", &mut c.inline_default);
         read("sqsize_default", &mut c.sqsize_default);
@@ -95,6 +102,7 @@ mod tests {
         std::fs::write(dir.join("sqsize_default"), "garbage").unwrap();
         let c = Config::load(&dir);
         assert_eq!(c.polling_time, 25);
+        assert!(!c.adaptive_spin, "a polling_time file fixes the busy-poll");
         assert_eq!(c.mem_default, 4096, "below 2048 becomes 4096");
         assert_eq!(c.sqsize_default, 384, "unparsable keeps the default");
         assert_eq!(Config::load(Path::new("/nonexistent")), Config::default());

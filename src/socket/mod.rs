@@ -8,18 +8,40 @@ pub mod flusher;
 pub mod keepalive;
 pub mod options;
 pub mod poll;
+pub mod spin;
 pub mod stream;
 
-use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
 pub use stream::StreamSocket;
 
-fn table() -> &'static RwLock<HashMap<RawFd, Arc<StreamSocket>>> {
-    static TABLE: OnceLock<RwLock<HashMap<RawFd, Arc<StreamSocket>>>> = OnceLock::new();
-    TABLE.get_or_init(|| RwLock::new(HashMap::new()))
+/// The descriptor table, indexed by descriptor number (descriptors are small integers, and a
+/// lookup runs on every call: no hashing).
+struct Table(Vec<Option<Arc<StreamSocket>>>);
+
+impl Table {
+    fn get(&self, fd: RawFd) -> Option<&Arc<StreamSocket>> {
+        self.0.get(usize::try_from(fd).ok()?)?.as_ref()
+    }
+
+    fn insert(&mut self, fd: RawFd, s: Arc<StreamSocket>) {
+        let i = usize::try_from(fd).expect("descriptors are not negative");
+        if self.0.len() <= i {
+            self.0.resize(i + 1, None);
+        }
+        self.0[i] = Some(s);
+    }
+
+    fn remove(&mut self, fd: RawFd) -> Option<Arc<StreamSocket>> {
+        self.0.get_mut(usize::try_from(fd).ok()?)?.take()
+    }
+}
+
+fn table() -> &'static RwLock<Table> {
+    static TABLE: OnceLock<RwLock<Table>> = OnceLock::new();
+    TABLE.get_or_init(|| RwLock::new(Table(Vec::new())))
 }
 
 /// Creates an rsocket and returns its descriptor.
@@ -62,7 +84,7 @@ pub fn lookup(fd: RawFd) -> Result<Arc<StreamSocket>> {
     table()
         .read()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&fd)
+        .get(fd)
         .cloned()
         .ok_or(Error::BadDescriptor)
 }
@@ -72,7 +94,7 @@ pub fn close(fd: RawFd) -> Result<()> {
     let s = table()
         .write()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&fd)
+        .remove(fd)
         .ok_or(Error::BadDescriptor)?;
     s.close()
 }

@@ -1,16 +1,23 @@
 //! rpoll over rsockets and regular descriptors together.
 //!
-//! Like librdmacm: check every rsocket (driving its completions), busy-poll for `polling_time`
-//! µs, then arm each rsocket's CQ and sleep in poll(2) on the completion channels, the CM channels
-//! and the caller's regular descriptors.
+//! Like librdmacm: check every rsocket (driving its completions), busy-poll (for `polling_time`
+//! µs, or adaptively: [`crate::socket::spin`]), then arm each rsocket's CQ and sleep in poll(2)
+//! on the completion channels, the CM channels and the caller's regular descriptors.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
-use crate::socket::config::Config;
+use crate::socket::spin::Spin;
+use crate::socket::stream::new_spin;
 use crate::socket::{StreamSocket, lookup};
-use crate::verbs::poll_fds;
+use crate::verbs::{poll_fds, ticks};
+
+thread_local! {
+    /// rpoll's busy-poll window: per thread, as a thread tends to wait on the same sockets.
+    static SPIN: std::cell::Cell<Spin> = std::cell::Cell::new(new_spin());
+}
 
 fn mask(events: i16) -> i16 {
     events | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL
@@ -57,21 +64,33 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
         .iter()
         .map(|p| if p.fd >= 0 { lookup(p.fd).ok() } else { None })
         .collect();
-    let polling = Duration::from_micros(Config::get().polling_time as u64);
-    // The clock is read only once something has to wait (a read can cost a syscall).
+    // The busy-poll is timed with the tick counter, and the clock is read only when there is
+    // a timeout to keep (a clock read can cost a syscall).
     let mut start = None;
     let mut deadline = None;
+    let mut slept = false;
     loop {
         let n = check(fds, &socks)?;
         if n > 0 || timeout_ms == 0 {
+            if n > 0
+                && let Some(t0) = start
+            {
+                SPIN.with(|s| {
+                    let mut sp = s.get();
+                    sp.record(ticks().wrapping_sub(t0), slept);
+                    s.set(sp);
+                });
+            }
             return Ok(n);
         }
+        let now = ticks();
         let t0 = *start.get_or_insert_with(|| {
-            let t = Instant::now();
-            deadline = (timeout_ms >= 0).then(|| t + Duration::from_millis(timeout_ms as u64));
-            t
+            if timeout_ms > 0 {
+                deadline = Some(Instant::now() + Duration::from_millis(timeout_ms as u64));
+            }
+            now
         });
-        if t0.elapsed() < polling {
+        if now.wrapping_sub(t0) < SPIN.with(|s| s.get().window()) {
             continue;
         }
         // Arm, then sleep on everything that can change a state.
@@ -117,13 +136,21 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
             "rpoll: sleeping on {:?}",
             sleep.iter().map(|p| p.fd).collect::<Vec<_>>()
         );
+        slept = true;
         poll_fds(&mut sleep, wait_ms)?;
         crate::trace::trace!(
             "rpoll: woke {:?}",
             sleep.iter().map(|p| (p.fd, p.revents)).collect::<Vec<_>>()
         );
-        for s in socks.iter().flatten() {
-            s.poll_woke()?;
+        let ready: Vec<RawFd> = sleep
+            .iter()
+            .filter(|p| p.revents != 0)
+            .map(|p| p.fd)
+            .collect();
+        if !ready.is_empty() {
+            for s in socks.iter().flatten() {
+                s.poll_woke(&ready)?;
+            }
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::proto::stream::{
 };
 use crate::proto::wire::{self, ConnData, Ctrl, Msg, RemoteSge};
 use crate::socket::config::Config;
+use crate::socket::spin::Spin;
 use crate::trace::trace;
 use crate::verbs::{
     Access, CmEvent, CmEventKind, CmId, CmOption, Completion, ConnParam, Endpoint, EventChannel,
@@ -25,9 +26,11 @@ mod stage;
 mod zerocopy;
 pub use zerocopy::ZeroCopyNotice;
 
-/// A non-blocking call that finds nothing to do looks at the CM channel once in this many
-/// (a vanished peer shows there, not in the CQ).
-const CM_CHECK_EVERY: u32 = 256;
+/// A non-blocking call that finds nothing to do looks at the CM channel when this many
+/// microseconds passed since the last look (a vanished peer shows there, not in the CQ).
+const CM_CHECK_US: u64 = 10_000;
+/// Idle non-blocking calls between two reads of the tick counter for that check.
+const CM_TICK_EVERY: u32 = 64;
 
 /// Per-socket settings, fixed once the connection exists (as with librdmacm).
 #[derive(Debug, Clone, Copy)]
@@ -169,6 +172,8 @@ pub struct StreamSocket {
     pub(crate) in_flusher: std::sync::atomic::AtomicBool,
     /// Small sends of a streaming application, for the flusher to post (see `stage`).
     stage: stage::Stage,
+    /// `opts.nonblocking`, readable without the lock (every send and receive asks).
+    nonblocking: std::sync::atomic::AtomicBool,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -212,8 +217,12 @@ struct Conn {
     seen_activity: (u64, Instant),
     /// Last keepalive probe.
     last_probe: Option<Instant>,
-    /// Non-blocking calls that found nothing to do since the last look at the CM channel.
+    /// When (ticks) a non-blocking call that found nothing to do last looked at the CM channel.
+    cm_checked: u64,
+    /// Non-blocking calls that found nothing to do (counts the reads of the tick counter).
     idle_calls: u32,
+    /// How long blocking calls busy-poll before sleeping.
+    spin: Spin,
     /// riomap state: the peer's windows, our mappings, announcements owed.
     io: iomap::IoMaps,
     /// MSG_ZEROCOPY calls in flight and notices not yet read.
@@ -306,7 +315,9 @@ impl Conn {
             activity: 0,
             seen_activity: (0, Instant::now()),
             last_probe: None,
+            cm_checked: crate::verbs::ticks(),
             idle_calls: 0,
+            spin: new_spin(),
             io: iomap::IoMaps::new(dev.max_rd_atom),
             zc: zerocopy::ZeroCopy::default(),
         };
@@ -627,6 +638,21 @@ fn send_result(r: Result<usize>, sent: usize, flags: i32) -> Result<usize> {
     }
 }
 
+/// The busy-poll window (`polling_time`) in [`crate::verbs::ticks`].
+pub(crate) fn polling_ticks() -> u64 {
+    Config::get().polling_time as u64 * crate::verbs::ticks_per_us()
+}
+
+/// A connection's busy-poll policy: adaptive unless `polling_time` is configured.
+pub(crate) fn new_spin() -> Spin {
+    let cap = if Config::get().adaptive_spin {
+        crate::socket::spin::CAP_US * crate::verbs::ticks_per_us()
+    } else {
+        0
+    };
+    Spin::new(polling_ticks(), cap)
+}
+
 /// Waits until `fds` has input or `timeout` passes (None: forever). EINTR counts as a wake-up.
 fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
     let mut pfds: Vec<libc::pollfd> = fds
@@ -699,6 +725,7 @@ impl StreamSocket {
 
     fn from_parts(channel: EventChannel, state: State, opts: Options, domain: i32) -> Result<Self> {
         Ok(StreamSocket {
+            nonblocking: std::sync::atomic::AtomicBool::new(opts.nonblocking),
             inner: Mutex::new(Inner {
                 state,
                 opts,
@@ -889,7 +916,15 @@ impl StreamSocket {
 
     /// Changes options (only sizes before connecting take effect, as upstream).
     pub fn set_options(&self, f: impl FnOnce(&mut Options)) {
-        f(&mut self.lock().opts);
+        let mut g = self.lock();
+        f(&mut g.opts);
+        self.nonblocking
+            .store(g.opts.nonblocking, Ordering::Relaxed);
+    }
+
+    /// O_NONBLOCK is set.
+    fn is_nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
     }
 
     /// Whether a connection exists (or is being set up).
@@ -1247,36 +1282,52 @@ impl StreamSocket {
         Ok(ps)
     }
 
-    /// After rpoll slept: consume completion-channel and CM wake-ups so they don't repeat.
-    pub fn poll_woke(&self) -> Result<()> {
-        self.woke(false)
+    /// After rpoll slept: consume the completion-channel, CM and waker wake-ups among the
+    /// descriptors in `ready` (those poll(2) found readable) so they don't repeat. Only those:
+    /// each look at a descriptor that has nothing is a syscall on the latency path.
+    pub fn poll_woke(&self, ready: &[RawFd]) -> Result<()> {
+        let comp = {
+            let g = self.lock();
+            match &g.state {
+                State::Connected(conn) => ready.contains(&conn.ep.comp_fd()),
+                _ => false,
+            }
+        };
+        self.woke(
+            false,
+            comp,
+            ready.contains(&self.channel.fd()),
+            ready.contains(&self.waker.fd()),
+        )
     }
 
     /// After the flusher thread's sleep on this socket's completion channel ended.
     pub(crate) fn flusher_woke(&self) -> Result<()> {
-        self.woke(true)
+        self.woke(true, true, false, false)
     }
 
     /// Consumes what woke a sleeper. The completion channel raises one event per arming and
     /// every sleeper on it (wait_conn, rpoll, the flusher) may have armed it: an event taken by
     /// one is passed on through the waker, which the others also sleep on.
-    fn woke(&self, flusher: bool) -> Result<()> {
+    /// `comp`, `cm`, `wake`: which of the socket's descriptors were readable.
+    fn woke(&self, flusher: bool, comp: bool, cm: bool, wake: bool) -> Result<()> {
         let mut g = self.lock();
         let sleeping = g.sleeping;
         if let State::Connected(conn) = &mut g.state {
-            let mut took = false;
-            while conn.ep.take_cq_event() {
-                took = true;
+            // One arming raises at most one event, and the CQ is armed again only once that
+            // event was taken: there is at most one to take.
+            let took = comp && conn.ep.take_cq_event();
+            if cm {
+                conn.drain_cm_events(&self.channel)?;
             }
-            conn.drain_cm_events(&self.channel)?;
             if took && (sleeping || flusher) {
                 self.waker.wake();
-            } else if !flusher && !sleeping {
+            } else if !flusher && !sleeping && wake {
                 // rpoll: a wake-up passed to us is used up (a wait_conn sleeper keeps its own).
                 self.waker.reset();
             }
             self.notify();
-        } else if matches!(g.state, State::Idle { .. } | State::Failed) {
+        } else if cm && matches!(g.state, State::Idle { .. } | State::Failed) {
             // Stray CM events (after a failed connect) would keep the channel readable.
             while self.channel.get_event().is_ok() {}
         }
@@ -1290,9 +1341,12 @@ impl StreamSocket {
         nonblock: bool,
         mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
     ) -> Result<R> {
-        let polling = Duration::from_micros(Config::get().polling_time as u64);
         let mut g = self.lock();
-        let mut spin_start: Option<Instant> = None;
+        // Busy-poll window in ticks, from when the spin started: no clock syscalls.
+        let mut spin_start: Option<u64> = None;
+        // When the wait began and whether it slept, for the adaptive spin.
+        let mut wait_start: Option<u64> = None;
+        let mut slept = false;
         loop {
             if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
                 self.advance_connect(&mut g);
@@ -1316,18 +1370,28 @@ impl StreamSocket {
                 spin_start = None;
             }
             if let Some(r) = step(conn)? {
+                if let Some(w0) = wait_start {
+                    conn.spin
+                        .record(crate::verbs::ticks().wrapping_sub(w0), slept);
+                }
                 self.notify();
                 return Ok(r);
             }
             if nonblock {
                 // A program that only retries on EAGAIN never sleeps on the CM channel, so a
                 // peer that vanished (DISCONNECTED, no completion) would go unnoticed: look at
-                // the channel now and then: a syscall, so once every CM_CHECK_EVERY such calls
-                // (counted, not timed: a clock read costs a syscall where the clock source is
-                // not in the vDSO, as in the test VM, and would slow every EAGAIN).
-                conn.idle_calls += 1;
-                if conn.idle_calls >= CM_CHECK_EVERY {
-                    conn.idle_calls = 0;
+                // the channel now and then. Timed with the tick counter (a clock read costs a
+                // syscall where the clock source is not in the vDSO, as in the test VM).
+                // (Even the tick counter is read only every CM_TICK_EVERY idle calls: under
+                // emulation it is not free either.)
+                conn.idle_calls = conn.idle_calls.wrapping_add(1);
+                let now = if conn.idle_calls % CM_TICK_EVERY == 0 {
+                    crate::verbs::ticks()
+                } else {
+                    conn.cm_checked
+                };
+                if now.wrapping_sub(conn.cm_checked) >= CM_CHECK_US * crate::verbs::ticks_per_us() {
+                    conn.cm_checked = now;
                     let was = conn.core.flags().connected;
                     conn.drain_cm_events(&self.channel)?;
                     if was && !conn.core.flags().connected {
@@ -1337,8 +1401,10 @@ impl StreamSocket {
                 }
                 return Err(Error::WouldBlock);
             }
-            let t0 = *spin_start.get_or_insert_with(Instant::now);
-            if t0.elapsed() < polling {
+            let now = crate::verbs::ticks();
+            wait_start.get_or_insert(now);
+            let t0 = *spin_start.get_or_insert(now);
+            if now.wrapping_sub(t0) < conn.spin.window() {
                 continue;
             }
             if g.sleeping {
@@ -1362,6 +1428,7 @@ impl StreamSocket {
                     revents: 0,
                 });
             g.sleeping = true;
+            slept = true;
             drop(g);
             let r = poll_fds(&mut fds, -1);
             g = self.lock();
@@ -1399,7 +1466,7 @@ impl StreamSocket {
         if let Some(n) = self.try_stage(buf, t0) {
             return Ok(n);
         }
-        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
         if buf.is_empty() {
             return self.wait_conn(true, |_| Ok(Some(0)));
         }
@@ -1435,7 +1502,7 @@ impl StreamSocket {
 
     /// Receives into `buf` (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT honoured). 0 means end of stream.
     pub fn recv(&self, buf: &mut [u8], flags: i32) -> Result<usize> {
-        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
         let peek = flags & libc::MSG_PEEK != 0;
         self.stage.on_recv();
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;

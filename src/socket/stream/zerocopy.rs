@@ -70,7 +70,7 @@ impl ZeroCopy {
 impl StreamSocket {
     /// rsend with MSG_ZEROCOPY (SO_ZEROCOPY on): see the module documentation.
     pub(super) fn send_zero_copy(&self, buf: &[u8], flags: i32) -> Result<usize> {
-        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.lock().opts.nonblocking;
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
         let addr = buf.as_ptr() as u64;
         let mut sent = 0usize;
         let mut olen = crate::proto::stream::OLAP_START_SIZE;
