@@ -161,6 +161,8 @@ pub struct StreamSocket {
     cv: Condvar,
     /// Threads waiting on `cv`: notifying costs a syscall, so only when someone waits.
     waiters: AtomicU32,
+    /// Threads blocked on `inner`'s mutex (see `lock`).
+    contenders: AtomicU32,
     /// Wakes the thread sleeping in `wait_conn` when another thread consumed its wake-up.
     waker: Waker,
     /// Address family given to rsocket (SO_DOMAIN).
@@ -735,6 +737,7 @@ impl StreamSocket {
             }),
             cv: Condvar::new(),
             waiters: AtomicU32::new(0),
+            contenders: AtomicU32::new(0),
             waker: Waker::new()?,
             domain,
             me: std::sync::OnceLock::new(),
@@ -906,7 +909,17 @@ impl StreamSocket {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the protocol state half-updated in a way
         // that matters more than losing the socket; keep serving.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Counted, so that a thread busy-polling under the lock lets us in.
+                self.contenders.fetch_add(1, Ordering::Relaxed);
+                let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                self.contenders.fetch_sub(1, Ordering::Relaxed);
+                g
+            }
+        }
     }
 
     /// Current options.
@@ -1404,7 +1417,21 @@ impl StreamSocket {
             let now = crate::verbs::ticks();
             wait_start.get_or_insert(now);
             let t0 = *spin_start.get_or_insert(now);
-            if now.wrapping_sub(t0) < conn.spin.window() {
+            let conn_window = conn.spin.window();
+            if now.wrapping_sub(t0) < conn_window {
+                if self.contenders.load(Ordering::Relaxed) > 0 {
+                    // Another thread wants the socket (a send while we wait to receive, the
+                    // flusher): let it have it rather than keep it out for the whole spin.
+                    // Yielding, as it may need this CPU to run.
+                    drop(g);
+                    let w = conn_window;
+                    while self.contenders.load(Ordering::Relaxed) > 0
+                        && crate::verbs::ticks().wrapping_sub(t0) < w
+                    {
+                        std::thread::yield_now();
+                    }
+                    g = self.lock();
+                }
                 continue;
             }
             if g.sleeping {
