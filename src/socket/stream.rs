@@ -449,6 +449,18 @@ impl Conn {
             let mut reposts = 0;
             for i in 0..self.comps.len() {
                 let c = self.comps[i];
+                if !c.ok {
+                    trace!(
+                        "completion failed: wr_id {:#x} status {} ({})",
+                        c.wr_id,
+                        c.status,
+                        if c.wr_id & WR_ID_RECV == 0 {
+                            "send"
+                        } else {
+                            "recv"
+                        }
+                    );
+                }
                 if c.wr_id & WR_ID_RECV == 0 {
                     self.io.on_send_completion(c.wr_id);
                     self.core.on_send_completion(c.wr_id, c.ok);
