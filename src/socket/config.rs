@@ -58,8 +58,7 @@ impl Config {
             }
         };
         read("polling_time", &mut c.polling_time);
-        c.adaptive_spin =
-            c.polling_time == Config::default().polling_time && !dir.join("polling_time").exists();
+        c.adaptive_spin = !dir.join("polling_time").exists();
         read("wake_up_interval", &mut c.wake_up_interval);
         read("inline_default", &mut c.inline_default);
         read("sqsize_default", &mut c.sqsize_default);

@@ -83,7 +83,7 @@ fn run() {
                 && let Some(s) = w.upgrade()
             {
                 // Takes the completion event (passing it on to a thread sleeping in a call).
-                let _ = s.flusher_woke();
+                let _ = s.flusher_woke(p.fd);
             }
         }
     }

@@ -652,19 +652,17 @@ fn send_result(r: Result<usize>, sent: usize, flags: i32) -> Result<usize> {
     }
 }
 
-/// The busy-poll window (`polling_time`) in [`crate::verbs::ticks`].
-pub(crate) fn polling_ticks() -> u64 {
-    Config::get().polling_time as u64 * crate::verbs::ticks_per_us()
-}
-
-/// A connection's busy-poll policy: adaptive unless `polling_time` is configured.
+/// A connection's busy-poll policy, in [`crate::verbs::ticks`]: from `polling_time`, adaptive
+/// up to [`crate::socket::spin::CAP_US`] unless `polling_time` is configured.
 pub(crate) fn new_spin() -> Spin {
-    let cap = if Config::get().adaptive_spin {
-        crate::socket::spin::CAP_US * crate::verbs::ticks_per_us()
+    let c = Config::get();
+    let tpu = crate::verbs::ticks_per_us();
+    let cap = if c.adaptive_spin {
+        crate::socket::spin::CAP_US * tpu
     } else {
         0
     };
-    Spin::new(polling_ticks(), cap)
+    Spin::new(c.polling_time as u64 * tpu, cap)
 }
 
 /// Waits until `fds` has input or `timeout` passes (None: forever). EINTR counts as a wake-up.
@@ -1311,34 +1309,24 @@ impl StreamSocket {
     /// descriptors in `ready` (those poll(2) found readable) so they don't repeat. Only those:
     /// each look at a descriptor that has nothing is a syscall on the latency path.
     pub fn poll_woke(&self, ready: &[RawFd]) -> Result<()> {
-        let comp = {
-            let g = self.lock();
-            match &g.state {
-                State::Connected(conn) => ready.contains(&conn.ep.comp_fd()),
-                _ => false,
-            }
-        };
-        self.woke(
-            false,
-            comp,
-            ready.contains(&self.channel.fd()),
-            ready.contains(&self.waker.fd()),
-        )
+        self.woke(false, ready)
     }
 
-    /// After the flusher thread's sleep on this socket's completion channel ended.
-    pub(crate) fn flusher_woke(&self) -> Result<()> {
-        self.woke(true, true, false, false)
+    /// After the flusher thread's sleep on this socket's completion channel `fd` ended.
+    pub(crate) fn flusher_woke(&self, fd: RawFd) -> Result<()> {
+        self.woke(true, &[fd])
     }
 
     /// Consumes what woke a sleeper. The completion channel raises one event per arming and
     /// every sleeper on it (wait_conn, rpoll, the flusher) may have armed it: an event taken by
     /// one is passed on through the waker, which the others also sleep on.
-    /// `comp`, `cm`, `wake`: which of the socket's descriptors were readable.
-    fn woke(&self, flusher: bool, comp: bool, cm: bool, wake: bool) -> Result<()> {
+    /// `ready`: the descriptors poll(2) found readable.
+    fn woke(&self, flusher: bool, ready: &[RawFd]) -> Result<()> {
+        let cm = ready.contains(&self.channel.fd());
         let mut g = self.lock();
         let sleeping = g.sleeping;
         if let State::Connected(conn) = &mut g.state {
+            let comp = ready.contains(&conn.ep.comp_fd());
             // One arming raises at most one event, and the CQ is armed again only once that
             // event was taken: there is at most one to take.
             let took = comp && conn.ep.take_cq_event();
@@ -1347,7 +1335,7 @@ impl StreamSocket {
             }
             if took && (sleeping || flusher) {
                 self.waker.wake();
-            } else if !flusher && !sleeping && wake {
+            } else if !flusher && !sleeping && ready.contains(&self.waker.fd()) {
                 // rpoll: a wake-up passed to us is used up (a wait_conn sleeper keeps its own).
                 self.waker.reset();
             }
@@ -1410,12 +1398,11 @@ impl StreamSocket {
                 // (Even the tick counter is read only every CM_TICK_EVERY idle calls: under
                 // emulation it is not free either.)
                 conn.idle_calls = conn.idle_calls.wrapping_add(1);
-                let now = if conn.idle_calls % CM_TICK_EVERY == 0 {
-                    crate::verbs::ticks()
-                } else {
-                    conn.cm_checked
-                };
-                if now.wrapping_sub(conn.cm_checked) >= CM_CHECK_US * crate::verbs::ticks_per_us() {
+                let now = (conn.idle_calls % CM_TICK_EVERY == 0).then(crate::verbs::ticks);
+                if let Some(now) = now
+                    && now.wrapping_sub(conn.cm_checked)
+                        >= CM_CHECK_US * crate::verbs::ticks_per_us()
+                {
                     conn.cm_checked = now;
                     let was = conn.core.flags().connected;
                     conn.drain_cm_events(&self.channel)?;
@@ -1436,9 +1423,8 @@ impl StreamSocket {
                     // flusher): let it have it rather than keep it out for the whole spin.
                     // Yielding, as it may need this CPU to run.
                     drop(g);
-                    let w = conn_window;
                     while self.contenders.load(Ordering::Relaxed) > 0
-                        && crate::verbs::ticks().wrapping_sub(t0) < w
+                        && crate::verbs::ticks().wrapping_sub(t0) < conn_window
                     {
                         std::thread::yield_now();
                     }
