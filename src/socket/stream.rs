@@ -378,12 +378,6 @@ impl Conn {
         r
     }
 
-    /// Nothing of ours is on its way or waiting to go: no data write in flight or gathered, no
-    /// iomap announcement owed (a send posted now cannot overtake anything).
-    fn quiet(&self) -> bool {
-        self.core.data_in_flight() == 0 && !self.core.has_pending() && !self.io.announcing()
-    }
-
     /// Data may still be sent: else EPIPE after our SHUT_WR, ECONNRESET when the connection
     /// went away.
     fn check_writable(&self) -> Result<()> {
@@ -1506,19 +1500,14 @@ impl StreamSocket {
         let handle = self.me.get();
         let coalesce = handle.is_some();
         let mut pending = false;
-        let mut step = |c: &mut Conn| {
+        let r = self.wait_conn(nonblock, |c| {
             if !self.may_post_data(c)? {
                 return Ok(None);
             }
             sent += c.send_some(&buf[sent..], &mut olen, coalesce)?;
             pending = c.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
-        };
-        let r = match self.send_at_once(&mut step) {
-            Ok(Some(n)) => Ok(n),
-            Ok(None) => self.wait_conn(nonblock, &mut step),
-            Err(e) => Err(e),
-        };
+        });
         if pending
             && let Some(h) = handle
             && !self.in_flusher.swap(true, Ordering::AcqRel)
@@ -1534,32 +1523,6 @@ impl StreamSocket {
             self.sent_directly(t0, olen);
         }
         send_result(r, sent, flags)
-    }
-
-    /// A send right after a receive call (a reply, a request) on a quiet connection runs
-    /// `step` at once, without the CQ poll that [`StreamSocket::wait_conn`] does first: that
-    /// poll and the bookkeeping after it fall to the next call, off the message's path.
-    /// `None`: not such a send, or not all of it went; `wait_conn` takes over. A stream's
-    /// sends always go through `wait_conn`, whose completions decide whether they gather.
-    fn send_at_once(
-        &self,
-        step: &mut impl FnMut(&mut Conn) -> Result<Option<usize>>,
-    ) -> Result<Option<usize>> {
-        if !self.stage.after_recv() {
-            return Ok(None);
-        }
-        let mut g = self.lock();
-        let State::Connected(c) = &mut g.state else {
-            return Ok(None);
-        };
-        if !c.quiet() || self.stage.len() != 0 {
-            return Ok(None);
-        }
-        let r = step(c)?;
-        if r.is_some() {
-            self.notify();
-        }
-        Ok(r)
     }
 
     /// Receives into `buf` (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT honoured). 0 means end of stream.

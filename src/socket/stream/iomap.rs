@@ -63,11 +63,6 @@ impl IoMaps {
         self.windows = PeerWindows::new(offered, peer.is_rsocket_rs());
     }
 
-    /// Announcements are owed to the peer.
-    pub(super) fn announcing(&self) -> bool {
-        !self.announce.is_empty()
-    }
-
     pub(super) fn on_send_completion(&mut self, wr_id: u64) {
         if (wr_id as u32) >> 29 == LOCAL_OP_READ && wr_id & WR_ID_MSG_SEND == 0 {
             self.reads_done += 1;

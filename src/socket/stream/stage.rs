@@ -69,11 +69,6 @@ impl Stage {
         self.last_send.store(0, Ordering::Relaxed);
     }
 
-    /// No send since the last receive call (or ever): a request or a reply, not a stream.
-    pub(super) fn after_recv(&self) -> bool {
-        self.last_send.load(Ordering::Relaxed) == 0
-    }
-
     /// Whether a send now continues a stream: it comes sooner after the previous send than
     /// that send's post took, with no receive in between.
     fn streaming(&self, now: u64) -> bool {
