@@ -105,10 +105,11 @@ RC="rstream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
 # with a reset and drops what it had not sent yet. librdmacm's own client runs into the same
 # race: the counters moved in 3 of its 40 runs (3 of 30 of ours), and in one of them it lost the
 # tail too and hung until the 120 s timeout (1 of 64 runs in all), where ours fails at once.
-# Our server closes the same way (after its sends completed, as librdmacm's does), and once a
-# librdmacm client against it showed the same symptom (server exit 0, client hung until the
-# timeout; -S 100000 -C 50 -T n, clean-clone CI 2026-11-29; no counters from that run). Closing without the race needs the closer to linger until the
-# peer has read everything (as a TCP socket's close does in the background); not done yet.
+# Our server closes the same way (after its sends completed, as librdmacm's does): librdmacm's
+# client against it hung with that symptom once in clean-clone CI (-S 100000 -C 50 -T n), and in
+# 30 runs of -S 1000000 -C 20 the counters moved twice and the client hung once (server exit 0).
+# Closing without the race needs the closer to linger until the peer has read everything (as a
+# TCP socket's close does in the background); not done yet.
 # A failure is retried once, reported as FLAKY, and a second failure fails the suite.
 flaky=0
 pair_retry_siw() {
