@@ -723,6 +723,52 @@ fn close_releases_everything() {
     assert_eq!(rdma_resources(), res0, "RDMA resources leaked");
 }
 
+/// A closed iWARP socket keeps its connection while the peer may still send (a reset would
+/// drop the tail of our data, see `socket::linger`): until the peer is done, at most
+/// `linger::LINGER`, without blocking `close`. On Soft-RoCE nothing lingers.
+fn close_lingers_until_the_peer_is_done() {
+    let iwarp = !rdma_devices().iter().any(|d| d.starts_with("rxe"));
+    for peer_closes in [true, false] {
+        let port = next_port();
+        let l = listener(port);
+        let t = thread::spawn(move || {
+            let s = l.accept().unwrap();
+            close(l);
+            s
+        });
+        let c = connect(port);
+        let s = socket::lookup(socket::insert(t.join().unwrap())).unwrap();
+        let data = pattern(50_000, 7);
+        send_all(&s, &data);
+        socket::close(s.fd()).expect("close");
+        assert_eq!(
+            socket::linger::holds(&s),
+            iwarp,
+            "lingers on iWARP only, and only while the peer may send"
+        );
+        assert_eq!(recv_exact(&c, data.len()), data);
+        let mut b = [0u8; 1];
+        assert_eq!(c.recv(&mut b, 0).expect("end of stream"), 0);
+        if peer_closes {
+            close(c);
+            // The peer's disconnect ends the linger, well before the bound.
+            let mut waited = Duration::ZERO;
+            while socket::linger::holds(&s) && waited < socket::linger::LINGER / 2 {
+                thread::sleep(Duration::from_millis(20));
+                waited += Duration::from_millis(20);
+            }
+            assert!(
+                !socket::linger::holds(&s),
+                "still lingering after the peer closed"
+            );
+        } else {
+            thread::sleep(socket::linger::LINGER + Duration::from_secs(1));
+            assert!(!socket::linger::holds(&s), "lingered past the bound");
+            close(c);
+        }
+    }
+}
+
 /// SO_KEEPALIVE detects a peer that went silent (link down) and reports ETIMEDOUT to a blocked
 /// receiver instead of waiting forever. The dead-link half needs Soft-RoCE: on iWARP an RDMA
 /// write completes when TCP took it, so a probe cannot prove the peer is there.
@@ -912,6 +958,10 @@ const TESTS: &[Test] = &[
     ("many_sockets_many_threads", many_sockets_many_threads),
     ("socket_options", socket_options),
     ("close_releases_everything", close_releases_everything),
+    (
+        "close_lingers_until_the_peer_is_done",
+        close_lingers_until_the_peer_is_done,
+    ),
     ("ipv6_and_v4_mapped", ipv6_and_v4_mapped),
     // Last: it takes a link down and up again.
     ("keepalive_detects_dead_link", keepalive_detects_dead_link),

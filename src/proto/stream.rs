@@ -255,6 +255,8 @@ pub struct Stream {
     /// Nothing may be posted until the peer's first message arrives (see
     /// [`Stream::hold_sends_until_peer_speaks`]).
     held: bool,
+    /// The peer's DISCONNECT arrived: it sends nothing more.
+    peer_done: bool,
 }
 
 impl Stream {
@@ -316,6 +318,7 @@ impl Stream {
             rseq_no: 0,
             rseq_comp: cfg.rq_size / 2,
             held: false,
+            peer_done: false,
             peer_ext: peer.is_rsocket_rs(),
             remote_iomap: RemoteSge {
                 addr: peer.target_sgl.addr + wire::SGE_LEN as u64 * wire::SGL_SIZE as u64,
@@ -364,6 +367,13 @@ impl Stream {
             writable: false,
             connected: false,
         };
+    }
+
+    /// Whether the peer's DISCONNECT arrived: it has nothing more to send (no data, no credit
+    /// update), so our side of the connection may go without anything of the peer's arriving
+    /// after it.
+    pub fn peer_done(&self) -> bool {
+        self.peer_done
     }
 
     /// Marks the connection as gone (CM disconnect event, QP error).
@@ -818,7 +828,10 @@ impl Stream {
                     return Err(e.into());
                 }
             }
-            Msg::Ctrl(Ctrl::Disconnect) => self.set_disconnected(),
+            Msg::Ctrl(Ctrl::Disconnect) => {
+                self.peer_done = true;
+                self.set_disconnected();
+            }
             Msg::Ctrl(Ctrl::Shutdown) => {
                 if self.flags.writable {
                     self.flags.readable = false;

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod flusher;
 pub mod keepalive;
+pub mod linger;
 pub mod options;
 pub mod poll;
 pub mod spin;

@@ -60,7 +60,8 @@ pub struct Options {
     /// TCP_KEEPCNT (kept for getsockopt: over RC one unacknowledged probe is conclusive).
     pub keepcnt: u32,
     /// SO_LINGER: `Some(seconds)` when on. Kept for getsockopt: close always drains the sends
-    /// (bounded by the transport's retries), as librdmacm does.
+    /// (bounded by the transport's retries), as librdmacm does, and on iWARP the connection
+    /// lingers in the background until the peer is done (see `socket::linger`).
     pub linger: Option<i32>,
     /// SO_OOBINLINE (there is no out-of-band data; kept for getsockopt).
     pub oobinline: bool,
@@ -229,6 +230,11 @@ struct Conn {
     io: iomap::IoMaps,
     /// MSG_ZEROCOPY calls in flight and notices not yet read.
     zc: zerocopy::ZeroCopy,
+    /// The CM reported the connection gone (the peer disconnected, or the device went).
+    cm_gone: bool,
+    /// iWARP: our DISCONNECT went, rdma_disconnect is left for the lingering close (see
+    /// `linger`).
+    disconnect_owed: bool,
 }
 
 impl Drop for Conn {
@@ -322,6 +328,8 @@ impl Conn {
             spin: new_spin(),
             io: iomap::IoMaps::new(dev.max_rd_atom),
             zc: zerocopy::ZeroCopy::default(),
+            cm_gone: false,
+            disconnect_owed: false,
         };
         Ok(conn)
     }
@@ -615,6 +623,16 @@ impl Conn {
         })
     }
 
+    /// iWARP: whether rdma_disconnect now could lose data we sent. Soft-iWARP completes a send
+    /// once TCP took it, and a TCP socket closed while the peer still sends (a credit update for
+    /// the data we just sent, say) is reset, the data not yet transmitted dropped with it. So
+    /// the disconnect waits until the peer sends nothing more: its DISCONNECT arrived or it
+    /// disconnected itself (bounded, see `linger`). RC over InfiniBand or RoCE acknowledges
+    /// delivery: nothing to wait for there.
+    fn must_linger(&self) -> bool {
+        self.cfg.msg_send && !self.cm_gone && !self.core.peer_done() && self.core.error().is_none()
+    }
+
     fn drain_cm_events(&mut self, channel: &EventChannel) -> Result<()> {
         while let Ok(ev) = channel.get_event() {
             trace!(
@@ -627,6 +645,7 @@ impl Conn {
                 ev.kind(),
                 CmEventKind::Disconnected | CmEventKind::DeviceRemoval
             ) {
+                self.cm_gone = true;
                 // Everything the peer sent before disconnecting is in the CQ: take it first.
                 self.progress()?;
                 self.core.on_connection_lost();
@@ -1602,12 +1621,17 @@ impl StreamSocket {
             && let State::Connected(c) = &mut self.lock().state
         {
             c.core.set_disconnected();
-            c.id.disconnect();
+            if c.must_linger() {
+                c.disconnect_owed = true;
+            } else {
+                c.id.disconnect();
+            }
         }
         Ok(())
     }
 
     /// Orderly close: disconnect if still connected. Resources go when the last handle drops.
+    /// On iWARP the disconnect may linger in the background (see `linger`).
     pub fn close(&self) -> Result<()> {
         let connected =
             matches!(&self.lock().state, State::Connected(c) if c.core.flags().connected);
@@ -1615,12 +1639,48 @@ impl StreamSocket {
             let _ = self.shutdown(libc::SHUT_RDWR);
         }
         let mut g = self.lock();
+        if let State::Connected(c) = &mut g.state
+            && c.disconnect_owed
+            && c.must_linger()
+            && let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade)
+        {
+            drop(g);
+            crate::socket::linger::start(me);
+            self.waker.wake();
+            return Ok(());
+        }
+        self.finish_close(&mut g);
+        Ok(())
+    }
+
+    /// Disconnects and lets the connection's resources go with the last handle.
+    fn finish_close(&self, g: &mut Inner) {
         if let State::Connected(c) | State::Connecting(c) | State::Accepting(c) = &mut g.state {
             c.id.disconnect();
         }
         g.state = State::Failed;
         self.waker.wake();
-        Ok(())
+    }
+
+    /// Lingering close: takes what arrived (the peer's DISCONNECT, its CM disconnect) and
+    /// says whether the connection may go now. If not, returns the descriptors to sleep on
+    /// (the CQ armed) until it may.
+    pub(crate) fn linger_state(&self) -> Option<[RawFd; 2]> {
+        let mut g = self.lock();
+        let State::Connected(c) = &mut g.state else {
+            return None;
+        };
+        c.ep.take_cq_event();
+        let ok = c.drain_cm_events(&self.channel).is_ok()
+            && c.progress().is_ok()
+            && c.ep.arm().is_ok()
+            && c.progress().is_ok();
+        (ok && c.must_linger()).then(|| [c.ep.comp_fd(), self.channel.fd()])
+    }
+
+    /// Ends a lingering close.
+    pub(crate) fn end_linger(&self) {
+        self.finish_close(&mut self.lock());
     }
 
     /// Local address.

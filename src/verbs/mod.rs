@@ -156,6 +156,13 @@ pub fn raise_sigpipe() {
     unsafe { libc::raise(libc::SIGPIPE) };
 }
 
+/// Runs `f` when the process exits normally (exit(3) or a return from main), after the
+/// handlers registered later. Returns false if it could not be registered.
+pub fn run_at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a plain function with no arguments; atexit only stores the pointer.
+    unsafe { libc::atexit(f) == 0 }
+}
+
 // ------------------------------------------------------------------------------------ rdma_cm
 
 /// An rdma_cm event channel: one per rsocket; its fd is the rsocket's descriptor number.

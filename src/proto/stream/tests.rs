@@ -584,8 +584,16 @@ fn disconnect_marks_both_directions_closed() {
     assert_eq!(m, 0xe000_0000, "the trace's disconnect immediate");
     b.s.on_recv(m).unwrap();
     assert!(!b.s.flags().connected);
+    assert!(
+        b.s.peer_done(),
+        "the receiver knows the peer sends nothing more"
+    );
     a.s.on_send_completion(m as u64, true);
     assert!(!a.s.flags().connected);
+    assert!(
+        !a.s.peer_done(),
+        "our own disconnect says nothing of the peer"
+    );
     assert!(b.s.poll_credit_update().is_none());
 }
 
