@@ -27,23 +27,27 @@ struct Lingering {
     pid: u32,
 }
 
+/// The service, once started (None inside: it could not start).
+static SERVICE: OnceLock<Option<Lingering>> = OnceLock::new();
+
+/// The service, started on first use.
 fn lingering() -> Option<&'static Lingering> {
-    static L: OnceLock<Option<Lingering>> = OnceLock::new();
-    L.get_or_init(|| {
-        let l = Lingering {
-            sockets: Mutex::new(Vec::new()),
-            left: Condvar::new(),
-            wake: Waker::new().ok()?,
-            pid: std::process::id(),
-        };
-        std::thread::Builder::new()
-            .name("rsocket-linger".into())
-            .spawn(run)
-            .ok()?;
-        run_at_exit(at_exit);
-        Some(l)
-    })
-    .as_ref()
+    SERVICE
+        .get_or_init(|| {
+            let l = Lingering {
+                sockets: Mutex::new(Vec::new()),
+                left: Condvar::new(),
+                wake: Waker::new().ok()?,
+                pid: std::process::id(),
+            };
+            std::thread::Builder::new()
+                .name("rsocket-linger".into())
+                .spawn(run)
+                .ok()?;
+            run_at_exit(at_exit);
+            Some(l)
+        })
+        .as_ref()
 }
 
 /// Lets a closed socket linger; it is disconnected at once if the service cannot run.
@@ -60,9 +64,10 @@ pub fn start(s: Arc<StreamSocket>) {
     l.wake.wake();
 }
 
-/// Whether `s` is closed and lingering now (for tests and diagnostics).
+/// Whether `s` is closed and lingering now (for tests and diagnostics; does not start the
+/// service).
 pub fn holds(s: &StreamSocket) -> bool {
-    lingering().is_some_and(|l| {
+    SERVICE.get().and_then(Option::as_ref).is_some_and(|l| {
         l.sockets
             .lock()
             .unwrap_or_else(|p| p.into_inner())
