@@ -408,9 +408,14 @@ impl Stream {
 
     /// Adopts windows the peer wrote into our target SGL (`mem` = current memory contents,
     /// host order). Only entries we have used up are taken: anything else is stale or hostile.
+    /// An entry used up by the pending (gathered) write still holds the peer's old window in
+    /// memory: it is zeroed only just before that write is posted ([`DataWrite::exhausted_sge`]),
+    /// so until then it is not taken either.
     pub fn refresh_target_sgl(&mut self, mem: [RemoteSge; 2]) {
-        for (local, fresh) in self.target_sgl.iter_mut().zip(mem) {
+        let unzeroed = self.pending.and_then(|p| p.exhausted_sge);
+        for (i, (local, fresh)) in self.target_sgl.iter_mut().zip(mem).enumerate() {
             if local.length == 0
+                && unzeroed != Some(i)
                 && fresh.length != 0
                 && fresh.addr.checked_add(fresh.length as u64).is_some()
             {

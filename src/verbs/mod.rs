@@ -731,9 +731,13 @@ impl CmId {
         // writes back the granted caps.
         cvt(unsafe { sys::rdma_create_qp(self.id.as_ptr(), pd.0.as_ptr(), &mut attr) })?;
         self.has_qp = true;
+        // SAFETY: ctx->device is valid for the context's lifetime.
+        let iwarp = unsafe { (*(*ctx).device).transport_type }
+            == sys::ibv_transport_type::IBV_TRANSPORT_IWARP;
         Ok(Endpoint {
             qp: self.raw().qp,
             sq_inline: attr.cap.max_inline_data,
+            split_short: iwarp,
             mrs: Vec::new(),
             user_mrs: Vec::new(),
             sends_posted: std::cell::Cell::new(0),
@@ -952,6 +956,8 @@ impl Drop for MemoryRegion {
 pub struct Endpoint {
     qp: *mut sys::ibv_qp,
     sq_inline: u32,
+    /// The device mistransmits short transfers that cross a page (see [`short_page_split`]).
+    split_short: bool,
     mrs: Vec<MemoryRegion>,
     user_mrs: Vec<Option<UserRegion>>,
     /// Send work requests posted and completed (every one is signalled, and an RC send
@@ -994,6 +1000,49 @@ pub enum Payload<'a> {
     Region(MrId, [(u32, u32); 2], usize),
     /// Registered application memory (zero-copy).
     User(UserSeg),
+}
+
+/// Longest transfer that Soft-iWARP sends from its packet-header path.
+///
+/// Linux's siw (`siw_qp_tx.c`, `siw_try_1seg`; the 6.1 kernel of the test VM, and the same code
+/// in every later version we read) copies a WRITE, SEND or READ response of at most this many
+/// bytes that one SGE describes straight behind the packet header. When that SGE crosses a page
+/// boundary it copies the wrong lengths: the bytes after the first two pages' split come from
+/// past the end of the first page and from the wrong place in the second, and the peer receives
+/// other bytes with no error on either side (`MAX_HDR_INLINE`: 24 bytes on x86-64). Inline data
+/// and transfers with two SGEs take other paths and are right.
+pub const SHORT_TRANSFER: u32 = 24;
+
+/// Page granularity for [`short_page_split`]: a range that crosses a boundary of any larger page
+/// size crosses a 4 KiB boundary at the same address.
+const SPLIT_PAGE: u64 = 4096;
+
+/// Where to split the range `[addr, addr + len)` so that no part is a short transfer crossing a
+/// page (see [`SHORT_TRANSFER`]): the length of the first part, or `None` if it needs no split.
+pub fn short_page_split(addr: u64, len: u32) -> Option<u32> {
+    if !(2..=SHORT_TRANSFER).contains(&len) {
+        return None;
+    }
+    let to_boundary = SPLIT_PAGE - addr % SPLIT_PAGE;
+    (to_boundary < len as u64).then_some(to_boundary as u32)
+}
+
+/// The scatter/gather list of a send: a single short SGE that crosses a page becomes two SGEs
+/// split at the page boundary when `split_short` (an iWARP device, see [`SHORT_TRANSFER`]).
+fn sg_list(mut sges: [sys::ibv_sge; 2], n: usize, split_short: bool) -> ([sys::ibv_sge; 2], usize) {
+    if split_short
+        && n == 1
+        && let Some(first) = short_page_split(sges[0].addr, sges[0].length)
+    {
+        sges[1] = sys::ibv_sge {
+            addr: sges[0].addr + first as u64,
+            length: sges[0].length - first,
+            lkey: sges[0].lkey,
+        };
+        sges[0].length = first;
+        return (sges, 2);
+    }
+    (sges, n)
 }
 
 impl Endpoint {
@@ -1103,6 +1152,13 @@ impl Endpoint {
             // SAFETY: mr valid while registered.
             lkey: unsafe { r.mr.as_ref().lkey },
         })
+    }
+
+    /// Whether reads must not be short ranges crossing a page of the peer's memory (the peer's
+    /// device answers them from its header path too, see [`SHORT_TRANSFER`]): the caller caps
+    /// each read with [`short_page_split`] of the remote address.
+    pub fn splits_short(&self) -> bool {
+        self.split_short
     }
 
     /// Posts an RDMA READ of `dst.len` bytes from the peer's `remote` (address, rkey) into `dst`.
@@ -1262,6 +1318,9 @@ impl Endpoint {
                 nsge = 1;
             }
         }
+        if flags & sys::ibv_send_flags::IBV_SEND_INLINE.0 == 0 {
+            (sges, nsge) = sg_list(sges, nsge, self.split_short);
+        }
         // SAFETY: zeroed send WR is valid; fields set below.
         let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
@@ -1358,5 +1417,74 @@ impl Endpoint {
         } else {
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sge(addr: u64, length: u32) -> sys::ibv_sge {
+        sys::ibv_sge {
+            addr,
+            length,
+            lkey: 7,
+        }
+    }
+
+    fn ranges(list: ([sys::ibv_sge; 2], usize)) -> Vec<(u64, u32)> {
+        list.0[..list.1]
+            .iter()
+            .map(|s| (s.addr, s.length))
+            .collect()
+    }
+
+    /// The integrity issue's stream: a gathered 13-byte write whose ring bytes start 2 bytes
+    /// before a page boundary. Soft-iWARP sent bytes 2..13 of it wrong; it must leave as two SGEs.
+    #[test]
+    fn short_write_across_a_page_is_split_on_iwarp() {
+        let base = 0x7f00_0000_0000u64;
+        let one = [sge(base + 4094, 13), sge(0, 0)];
+        assert_eq!(
+            ranges(sg_list(one, 1, true)),
+            [(base + 4094, 2), (base + 4096, 11)]
+        );
+        // Not on RoCE, not when it stays in one page, not past the header path's limit, and a
+        // two-SGE list (a ring wrap) is left alone.
+        assert_eq!(ranges(sg_list(one, 1, false)), [(base + 4094, 13)]);
+        let inside = [sge(base + 4000, 24), sge(0, 0)];
+        assert_eq!(ranges(sg_list(inside, 1, true)), [(base + 4000, 24)]);
+        let long = [sge(base + 4090, SHORT_TRANSFER + 1), sge(0, 0)];
+        assert_eq!(ranges(sg_list(long, 1, true)), [(base + 4090, 25)]);
+        let two = [sge(base + 4094, 2), sge(base, 11)];
+        assert_eq!(
+            ranges(sg_list(two, 2, true)),
+            [(base + 4094, 2), (base, 11)]
+        );
+        // Every placement of every short length: no part of a short single SGE crosses a page.
+        for len in 1..=SHORT_TRANSFER {
+            for off in 4096 - 30..4096 + 2 {
+                let (list, n) = sg_list([sge(base + off, len), sge(0, 0)], 1, true);
+                let total: u32 = list[..n].iter().map(|s| s.length).sum();
+                assert_eq!(total, len);
+                assert_eq!(list[0].addr, base + off);
+                for s in &list[..n] {
+                    let crosses = s.addr / 4096 != (s.addr + s.length as u64 - 1) / 4096;
+                    assert!(
+                        !(n == 1 && crosses),
+                        "len {len} at {off} left crossing a page"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn read_caps_stop_at_the_page() {
+        assert_eq!(short_page_split(4090, 10), Some(6));
+        assert_eq!(short_page_split(4096, 10), None);
+        assert_eq!(short_page_split(4095, 1), None);
+        assert_eq!(short_page_split(4095, 2), Some(1));
+        assert_eq!(short_page_split(4090, 64), None);
     }
 }

@@ -643,6 +643,45 @@ fn stale_or_unsolicited_sgl_entries_are_ignored() {
     assert_eq!(a.s.target_sgl, before);
 }
 
+/// A gathered (pending) write that uses up a window: the peer's old entry stays in our target
+/// SGL's memory until that write is posted (the entry is zeroed just before its post). A credit
+/// update processed in between must not take the old entry again, or later data lands in a
+/// half of the peer's buffer it has not read yet.
+#[test]
+fn a_window_used_up_by_a_gathered_write_is_not_taken_again_before_it_leaves() {
+    let c = cfg(64, 64, 64, 8192, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
+    // B's first credit update puts its second half (4096 B) into A's target SGL entry 1.
+    b.pump(&mut ba, 4096);
+    while let Some(wr) = ba.pop_front() {
+        a.deliver(&wr).unwrap();
+        b.complete(&wr);
+    }
+    assert_eq!(a.tsgl_mem()[1].length, 4096);
+    a.to_send = pattern(8192, 3);
+    let mut sizes: VecDeque<usize> = [4096, 4000, 96].into_iter().collect();
+    a.send_coalesced(&mut ab, &mut sizes);
+    assert!(
+        a.s.has_pending(),
+        "the last 96 bytes wait behind the writes in flight"
+    );
+    assert_eq!(
+        a.s.target_sgl[1].length, 0,
+        "the pending write used up entry 1"
+    );
+    // A credit update (no new window) arrives before the pending write leaves.
+    a.s.on_recv(Msg::Credits(64).encode()).unwrap();
+    let mem = a.tsgl_mem();
+    a.s.refresh_target_sgl(mem);
+    assert_eq!(
+        a.s.target_sgl[1].length, 0,
+        "the stale entry 1 was taken again: {:?}",
+        a.s.target_sgl[1]
+    );
+    assert!(!a.s.can_send());
+}
+
 #[test]
 fn failed_completion_is_a_transport_error() {
     let c = cfg(64, 16, 64, 16384, 16384, false);

@@ -382,14 +382,20 @@ impl StreamSocket {
                     .lookup(offset, len as u64, PERM_READ)
                     .map_err(window_error)?;
             while done < len {
-                let left = (len - done).min(u32::MAX as usize) as u32;
+                let mut left = (len - done).min(u32::MAX as usize) as u32;
+                let remote = t.addr + done as u64;
+                if c.ep.splits_short()
+                    && let Some(first) = crate::verbs::short_page_split(remote, left)
+                {
+                    left = first;
+                }
                 let Some(d) = c.core.plan_direct(DirectKind::Read, left, true) else {
                     break;
                 };
                 let seg =
                     c.ep.user_seg(mr, dst.addr() + done as u64, d.len)
                         .ok_or(Error::InvalidArgument)?;
-                c.ep.post_read(d.wr_id, seg, (t.addr + done as u64, t.rkey))?;
+                c.ep.post_read(d.wr_id, seg, (remote, t.rkey))?;
                 c.io.reads_posted += 1;
                 last = Some(c.io.reads_posted);
                 done += d.len as usize;
