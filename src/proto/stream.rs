@@ -949,4 +949,6 @@ impl Stream {
 }
 
 #[cfg(test)]
+mod model;
+#[cfg(test)]
 mod tests;
