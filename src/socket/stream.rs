@@ -1584,6 +1584,11 @@ impl StreamSocket {
             libc::SHUT_RDWR => (true, true),
             _ => return Err(Error::InvalidArgument),
         };
+        // An accepted socket is connected for its caller even while the peer's confirmation
+        // (ESTABLISHED) has not been seen yet: wait for it, as the other calls do.
+        if matches!(self.lock().state, State::Accepting(_)) {
+            self.wait_conn(false, |_| Ok(Some(())))?;
+        }
         if wr {
             // Staged sends leave before the shutdown (or are dropped if the connection broke).
             self.close_stage();
