@@ -58,6 +58,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -201,8 +202,11 @@ static uint32_t draw_size(struct plan *p)
 	}
 }
 
+static int iowrites_in(int dir, int iowrite);
+
 static void plan_init(struct plan *p, uint64_t seed, int dir, uint64_t total, int uneven, int iowrite)
 {
+	iowrite = iowrites_in(dir, iowrite);
 	memset(p, 0, sizeof *p);
 	p->r = rng_for(seed, dir);
 	p->total = total;
@@ -324,6 +328,7 @@ static void recv_next(struct rng *r, int uneven, struct rop *o)
 
 static struct {
 	int server, mode_poll, options, iowrite, uneven, quiet;
+	int peer_librdmacm; /* -P lib: the peer runs librdmacm */
 	uint64_t seed, bytes;
 	unsigned timeout;
 	const char *addr, *local;
@@ -338,6 +343,22 @@ static _Atomic uint64_t send_index, recv_index; /* plan positions, for reports *
 static uint64_t send_calls, recv_calls, iowrites, iowrite_bytes, io_checked, io_checked_bytes;
 static int nonblock_flag; /* poll mode: MSG_DONTWAIT on every call instead of O_NONBLOCK */
 static char optdesc[200];
+
+/*
+ * Whether direction `dir`'s sender interleaves riowrites. Not when it runs librdmacm: on
+ * Soft-iWARP librdmacm's sender then delivers wrong stream bytes now and then (data from one
+ * send-ring length later: its ring reused before the write left), with librdmacm on both ends
+ * too, so it would only measure librdmacm. A librdmacm receiver still takes rsocket-rs's.
+ */
+static int iowrites_in(int dir, int iowrite)
+{
+#ifdef USE_LIBRDMACM
+	int lib = dir == me ? 1 : cfg.peer_librdmacm;
+#else
+	int lib = dir == me ? 0 : cfg.peer_librdmacm;
+#endif
+	return iowrite && !lib;
+}
 
 static void die(const char *fmt, ...)
 {
@@ -365,6 +386,17 @@ static void on_alarm(int sig)
 			 (unsigned long long)recv_index);
 	if (write(2, b, n) < 0)
 		_exit(3);
+	/* Where every thread stood, when gdb is there (make test installs it). */
+	char pid[16];
+	snprintf(pid, sizeof pid, "%d", (int)getpid());
+	pid_t g = fork();
+	if (g == 0) {
+		dup2(2, 1);
+		execlp("gdb", "gdb", "-batch", "-nx", "-p", pid, "-ex", "thread apply all bt 12", (char *)NULL);
+		_exit(127);
+	}
+	if (g > 0)
+		waitpid(g, NULL, 0);
 	_exit(3);
 }
 
@@ -461,6 +493,20 @@ static void verify(const uint8_t *buf, size_t len, uint64_t off, const char *wha
 		}
 	char peer[200];
 	describe_peer_send(off + i, peer, sizeof peer);
+	/* Where the wrong bytes came from: the stream's pattern elsewhere (stale or later data), or
+	 * a riowrite region's. */
+	size_t k = len - i < 16 ? len - i : 16;
+	for (int d = 0; d < 2; d++) {
+		const uint8_t *hit = memmem(pat[d], PERIOD + MAX_SEND, buf + i, k);
+		if (hit) {
+			uint64_t at = (uint64_t)(hit - pat[d]);
+			long long delta = (long long)at - (long long)((off + i) % PERIOD);
+			fprintf(stderr, "  the wrong bytes are direction %d's pattern at table offset %llu "
+					"(%+lld from the right place%s)\n",
+				d, (unsigned long long)at, delta,
+				d == !me && at >= 500009 ? "; riowrite regions start at 500009" : "");
+		}
+	}
 	fprintf(stderr,
 		"MISMATCH seed %llu dir %d (%s): receive op #%llu (%s of %zu B at stream offset %llu): "
 		"first bad offset %llu (got %02x want %02x), %zu bad bytes up to offset %llu; %s\n",
@@ -650,6 +696,12 @@ static int may_send(void)
 #endif
 }
 
+static void shut_wr(void)
+{
+	if (rshutdown(fd, SHUT_WR))
+		die("rshutdown(SHUT_WR)");
+}
+
 static void *sender(void *arg)
 {
 	(void)arg;
@@ -681,8 +733,7 @@ static void *sender(void *arg)
 			done += do_send(&o, sent, done);
 		sent += o.size;
 	}
-	if (rshutdown(fd, SHUT_WR))
-		die("rshutdown(SHUT_WR)");
+	shut_wr();
 	return NULL;
 }
 
@@ -730,8 +781,7 @@ static void run_poll(void)
 		int progress = 0;
 		while (sending && may_send()) {
 			if (o.kind == OP_END) {
-				if (rshutdown(fd, SHUT_WR))
-					die("rshutdown(SHUT_WR)");
+				shut_wr();
 				sending = 0;
 				break;
 			}
@@ -822,6 +872,8 @@ static void set_options(void)
 		die("RDMA_INLINE");
 	snprintf(optdesc, sizeof optdesc, "rcvbuf=%d,sndbuf=%d,sq=%d,rq=%d,inline=%d", v[0], v[1],
 		 v[2], v[3], v[4]);
+	if (!cfg.quiet)
+		fprintf(stderr, "rsstress %s %s: options %s\n", IMPL, me ? "server" : "client", optdesc);
 }
 
 static void prepare(int s)
@@ -917,7 +969,7 @@ static void usage(void)
 int main(int argc, char **argv)
 {
 	int c, have_seed = 0;
-	while ((c = getopt(argc, argv, "s:c:b:p:r:m:n:OIuT:q")) != -1) {
+	while ((c = getopt(argc, argv, "s:c:b:p:r:m:n:OIuT:qP:")) != -1) {
 		switch (c) {
 		case 's':
 			cfg.server = 1;
@@ -960,6 +1012,9 @@ int main(int argc, char **argv)
 		case 'q':
 			cfg.quiet = 1;
 			break;
+		case 'P':
+			cfg.peer_librdmacm = !strcmp(optarg, "lib");
+			break;
 		default:
 			usage();
 		}
@@ -997,6 +1052,9 @@ int main(int argc, char **argv)
 				exit(2);
 			}
 	}
+	/* librdmacm's rclose never returns while a window is still mapped (it loops in riounmap). */
+	if (cfg.iowrite && riounmap(fd, window, WINDOW))
+		die("riounmap");
 	rclose(fd);
 	printf("rsstress ok %s %s seed=%llu mode=%s%s opts=%s sent=%llu received=%llu send_calls=%llu "
 	       "recv_calls=%llu iowrites=%llu iowrite_bytes=%llu io_checked=%llu\n",
