@@ -530,7 +530,14 @@ static ssize_t do_send(const struct op *o, uint64_t stream_off, uint32_t done)
 	const uint8_t *src = pat_at(me, stream_off);
 	ssize_t r;
 	send_calls++;
-	switch (o->call) {
+	int call = o->call;
+	/* rwrite and rwritev take no flags: with MSG_DONTWAIT on a blocking socket they would
+	 * block the one thread that also has to read. */
+	if (call_flags() && call == S_RWRITE)
+		call = S_RSEND;
+	if (call_flags() && call == S_RWRITEV)
+		call = S_RSENDMSG;
+	switch (call) {
 	case S_RSEND:
 		r = rsend(fd, src + done, o->size - done, call_flags() | MSG_NOSIGNAL);
 		break;
@@ -553,7 +560,7 @@ static ssize_t do_send(const struct op *o, uint64_t stream_off, uint32_t done)
 			iov[n].iov_len = b - a;
 			n++;
 		}
-		if (o->call == S_RWRITEV) {
+		if (call == S_RWRITEV) {
 			r = rwritev(fd, iov, n);
 		} else {
 			struct msghdr m = { .msg_iov = iov, .msg_iovlen = n };
@@ -596,7 +603,12 @@ static ssize_t do_recv(const struct rop *o)
 	ssize_t r;
 	int fl = call_flags();
 	recv_calls++;
-	switch (o->call) {
+	int call = o->call;
+	if (fl && call == R_RREAD)
+		call = R_RRECV;
+	if (fl && call == R_RREADV)
+		call = R_RRECVMSG;
+	switch (call) {
 	case R_RRECV:
 		r = rrecv(fd, rbuf, size, fl);
 		break;
@@ -640,7 +652,7 @@ static ssize_t do_recv(const struct rop *o)
 			nv--;
 		}
 #endif
-		if (o->call == R_RREADV) {
+		if (call == R_RREADV) {
 			r = rreadv(fd, v, nv);
 		} else {
 			struct msghdr m = { .msg_iov = v, .msg_iovlen = nv };

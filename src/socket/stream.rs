@@ -244,6 +244,10 @@ impl Drop for Conn {
     }
 }
 
+/// Receives posted beyond the credits granted, on iWARP (see [`Conn::setup`]): room for the
+/// peer's control messages (credit updates, shutdown) while we do not poll.
+const RECV_SLACK: u32 = 16;
+
 impl Conn {
     /// Creates the endpoint and buffers on a routed/requested id.
     fn setup(mut id: CmId, opts: &Options, iomap: u16) -> Result<Self> {
@@ -257,7 +261,24 @@ impl Conn {
         if dev.iwarp {
             inline = inline.max(wire::MSG_SIZE as u32);
         }
-        let mut ep = id.create_endpoint(sq, rq, inline)?;
+        // iWARP has no receiver-not-ready retry: a message that finds no receive posted ends
+        // the connection. The peer's data messages are bounded by the credits we grant (rq), its
+        // credit updates and control messages are not, and receives are reposted only when we
+        // poll: a peer that used all its credits and then sent a credit update while we did
+        // not poll broke the connection (seen with the stress suite on Soft-iWARP). So on iWARP
+        // a few receives more than the credits are posted.
+        let rq = if dev.iwarp {
+            rq.min(max.saturating_sub(RECV_SLACK))
+                .max(core::QP_MIN_SIZE as u32)
+        } else {
+            rq
+        };
+        let rq_posted = if dev.iwarp {
+            (rq + RECV_SLACK).min(max)
+        } else {
+            rq
+        };
+        let mut ep = id.create_endpoint(sq, rq_posted, inline)?;
         let sq_inline = ep.sq_inline();
         if dev.iwarp && sq_inline < wire::MSG_SIZE as u32 {
             return Err(Error::Unsupported(libc::ENOTSUP));
@@ -276,14 +297,16 @@ impl Conn {
             Access::RemoteWrite,
         )?;
         let msg_bytes = if dev.iwarp {
-            rq as usize * wire::MSG_SIZE
+            rq_posted as usize * wire::MSG_SIZE
         } else {
             0
         };
         let rbuf = ep.register(cfg.rbuf_size as usize + msg_bytes, Access::RemoteWrite)?;
-        let msg_area = dev.iwarp.then_some((rbuf, cfg.rbuf_size as usize, rq));
+        let msg_area = dev
+            .iwarp
+            .then_some((rbuf, cfg.rbuf_size as usize, rq_posted));
         let mut recv_slot = 0;
-        ep.post_recvs(rq, msg_area, &mut recv_slot)?;
+        ep.post_recvs(rq_posted, msg_area, &mut recv_slot)?;
         let (taddr, tkey) = ep.remote_handle(tsgl);
         let (raddr, rkey) = ep.remote_handle(rbuf);
         let local = LocalBuffers {
