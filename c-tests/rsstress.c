@@ -907,6 +907,20 @@ static struct sockaddr_in sin_of(const char *a, int port)
 	return s;
 }
 
+static void client_socket(void)
+{
+	fd = rsocket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		die("rsocket");
+	set_options();
+	prepare(fd);
+	if (cfg.local) {
+		struct sockaddr_in b = sin_of(cfg.local, 0);
+		if (rbind(fd, (struct sockaddr *)&b, sizeof b))
+			die("rbind");
+	}
+}
+
 static void connect_or_accept(void)
 {
 	if (cfg.server) {
@@ -928,16 +942,7 @@ static void connect_or_accept(void)
 			die("raccept");
 		rclose(l);
 	} else {
-		fd = rsocket(AF_INET, SOCK_STREAM, 0);
-		if (fd < 0)
-			die("rsocket");
-		set_options();
-		prepare(fd);
-		if (cfg.local) {
-			struct sockaddr_in b = sin_of(cfg.local, 0);
-			if (rbind(fd, (struct sockaddr *)&b, sizeof b))
-				die("rbind");
-		}
+		client_socket();
 		struct sockaddr_in a = sin_of(cfg.addr, cfg.port);
 		int tries = 0;
 		while (rconnect(fd, (struct sockaddr *)&a, sizeof a)) {
@@ -946,14 +951,7 @@ static void connect_or_accept(void)
 				die("rconnect");
 			rclose(fd);
 			usleep(100000);
-			fd = rsocket(AF_INET, SOCK_STREAM, 0);
-			set_options();
-			prepare(fd);
-			if (cfg.local) {
-				struct sockaddr_in b = sin_of(cfg.local, 0);
-				if (rbind(fd, (struct sockaddr *)&b, sizeof b))
-					die("rbind");
-			}
+			client_socket();
 		}
 	}
 	if (cfg.iowrite) {

@@ -22,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 BIN=$PWD/bin
 DEV=$(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')
-SEEDS="11 12 13"
+SEEDS="11 12 13 14 15 16"
 FRESH=0 MINUTES=0 BYTES=$((4 << 20)) UNEVEN=0 REPEAT=0
 PAIRS="rs-rs rs-lib lib-rs"
 MODES="thread poll"

@@ -17,10 +17,8 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
+use super::tests::{RBUF_BASE, TSGL_BASE, local};
 use super::*;
-
-const RBUF_BASE: u64 = 0x10_0000_0000;
-const TSGL_BASE: u64 = 0x20_0000_0000;
 
 struct Rng(u64);
 
@@ -114,22 +112,6 @@ struct Side {
     base: usize,
 }
 
-fn local(id: u32) -> LocalBuffers {
-    LocalBuffers {
-        target_sgl: RemoteSge {
-            addr: TSGL_BASE,
-            key: 0x100 + id,
-            length: 0,
-        },
-        rbuf: RemoteSge {
-            addr: RBUF_BASE,
-            key: 0x200 + id,
-            length: 0,
-        },
-        target_iomap_size: 0,
-    }
-}
-
 impl Side {
     fn new(
         cfg: StreamConfig,
@@ -167,31 +149,43 @@ impl Side {
         ]
     }
 
+    fn push(&mut self, wr_id: u64, remote: Option<(u64, u32)>, src: Src, msg: Option<u32>) {
+        self.wrs.push_back(Wr {
+            wr_id,
+            remote,
+            src,
+            msg,
+            data: None,
+        });
+    }
+
+    /// A message alone (`post_msg`): a 0-byte write with immediate, or a 4-byte SEND on iWARP.
+    fn post_msg(&mut self, msg: u32) {
+        if self.cfg.msg_send {
+            self.push(
+                msg as u64,
+                None,
+                Src::Inline(msg.to_ne_bytes().to_vec()),
+                Some(msg),
+            );
+        } else {
+            self.push(msg as u64, Some((0xdead_beef, 0)), Src::Empty, Some(msg));
+        }
+    }
+
     /// Posts a message-carrying write as the socket layer does (`post_write_msg`).
     fn post_write_msg(&mut self, msg: u32, src: Src, remote: (u64, u32), wr_id: u64) {
         if self.cfg.msg_send {
-            self.wrs.push_back(Wr {
-                wr_id,
-                remote: Some(remote),
-                src,
-                msg: None,
-                data: None,
-            });
-            self.wrs.push_back(Wr {
-                wr_id: (msg & !0x1FFF_FFFF) as u64 | WR_ID_MSG_SEND,
-                remote: None,
-                src: Src::Inline(msg.to_ne_bytes().to_vec()),
-                msg: Some(msg),
-                data: None,
-            });
+            self.push(wr_id, Some(remote), src, None);
+            let op_only = (msg & !0x1FFF_FFFF) as u64 | WR_ID_MSG_SEND;
+            self.push(
+                op_only,
+                None,
+                Src::Inline(msg.to_ne_bytes().to_vec()),
+                Some(msg),
+            );
         } else {
-            self.wrs.push_back(Wr {
-                wr_id,
-                remote: Some(remote),
-                src,
-                msg: Some(msg),
-                data: None,
-            });
+            self.push(wr_id, Some(remote), src, Some(msg));
         }
     }
 
@@ -352,23 +346,7 @@ impl Side {
             }
             None => {
                 cov.credit_updates_plain += 1;
-                if self.cfg.msg_send {
-                    self.wrs.push_back(Wr {
-                        wr_id: msg as u64,
-                        remote: None,
-                        src: Src::Inline(msg.to_ne_bytes().to_vec()),
-                        msg: Some(msg),
-                        data: None,
-                    });
-                } else {
-                    self.wrs.push_back(Wr {
-                        wr_id: msg as u64,
-                        remote: Some((0xdead_beef, 0)),
-                        src: Src::Empty,
-                        msg: Some(msg),
-                        data: None,
-                    });
-                }
+                self.post_msg(msg);
             }
         }
         true

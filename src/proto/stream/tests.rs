@@ -7,8 +7,8 @@
 use super::*;
 use proptest::prelude::*;
 
-const RBUF_BASE: u64 = 0x10_0000_0000;
-const TSGL_BASE: u64 = 0x20_0000_0000;
+pub(super) const RBUF_BASE: u64 = 0x10_0000_0000;
+pub(super) const TSGL_BASE: u64 = 0x20_0000_0000;
 
 /// One work request in flight on the wire.
 #[derive(Debug, Clone)]
@@ -47,7 +47,8 @@ fn cfg(sq: u16, rq: u16, inline: u32, rbuf: u32, sbuf: u32, msg_send: bool) -> S
     }
 }
 
-fn local(id: u32) -> LocalBuffers {
+/// Our buffers as the peer sees them (also used by the model test).
+pub(super) fn local(id: u32) -> LocalBuffers {
     LocalBuffers {
         target_sgl: RemoteSge {
             addr: TSGL_BASE,
