@@ -11,7 +11,8 @@
 #   --modes "M ..."   thread (blocking, a sender and a receiver thread) and/or poll (rpoll)
 #   --bytes N         bytes each way per case (default 4 MiB)
 #   --uneven          also run the integrity issue's stream (client to server, our client) per seed
-#   --repeat-uneven N only that stream, N times against each server (rs-rs and rs-lib)
+#   --repeat-uneven N only that stream, as reported (defaults, no config files): N times blocking
+#                     and N times with rpoll, against each server (rs-rs and rs-lib)
 #
 # Each case: both sides get the same seed; odd seeds set random socket options (-O); seeds with
 # seed % 3 == 2 also run under a random configuration file set in /etc/rdma/rsocket (the
@@ -23,7 +24,7 @@ cd "$(dirname "$0")"
 BIN=$PWD/bin
 DEV=$(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')
 SEEDS="11 12 13 14 15 16"
-FRESH=0 MINUTES=0 BYTES=$((4 << 20)) UNEVEN=0 REPEAT=0
+FRESH=0 MINUTES=0 BYTES=$((4 << 20)) UNEVEN=0 REPEAT=0 NOCONF=0
 PAIRS="rs-rs rs-lib lib-rs"
 MODES="thread poll"
 while [ $# -gt 0 ]; do
@@ -80,7 +81,7 @@ run_case() {
   cli=$(bin_of "${pair%-*}"); srv=$(bin_of "${pair#*-}")
   args="-r $seed -m $mode -n $BYTES -T 150 $*"
   [ $((seed % 2)) -eq 1 ] && [[ "$*" != *-u* ]] && args="$args -O"
-  set_config "$seed"
+  if [ "$NOCONF" = 1 ]; then set_config 0; else set_config "$seed"; fi
   PORT=$((PORT + 1))
   local scmd="$srv -s 10.10.0.1 -p $PORT $args -P ${pair%-*}" ccmd="$cli -c 10.10.0.1 -b 10.10.0.2 -p $PORT $args -P ${pair#*-}"
   $scmd >"$log/srv" 2>&1 &
@@ -131,6 +132,8 @@ run_case() {
 
 echo "stress on: $DEV"
 if [ "$REPEAT" -gt 0 ]; then
+  # The issue's reproduction as it was reported: defaults, no options, no config files.
+  NOCONF=1
   for i in $(seq 1 "$REPEAT"); do
     for pair in rs-rs rs-lib; do
       for mode in thread poll; do run_case $pair $mode $((1000 + i)) -u -I; done
