@@ -656,6 +656,11 @@ static ssize_t do_recv(const struct rop *o)
 			r = rreadv(fd, v, nv);
 		} else {
 			struct msghdr m = { .msg_iov = v, .msg_iovlen = nv };
+#ifdef USE_LIBRDMACM
+			/* librdmacm's rrecvmsg passes msg_flags instead of its flags argument, so
+			 * MSG_DONTWAIT alone would be lost and the call would block. */
+			m.msg_flags = fl;
+#endif
 			r = rrecvmsg(fd, &m, fl);
 		}
 	}
