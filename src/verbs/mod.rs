@@ -670,6 +670,14 @@ impl CmId {
         !self.raw().verbs.is_null()
     }
 
+    /// Whether the id's device is an iWARP device (the id must be bound to one).
+    fn is_iwarp(&self) -> bool {
+        let ctx = self.raw().verbs;
+        // SAFETY: callers checked ctx is a live device context; ctx->device is valid for the
+        // context's lifetime.
+        unsafe { (*(*ctx).device).transport_type == sys::ibv_transport_type::IBV_TRANSPORT_IWARP }
+    }
+
     /// Device facts needed to size an endpoint.
     pub fn device_info(&self) -> io::Result<DeviceInfo> {
         let ctx = self.raw().verbs;
@@ -679,12 +687,10 @@ impl CmId {
         // SAFETY: zeroed attr struct is valid output storage; ctx is a live device context.
         let mut attr: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
         cvt(unsafe { sys::ibv_query_device(ctx, &mut attr) })?;
-        // SAFETY: ctx->device is valid for the context's lifetime.
-        let transport = unsafe { (*(*ctx).device).transport_type };
         Ok(DeviceInfo {
             max_qp_wr: attr.max_qp_wr.max(0) as u32,
             max_cqe: attr.max_cqe.max(0) as u32,
-            iwarp: transport == sys::ibv_transport_type::IBV_TRANSPORT_IWARP,
+            iwarp: self.is_iwarp(),
             max_rd_atom: attr.max_qp_rd_atom.min(attr.max_qp_init_rd_atom).max(0) as u8,
         })
     }
@@ -731,13 +737,10 @@ impl CmId {
         // writes back the granted caps.
         cvt(unsafe { sys::rdma_create_qp(self.id.as_ptr(), pd.0.as_ptr(), &mut attr) })?;
         self.has_qp = true;
-        // SAFETY: ctx->device is valid for the context's lifetime.
-        let iwarp = unsafe { (*(*ctx).device).transport_type }
-            == sys::ibv_transport_type::IBV_TRANSPORT_IWARP;
         Ok(Endpoint {
             qp: self.raw().qp,
             sq_inline: attr.cap.max_inline_data,
-            split_short: iwarp,
+            split_short: self.is_iwarp(),
             mrs: Vec::new(),
             user_mrs: Vec::new(),
             sends_posted: std::cell::Cell::new(0),
@@ -1007,9 +1010,8 @@ pub enum Payload<'a> {
 /// Linux's siw (`siw_qp_tx.c`, `siw_try_1seg`; the 6.1 kernel of the test VM, and the same code
 /// in every later version we read) copies a WRITE, SEND or READ response of at most this many
 /// bytes that one SGE describes straight behind the packet header. When that SGE crosses a page
-/// boundary it copies the wrong lengths: the bytes after the first two pages' split come from
-/// past the end of the first page and from the wrong place in the second, and the peer receives
-/// other bytes with no error on either side (`MAX_HDR_INLINE`: 24 bytes on x86-64). Inline data
+/// boundary it copies the wrong lengths: it reads past the end of the first page and from the
+/// wrong place in the second, and the peer receives other bytes with no error on either side (`MAX_HDR_INLINE`: 24 bytes on x86-64). Inline data
 /// and transfers with two SGEs take other paths and are right.
 pub const SHORT_TRANSFER: u32 = 24;
 

@@ -7,8 +7,8 @@
 //! its write completed shows as wrong data. On RoCE a send completes only after the peer placed
 //! it; on iWARP a send completes once it was read (Soft-iWARP: handed to TCP), possibly before
 //! the peer placed it, and every message is a write followed by a 4-byte SEND. Placement checks
-//! every write against the peer's registered regions, every message against its posted
-//! receives. Both sides' target-SGL memory is simulated, zeroing and stale entries included.
+//! every write against the peer's registered regions and hands every message to the peer's
+//! core, which refuses data beyond the credits and windows it granted. Both sides' target-SGL memory is simulated, zeroing and stale entries included.
 //!
 //! Each mode runs a fixed set of seeds (deterministic, so a failure names its seed) and must
 //! reach every coverage point: ring wraps at every position near the ring's end, receive-buffer
@@ -435,6 +435,11 @@ impl Side {
         }
         self.s.on_send_completion(wr.wr_id, true);
         self.completed += 1;
+        self.retire();
+    }
+
+    /// Drops the work requests both completed here and placed at the peer.
+    fn retire(&mut self) {
         while self.base < self.completed.min(self.placed) {
             self.wrs.pop_front();
             self.base += 1;
@@ -556,10 +561,7 @@ fn run(mode_iwarp: bool, seed: u64, cov: &mut Coverage) {
                     let wr = me.wrs[me.placed - me.base].clone();
                     place(peer, &wr, seed);
                     me.placed += 1;
-                    while me.base < me.completed.min(me.placed) {
-                        me.wrs.pop_front();
-                        me.base += 1;
-                    }
+                    me.retire();
                     true
                 } else {
                     false
