@@ -257,6 +257,10 @@ pub struct Stream {
     held: bool,
     /// The peer's DISCONNECT arrived: it sends nothing more.
     peer_done: bool,
+    /// The SHUTDOWN or DISCONNECT that `shutdown` owes the peer, until posted. Still owed when
+    /// the peer's own SHUTDOWN arrives while ours waits for a control slot: the connection is
+    /// then closed both ways, but the peer reads to the end of the stream only once ours came.
+    ctrl_owed: Option<Ctrl>,
 }
 
 impl Stream {
@@ -319,6 +323,7 @@ impl Stream {
             rseq_comp: cfg.rq_size / 2,
             held: false,
             peer_done: false,
+            ctrl_owed: None,
             peer_ext: peer.is_rsocket_rs(),
             remote_iomap: RemoteSge {
                 addr: peer.target_sgl.addr + wire::SGE_LEN as u64 * wire::SGL_SIZE as u64,
@@ -697,8 +702,12 @@ impl Stream {
 
     /// Posts a control message (shutdown/disconnect) if a control slot is free.
     pub fn post_ctrl(&mut self, ctrl: Ctrl) -> Option<u32> {
-        if !self.flags.connected || !self.ctrl_avail(1) {
+        let owed = self.ctrl_owed == Some(ctrl) && self.err.is_none();
+        if !(self.flags.connected || owed) || !self.ctrl_avail(1) {
             return None;
+        }
+        if owed {
+            self.ctrl_owed = None;
         }
         self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
         Some(Msg::Ctrl(ctrl).encode())
@@ -714,14 +723,21 @@ impl Stream {
         Some(Msg::Ctrl(Ctrl::Keepalive).encode() as u64)
     }
 
-    /// Whether a control message could be posted now (or never will: not connected).
+    /// Whether a control message could be posted now (or never will: not connected, and no
+    /// SHUTDOWN/DISCONNECT owed to a peer still there).
     pub fn can_send_ctrl(&self) -> bool {
-        self.ctrl_avail(1) || !self.flags.connected
+        self.ctrl_avail(1)
+            || self.err.is_some()
+            || (!self.flags.connected && self.ctrl_owed.is_none())
     }
 
-    /// Whether every posted send has completed.
+    /// Whether every posted send has completed (or the connection failed: what is left of
+    /// them is flushed). An orderly close is no reason to stop waiting: when the peer's
+    /// SHUTDOWN crosses ours the connection is closed both ways while ours (and the data before
+    /// it) may still be in flight, and disconnecting then would flush them, the peer seeing a
+    /// reset instead of the end of the stream.
     pub fn all_sends_done(&self) -> bool {
-        !self.flags.connected
+        self.err.is_some()
             || (self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) == CTRL_SLOTS
                 && self.sqe_avail == self.cfg.sq_size as u32 - CTRL_SLOTS)
     }
@@ -729,6 +745,15 @@ impl Stream {
     /// Applies SHUT_RD/SHUT_WR/SHUT_RDWR locally and returns the control message owed to the
     /// peer, if any (post it with [`Stream::post_ctrl`]).
     pub fn shutdown(&mut self, read: bool, write: bool) -> Option<Ctrl> {
+        let ctrl = self.shutdown_flags(read, write);
+        if ctrl.is_some() {
+            self.ctrl_owed = ctrl;
+        }
+        ctrl
+    }
+
+    /// The flag changes of [`Stream::shutdown`] and the message they call for.
+    fn shutdown_flags(&mut self, read: bool, write: bool) -> Option<Ctrl> {
         if !self.flags.connected {
             return None;
         }

@@ -577,6 +577,78 @@ fn shutdown_interleaved_with_data_gives_eof_after_data() {
 }
 
 #[test]
+fn crossing_shutdowns_wait_for_our_own_to_leave() {
+    // Both ends SHUT_WR at once: the peer's SHUTDOWN arrives while ours, and the data before
+    // it, are still in flight. The connection is then closed both ways, but the sends are not
+    // done: a disconnect now would flush them.
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    a.to_send = pattern(3000, 7);
+    let mut ab = VecDeque::new();
+    a.pump(&mut ab, 65536);
+    let ours = a.s.shutdown(false, true).unwrap();
+    let m = a.s.post_ctrl(ours).unwrap();
+    let theirs = b.s.shutdown(false, true).unwrap();
+    let theirs = b.s.post_ctrl(theirs).unwrap();
+    a.s.on_recv(theirs).unwrap();
+    assert!(!a.s.flags().connected, "closed both ways");
+    assert!(
+        !a.s.all_sends_done(),
+        "our data and SHUTDOWN are still in flight"
+    );
+    while let Some(wr) = ab.pop_front() {
+        b.deliver(&wr).unwrap();
+        a.complete(&wr);
+    }
+    assert!(!a.s.all_sends_done(), "our SHUTDOWN is still in flight");
+    b.s.on_recv(m).unwrap();
+    a.s.on_send_completion(m as u64, true);
+    assert!(a.s.all_sends_done());
+    b.read(100_000);
+    assert_eq!(b.received, a.to_send);
+    b.read(100_000);
+    assert!(b.eof, "the peer reads the end of the stream, not a reset");
+    assert_eq!(b.s.error(), None);
+}
+
+#[test]
+fn a_shutdown_waiting_for_a_control_slot_is_still_sent_when_the_peers_crosses_it() {
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    let (mut a, mut b) = pair(c, c);
+    let mut slots = Vec::new();
+    while let Some(id) = a.s.post_keepalive() {
+        slots.push(id);
+    }
+    let ours = a.s.shutdown(false, true).unwrap();
+    assert!(!a.s.can_send_ctrl(), "every control slot is taken");
+    let theirs = b.s.shutdown(false, true).unwrap();
+    let theirs = b.s.post_ctrl(theirs).unwrap();
+    a.s.on_recv(theirs).unwrap();
+    assert!(!a.s.flags().connected, "closed both ways");
+    assert!(
+        !a.s.can_send_ctrl(),
+        "our SHUTDOWN is owed: wait for a slot rather than give up on it"
+    );
+    a.s.on_send_completion(slots[0], true);
+    assert!(a.s.can_send_ctrl());
+    let m =
+        a.s.post_ctrl(ours)
+            .expect("the owed SHUTDOWN is posted though the peer's arrived");
+    assert!(a.s.post_ctrl(ours).is_none(), "owed once");
+    assert!(a.s.can_send_ctrl(), "nothing more owed");
+    b.s.on_recv(m).unwrap();
+    b.read(100);
+    assert!(b.eof, "the peer reads the end of the stream");
+    assert_eq!(b.s.error(), None);
+    for &id in &slots[1..] {
+        a.s.on_send_completion(id, true);
+    }
+    assert!(!a.s.all_sends_done(), "our SHUTDOWN is in flight");
+    a.s.on_send_completion(m as u64, true);
+    assert!(a.s.all_sends_done());
+}
+
+#[test]
 fn disconnect_marks_both_directions_closed() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = pair(c, c);
