@@ -185,6 +185,23 @@ pub struct Direct {
     pub ring_segs: usize,
 }
 
+/// Credits of the peer that data messages leave unused, for our control messages.
+///
+/// A peer grants as many data messages as it has receives, but each of our control messages
+/// (credit updates above all) takes one of its receives too, until the peer next polls and
+/// posts them again. librdmacm's receives are exactly its credits: with its data credits used
+/// up, one credit update from us finds no receive. Over InfiniBand or RoCE the NIC retries
+/// (RNR) until one is posted; iWARP has no such retry, and the peer's NIC ends the connection
+/// (both ends see ECONNRESET). So on iWARP a few credits (CTRL_SLOTS, at most a quarter of the
+/// window, so that the peer's next grant still comes) are left for them.
+fn credit_reserve(msg_send: bool, credits: u16) -> u16 {
+    if msg_send {
+        (CTRL_SLOTS as u16).min(credits / 4)
+    } else {
+        0
+    }
+}
+
 /// Errors of the state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamError {
@@ -229,6 +246,8 @@ pub struct Stream {
     // send side
     sseq_no: u16,
     sseq_comp: u16,
+    /// Credits left unused for our control messages (see [`credit_reserve`]).
+    credit_reserve: u16,
     sqe_avail: u32,
     sbuf_bytes_avail: u32,
     sbuf_head: u32,
@@ -306,6 +325,7 @@ impl Stream {
             local,
             sseq_no: 0,
             sseq_comp: peer.credits,
+            credit_reserve: credit_reserve(cfg.msg_send, peer.credits),
             sqe_avail: cfg.sq_size as u32 - ctrl_max,
             sbuf_bytes_avail: cfg.sbuf_size,
             sbuf_head: 0,
@@ -407,7 +427,7 @@ impl Stream {
             && !self.held
             && self.sqe_avail >= need_sqe
             && self.sbuf_bytes_avail >= SNDLOWAT.min(self.cfg.sbuf_size)
-            && self.sseq_no != self.sseq_comp
+            && self.credit_left()
             && self.target_sgl[self.target_sge].length != 0
     }
 
@@ -514,7 +534,12 @@ impl Stream {
         self.flags.writable
             && !self.held
             && self.sqe_avail >= sqe
-            && (!credit || self.sseq_no != self.sseq_comp)
+            && (!credit || self.credit_left())
+    }
+
+    /// Whether a data message may go: a receive credit of the peer is left beyond the reserve.
+    fn credit_left(&self) -> bool {
+        self.sseq_comp.wrapping_sub(self.sseq_no) > self.credit_reserve
     }
 
     /// The peer is rsocket-rs (its iomap announcements carry permissions; rioread possible).

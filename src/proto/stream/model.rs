@@ -307,7 +307,7 @@ impl Side {
 
     fn note_stall(&self, cov: &mut Coverage) {
         let s = &self.s;
-        if s.sseq_no == s.sseq_comp {
+        if !s.credit_left() {
             cov.credit_stalls += 1;
         } else if s.sqe_avail < if self.cfg.msg_send { 2 } else { 1 } {
             cov.sqe_stalls += 1;

@@ -519,6 +519,29 @@ fn credit_starvation_stalls_without_overrun() {
 }
 
 #[test]
+fn on_iwarp_data_leaves_credits_for_control_messages() {
+    // The peer has 16 receives and grants 16 credits. Over RoCE data may take them all (a
+    // control message finding no receive is retried); over iWARP it would end the connection,
+    // so a quarter (at most CTRL_SLOTS) stay free for our credit updates.
+    for (msg_send, data_msgs) in [(false, 16), (true, 12)] {
+        let c = cfg(64, 16, 64, 65536, 65536, msg_send);
+        let (mut a, mut b) = pair(c, c);
+        a.to_send = pattern(1 << 16, 4);
+        let mut ab = VecDeque::new();
+        for _ in 0..100 {
+            a.pump(&mut ab, 64);
+            while let Some(wr) = ab.pop_front() {
+                b.deliver(&wr).unwrap();
+                a.complete(&wr);
+            }
+        }
+        assert!(!a.s.can_send());
+        assert_eq!(b.s.rmsg.len(), data_msgs, "msg_send {msg_send}");
+        assert!(a.s.can_send_ctrl(), "a control message may still go");
+    }
+}
+
+#[test]
 fn lost_credit_update_never_causes_overrun() {
     let c = cfg(64, 16, 64, 16384, 65536, false);
     let (mut a, mut b) = pair(c, c);
