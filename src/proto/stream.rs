@@ -280,6 +280,8 @@ pub struct Stream {
     /// the peer's own SHUTDOWN arrives while ours waits for a control slot: the connection is
     /// then closed both ways, but the peer reads to the end of the stream only once ours came.
     ctrl_owed: Option<Ctrl>,
+    /// The connection vanished underneath us ([`Stream::on_connection_lost`]).
+    lost: bool,
 }
 
 impl Stream {
@@ -344,6 +346,7 @@ impl Stream {
             held: false,
             peer_done: false,
             ctrl_owed: None,
+            lost: false,
             peer_ext: peer.is_rsocket_rs(),
             remote_iomap: RemoteSge {
                 addr: peer.target_sgl.addr + wire::SGE_LEN as u64 * wire::SGL_SIZE as u64,
@@ -411,6 +414,7 @@ impl Stream {
     /// The connection vanished underneath us (CM disconnect, flushed QP). If the peer had not
     /// said goodbye (we could still read), it is a reset, not an end of stream.
     pub fn on_connection_lost(&mut self) {
+        self.lost = true;
         if self.flags.readable && self.flags.connected {
             self.fail(StreamError::Reset);
         } else {
@@ -756,13 +760,15 @@ impl Stream {
             || (!self.flags.connected && self.ctrl_owed.is_none())
     }
 
-    /// Whether every posted send has completed (or the connection failed: what is left of
-    /// them is flushed). An orderly close is no reason to stop waiting: when the peer's
-    /// SHUTDOWN crosses ours the connection is closed both ways while ours (and the data before
-    /// it) may still be in flight, and disconnecting then would flush them, the peer seeing a
-    /// reset instead of the end of the stream.
+    /// Whether every posted send has completed, or nothing is left to wait for: the connection
+    /// failed or vanished, or the peer's DISCONNECT came (it is closing: what we still send is
+    /// lost to it anyway). Closed both ways by SHUTDOWNs that crossed is no such reason: the
+    /// peer is still there, reading to the end of our stream, and disconnecting before our
+    /// SHUTDOWN (and the data before it) left would flush them, the peer seeing a reset.
     pub fn all_sends_done(&self) -> bool {
         self.err.is_some()
+            || self.lost
+            || (!self.flags.connected && self.peer_done)
             || (self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) == CTRL_SLOTS
                 && self.sqe_avail == self.cfg.sq_size as u32 - CTRL_SLOTS)
     }

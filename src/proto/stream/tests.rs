@@ -672,6 +672,29 @@ fn a_shutdown_waiting_for_a_control_slot_is_still_sent_when_the_peers_crosses_it
 }
 
 #[test]
+fn a_peer_that_disconnected_or_vanished_is_not_waited_for() {
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    for vanished in [false, true] {
+        let (mut a, mut b) = pair(c, c);
+        a.to_send = pattern(3000, 8);
+        let mut ab = VecDeque::new();
+        a.pump(&mut ab, 65536);
+        assert!(!ab.is_empty() && !a.s.all_sends_done());
+        if vanished {
+            a.s.on_connection_lost();
+        } else {
+            let m = b.s.shutdown(true, true).unwrap();
+            let m = b.s.post_ctrl(m).unwrap();
+            a.s.on_recv(m).unwrap();
+        }
+        assert!(
+            a.s.all_sends_done(),
+            "nothing to wait for (vanished {vanished})"
+        );
+    }
+}
+
+#[test]
 fn disconnect_marks_both_directions_closed() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = pair(c, c);
