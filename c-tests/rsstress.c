@@ -11,7 +11,9 @@
  * Both sides take the same seed and options; each derives from them, deterministically, what
  * both directions do, so a failure is reproduced by running the same two commands again.
  *
- *   -m thread   blocking socket, a sender thread and a receiver thread on it (default)
+ *   -m thread   blocking socket, a sender thread and a receiver thread on it (default); the
+ *               librdmacm build's two threads take turns on a non-blocking socket instead
+ *               (librdmacm's send and receive race on its send ring's counters: see `turn`)
  *   -m poll     one thread, non-blocking (O_NONBLOCK or MSG_DONTWAIT on every call, chosen by the
  *               seed), driven by rpoll
  *   -n BYTES    bytes in each direction (default 4 MiB)

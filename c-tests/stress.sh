@@ -112,7 +112,8 @@ run_case() {
     # A case with librdmacm on one end: if librdmacm on both ends fails the same case too (up
     # to three tries), the failure is librdmacm's and is counted apart; otherwise it is ours.
     # A librdmacm process that died of a signal (its heap corrupted: "malloc(): invalid size",
-    # seen in the two-thread mode on rxe) is librdmacm's failure whatever the control does.
+    # seen in the two-thread mode on rxe before its threads took turns, see rsstress.c) is
+    # librdmacm's failure whatever the control does.
     local lib_rc=$src
     [ "${pair%-*}" = lib ] && lib_rc=$crc
     if [ "$pair" != lib-lib ] && [ "$pair" != rs-rs ] && [ "$lib_rc" -ge 128 ]; then
