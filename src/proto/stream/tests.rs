@@ -276,6 +276,14 @@ impl Peer {
     }
 }
 
+/// Delivers everything on `wire` to `to`, in order, completing each at `from` (its sender).
+fn deliver_all(wire: &mut VecDeque<Wr>, to: &mut Peer, from: &mut Peer) {
+    while let Some(wr) = wire.pop_front() {
+        to.deliver(&wr).unwrap();
+        from.complete(&wr);
+    }
+}
+
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -366,14 +374,8 @@ fn iwarp_acceptor_waits_for_the_initiator_to_speak_first() {
     for _ in 0..10_000 {
         a.pump(&mut ab, 1024);
         b.pump(&mut ba, 1024);
-        while let Some(wr) = ab.pop_front() {
-            b.deliver(&wr).unwrap();
-            a.complete(&wr);
-        }
-        while let Some(wr) = ba.pop_front() {
-            a.deliver(&wr).unwrap();
-            b.complete(&wr);
-        }
+        deliver_all(&mut ab, &mut b, &mut a);
+        deliver_all(&mut ba, &mut a, &mut b);
         a.read(1 << 20);
         b.read(1 << 20);
         if a.received.len() == 30_000 && b.received.len() == 20_000 {
@@ -483,10 +485,7 @@ fn credit_starvation_stalls_without_overrun() {
     // B never reads: A must stop once the windows and credits are used up.
     for _ in 0..1000 {
         a.pump(&mut ab, 512);
-        while let Some(wr) = ab.pop_front() {
-            b.deliver(&wr).unwrap();
-            a.complete(&wr);
-        }
+        deliver_all(&mut ab, &mut b, &mut a);
     }
     assert!(!a.s.can_send());
     assert!(
@@ -502,15 +501,9 @@ fn credit_starvation_stalls_without_overrun() {
     for _ in 0..100_000 {
         b.read(100_000);
         b.pump(&mut ba, 0);
-        while let Some(wr) = ba.pop_front() {
-            a.deliver(&wr).unwrap();
-            b.complete(&wr);
-        }
+        deliver_all(&mut ba, &mut a, &mut b);
         a.pump(&mut ab, 4096);
-        while let Some(wr) = ab.pop_front() {
-            b.deliver(&wr).unwrap();
-            a.complete(&wr);
-        }
+        deliver_all(&mut ab, &mut b, &mut a);
         if b.received.len() == 1 << 20 {
             break;
         }
@@ -530,10 +523,7 @@ fn on_iwarp_data_leaves_credits_for_control_messages() {
         let mut ab = VecDeque::new();
         for _ in 0..100 {
             a.pump(&mut ab, 64);
-            while let Some(wr) = ab.pop_front() {
-                b.deliver(&wr).unwrap();
-                a.complete(&wr);
-            }
+            deliver_all(&mut ab, &mut b, &mut a);
         }
         assert!(!a.s.can_send());
         assert_eq!(b.s.rmsg.len(), data_msgs, "msg_send {msg_send}");
@@ -549,10 +539,7 @@ fn lost_credit_update_never_causes_overrun() {
     let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
     for i in 0..10_000 {
         a.pump(&mut ab, 1000);
-        while let Some(wr) = ab.pop_front() {
-            b.deliver(&wr).unwrap();
-            a.complete(&wr);
-        }
+        deliver_all(&mut ab, &mut b, &mut a);
         b.read(3000);
         b.pump(&mut ba, 0);
         while let Some(wr) = ba.pop_front() {
@@ -585,10 +572,7 @@ fn shutdown_interleaved_with_data_gives_eof_after_data() {
         msg: Some(m),
     });
     assert!(a.s.plan_write(100).is_none(), "no data after SHUT_WR");
-    while let Some(wr) = ab.pop_front() {
-        b.deliver(&wr).unwrap();
-        a.complete(&wr);
-    }
+    deliver_all(&mut ab, &mut b, &mut a);
     assert!(!b.s.flags().readable);
     assert!(b.s.flags().writable, "half-close keeps the other direction");
     b.read(100_000);
@@ -619,10 +603,7 @@ fn crossing_shutdowns_wait_for_our_own_to_leave() {
         !a.s.all_sends_done(),
         "our data and SHUTDOWN are still in flight"
     );
-    while let Some(wr) = ab.pop_front() {
-        b.deliver(&wr).unwrap();
-        a.complete(&wr);
-    }
+    deliver_all(&mut ab, &mut b, &mut a);
     assert!(!a.s.all_sends_done(), "our SHUTDOWN is still in flight");
     b.s.on_recv(m).unwrap();
     a.s.on_send_completion(m as u64, true);
@@ -773,10 +754,7 @@ fn a_window_used_up_by_a_gathered_write_is_not_taken_again_before_it_leaves() {
     let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
     // B's first credit update puts its second half (4096 B) into A's target SGL entry 1.
     b.pump(&mut ba, 4096);
-    while let Some(wr) = ba.pop_front() {
-        a.deliver(&wr).unwrap();
-        b.complete(&wr);
-    }
+    deliver_all(&mut ba, &mut a, &mut b);
     assert_eq!(a.tsgl_mem()[1].length, 4096);
     a.to_send = pattern(8192, 3);
     let mut sizes: VecDeque<usize> = [4096, 4000, 96].into_iter().collect();
