@@ -365,10 +365,13 @@ static void turn_take(void)
 	if (taking_turns)
 		pthread_mutex_lock(&turn);
 }
+/* Keeps errno: the caller still has to look at the call's. */
 static void turn_give(void)
 {
+	int err = errno;
 	if (taking_turns)
 		pthread_mutex_unlock(&turn);
+	errno = err;
 }
 /* After a call that would have blocked: let the other thread in before trying again. */
 static void turn_wait(void)
@@ -606,9 +609,7 @@ static ssize_t do_send(const struct op *o, uint64_t stream_off, uint32_t done)
 		}
 	}
 	}
-	int err = errno;
 	turn_give();
-	errno = err;
 	if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
 		turn_wait();
 		return 0;
@@ -627,9 +628,7 @@ static ssize_t do_iowrite(const struct op *o, uint32_t done)
 	turn_take();
 	size_t r = riowrite(fd, io_pat(me, o->io_k) + done, o->size - done, o->win_off + done,
 			    call_flags());
-	int err = errno;
 	turn_give();
-	errno = err;
 	if (r == (size_t)-1 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
 		turn_wait();
 		return 0;
@@ -715,9 +714,7 @@ static ssize_t do_recv(const struct rop *o)
 		}
 	}
 	}
-	int err = errno;
 	turn_give();
-	errno = err;
 	if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
 		turn_wait();
 		return 0;
