@@ -1,0 +1,127 @@
+//! Operating-system helpers the layers above share: eventfd wakers, poll(2), the tick counter,
+//! SIGPIPE and atexit. Nothing RDMA-specific.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Sets or clears O_NONBLOCK on a descriptor.
+pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on an integer descriptor has no memory-safety requirements.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    if new != flags && unsafe { libc::fcntl(fd, libc::F_SETFL, new) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// An eventfd used to wake a thread sleeping in `poll` on a socket's descriptors.
+#[derive(Debug)]
+pub struct Waker(std::os::fd::OwnedFd);
+
+impl Waker {
+    /// Creates a non-blocking eventfd.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory arguments.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        Ok(Waker(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    /// The descriptor to poll for input.
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+
+    /// Makes the descriptor readable.
+    pub fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a local to our eventfd; a full counter only means "awake".
+        unsafe { libc::write(self.fd(), &one as *const u64 as *const libc::c_void, 8) };
+    }
+
+    /// Clears a pending wake-up.
+    pub fn reset(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a local; non-blocking, EAGAIN when not woken.
+        unsafe { libc::read(self.fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
+/// poll(2) over `fds` (events and revents as in libc). EINTR counts as a wake-up with no events.
+/// `timeout_ms` < 0 waits forever.
+pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: fds is a valid, exclusively borrowed array of fds.len() entries.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
+/// A cheap tick counter for comparing short intervals with each other (not calibrated to any
+/// unit): the time-stamp counter on x86_64, nanoseconds from a process-wide epoch elsewhere.
+/// The clock syscalls are avoided because where the clock source is not in the vDSO (the test
+/// VM's HPET) a read costs microseconds.
+pub fn ticks() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC exists on every x86_64 CPU, takes no operands and touches no memory.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64
+    }
+}
+
+/// [`ticks`] per microsecond, measured once per process (on x86_64 against the monotonic clock
+/// over about 200 µs; elsewhere ticks are nanoseconds). At least 1.
+pub fn ticks_per_us() -> u64 {
+    static TPU: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TPU.get_or_init(|| {
+        if cfg!(not(target_arch = "x86_64")) {
+            return 1000;
+        }
+        let t0 = std::time::Instant::now();
+        let k0 = ticks();
+        let mut dt = t0.elapsed();
+        while dt < std::time::Duration::from_micros(200) {
+            dt = t0.elapsed();
+        }
+        let k = ticks().wrapping_sub(k0);
+        (k / (dt.as_micros() as u64).max(1)).max(1)
+    })
+}
+
+/// Raises SIGPIPE in the calling thread, as a write to a shut-down kernel socket does.
+pub fn raise_sigpipe() {
+    // SAFETY: raise has no memory arguments.
+    unsafe { libc::raise(libc::SIGPIPE) };
+}
+
+/// Runs `f` when the process exits normally (exit(3) or a return from main), after the
+/// handlers registered later. Returns false if it could not be registered.
+pub fn run_at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: `f` is a plain function with no arguments; atexit only stores the pointer.
+    unsafe { libc::atexit(f) == 0 }
+}
