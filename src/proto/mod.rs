@@ -2,6 +2,12 @@
 //!
 //! Everything here is deterministic and unit-tested with simulated peers on the host.
 
+#![forbid(unsafe_code)]
+
+pub mod driver;
 pub mod iomap;
+#[cfg(test)]
+pub(crate) mod memwire;
 pub mod stream;
+pub mod transport;
 pub mod wire;

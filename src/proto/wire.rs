@@ -246,6 +246,11 @@ pub enum Msg {
 const DATA_MASK: u32 = 0x1FFF_FFFF;
 
 impl Msg {
+    /// The opcode bits of an encoded message (its data bits cleared).
+    pub fn op_bits(v: u32) -> u32 {
+        v & !DATA_MASK
+    }
+
     /// Encodes as the host-order 32-bit value (send it big-endian as immediate data).
     pub fn encode(self) -> u32 {
         match self {

@@ -161,10 +161,6 @@ pub struct Endpoint {
     split_short: bool,
     mrs: Vec<MemoryRegion>,
     user_mrs: Vec<Option<UserRegion>>,
-    /// Send work requests posted and completed (every one is signalled, and an RC send
-    /// queue completes in order, so `completed >= n` means the first `n` are done).
-    sends_posted: std::cell::Cell<u64>,
-    sends_completed: std::cell::Cell<u64>,
     /// The CQ is armed and its event not taken yet (arming again would be a wasted syscall).
     armed: std::cell::Cell<bool>,
     cq: CompletionQueue,
@@ -261,8 +257,6 @@ impl Endpoint {
             split_short,
             mrs: Vec::new(),
             user_mrs: Vec::new(),
-            sends_posted: std::cell::Cell::new(0),
-            sends_completed: std::cell::Cell::new(0),
             armed: std::cell::Cell::new(false),
             cq,
             comp,
@@ -406,18 +400,7 @@ impl Endpoint {
         // SAFETY: valid QP; wr and sge live across the call; dst lies in a registration
         // (UserSeg is only made by user_seg) whose memory the application vouched for.
         cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
-        self.sends_posted.set(self.sends_posted.get() + 1);
         Ok(())
-    }
-
-    /// Send work requests posted so far (a sequence number for [`Endpoint::sends_completed`]).
-    pub fn sends_posted(&self) -> u64 {
-        self.sends_posted.get()
-    }
-
-    /// Send work requests completed so far (successfully or not).
-    pub fn sends_completed(&self) -> u64 {
-        self.sends_completed.get()
     }
 
     fn mr(&self, id: MrId) -> &MemoryRegion {
@@ -455,40 +438,30 @@ impl Endpoint {
         unsafe { ptr::copy_nonoverlapping(data.as_ptr(), m.buf.as_ptr().add(offset), data.len()) };
     }
 
-    /// Posts `n` receives: zero-SGE ones (data arrives by RDMA write with immediate), or on
-    /// iWARP 4-byte receives into `msg_area` at slots `first_slot..` (wrapping at `slots`).
-    pub fn post_recvs(
-        &self,
-        n: u32,
-        msg_area: Option<(MrId, usize, u32)>,
-        first_slot: &mut u32,
-    ) -> io::Result<()> {
-        for _ in 0..n {
-            let mut sge = sys::ibv_sge {
-                addr: 0,
-                length: 0,
-                lkey: 0,
-            };
-            // SAFETY: zeroed recv WR is valid; fields set below.
-            let mut wr: sys::ibv_recv_wr = unsafe { std::mem::zeroed() };
-            wr.wr_id = crate::proto::stream::WR_ID_RECV;
-            if let Some((id, base, slots)) = msg_area {
-                let m = self.mr(id);
-                let slot = *first_slot;
-                *first_slot = (slot + 1) % slots;
-                sge.addr = m.buf.as_ptr() as u64 + (base + slot as usize * 4) as u64;
-                sge.length = 4;
-                // SAFETY: mr valid.
-                sge.lkey = unsafe { m.mr.as_ref().lkey };
-                wr.wr_id |= slot as u64;
-                wr.sg_list = &mut sge;
-                wr.num_sge = 1;
-            }
-            let mut bad: *mut sys::ibv_recv_wr = ptr::null_mut();
-            // SAFETY: valid QP; wr and sge live across the call.
-            cvt(unsafe { sys::ibv_post_recv(self.qp, &mut wr, &mut bad) })?;
+    /// Posts a receive: zero-SGE (data arrives by RDMA write with immediate), or into the 4
+    /// bytes at `offset` of region `into` (a SEND's message).
+    pub fn post_recv(&self, wr_id: u64, into: Option<(MrId, usize)>) -> io::Result<()> {
+        let mut sge = sys::ibv_sge {
+            addr: 0,
+            length: 0,
+            lkey: 0,
+        };
+        // SAFETY: zeroed recv WR is valid; fields set below.
+        let mut wr: sys::ibv_recv_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        if let Some((id, offset)) = into {
+            let m = self.mr(id);
+            assert!(offset + 4 <= m.len, "receive outside region");
+            sge.addr = m.buf.as_ptr() as u64 + offset as u64;
+            sge.length = 4;
+            // SAFETY: mr valid.
+            sge.lkey = unsafe { m.mr.as_ref().lkey };
+            wr.sg_list = &mut sge;
+            wr.num_sge = 1;
         }
-        Ok(())
+        let mut bad: *mut sys::ibv_recv_wr = ptr::null_mut();
+        // SAFETY: valid QP; wr and sge live across the call.
+        cvt(unsafe { sys::ibv_post_recv(self.qp, &mut wr, &mut bad) })
     }
 
     /// Posts an RDMA write (optionally with immediate data) or, with `remote == None`, a SEND.
@@ -571,12 +544,11 @@ impl Endpoint {
         let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
         // SAFETY: valid QP; wr, sges and inline data live across the call (inline data is copied).
         cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
-        self.sends_posted.set(self.sends_posted.get() + 1);
         Ok(())
     }
 
-    /// Polls up to `out.len()` completions.
-    pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> io::Result<()> {
+    /// Polls up to `max` completions (at most 32), handing each to `f`.
+    pub fn poll(&self, max: usize, mut f: impl FnMut(Completion)) -> io::Result<()> {
         // Not zeroed: this runs on every call of the fast path, and the CQ writes what it returns.
         let mut wcs: [std::mem::MaybeUninit<sys::ibv_wc>; 32] =
             [const { std::mem::MaybeUninit::uninit() }; 32];
@@ -595,11 +567,8 @@ impl Endpoint {
         for wc in &wcs[..n as usize] {
             // SAFETY: ibv_poll_cq initialised the first n entries.
             let wc = unsafe { wc.assume_init_ref() };
-            if wc.wr_id & crate::proto::stream::WR_ID_RECV == 0 {
-                self.sends_completed.set(self.sends_completed.get() + 1);
-            }
             let with_imm = wc.wc_flags & sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0;
-            out.push(Completion {
+            f(Completion {
                 wr_id: wc.wr_id,
                 ok: wc.status == sys::ibv_wc_status::IBV_WC_SUCCESS,
                 status: wc.status,

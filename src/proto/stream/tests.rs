@@ -1,42 +1,35 @@
-//! Two simulated peers exchanging rsocket traffic through an in-memory RC "wire".
-//!
-//! Each peer owns a receive buffer, a target SGL and a send ring as plain byte vectors; RDMA
-//! writes land in them by (rkey, address) exactly as the NIC would place them, so a protocol bug
-//! that writes outside a granted window fails the test.
+//! Two simulated peers exchanging rsocket traffic through the in-memory RC wire
+//! ([`crate::proto::memwire`]), each driven by the library's own posting code
+//! ([`crate::proto::driver::Driver`]). Writes land in the peer's buffers by (rkey, address)
+//! exactly as the NIC would place them, so a protocol bug that writes outside a granted window
+//! fails the test; on iWARP a message that finds no receive posted fails it too.
 
 use super::*;
+use crate::proto::driver::Driver;
+use crate::proto::memwire::{self, MemEnd};
 use proptest::prelude::*;
 
 pub(super) const RBUF_BASE: u64 = 0x10_0000_0000;
 pub(super) const TSGL_BASE: u64 = 0x20_0000_0000;
 
-/// One work request in flight on the wire.
-#[derive(Debug, Clone)]
-struct Wr {
-    wr_id: u64,
-    addr: u64,
-    rkey: u32,
-    data: Vec<u8>,
-    msg: Option<u32>,
+/// One peer: its driver over one end of the wire, and its application's bytes.
+pub(super) struct Peer {
+    pub(super) d: Driver<MemEnd>,
+    /// Application bytes to send, how many went, and what we received.
+    pub(super) to_send: Vec<u8>,
+    pub(super) sent: usize,
+    pub(super) received: Vec<u8>,
+    pub(super) eof: bool,
 }
 
-struct Peer {
-    s: Stream,
-    rbuf: Vec<u8>,
-    tsgl: [u8; 32],
-    rkey_rbuf: u32,
-    rkey_tsgl: u32,
-    sbuf: Vec<u8>,
-    /// Application bytes still to send, and what we received.
-    to_send: Vec<u8>,
-    sent: usize,
-    received: Vec<u8>,
-    eof: bool,
-    /// Bytes of the current application message already planned (coalescing sender).
-    msg_off: usize,
-}
-
-fn cfg(sq: u16, rq: u16, inline: u32, rbuf: u32, sbuf: u32, msg_send: bool) -> StreamConfig {
+pub(super) fn cfg(
+    sq: u16,
+    rq: u16,
+    inline: u32,
+    rbuf: u32,
+    sbuf: u32,
+    msg_send: bool,
+) -> StreamConfig {
     StreamConfig {
         sq_size: sq,
         rq_size: rq,
@@ -47,7 +40,7 @@ fn cfg(sq: u16, rq: u16, inline: u32, rbuf: u32, sbuf: u32, msg_send: bool) -> S
     }
 }
 
-/// Our buffers as the peer sees them (also used by the model test).
+/// Our buffers as the peer sees them, for the tests of the core alone.
 pub(super) fn local(id: u32) -> LocalBuffers {
     LocalBuffers {
         target_sgl: RemoteSge {
@@ -64,28 +57,52 @@ pub(super) fn local(id: u32) -> LocalBuffers {
     }
 }
 
-/// Builds a connected pair exactly as connect/accept would, through encoded private data.
-fn pair(ca: StreamConfig, cb: StreamConfig) -> (Peer, Peer) {
-    let (la, lb) = (local(1), local(2));
-    let req = ConnData::decode(&Stream::local_conn_data(&ca, &la).encode()).unwrap();
-    let rep = ConnData::decode(&Stream::local_conn_data(&cb, &lb).encode()).unwrap();
-    let mk = |c: StreamConfig, l: LocalBuffers, peer: &ConnData| Peer {
-        s: Stream::new(c, l, peer),
-        rbuf: vec![0; c.rbuf_size as usize],
-        tsgl: [0; 32],
-        rkey_rbuf: l.rbuf.key,
-        rkey_tsgl: l.target_sgl.key,
-        sbuf: vec![0; (c.sbuf_size + c.ctrl_area()) as usize],
-        to_send: Vec::new(),
-        sent: 0,
-        received: Vec::new(),
-        eof: false,
-        msg_off: 0,
-    };
-    (mk(ca, la, &rep), mk(cb, lb, &req))
+/// Receives posted for a configuration, as the socket layer negotiates them.
+fn rq_posted(c: StreamConfig) -> u32 {
+    QueueSizes::negotiate(
+        c.sq_size as u32,
+        c.rq_size as u32,
+        c.sq_inline,
+        u32::MAX,
+        c.msg_send,
+    )
+    .rq_posted
+    .max(c.rq_size as u32)
 }
 
-struct Rng(u64);
+/// Builds a connected pair exactly as connect/accept do: buffers registered and receives
+/// posted, private data exchanged encoded, the acceptor started as accepted (on iWARP it
+/// waits for the initiator to speak), and the initiator's first credit update posted.
+pub(super) fn pair(ca: StreamConfig, cb: StreamConfig) -> (Peer, Peer) {
+    let mk = |id, c: StreamConfig| {
+        let end = MemEnd::new(id, c.msg_send, c.sq_inline);
+        Peer {
+            d: Driver::new(end, c, rq_posted(c), 0).unwrap(),
+            to_send: Vec::new(),
+            sent: 0,
+            received: Vec::new(),
+            eof: false,
+        }
+    };
+    let (mut a, mut b) = (mk(1, ca), mk(2, cb));
+    let req = ConnData::decode(&a.d.conn_data()).unwrap();
+    let rep = ConnData::decode(&b.d.conn_data()).unwrap();
+    b.d.start(&req, true);
+    a.d.start(&rep, false);
+    a.poll();
+    (a, b)
+}
+
+/// A pair past the handshake: the first credit updates delivered both ways and completed.
+fn connected(ca: StreamConfig, cb: StreamConfig) -> (Peer, Peer) {
+    let (mut a, mut b) = pair(ca, cb);
+    deliver_all(&mut a, &mut b);
+    deliver_all(&mut b, &mut a);
+    assert!(a.d.t.uncompleted() == 0 && b.d.t.uncompleted() == 0);
+    (a, b)
+}
+
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
@@ -99,189 +116,95 @@ impl Rng {
 }
 
 impl Peer {
-    /// Send completions of one posted message: on iWARP the write is followed by a SEND.
-    fn complete(&mut self, wr: &Wr) {
-        self.s.on_send_completion(wr.wr_id, true);
-        if self.s.config().msg_send && !wr.data.is_empty() {
-            let op_only = wr.wr_id & !0x1FFF_FFFF;
-            self.s.on_send_completion(op_only | WR_ID_MSG_SEND, true);
-        }
+    fn s(&mut self) -> &mut Stream {
+        &mut self.d.core
+    }
+
+    /// Takes the completions (and what the peer placed), as every call of the socket does.
+    fn poll(&mut self) -> bool {
+        self.d.progress(|_, _| {}).unwrap()
     }
 
     fn tsgl_mem(&self) -> [RemoteSge; 2] {
+        let m = &self.d.t.region(self.d.bufs.tsgl)[..32];
         [
-            RemoteSge::from_ne_bytes(self.tsgl[0..16].try_into().unwrap()),
-            RemoteSge::from_ne_bytes(self.tsgl[16..32].try_into().unwrap()),
+            RemoteSge::from_ne_bytes(m[0..16].try_into().unwrap()),
+            RemoteSge::from_ne_bytes(m[16..32].try_into().unwrap()),
         ]
     }
 
-    /// Posts whatever the state machine allows: credit updates first, then data writes.
-    fn pump(&mut self, wire: &mut VecDeque<Wr>, seg: u32) {
-        while let Some(cu) = self.s.poll_credit_update() {
-            if let Some(w) = cu.sge {
-                if !w.inline {
-                    let o = w.ctrl_slot_offset as usize;
-                    self.sbuf[o..o + 16].copy_from_slice(&w.bytes);
-                }
-                wire.push_back(Wr {
-                    wr_id: cu.msg as u64,
-                    addr: w.remote_addr,
-                    rkey: w.rkey,
-                    data: w.bytes.to_vec(),
-                    msg: Some(cu.msg),
-                });
-            } else {
-                wire.push_back(Wr {
-                    wr_id: cu.msg as u64,
-                    addr: 0xdead_beef, // a 0-byte write's address is meaningless
-                    rkey: 0,
-                    data: vec![],
-                    msg: Some(cu.msg),
-                });
-            }
-        }
-        while self.sent < self.to_send.len() {
-            let want = (self.to_send.len() - self.sent).min(seg as usize) as u32;
-            let Some(w) = self.s.plan_write(want) else {
+    /// Data writes posted so far.
+    fn data_writes(&self) -> usize {
+        self.d.t.data_writes()
+    }
+
+    /// Polls, then sends what the credits allow in writes of at most `seg` bytes each
+    /// (0: credit updates only).
+    fn pump(&mut self, seg: u32) {
+        self.poll();
+        while seg > 0 && self.sent < self.to_send.len() {
+            let n = (self.to_send.len() - self.sent).min(seg as usize);
+            let mut olen = seg;
+            let took = self
+                .d
+                .send_some(&self.to_send[self.sent..self.sent + n], &mut olen, false)
+                .unwrap();
+            if took == 0 {
                 break;
-            };
-            let src = self.to_send[self.sent..self.sent + w.len as usize].to_vec();
-            self.sent += w.len as usize;
-            self.post_write(wire, w, Some(src));
+            }
+            self.sent += took;
         }
     }
 
     /// Sends application messages of the given sizes through the coalescing planner, as the
-    /// socket layer would; returns how many writes went on the wire.
-    fn send_coalesced(&mut self, wire: &mut VecDeque<Wr>, sizes: &mut VecDeque<usize>) -> usize {
-        let mut writes = 0;
+    /// socket's send does; returns how many data writes went on the wire.
+    fn send_coalesced(&mut self, sizes: &mut VecDeque<usize>, msg_off: &mut usize) -> usize {
+        let before = self.data_writes();
+        self.poll();
         while let Some(&n) = sizes.front() {
-            let want = n - self.msg_off;
-            let Some(plan) = self.s.plan_send(want as u32) else {
+            let want = n - *msg_off;
+            let mut olen = OLAP_START_SIZE;
+            let took = self
+                .d
+                .send_some(&self.to_send[self.sent..self.sent + want], &mut olen, true)
+                .unwrap();
+            self.sent += took;
+            *msg_off += took;
+            if *msg_off < n {
                 break;
-            };
-            match plan {
-                SendPlan::Post { write, fresh } => {
-                    let src = if fresh {
-                        let start = self.sent;
-                        self.sent += write.len as usize;
-                        self.msg_off += write.len as usize;
-                        Some(self.to_send[start..self.sent].to_vec())
-                    } else {
-                        None
-                    };
-                    self.post_write(wire, write, src);
-                    writes += 1;
-                }
-                SendPlan::Queued {
-                    ring,
-                    ring_segs,
-                    len,
-                } => {
-                    let mut off = self.sent;
-                    for &(o, l) in &ring[..ring_segs] {
-                        let (o, l) = (o as usize, l as usize);
-                        self.sbuf[o..o + l].copy_from_slice(&self.to_send[off..off + l]);
-                        off += l;
-                    }
-                    assert_eq!(off - self.sent, len as usize);
-                    self.sent = off;
-                    self.msg_off += len as usize;
-                }
             }
-            if self.msg_off == n {
-                sizes.pop_front();
-                self.msg_off = 0;
-            }
+            sizes.pop_front();
+            *msg_off = 0;
         }
-        writes + self.flush_if_due(wire)
+        self.data_writes() - before
     }
 
-    fn flush_if_due(&mut self, wire: &mut VecDeque<Wr>) -> usize {
-        if self.s.should_flush() {
-            let w = self.s.flush().unwrap();
-            self.post_write(wire, w, None);
-            return 1;
-        }
-        0
-    }
-
-    /// Puts a planned write on the wire: from `src` (fresh bytes) or from the ring.
-    fn post_write(&mut self, wire: &mut VecDeque<Wr>, w: DataWrite, src: Option<Vec<u8>>) {
-        if let Some(i) = w.exhausted_sge {
-            self.tsgl[i * 16..i * 16 + 16].fill(0);
-        }
-        let data = match src {
-            Some(src) if w.inline => src,
-            Some(src) => {
-                let mut off = 0;
-                for &(o, l) in &w.ring[..w.ring_segs] {
-                    let (o, l) = (o as usize, l as usize);
-                    self.sbuf[o..o + l].copy_from_slice(&src[off..off + l]);
-                    off += l;
-                }
-                src
-            }
-            None => {
-                let mut out = Vec::new();
-                for &(o, l) in &w.ring[..w.ring_segs] {
-                    out.extend_from_slice(&self.sbuf[o as usize..(o + l) as usize]);
-                }
-                out
-            }
-        };
-        assert_eq!(data.len(), w.len as usize);
-        wire.push_back(Wr {
-            wr_id: w.msg as u64,
-            addr: w.remote_addr,
-            rkey: w.rkey,
-            data,
-            msg: Some(w.msg),
-        });
-    }
-
-    /// The NIC of this peer places an incoming write; then software sees the message.
-    fn deliver(&mut self, wr: &Wr) -> Result<(), StreamError> {
-        if !wr.data.is_empty() {
-            let (mem, base): (&mut [u8], u64) = if wr.rkey == self.rkey_rbuf {
-                (&mut self.rbuf, RBUF_BASE)
-            } else if wr.rkey == self.rkey_tsgl {
-                (&mut self.tsgl, TSGL_BASE)
-            } else {
-                panic!("write with unknown rkey {:#x}", wr.rkey);
-            };
-            let off = wr.addr.checked_sub(base).expect("write below region") as usize;
-            assert!(off + wr.data.len() <= mem.len(), "write beyond region");
-            mem[off..off + wr.data.len()].copy_from_slice(&wr.data);
-        }
-        if let Some(m) = wr.msg
-            && let Msg::Credits(_) = self.s.on_recv(m)?
-        {
-            let mem = self.tsgl_mem();
-            self.s.refresh_target_sgl(mem);
-        }
-        Ok(())
-    }
-
+    /// Reads up to `max` bytes as the socket's receive does (poll, copy out, credits).
     fn read(&mut self, max: usize) {
-        let mut out = Vec::new();
-        let rbuf = &self.rbuf;
-        self.s.consume(max, false, |o, l| {
-            out.extend_from_slice(&rbuf[o as usize..(o + l) as usize])
-        });
-        if out.is_empty() && !self.s.flags().readable && !self.s.has_data() {
+        self.poll();
+        let mut out = vec![0u8; max];
+        let n = self.d.recv_some(&mut out, false);
+        self.d.send_credits().unwrap();
+        if n == 0 && !self.d.core.flags().readable && !self.d.core.has_data() {
             self.eof = true;
         }
-        self.received.extend(out);
+        self.received.extend_from_slice(&out[..n]);
     }
 }
 
-/// Delivers everything on `wire` to `to`, in order, completing each at `from` (its sender).
-fn deliver_all(wire: &mut VecDeque<Wr>, to: &mut Peer, from: &mut Peer) {
-    while let Some(wr) = wire.pop_front() {
-        to.deliver(&wr).unwrap();
-        from.complete(&wr);
-    }
+/// Moves `from`'s next send across (read, placed, completed at the sender); neither side polls.
+fn deliver_one(from: &mut Peer, to: &mut Peer) -> bool {
+    from.d.t.nic_read();
+    let placed = from.d.t.place_next(&mut to.d.t);
+    from.d.t.complete_next();
+    placed
+}
+
+/// Delivers everything `from` posted to `to`, then both take their completions.
+fn deliver_all(from: &mut Peer, to: &mut Peer) {
+    MemEnd::deliver_all(&mut from.d.t, &mut to.d.t);
+    to.poll();
+    from.poll();
 }
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
@@ -290,36 +213,39 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-/// Runs both directions until all data arrived, delivering in random order across the two
-/// directions (each direction stays FIFO, as on an RC QP) and reading random amounts.
+/// Runs both directions until all data arrived, in random order across the two directions
+/// (each direction stays FIFO, as on an RC QP), with random reads and polls.
 fn run(ca: StreamConfig, cb: StreamConfig, na: usize, nb: usize, seed: u64) {
     let (mut a, mut b) = pair(ca, cb);
     a.to_send = pattern(na, 1);
     b.to_send = pattern(nb, 2);
-    let mut ab = VecDeque::new();
-    let mut ba = VecDeque::new();
     let mut rng = Rng(seed | 1);
     for step in 0..2_000_000 {
         let seg = [64u32, 2048, 4096, 65536][rng.below(4) as usize];
-        match rng.below(6) {
-            0 => a.pump(&mut ab, seg),
-            1 => b.pump(&mut ba, seg),
+        match rng.below(8) {
+            0 => a.pump(seg),
+            1 => b.pump(seg),
             2 => {
-                if let Some(wr) = ab.pop_front() {
-                    b.deliver(&wr).unwrap();
-                    a.complete(&wr);
-                }
+                deliver_one(&mut a, &mut b);
             }
             3 => {
-                if let Some(wr) = ba.pop_front() {
-                    a.deliver(&wr).unwrap();
-                    b.complete(&wr);
-                }
+                deliver_one(&mut b, &mut a);
             }
             4 => a.read(rng.below(70_000) as usize + 1),
-            _ => b.read(rng.below(70_000) as usize + 1),
+            5 => b.read(rng.below(70_000) as usize + 1),
+            6 => {
+                a.poll();
+            }
+            _ => {
+                b.poll();
+            }
         }
-        if a.received.len() == nb && b.received.len() == na && ab.is_empty() && ba.is_empty() {
+        assert!(a.d.core.error().is_none() && b.d.core.error().is_none());
+        if a.received.len() == nb
+            && b.received.len() == na
+            && a.d.t.uncompleted() == 0
+            && b.d.t.uncompleted() == 0
+        {
             assert_eq!(a.received, b.to_send, "B->A stream differs");
             assert_eq!(b.received, a.to_send, "A->B stream differs");
             return;
@@ -352,30 +278,27 @@ fn transfers_on_iwarp_mode_and_tiny_queues() {
 fn iwarp_acceptor_waits_for_the_initiator_to_speak_first() {
     let c = cfg(16, 16, 4, 8192, 4096, true);
     let (mut a, mut b) = pair(c, c);
-    b.s.hold_sends_until_peer_speaks();
     a.to_send = pattern(20_000, 5);
     b.to_send = pattern(30_000, 6);
-    let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
-    b.pump(&mut ba, 1024);
-    assert!(ba.is_empty(), "the acceptor spoke first: {:?}", ba.front());
-    assert!(b.s.sends_held() && !b.s.can_send() && !b.s.can_send_ctrl());
-    assert_eq!(b.s.post_ctrl(Ctrl::Shutdown), None);
-    assert_eq!(b.s.post_keepalive(), None);
-    // The initiator's first message (its credit update) releases the hold.
-    a.pump(&mut ab, 1024);
-    let first = ab.pop_front().expect("initiator sends first");
+    b.pump(1024);
+    assert_eq!(b.d.t.uncompleted(), 0, "the acceptor spoke first");
+    assert!(b.s().sends_held() && !b.s().can_send() && !b.s().can_send_ctrl());
+    assert_eq!(b.s().post_ctrl(Ctrl::Shutdown), None);
+    assert_eq!(b.s().post_keepalive(), None);
+    // The initiator's first message (its credit update, posted as `establish` does) releases
+    // the hold.
+    let first = a.d.t.in_flight().next().expect("initiator sends first");
     assert!(matches!(
-        Msg::decode(first.msg.unwrap()),
+        Msg::decode(first.wr_id as u32),
         Ok(Msg::Credits(_))
     ));
-    b.deliver(&first).unwrap();
-    a.complete(&first);
-    assert!(!b.s.sends_held());
+    deliver_all(&mut a, &mut b);
+    assert!(!b.s().sends_held());
     for _ in 0..10_000 {
-        a.pump(&mut ab, 1024);
-        b.pump(&mut ba, 1024);
-        deliver_all(&mut ab, &mut b, &mut a);
-        deliver_all(&mut ba, &mut a, &mut b);
+        a.pump(1024);
+        b.pump(1024);
+        deliver_all(&mut a, &mut b);
+        deliver_all(&mut b, &mut a);
         a.read(1 << 20);
         b.read(1 << 20);
         if a.received.len() == 30_000 && b.received.len() == 20_000 {
@@ -385,9 +308,9 @@ fn iwarp_acceptor_waits_for_the_initiator_to_speak_first() {
     assert!(a.received == b.to_send && b.received == a.to_send);
 
     let (_, mut b) = pair(c, c);
-    b.s.hold_sends_until_peer_speaks();
-    b.s.on_connection_lost();
-    assert!(!b.s.sends_held() && b.s.can_send_ctrl() && b.s.all_sends_done());
+    assert!(b.s().sends_held());
+    b.s().on_connection_lost();
+    assert!(!b.s().sends_held() && b.s().can_send_ctrl() && b.s().all_sends_done());
 }
 
 /// riomap announcements go into the peer's target iomap (after its two SGL entries), use a
@@ -481,29 +404,26 @@ fn credit_starvation_stalls_without_overrun() {
     let c = cfg(64, 16, 64, 16384, 65536, false);
     let (mut a, mut b) = pair(c, c);
     a.to_send = pattern(1 << 20, 3);
-    let mut ab = VecDeque::new();
     // B never reads: A must stop once the windows and credits are used up.
     for _ in 0..1000 {
-        a.pump(&mut ab, 512);
-        deliver_all(&mut ab, &mut b, &mut a);
+        a.pump(512);
+        deliver_all(&mut a, &mut b);
     }
-    assert!(!a.s.can_send());
+    assert!(!a.s().can_send());
     assert!(
         a.sent <= 16384,
         "sent {} bytes into a 16 KiB receive buffer",
         a.sent
     );
-    assert!(b.s.readable_bytes() == a.sent);
+    assert!(b.s().readable_bytes() == a.sent);
     // Messages are at most the credits granted.
-    assert!(b.s.rmsg.len() <= 16);
+    assert!(b.s().rmsg.len() <= 16);
     // Once B reads and returns credits, the rest flows.
-    let mut ba = VecDeque::new();
     for _ in 0..100_000 {
         b.read(100_000);
-        b.pump(&mut ba, 0);
-        deliver_all(&mut ba, &mut a, &mut b);
-        a.pump(&mut ab, 4096);
-        deliver_all(&mut ab, &mut b, &mut a);
+        deliver_all(&mut b, &mut a);
+        a.pump(4096);
+        deliver_all(&mut a, &mut b);
         if b.received.len() == 1 << 20 {
             break;
         }
@@ -520,14 +440,13 @@ fn on_iwarp_data_leaves_credits_for_control_messages() {
         let c = cfg(64, 16, 64, 65536, 65536, msg_send);
         let (mut a, mut b) = pair(c, c);
         a.to_send = pattern(1 << 16, 4);
-        let mut ab = VecDeque::new();
         for _ in 0..100 {
-            a.pump(&mut ab, 64);
-            deliver_all(&mut ab, &mut b, &mut a);
+            a.pump(64);
+            deliver_all(&mut a, &mut b);
         }
-        assert!(!a.s.can_send());
-        assert_eq!(b.s.rmsg.len(), data_msgs, "msg_send {msg_send}");
-        assert!(a.s.can_send_ctrl(), "a control message may still go");
+        assert!(!a.s().can_send());
+        assert_eq!(b.s().rmsg.len(), data_msgs, "msg_send {msg_send}");
+        assert!(a.s().can_send_ctrl(), "a control message may still go");
     }
 }
 
@@ -536,19 +455,23 @@ fn lost_credit_update_never_causes_overrun() {
     let c = cfg(64, 16, 64, 16384, 65536, false);
     let (mut a, mut b) = pair(c, c);
     a.to_send = pattern(100_000, 4);
-    let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
     for i in 0..10_000 {
-        a.pump(&mut ab, 1000);
-        deliver_all(&mut ab, &mut b, &mut a);
+        a.pump(1000);
+        deliver_all(&mut a, &mut b);
         b.read(3000);
-        b.pump(&mut ba, 0);
-        while let Some(wr) = ba.pop_front() {
-            // Drop every other credit update (a peer that "forgets" them).
-            if i % 2 == 0 {
-                a.deliver(&wr).unwrap();
+        // B sends only credit updates: every other round they are lost (a peer that "forgets"
+        // them).
+        loop {
+            let moved = if i % 2 == 0 {
+                deliver_one(&mut b, &mut a)
+            } else {
+                b.d.t.lose_next()
+            };
+            if !moved {
+                break;
             }
-            b.complete(&wr);
         }
+        b.poll();
     }
     // Whatever arrived is a correct prefix: no write ever landed outside a granted window.
     assert_eq!(&b.received[..], &a.to_send[..b.received.len()]);
@@ -559,28 +482,25 @@ fn shutdown_interleaved_with_data_gives_eof_after_data() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = pair(c, c);
     a.to_send = pattern(5000, 5);
-    let mut ab = VecDeque::new();
-    a.pump(&mut ab, 65536);
-    let ctrl = a.s.shutdown(false, true).unwrap();
+    a.pump(65536);
+    let ctrl = a.s().shutdown(false, true).unwrap();
     assert_eq!(ctrl, Ctrl::Shutdown);
-    let m = a.s.post_ctrl(ctrl).unwrap();
-    ab.push_back(Wr {
-        wr_id: m as u64,
-        addr: 0,
-        rkey: 0,
-        data: vec![],
-        msg: Some(m),
-    });
-    assert!(a.s.plan_write(100).is_none(), "no data after SHUT_WR");
-    deliver_all(&mut ab, &mut b, &mut a);
-    assert!(!b.s.flags().readable);
-    assert!(b.s.flags().writable, "half-close keeps the other direction");
+    let m = a.s().post_ctrl(ctrl).unwrap();
+    a.d.post_msg(m).unwrap();
+    assert!(a.s().plan_write(100).is_none(), "no data after SHUT_WR");
+    deliver_all(&mut a, &mut b);
+    assert!(!b.s().flags().readable);
+    assert!(
+        b.s().flags().writable,
+        "half-close keeps the other direction"
+    );
     b.read(100_000);
     assert_eq!(b.received, a.to_send);
     assert!(!b.eof);
     b.read(100_000);
     assert!(b.eof);
-    assert!(a.s.all_sends_done());
+    deliver_all(&mut b, &mut a);
+    assert!(a.s().all_sends_done());
 }
 
 #[test]
@@ -591,65 +511,65 @@ fn crossing_shutdowns_wait_for_our_own_to_leave() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = pair(c, c);
     a.to_send = pattern(3000, 7);
-    let mut ab = VecDeque::new();
-    a.pump(&mut ab, 65536);
-    let ours = a.s.shutdown(false, true).unwrap();
-    let m = a.s.post_ctrl(ours).unwrap();
-    let theirs = b.s.shutdown(false, true).unwrap();
-    let theirs = b.s.post_ctrl(theirs).unwrap();
-    a.s.on_recv(theirs).unwrap();
-    assert!(!a.s.flags().connected, "closed both ways");
+    a.pump(65536);
+    let ours = a.s().shutdown(false, true).unwrap();
+    let m = a.s().post_ctrl(ours).unwrap();
+    let theirs = b.s().shutdown(false, true).unwrap();
+    let theirs = b.s().post_ctrl(theirs).unwrap();
+    a.s().on_recv(theirs).unwrap();
+    assert!(!a.s().flags().connected, "closed both ways");
     assert!(
-        !a.s.all_sends_done(),
+        !a.s().all_sends_done(),
         "our data and SHUTDOWN are still in flight"
     );
-    deliver_all(&mut ab, &mut b, &mut a);
-    assert!(!a.s.all_sends_done(), "our SHUTDOWN is still in flight");
-    b.s.on_recv(m).unwrap();
-    a.s.on_send_completion(m as u64, true);
-    assert!(a.s.all_sends_done());
+    deliver_all(&mut a, &mut b);
+    assert!(!a.s().all_sends_done(), "our SHUTDOWN is still in flight");
+    b.s().on_recv(m).unwrap();
+    a.s().on_send_completion(m as u64, true);
+    assert!(a.s().all_sends_done());
     b.read(100_000);
     assert_eq!(b.received, a.to_send);
     b.read(100_000);
     assert!(b.eof, "the peer reads the end of the stream, not a reset");
-    assert_eq!(b.s.error(), None);
+    assert_eq!(b.s().error(), None);
 }
 
 #[test]
 fn a_shutdown_waiting_for_a_control_slot_is_still_sent_when_the_peers_crosses_it() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
-    let (mut a, mut b) = pair(c, c);
+    let (mut a, mut b) = connected(c, c);
     let mut slots = Vec::new();
-    while let Some(id) = a.s.post_keepalive() {
+    while let Some(id) = a.s().post_keepalive() {
         slots.push(id);
     }
-    let ours = a.s.shutdown(false, true).unwrap();
-    assert!(!a.s.can_send_ctrl(), "every control slot is taken");
-    let theirs = b.s.shutdown(false, true).unwrap();
-    let theirs = b.s.post_ctrl(theirs).unwrap();
-    a.s.on_recv(theirs).unwrap();
-    assert!(!a.s.flags().connected, "closed both ways");
+    let ours = a.s().shutdown(false, true).unwrap();
+    assert!(!a.s().can_send_ctrl(), "every control slot is taken");
+    let theirs = b.s().shutdown(false, true).unwrap();
+    let theirs = b.s().post_ctrl(theirs).unwrap();
+    a.s().on_recv(theirs).unwrap();
+    assert!(!a.s().flags().connected, "closed both ways");
     assert!(
-        !a.s.can_send_ctrl(),
+        !a.s().can_send_ctrl(),
         "our SHUTDOWN is owed: wait for a slot rather than give up on it"
     );
-    a.s.on_send_completion(slots[0], true);
-    assert!(a.s.can_send_ctrl());
-    let m =
-        a.s.post_ctrl(ours)
-            .expect("the owed SHUTDOWN is posted though the peer's arrived");
-    assert!(a.s.post_ctrl(ours).is_none(), "owed once");
-    assert!(a.s.can_send_ctrl(), "nothing more owed");
-    b.s.on_recv(m).unwrap();
+    a.s().on_send_completion(slots[0], true);
+    assert!(a.s().can_send_ctrl());
+    let m = a
+        .s()
+        .post_ctrl(ours)
+        .expect("the owed SHUTDOWN is posted though the peer's arrived");
+    assert!(a.s().post_ctrl(ours).is_none(), "owed once");
+    assert!(a.s().can_send_ctrl(), "nothing more owed");
+    b.s().on_recv(m).unwrap();
     b.read(100);
     assert!(b.eof, "the peer reads the end of the stream");
-    assert_eq!(b.s.error(), None);
+    assert_eq!(b.s().error(), None);
     for &id in &slots[1..] {
-        a.s.on_send_completion(id, true);
+        a.s().on_send_completion(id, true);
     }
-    assert!(!a.s.all_sends_done(), "our SHUTDOWN is in flight");
-    a.s.on_send_completion(m as u64, true);
-    assert!(a.s.all_sends_done());
+    assert!(!a.s().all_sends_done(), "our SHUTDOWN is in flight");
+    a.s().on_send_completion(m as u64, true);
+    assert!(a.s().all_sends_done());
 }
 
 #[test]
@@ -658,18 +578,17 @@ fn a_peer_that_disconnected_or_vanished_is_not_waited_for() {
     for vanished in [false, true] {
         let (mut a, mut b) = pair(c, c);
         a.to_send = pattern(3000, 8);
-        let mut ab = VecDeque::new();
-        a.pump(&mut ab, 65536);
-        assert!(!ab.is_empty() && !a.s.all_sends_done());
+        a.pump(65536);
+        assert!(a.d.t.uncompleted() > 0 && !a.s().all_sends_done());
         if vanished {
-            a.s.on_connection_lost();
+            a.s().on_connection_lost();
         } else {
-            let m = b.s.shutdown(true, true).unwrap();
-            let m = b.s.post_ctrl(m).unwrap();
-            a.s.on_recv(m).unwrap();
+            let m = b.s().shutdown(true, true).unwrap();
+            let m = b.s().post_ctrl(m).unwrap();
+            a.s().on_recv(m).unwrap();
         }
         assert!(
-            a.s.all_sends_done(),
+            a.s().all_sends_done(),
             "nothing to wait for (vanished {vanished})"
         );
     }
@@ -679,60 +598,67 @@ fn a_peer_that_disconnected_or_vanished_is_not_waited_for() {
 fn disconnect_marks_both_directions_closed() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = pair(c, c);
-    let ctrl = a.s.shutdown(true, true).unwrap();
-    let m = a.s.post_ctrl(ctrl).unwrap();
+    let ctrl = a.s().shutdown(true, true).unwrap();
+    let m = a.s().post_ctrl(ctrl).unwrap();
     assert_eq!(m, 0xe000_0000, "the trace's disconnect immediate");
-    b.s.on_recv(m).unwrap();
-    assert!(!b.s.flags().connected);
+    b.s().on_recv(m).unwrap();
+    assert!(!b.s().flags().connected);
     assert!(
-        b.s.peer_done(),
+        b.s().peer_done(),
         "the receiver knows the peer sends nothing more"
     );
-    a.s.on_send_completion(m as u64, true);
-    assert!(!a.s.flags().connected);
+    a.s().on_send_completion(m as u64, true);
+    assert!(!a.s().flags().connected);
     assert!(
-        !a.s.peer_done(),
+        !a.s().peer_done(),
         "our own disconnect says nothing of the peer"
     );
-    assert!(b.s.poll_credit_update().is_none());
+    assert!(b.s().poll_credit_update().is_none());
 }
 
 #[test]
 fn first_credit_update_matches_trace() {
-    // Frames 4/6: 0x80000180 writing 16 bytes at target_sgl + 16 (second half).
+    // Frames 4/6: 0x80000180 writing 16 bytes at target_sgl + 16 (second half), posted by the
+    // initiator once connected.
     let c = cfg(384, 384, 64, 1 << 20, 1 << 20, false);
-    let (mut a, _b) = pair(c, c);
-    let cu = a.s.poll_credit_update().unwrap();
-    assert_eq!(cu.msg, 0x8000_0180);
-    let w = cu.sge.unwrap();
-    assert_eq!(w.remote_addr, TSGL_BASE + 16);
-    let sge = RemoteSge::from_ne_bytes(&w.bytes);
-    assert_eq!(sge.addr, RBUF_BASE + (1 << 19));
+    let (mut a, b) = pair(c, c);
+    assert_eq!(a.d.t.in_flight().count(), 1, "one message");
+    a.d.t.nic_read();
+    let wr = a.d.t.in_flight().next().unwrap();
+    assert_eq!(wr.wr_id, 0x8000_0180);
+    let tsgl = b.d.local().target_sgl;
+    assert_eq!(
+        wr.op,
+        memwire::Op::Write((tsgl.addr + 16, tsgl.key), Some(0x8000_0180))
+    );
+    let bytes: [u8; 16] = wr.data.as_deref().unwrap().try_into().unwrap();
+    let sge = RemoteSge::from_ne_bytes(&bytes);
+    assert_eq!(sge.addr, a.d.local().rbuf.addr + (1 << 19));
     assert_eq!(sge.length, 1 << 19);
-    assert!(a.s.poll_credit_update().is_none(), "nothing more is owed");
+    assert!(a.s().poll_credit_update().is_none(), "nothing more is owed");
 }
 
 #[test]
 fn malformed_messages_break_the_connection() {
     let c = cfg(64, 16, 64, 16384, 16384, false);
     let (mut a, _b) = pair(c, c);
-    assert!(a.s.on_recv(0x2000_0000).is_err());
-    assert!(a.s.error().is_some());
-    assert!(!a.s.flags().connected);
+    assert!(a.s().on_recv(0x2000_0000).is_err());
+    assert!(a.s().error().is_some());
+    assert!(!a.s().flags().connected);
 
     let (mut a, _b) = pair(c, c);
     // More data than the receive buffer we ever granted.
-    a.s.on_recv(Msg::Data(16000).encode()).unwrap();
-    assert!(a.s.on_recv(Msg::Data(1000).encode()).is_err());
+    a.s().on_recv(Msg::Data(16000).encode()).unwrap();
+    assert!(a.s().on_recv(Msg::Data(1000).encode()).is_err());
 }
 
 #[test]
 fn stale_or_unsolicited_sgl_entries_are_ignored() {
     let c = cfg(64, 16, 64, 16384, 16384, false);
     let (mut a, _b) = pair(c, c);
-    let before = a.s.target_sgl;
+    let before = a.s().target_sgl;
     // The peer scribbles over entry 0 while we still use it: ignored.
-    a.s.refresh_target_sgl([
+    a.s().refresh_target_sgl([
         RemoteSge {
             addr: 1,
             key: 2,
@@ -740,7 +666,7 @@ fn stale_or_unsolicited_sgl_entries_are_ignored() {
         },
         RemoteSge::default(),
     ]);
-    assert_eq!(a.s.target_sgl, before);
+    assert_eq!(a.s().target_sgl, before);
 }
 
 /// A gathered (pending) write that uses up a window: the peer's old entry stays in our target
@@ -750,43 +676,38 @@ fn stale_or_unsolicited_sgl_entries_are_ignored() {
 #[test]
 fn a_window_used_up_by_a_gathered_write_is_not_taken_again_before_it_leaves() {
     let c = cfg(64, 64, 64, 8192, 65536, false);
-    let (mut a, mut b) = pair(c, c);
-    let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
     // B's first credit update puts its second half (4096 B) into A's target SGL entry 1.
-    b.pump(&mut ba, 4096);
-    deliver_all(&mut ba, &mut a, &mut b);
+    let (mut a, _b) = connected(c, c);
     assert_eq!(a.tsgl_mem()[1].length, 4096);
     a.to_send = pattern(8192, 3);
     let mut sizes: VecDeque<usize> = [4096, 4000, 96].into_iter().collect();
-    a.send_coalesced(&mut ab, &mut sizes);
+    a.send_coalesced(&mut sizes, &mut 0);
     assert!(
-        a.s.has_pending(),
+        a.s().has_pending(),
         "the last 96 bytes wait behind the writes in flight"
     );
     assert_eq!(
-        a.s.target_sgl[1].length, 0,
+        a.s().target_sgl[1].length,
+        0,
         "the pending write used up entry 1"
     );
     // A credit update (no new window) arrives before the pending write leaves.
-    a.s.on_recv(Msg::Credits(64).encode()).unwrap();
+    a.s().on_recv(Msg::Credits(64).encode()).unwrap();
     let mem = a.tsgl_mem();
-    a.s.refresh_target_sgl(mem);
-    assert_eq!(
-        a.s.target_sgl[1].length, 0,
-        "the stale entry 1 was taken again: {:?}",
-        a.s.target_sgl[1]
-    );
-    assert!(!a.s.can_send());
+    a.s().refresh_target_sgl(mem);
+    let e1 = a.s().target_sgl[1];
+    assert_eq!(e1.length, 0, "the stale entry 1 was taken again: {e1:?}");
+    assert!(!a.s().can_send());
 }
 
 #[test]
 fn failed_completion_is_a_transport_error() {
     let c = cfg(64, 16, 64, 16384, 16384, false);
     let (mut a, _b) = pair(c, c);
-    let w = a.s.plan_write(10).unwrap();
-    a.s.on_send_completion(w.msg as u64, false);
-    assert_eq!(a.s.error(), Some(&StreamError::Transport));
-    assert!(!a.s.can_send());
+    let w = a.s().plan_write(10).unwrap();
+    a.s().on_send_completion(w.msg as u64, false);
+    assert_eq!(a.s().error(), Some(&StreamError::Transport));
+    assert!(!a.s().can_send());
 }
 
 proptest! {
@@ -816,12 +737,9 @@ fn data_completed_before_a_noticed_disconnect_is_still_delivered() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = pair(c, c);
     a.to_send = pattern(3000, 6);
-    let mut ab = VecDeque::new();
-    a.pump(&mut ab, 65536);
-    b.s.set_disconnected();
-    while let Some(wr) = ab.pop_front() {
-        b.deliver(&wr).unwrap();
-    }
+    a.pump(65536);
+    b.s().set_disconnected();
+    MemEnd::deliver_all(&mut a.d.t, &mut b.d.t);
     b.read(100_000);
     assert_eq!(b.received, a.to_send);
     b.read(100_000);
@@ -831,9 +749,9 @@ fn data_completed_before_a_noticed_disconnect_is_still_delivered() {
 #[test]
 fn keepalive_uses_a_control_slot_and_a_lost_probe_is_a_timeout() {
     let c = cfg(64, 16, 64, 16384, 16384, false);
-    let (mut a, _b) = pair(c, c);
+    let (mut a, _b) = connected(c, c);
     let mut ids = Vec::new();
-    while let Some(id) = a.s.post_keepalive() {
+    while let Some(id) = a.s().post_keepalive() {
         ids.push(id);
     }
     assert_eq!(
@@ -841,59 +759,59 @@ fn keepalive_uses_a_control_slot_and_a_lost_probe_is_a_timeout() {
         CTRL_SLOTS as usize,
         "probes are bounded by the control slots"
     );
-    assert!(!a.s.can_send_ctrl());
+    assert!(!a.s().can_send_ctrl());
     for &id in &ids[1..] {
-        a.s.on_send_completion(id, true);
+        a.s().on_send_completion(id, true);
     }
-    assert!(a.s.flags().connected);
-    assert!(!a.s.all_sends_done());
-    a.s.on_send_completion(ids[0], false);
-    assert_eq!(a.s.error(), Some(&StreamError::KeepaliveTimeout));
-    assert!(!a.s.flags().connected);
+    assert!(a.s().flags().connected);
+    assert!(!a.s().all_sends_done());
+    a.s().on_send_completion(ids[0], false);
+    assert_eq!(a.s().error(), Some(&StreamError::KeepaliveTimeout));
+    assert!(!a.s().flags().connected);
 }
 
 #[test]
 fn losing_the_connection_without_goodbye_is_a_reset() {
     let c = cfg(64, 16, 64, 16384, 16384, false);
     let (mut a, mut b) = pair(c, c);
-    a.s.on_connection_lost();
-    assert_eq!(a.s.error(), Some(&StreamError::Reset));
+    a.s().on_connection_lost();
+    assert_eq!(a.s().error(), Some(&StreamError::Reset));
     // After an orderly DISCONNECT from the peer, losing the QP is just the end.
-    b.s.on_recv(Msg::Ctrl(Ctrl::Disconnect).encode()).unwrap();
-    b.s.on_connection_lost();
-    assert_eq!(b.s.error(), None);
+    b.s().on_recv(Msg::Ctrl(Ctrl::Disconnect).encode()).unwrap();
+    b.s().on_connection_lost();
+    assert_eq!(b.s().error(), None);
 }
 
 #[test]
 fn a_lone_message_leaves_at_once_and_later_small_ones_gather_into_one_write() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
-    let (mut a, mut b) = pair(c, c);
+    let (mut a, mut b) = connected(c, c);
     a.to_send = pattern(100 * 64, 9);
-    let mut ab = VecDeque::new();
     let mut sizes: VecDeque<usize> = std::iter::repeat_n(64, 100).collect();
     // The first message finds nothing in flight: posted at once. The other 99 are gathered.
-    assert_eq!(a.send_coalesced(&mut ab, &mut sizes), 1);
+    assert_eq!(a.send_coalesced(&mut sizes, &mut 0), 1);
     assert!(sizes.is_empty(), "all 100 messages accepted");
-    assert_eq!(ab.len(), 1);
-    assert_eq!(ab[0].data.len(), 64);
-    assert!(!a.s.should_flush(), "still waiting for the write in flight");
-    let first = ab.pop_front().unwrap();
-    b.deliver(&first).unwrap();
-    a.complete(&first);
-    assert!(a.s.should_flush());
-    assert_eq!(a.flush_if_due(&mut ab), 1);
-    assert_eq!(ab.len(), 1);
-    assert_eq!(ab[0].data.len(), 99 * 64, "99 sends left as one RDMA write");
-    let w = ab.pop_front().unwrap();
-    b.deliver(&w).unwrap();
-    a.complete(&w);
+    assert_eq!(a.d.t.data_writes, [64]);
+    assert!(
+        !a.s().should_flush(),
+        "still waiting for the write in flight"
+    );
+    deliver_one(&mut a, &mut b);
+    // Its completion lets the gathered bytes go, as one write.
+    a.poll();
+    assert_eq!(
+        a.d.t.data_writes,
+        [64, 99 * 64],
+        "99 sends left as one RDMA write"
+    );
+    deliver_all(&mut a, &mut b);
     b.read(1 << 20);
     assert_eq!(b.received, a.to_send);
     // Idle again: the next message is not delayed.
     a.to_send.extend(pattern(10, 1));
     let mut sizes: VecDeque<usize> = [10].into();
-    assert_eq!(a.send_coalesced(&mut ab, &mut sizes), 1);
-    assert_eq!(ab.len(), 1);
+    assert_eq!(a.send_coalesced(&mut sizes, &mut 0), 1);
+    assert_eq!(a.d.t.data_writes.last(), Some(&10));
 }
 
 #[test]
@@ -901,13 +819,12 @@ fn large_sends_are_not_held_back_behind_a_pending_write() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, _b) = pair(c, c);
     a.to_send = pattern(64 + 64 + 5000, 3);
-    let mut ab = VecDeque::new();
     let mut sizes: VecDeque<usize> = [64, 64, 5000].into();
     // 64 posted, 64 pending, then the 5000-byte send flushes the pending write first (order)
     // and goes out itself.
-    let writes = a.send_coalesced(&mut ab, &mut sizes);
-    assert_eq!(writes, 3);
-    let lens: Vec<usize> = ab.iter().map(|w| w.data.len()).collect();
+    let writes = a.send_coalesced(&mut sizes, &mut 0);
+    assert!(writes >= 3);
+    let lens = &a.d.t.data_writes;
     assert_eq!(lens[..2], [64, 64]);
     assert_eq!(lens[2..].iter().sum::<usize>(), 5000);
 }
@@ -929,28 +846,20 @@ proptest! {
         let total: usize = sizes.iter().sum();
         a.to_send = pattern(total, 5);
         let mut queue: VecDeque<usize> = sizes.iter().copied().collect();
-        let (mut ab, mut ba) = (VecDeque::new(), VecDeque::new());
+        let mut msg_off = 0;
         let mut rng = Rng(seed | 1);
-        let mut writes = 0;
         for _ in 0..200_000 {
             match rng.below(4) {
-                0 => writes += a.send_coalesced(&mut ab, &mut queue),
+                0 => {
+                    a.send_coalesced(&mut queue, &mut msg_off);
+                }
                 1 => {
-                    if let Some(wr) = ab.pop_front() {
-                        b.deliver(&wr).unwrap();
-                        a.complete(&wr);
-                        writes += a.flush_if_due(&mut ab);
-                    }
+                    deliver_one(&mut a, &mut b);
+                    a.poll();
                 }
-                2 => {
-                    b.read(rng.below(5000) as usize + 1);
-                    b.pump(&mut ba, 0);
-                }
+                2 => b.read(rng.below(5000) as usize + 1),
                 _ => {
-                    if let Some(wr) = ba.pop_front() {
-                        a.deliver(&wr).unwrap();
-                        b.complete(&wr);
-                    }
+                    deliver_one(&mut b, &mut a);
                 }
             }
             if b.received.len() == total {
@@ -959,6 +868,7 @@ proptest! {
         }
         prop_assert!(b.received == a.to_send, "stream differs");
         // A write never spans a receive-window half or the ring's end: those split a message.
+        let writes = a.data_writes();
         let splits = total / (rbuf_kb as usize * 512) + total / (sbuf_kb as usize * 1024) + 2;
         prop_assert!(
             writes <= sizes.len() + splits,

@@ -6,11 +6,13 @@
 //! rioread is checked against those windows, for the whole range and the permission, before
 //! anything is posted.
 
-use super::{Conn, Error, Payload, Result, State, StreamSocket};
+use super::conn::Conn;
+use super::{Error, Result, State, StreamSocket};
 use crate::proto::iomap::{IomapEntry, IomapError, PERM_READ, PERM_WRITE, PeerWindows};
-use crate::proto::stream::{DirectKind, LOCAL_OP_READ, WR_ID_MSG_SEND};
+use crate::proto::stream::DirectKind;
+use crate::proto::transport::Source;
 use crate::proto::wire::{self, ConnData, RemoteSge};
-use crate::verbs::{Access, MrId, UserMemory, UserMrId};
+use crate::verbs::{Access, Endpoint, MrId, UserMemory, UserMrId};
 use std::collections::VecDeque;
 
 /// RDMA reads in flight per direction (connect parameters; capped by the device). More reads
@@ -42,7 +44,6 @@ pub(super) struct IoMaps {
     /// Staging slots for entries when they cannot go inline.
     stage: Option<MrId>,
     reads_posted: u64,
-    reads_done: u64,
 }
 
 impl IoMaps {
@@ -54,19 +55,12 @@ impl IoMaps {
             announce: VecDeque::new(),
             stage: None,
             reads_posted: 0,
-            reads_done: 0,
         }
     }
 
     /// Once the peer's private data is known.
     pub(super) fn start(&mut self, offered: u16, peer: &ConnData) {
         self.windows = PeerWindows::new(offered, peer.is_rsocket_rs());
-    }
-
-    pub(super) fn on_send_completion(&mut self, wr_id: u64) {
-        if (wr_id as u32) >> 29 == LOCAL_OP_READ && wr_id & WR_ID_MSG_SEND == 0 {
-            self.reads_done += 1;
-        }
     }
 
     /// The local map holding `[addr, addr + len)`, if any.
@@ -85,26 +79,28 @@ fn window_error(e: IomapError) -> Error {
     }
 }
 
-impl Conn {
-    /// The peer announced (or withdrew) a window in our target iomap.
-    pub(super) fn take_window(&mut self, data: u32) {
-        let (ep, tsgl) = (&self.ep, self.tsgl);
+impl IoMaps {
+    /// The peer announced (or withdrew) a window in our target iomap (in `tsgl` of `ep`).
+    pub(super) fn take_window(&mut self, data: u32, ep: &Endpoint, tsgl: MrId) {
         let base = wire::SGE_LEN * wire::SGL_SIZE as usize;
         // The core already refused indexes we never offered.
-        let _ = self.io.windows.on_update(data, |i| {
+        let _ = self.windows.on_update(data, |i| {
             let mut b = [0u8; wire::IOMAP_LEN];
             ep.read(tsgl, base + i * wire::IOMAP_LEN, &mut b);
             b
         });
     }
+}
 
+impl Conn {
     /// Posts the announcements owed, as far as credits and queue entries allow.
     pub(super) fn send_announcements(&mut self) -> Result<()> {
         while let Some(&index) = self.io.announce.front() {
             let (entry, perms) = match self.io.maps.iter().find(|m| m.index == Some(index)) {
                 Some(m) => {
                     let (addr, key) = self
-                        .ep
+                        .link
+                        .t
                         .user_remote_handle(m.mr)
                         .ok_or(Error::InvalidArgument)?;
                     let sge = RemoteSge {
@@ -122,29 +118,35 @@ impl Conn {
                 }
                 None => (IomapEntry::default(), 0),
             };
-            let Some(w) = self.core.plan_iomap_announce(index, perms) else {
+            let Some(w) = self.link.core.plan_iomap_announce(index, perms) else {
                 break;
             };
             self.io.announce.pop_front();
             let bytes = entry.to_peer_bytes(w.big_endian);
-            if self.ep.sq_inline() as usize >= wire::IOMAP_LEN {
-                self.post_write_msg(w.msg, Payload::Inline(&bytes), (w.remote_addr, w.rkey))?;
+            if self.link.t.sq_inline() as usize >= wire::IOMAP_LEN {
+                self.link.post_write_msg(
+                    w.msg as u64,
+                    w.msg,
+                    Source::Inline(&bytes),
+                    (w.remote_addr, w.rkey),
+                )?;
             } else {
                 let stage = match self.io.stage {
                     Some(m) => m,
                     None => {
-                        let n = self.core.peer_iomap_size() as usize;
-                        let m = self.ep.register(n * wire::IOMAP_LEN, Access::Local)?;
+                        let n = self.link.core.peer_iomap_size() as usize;
+                        let m = self.link.t.register(n * wire::IOMAP_LEN, Access::Local)?;
                         self.io.stage = Some(m);
                         m
                     }
                 };
                 let off = index as u32 * wire::IOMAP_LEN as u32;
-                self.ep.write(stage, off as usize, &bytes);
+                self.link.t.write(stage, off as usize, &bytes);
                 let seg = [(off, wire::IOMAP_LEN as u32), (0, 0)];
-                self.post_write_msg(
+                self.link.post_write_msg(
+                    w.msg as u64,
                     w.msg,
-                    Payload::Region(stage, seg, 1),
+                    Source::Region(stage, seg, 1),
                     (w.remote_addr, w.rkey),
                 )?;
             }
@@ -190,7 +192,7 @@ impl StreamSocket {
         let State::Connected(c) = &mut g.state else {
             return Err(Error::InvalidArgument);
         };
-        if perms == PERM_READ && !c.core.peer_is_rsocket_rs() {
+        if perms == PERM_READ && !c.link.core.peer_is_rsocket_rs() {
             return Err(Error::OpNotSupported);
         }
         let offset = if offset == -1 {
@@ -208,14 +210,16 @@ impl StreamSocket {
             if overlap {
                 return Err(Error::InvalidArgument);
             }
-            let free = (0..c.core.peer_iomap_size())
+            let free = (0..c.link.core.peer_iomap_size())
                 .find(|i| !c.io.maps.iter().any(|m| m.index == Some(*i)));
             Some(free.ok_or(Error::NoMemory)?)
         } else {
             None
         };
-        let mr =
-            c.ep.register_user(mem, perms & PERM_READ != 0, perms & PERM_WRITE != 0)?;
+        let mr = c
+            .link
+            .t
+            .register_user(mem, perms & PERM_READ != 0, perms & PERM_WRITE != 0)?;
         c.io.maps.push(LocalMap {
             mr,
             addr: mem.addr(),
@@ -252,7 +256,7 @@ impl StreamSocket {
             c.io.announce.push_back(index);
             c.send_announcements()?;
         }
-        c.ep.deregister_user(m.mr);
+        c.link.t.deregister_user(m.mr);
         Ok(())
     }
 
@@ -284,7 +288,7 @@ impl StreamSocket {
                     c.io.windows
                         .lookup(offset, buf.len() as u64, PERM_WRITE)
                         .map_err(window_error)?;
-                c.flush_now()?;
+                c.link.flush_now()?;
                 t
             };
             if let Some(r) = self.iowrite_zero_copy(buf, (t.addr, t.rkey), nonblock) {
@@ -305,24 +309,25 @@ impl StreamSocket {
                             .lookup(offset, buf.len() as u64, PERM_WRITE)
                             .map_err(window_error)?;
                     // Gathered rsend data goes first: the order on the wire is the call order.
-                    c.flush_now()?;
+                    c.link.flush_now()?;
                     target = Some(t);
                     t
                 }
             };
             while done < buf.len() {
                 let left = (buf.len() - done).min(u32::MAX as usize) as u32;
-                let Some(d) = c.core.plan_direct(DirectKind::Write, left, false) else {
+                let Some(d) = c.link.core.plan_direct(DirectKind::Write, left, false) else {
                     break;
                 };
                 let src = &buf[done..done + d.len as usize];
                 let payload = if d.inline {
-                    Payload::Inline(src)
+                    Source::Inline(src)
                 } else {
-                    c.copy_to_ring(&d.ring[..d.ring_segs], src);
-                    Payload::Region(c.sbuf, d.ring, d.ring_segs)
+                    c.link.copy_to_ring(&d.ring[..d.ring_segs], src);
+                    c.link.ring_source(d.ring, d.ring_segs)
                 };
-                c.ep.post_send(d.wr_id, payload, Some((t.addr + done as u64, t.rkey)), None)?;
+                c.link
+                    .post_write(d.wr_id, payload, (t.addr + done as u64, t.rkey))?;
                 done += d.len as usize;
             }
             Ok((done == buf.len() || (nonblock && done > 0)).then_some(done))
@@ -368,13 +373,13 @@ impl StreamSocket {
             };
             match c.io.covering(dst.addr(), len as u64) {
                 Some(m) => (m.mr, false),
-                None => (c.ep.register_user(dst, false, false)?, true),
+                None => (c.link.t.register_user(dst, false, false)?, true),
             }
         };
         let mut done = 0usize;
         let mut last = None;
         let r = self.wait_conn(false, |c| {
-            if !c.core.flags().connected {
+            if !c.link.core.flags().connected {
                 return Err(Error::ConnectionReset);
             }
             let t =
@@ -384,34 +389,42 @@ impl StreamSocket {
             while done < len {
                 let mut left = (len - done).min(u32::MAX as usize) as u32;
                 let remote = t.addr + done as u64;
-                if c.ep.splits_short()
+                if c.link.t.splits_short()
                     && let Some(first) = crate::verbs::short_page_split(remote, left)
                 {
                     left = first;
                 }
-                let Some(d) = c.core.plan_direct(DirectKind::Read, left, true) else {
+                let Some(d) = c.link.core.plan_direct(DirectKind::Read, left, true) else {
                     break;
                 };
-                let seg =
-                    c.ep.user_seg(mr, dst.addr() + done as u64, d.len)
-                        .ok_or(Error::InvalidArgument)?;
-                c.ep.post_read(d.wr_id, seg, (remote, t.rkey))?;
+                let seg = c
+                    .link
+                    .t
+                    .user_seg(mr, dst.addr() + done as u64, d.len)
+                    .ok_or(Error::InvalidArgument)?;
+                c.link.post_read(d.wr_id, seg, (remote, t.rkey))?;
                 c.io.reads_posted += 1;
                 last = Some(c.io.reads_posted);
                 done += d.len as usize;
             }
-            Ok((done == len && last.is_some_and(|l| c.io.reads_done >= l)).then_some(done))
+            Ok(
+                (done == len && last.is_some_and(|l| c.link.core.reads_completed() >= l))
+                    .then_some(done),
+            )
         });
         // Also after a failure: reads still in flight would find the QP in error (flushed).
         if let Some(l) = last
             && r.is_err()
         {
             let _ = self.wait_conn(false, |c| {
-                Ok((c.io.reads_done >= l || !c.core.flags().connected).then_some(()))
+                Ok(
+                    (c.link.core.reads_completed() >= l || !c.link.core.flags().connected)
+                        .then_some(()),
+                )
             });
         }
         if temporary && let State::Connected(c) = &mut self.lock().state {
-            c.ep.deregister_user(mr);
+            c.link.t.deregister_user(mr);
         }
         r
     }

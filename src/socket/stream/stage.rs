@@ -15,7 +15,8 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-use super::{Conn, StreamSocket};
+use super::StreamSocket;
+use super::conn::Conn;
 use crate::error::Result;
 use crate::proto::stream as core;
 use crate::trace::trace;
@@ -154,19 +155,19 @@ impl StreamSocket {
         if st.len() == 0 {
             return Ok(0);
         }
-        if !conn.core.flags().writable || conn.shut_wr {
+        if !conn.link.core.flags().writable || conn.shut_wr {
             self.drop_stage();
             return Ok(0);
         }
         // Taken out, so the application can stage more while this posts.
         let mut bytes = std::mem::take(&mut st.lock().bytes);
         let mut olen = core::MAX_TRANSFER;
-        let posted = match conn.send_some(&bytes, &mut olen, true) {
+        let posted = match conn.link.send_some(&bytes, &mut olen, true) {
             Ok(n) => n,
             Err(e) => {
                 // The post failed: the connection is gone, and so is what was staged.
                 self.drop_stage();
-                return Err(e);
+                return Err(e.into());
             }
         };
         let mut s = st.lock();

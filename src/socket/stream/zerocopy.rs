@@ -11,9 +11,10 @@
 
 use std::collections::VecDeque;
 
-use super::{Error, Payload, Result, State, StreamSocket, send_result};
+use super::data::send_result;
+use super::{Error, Result, State, StreamSocket};
 use crate::proto::stream::{DirectKind, WR_ID_NO_RING};
-use crate::proto::wire;
+use crate::proto::transport::Source;
 
 /// Completed MSG_ZEROCOPY calls `lo..=hi` (ids), as one error-queue notice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,30 +85,32 @@ impl StreamSocket {
                 Some(m) => m,
                 None => {
                     // Gathered sends leave first: the order is the call order.
-                    c.flush_now()?;
+                    c.link.flush_now()?;
                     let m = c.io.covering(addr, buf.len() as u64).map(|m| m.mr);
                     source = Some(m);
                     m
                 }
             };
             match mr {
-                None => sent += c.send_some(&buf[sent..], &mut olen, false)?,
+                None => sent += c.link.send_some(&buf[sent..], &mut olen, false)?,
                 Some(mr) => {
                     while sent < buf.len() {
                         let left = (buf.len() - sent).min(u32::MAX as usize) as u32;
-                        let Some(w) = c.core.plan_write_zero_copy(left) else {
+                        let Some(w) = c.link.core.plan_write_zero_copy(left) else {
                             break;
                         };
                         if let Some(i) = w.exhausted_sge {
-                            c.ep.write(c.tsgl, i * wire::SGE_LEN, &[0u8; wire::SGE_LEN]);
+                            c.link.clear_sge(i);
                         }
-                        let seg =
-                            c.ep.user_seg(mr, addr + sent as u64, w.len)
-                                .ok_or(Error::InvalidArgument)?;
-                        c.post_write_msg_id(
+                        let seg = c
+                            .link
+                            .t
+                            .user_seg(mr, addr + sent as u64, w.len)
+                            .ok_or(Error::InvalidArgument)?;
+                        c.link.post_write_msg(
                             w.msg as u64 | WR_ID_NO_RING,
                             w.msg,
-                            Payload::User(seg),
+                            Source::User(seg),
                             (w.remote_addr, w.rkey),
                         )?;
                         sent += w.len as usize;
@@ -140,7 +143,7 @@ impl StreamSocket {
         };
         let mut done = 0usize;
         let r = self.wait_conn(nonblock, |c| {
-            if !c.core.flags().writable {
+            if !c.link.core.flags().writable {
                 return Err(Error::ConnectionReset);
             }
             if self.stage.len() > 0 {
@@ -149,17 +152,18 @@ impl StreamSocket {
             }
             while done < buf.len() {
                 let left = (buf.len() - done).min(u32::MAX as usize) as u32;
-                let Some(d) = c.core.plan_direct(DirectKind::Write, left, true) else {
+                let Some(d) = c.link.core.plan_direct(DirectKind::Write, left, true) else {
                     break;
                 };
-                let seg =
-                    c.ep.user_seg(mr, addr + done as u64, d.len)
-                        .ok_or(Error::InvalidArgument)?;
-                c.ep.post_send(
+                let seg = c
+                    .link
+                    .t
+                    .user_seg(mr, addr + done as u64, d.len)
+                    .ok_or(Error::InvalidArgument)?;
+                c.link.post_write(
                     d.wr_id,
-                    Payload::User(seg),
-                    Some((target.0 + done as u64, target.1)),
-                    None,
+                    Source::User(seg),
+                    (target.0 + done as u64, target.1),
                 )?;
                 done += d.len as usize;
             }
@@ -178,9 +182,9 @@ impl StreamSocket {
     /// far has completed.
     pub(super) fn track_zero_copy(&self, copied: bool) {
         if let State::Connected(c) = &mut self.lock().state {
-            let posted = c.ep.sends_posted();
+            let posted = c.link.sends_posted();
             c.zc.track(posted, copied);
-            c.zc.reap(c.ep.sends_completed());
+            c.zc.reap(c.link.sends_completed());
         }
     }
 

@@ -1,0 +1,483 @@
+//! The stream driver: turns the core's decisions ([`Stream`]) into work requests on a
+//! [`Transport`] and feeds the completions back. This is the posting code the library runs; the
+//! host tests run it too, over the in-memory wire, so no test drives a copy of it.
+//!
+//! What it owns besides the core: the connection's three registered buffers (send ring with its
+//! control slots, receive buffer with the iWARP message slots, target SGL with the iomap), the
+//! receives posted, and the counts of sends posted and completed. How messages travel is decided
+//! here once: with immediate data, or (iWARP, [`StreamConfig::msg_send`]) as a 4-byte SEND after
+//! the write.
+
+use std::io;
+
+use super::stream::{
+    self as core, CreditUpdate, DataWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
+};
+use super::transport::{Completion, Source, Transport};
+use super::wire::{self, ConnData, Msg, RemoteSge};
+use crate::trace::trace;
+
+/// The registered buffers of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Buffers<M> {
+    /// Send ring, then the control slots.
+    pub sbuf: M,
+    /// Receive buffer, then (iWARP) the 4-byte message slots.
+    pub rbuf: M,
+    /// Target SGL (the peer writes its windows here), then our target iomap.
+    pub tsgl: M,
+}
+
+/// Counts of the driver's decisions, for the coverage checks of the host tests.
+#[cfg(test)]
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Fresh writes that used up a window of the peer.
+    pub direct_used_up_window: u64,
+    /// Gathered (pending) writes that used up a window when they started.
+    pub pending_used_up_window: u64,
+    /// Appends to a pending write that used up its window.
+    pub append_used_up_window: u64,
+    /// Sends appended to a pending write.
+    pub appends: u64,
+    /// Pending writes posted.
+    pub flushes: u64,
+    /// Data writes sent inline.
+    pub inline_writes: u64,
+    /// Credit updates carrying a window, and without.
+    pub credit_updates_with_window: u64,
+    /// Credit updates without a window.
+    pub credit_updates_plain: u64,
+    /// Bytes before the ring's end at which a ring write wrapped.
+    pub ring_wrap_at: std::collections::BTreeSet<u32>,
+    /// Ring writes ending exactly at the ring's end.
+    pub ring_exact_end: u64,
+}
+
+/// Work requests of one connection, driven by its protocol core.
+#[derive(Debug)]
+pub struct Driver<T: Transport> {
+    /// The protocol state machine.
+    pub core: Stream,
+    /// The queue pair and its memory.
+    pub t: T,
+    /// Our registered buffers.
+    pub bufs: Buffers<T::Mr>,
+    cfg: StreamConfig,
+    local: LocalBuffers,
+    /// iWARP: message slots after the receive buffer (byte offset of the first, count).
+    msg_slots: Option<(usize, u32)>,
+    /// Slot of the next receive posted.
+    recv_slot: u32,
+    comps: Vec<Completion>,
+    sends_posted: u64,
+    sends_completed: u64,
+    /// What the driver decided so far (test builds).
+    #[cfg(test)]
+    pub seen: Seen,
+}
+
+impl<T: Transport> Driver<T> {
+    /// Registers the connection's buffers on `t`, posts `rq_posted` receives, and offers
+    /// `iomap` entries of our target iomap. The core is a placeholder until [`Driver::start`].
+    pub fn new(mut t: T, cfg: StreamConfig, rq_posted: u32, iomap: u16) -> io::Result<Self> {
+        let sbuf = t.register(cfg.send_buffer_len(), false)?;
+        let tsgl = t.register(StreamConfig::target_sgl_len(iomap), true)?;
+        let rbuf = t.register(cfg.recv_buffer_len(rq_posted), true)?;
+        let slots = cfg.msg_slots(rq_posted);
+        let (taddr, tkey) = t.remote_handle(tsgl);
+        let (raddr, rkey) = t.remote_handle(rbuf);
+        let local = LocalBuffers {
+            target_sgl: RemoteSge {
+                addr: taddr,
+                key: tkey,
+                length: 0,
+            },
+            rbuf: RemoteSge {
+                addr: raddr,
+                key: rkey,
+                length: 0,
+            },
+            target_iomap_size: iomap,
+        };
+        // Replaced once the peer's private data is known.
+        let placeholder = ConnData {
+            flags: 0,
+            credits: 1,
+            target_iomap_size: 0,
+            target_sgl: RemoteSge::default(),
+            data_buf: RemoteSge::default(),
+        };
+        let mut d = Driver {
+            core: Stream::new(cfg, local, &placeholder),
+            t,
+            bufs: Buffers { sbuf, rbuf, tsgl },
+            cfg,
+            local,
+            msg_slots: (slots > 0).then_some((cfg.rbuf_size as usize, slots)),
+            recv_slot: 0,
+            comps: Vec::with_capacity(32),
+            sends_posted: 0,
+            sends_completed: 0,
+            #[cfg(test)]
+            seen: Seen::default(),
+        };
+        d.post_recvs(rq_posted)?;
+        Ok(d)
+    }
+
+    /// Our connect private data (REQ or REP).
+    pub fn conn_data(&self) -> [u8; wire::CONN_DATA_LEN] {
+        Stream::local_conn_data(&self.cfg, &self.local).encode()
+    }
+
+    /// The configuration the connection was set up with.
+    pub fn config(&self) -> &StreamConfig {
+        &self.cfg
+    }
+
+    /// Our buffers as the peer sees them.
+    pub fn local(&self) -> &LocalBuffers {
+        &self.local
+    }
+
+    /// Starts the protocol once the peer's private data is known; `accepted` for the passive
+    /// side (see [`Stream::accepted`]).
+    pub fn start(&mut self, peer: &ConnData, accepted: bool) {
+        self.core = if accepted {
+            Stream::accepted(self.cfg, self.local, peer)
+        } else {
+            Stream::new(self.cfg, self.local, peer)
+        };
+    }
+
+    /// Send work requests posted so far (a sequence number for [`Driver::sends_completed`]).
+    pub fn sends_posted(&self) -> u64 {
+        self.sends_posted
+    }
+
+    /// Send work requests completed so far. A send queue completes in order, so
+    /// `sends_completed() >= n` means the first `n` sends are done.
+    pub fn sends_completed(&self) -> u64 {
+        self.sends_completed
+    }
+
+    fn post_recvs(&mut self, n: u32) -> io::Result<()> {
+        for _ in 0..n {
+            let into = self.msg_slots.map(|(base, slots)| {
+                let slot = self.recv_slot;
+                self.recv_slot = (slot + 1) % slots;
+                (slot, base + slot as usize * wire::MSG_SIZE)
+            });
+            match into {
+                Some((slot, off)) => self
+                    .t
+                    .post_recv(core::recv_wr_id(slot), Some((self.bufs.rbuf, off)))?,
+                None => self.t.post_recv(core::recv_wr_id(0), None)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls the completions, feeds the core, reposts receives, posts gathered sends that are
+    /// due and the credit updates owed. `on_window` is told of each iomap announcement the peer
+    /// made (its message data; the entry is in our target iomap). Returns whether anything
+    /// completed.
+    pub fn progress(&mut self, mut on_window: impl FnMut(u32, &T)) -> io::Result<bool> {
+        let mut any = false;
+        loop {
+            self.comps.clear();
+            self.t.poll(&mut self.comps, 32)?;
+            if self.comps.is_empty() {
+                break;
+            }
+            any = true;
+            let mut reposts = 0;
+            for i in 0..self.comps.len() {
+                let c = self.comps[i];
+                let recv = core::is_recv(c.wr_id);
+                if !c.ok {
+                    trace!(
+                        "completion failed: wr_id {:#x} status {} ({})",
+                        c.wr_id,
+                        c.status,
+                        if recv { "recv" } else { "send" }
+                    );
+                }
+                if !recv {
+                    self.sends_completed += 1;
+                    self.core.on_send_completion(c.wr_id, c.ok);
+                    continue;
+                }
+                if !c.ok {
+                    // Flushed: the QP left RTS, the connection is gone.
+                    self.core.on_connection_lost();
+                    continue;
+                }
+                reposts += 1;
+                let raw = match c.imm {
+                    Some(v) => v,
+                    None => {
+                        let Some((base, _)) = self.msg_slots else {
+                            continue;
+                        };
+                        let slot = core::recv_slot(c.wr_id) as usize;
+                        let mut b = [0u8; wire::MSG_SIZE];
+                        self.t
+                            .read(self.bufs.rbuf, base + slot * wire::MSG_SIZE, &mut b);
+                        u32::from_ne_bytes(b)
+                    }
+                };
+                match self.core.on_recv(raw) {
+                    Ok(Msg::Credits(_)) => self.refresh_target_sgl(),
+                    Ok(Msg::IomapSgl(data)) => on_window(data, &self.t),
+                    _ => {}
+                }
+            }
+            if reposts > 0 && self.core.flags().connected {
+                self.post_recvs(reposts)?;
+            }
+        }
+        self.flush_due()?;
+        self.send_credits()?;
+        Ok(any)
+    }
+
+    fn refresh_target_sgl(&mut self) {
+        let mut b = [0u8; wire::SGE_LEN * wire::SGL_SIZE as usize];
+        self.t.read(self.bufs.tsgl, 0, &mut b);
+        let e0 = RemoteSge::from_ne_bytes(b[0..16].try_into().expect("16 bytes"));
+        let e1 = RemoteSge::from_ne_bytes(b[16..32].try_into().expect("16 bytes"));
+        self.core.refresh_target_sgl([e0, e1]);
+    }
+
+    /// Zeroes an entry of our target SGL that a write used up, so that the peer's next write
+    /// into it is told from stale contents.
+    pub fn clear_sge(&mut self, i: usize) {
+        self.t
+            .write(self.bufs.tsgl, i * wire::SGE_LEN, &[0u8; wire::SGE_LEN]);
+    }
+
+    /// Posts a raw RDMA write (a riowrite's, or a keepalive probe), counted.
+    pub fn post_write(
+        &mut self,
+        wr_id: u64,
+        src: Source<'_, T::Mr, T::Seg>,
+        remote: (u64, u32),
+    ) -> io::Result<()> {
+        self.t.post_write(wr_id, src, remote, None)?;
+        self.sends_posted += 1;
+        Ok(())
+    }
+
+    /// Posts an RDMA read (a rioread's), counted.
+    pub fn post_read(&mut self, wr_id: u64, dst: T::Seg, remote: (u64, u32)) -> io::Result<()> {
+        self.t.post_read(wr_id, dst, remote)?;
+        self.sends_posted += 1;
+        Ok(())
+    }
+
+    /// Posts a message alone: a 0-byte write with immediate, or an inline SEND on iWARP.
+    pub fn post_msg(&mut self, msg: u32) -> io::Result<()> {
+        if self.cfg.msg_send {
+            self.t.post_send(msg as u64, &msg.to_ne_bytes())?;
+        } else {
+            self.t
+                .post_write(msg as u64, Source::Empty, (0, 0), Some(msg))?;
+        }
+        self.sends_posted += 1;
+        Ok(())
+    }
+
+    /// Posts an RDMA write carrying `msg`: with immediate data, or followed by a SEND of it on
+    /// iWARP. `wr_id` is the write's (the message, plus flags).
+    pub fn post_write_msg(
+        &mut self,
+        wr_id: u64,
+        msg: u32,
+        src: Source<'_, T::Mr, T::Seg>,
+        remote: (u64, u32),
+    ) -> io::Result<()> {
+        if self.cfg.msg_send {
+            self.t.post_write(wr_id, src, remote, None)?;
+            self.sends_posted += 1;
+            self.t
+                .post_send(core::msg_send_wr_id(msg), &msg.to_ne_bytes())?;
+        } else {
+            self.t.post_write(wr_id, src, remote, Some(msg))?;
+        }
+        self.sends_posted += 1;
+        Ok(())
+    }
+
+    /// Posts the credit updates owed.
+    pub fn send_credits(&mut self) -> io::Result<()> {
+        while let Some(CreditUpdate { msg, sge }) = self.core.poll_credit_update() {
+            #[cfg(test)]
+            if sge.is_some() {
+                self.seen.credit_updates_with_window += 1;
+            } else {
+                self.seen.credit_updates_plain += 1;
+            }
+            match sge {
+                Some(w) if w.inline => self.post_write_msg(
+                    msg as u64,
+                    msg,
+                    Source::Inline(&w.bytes),
+                    (w.remote_addr, w.rkey),
+                )?,
+                Some(w) => {
+                    self.t
+                        .write(self.bufs.sbuf, w.ctrl_slot_offset as usize, &w.bytes);
+                    let seg = [(w.ctrl_slot_offset, wire::SGE_LEN as u32), (0, 0)];
+                    self.post_write_msg(
+                        msg as u64,
+                        msg,
+                        Source::Region(self.bufs.sbuf, seg, 1),
+                        (w.remote_addr, w.rkey),
+                    )?;
+                }
+                None => self.post_msg(msg)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends as much of `buf` as the credits and windows allow; returns the bytes taken (posted,
+    /// or gathered in the ring to leave with the next flush). `olen` is the write size this
+    /// call has reached (doubled per write up to [`core::MAX_TRANSFER`]); `coalesce` lets small
+    /// sends gather while writes are in flight ([`Stream::plan_send`]).
+    pub fn send_some(&mut self, buf: &[u8], olen: &mut u32, coalesce: bool) -> io::Result<usize> {
+        let mut sent = 0;
+        while sent < buf.len() {
+            let left = (buf.len() - sent).min(u32::MAX as usize) as u32;
+            let max = left.min(*olen);
+            #[cfg(test)]
+            let had_pending = self.core.has_pending();
+            let plan = if coalesce {
+                self.core.plan_send(max)
+            } else {
+                self.core
+                    .plan_write(max)
+                    .map(|write| SendPlan::Post { write, fresh: true })
+            };
+            match plan {
+                None => break,
+                Some(SendPlan::Post { write, fresh: true }) => {
+                    #[cfg(test)]
+                    if write.exhausted_sge.is_some() {
+                        self.seen.direct_used_up_window += 1;
+                    }
+                    if *olen < core::MAX_TRANSFER {
+                        *olen <<= 1;
+                    }
+                    self.post_data(write, Some(&buf[sent..sent + write.len as usize]))?;
+                    sent += write.len as usize;
+                }
+                Some(SendPlan::Post {
+                    write,
+                    fresh: false,
+                }) => {
+                    #[cfg(test)]
+                    {
+                        self.seen.flushes += 1;
+                    }
+                    self.post_data(write, None)?
+                }
+                Some(SendPlan::Queued {
+                    ring,
+                    ring_segs,
+                    len,
+                }) => {
+                    self.copy_to_ring(&ring[..ring_segs], &buf[sent..sent + len as usize]);
+                    sent += len as usize;
+                    #[cfg(test)]
+                    {
+                        let used_up = self.core.pending_used_up_window();
+                        if had_pending {
+                            self.seen.appends += 1;
+                            // An append happens only while the window lasts: it used it up now.
+                            if used_up {
+                                self.seen.append_used_up_window += 1;
+                            }
+                        } else if used_up {
+                            self.seen.pending_used_up_window += 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.flush_due()?;
+        Ok(sent)
+    }
+
+    /// Copies `data` into the ring segments (offset, length), in order.
+    pub fn copy_to_ring(&mut self, ring: &[(u32, u32)], mut data: &[u8]) {
+        for &(o, l) in ring {
+            self.t
+                .write(self.bufs.sbuf, o as usize, &data[..l as usize]);
+            data = &data[l as usize..];
+        }
+    }
+
+    /// The ring segments of a planned write as a source.
+    pub fn ring_source<'a>(&self, ring: [(u32, u32); 2], segs: usize) -> Source<'a, T::Mr, T::Seg> {
+        Source::Region(self.bufs.sbuf, ring, segs)
+    }
+
+    /// Posts a planned data write: `src` holds its bytes (copied into the ring unless inline),
+    /// or, for a flushed pending write, the ring already does.
+    fn post_data(&mut self, w: DataWrite, src: Option<&[u8]>) -> io::Result<()> {
+        if let Some(i) = w.exhausted_sge {
+            self.clear_sge(i);
+        }
+        #[cfg(test)]
+        if w.inline {
+            self.seen.inline_writes += 1;
+        } else if w.ring_segs == 2 {
+            self.seen.ring_wrap_at.insert(w.ring[0].1);
+        } else if w.ring[0].0 + w.ring[0].1 == self.cfg.sbuf_size {
+            self.seen.ring_exact_end += 1;
+        }
+        let payload = match src {
+            Some(data) if w.inline => Source::Inline(data),
+            Some(data) => {
+                self.copy_to_ring(&w.ring[..w.ring_segs], data);
+                self.ring_source(w.ring, w.ring_segs)
+            }
+            None => self.ring_source(w.ring, w.ring_segs),
+        };
+        self.post_write_msg(w.msg as u64, w.msg, payload, (w.remote_addr, w.rkey))
+    }
+
+    /// Posts the gathered small sends once nothing else is in flight.
+    pub fn flush_due(&mut self) -> io::Result<()> {
+        if self.core.should_flush() {
+            self.flush_now()?;
+        }
+        Ok(())
+    }
+
+    /// Posts the gathered small sends now (before a shutdown, say).
+    pub fn flush_now(&mut self) -> io::Result<()> {
+        if let Some(w) = self.core.flush() {
+            trace!("flush {} gathered bytes", w.len);
+            #[cfg(test)]
+            {
+                self.seen.flushes += 1;
+            }
+            self.post_data(w, None)?;
+        }
+        Ok(())
+    }
+
+    /// Copies up to `buf.len()` received bytes out (leaving them with `peek`); returns how many.
+    pub fn recv_some(&mut self, buf: &mut [u8], peek: bool) -> usize {
+        let Driver { core, t, bufs, .. } = self;
+        let mut off = 0;
+        core.consume(buf.len(), peek, |o, l| {
+            t.read(bufs.rbuf, o as usize, &mut buf[off..off + l as usize]);
+            off += l as usize;
+        })
+    }
+}

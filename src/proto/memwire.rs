@@ -1,0 +1,384 @@
+//! An in-memory RC wire for the host tests: each end is a [`Transport`] with real byte buffers,
+//! so the tests run the library's own posting code ([`super::driver::Driver`]) between two
+//! simulated peers.
+//!
+//! The wire is as strict as a NIC and more hostile than a fast one. A write's bytes are read out
+//! of the send ring when the test lets the sender's "NIC" read them ([`MemEnd::nic_read`]), not
+//! at the post, so ring bytes reused before their write completed show up as wrong data. A write
+//! is placed at the peer ([`MemEnd::place_next`]) only into a region the peer registered
+//! remote-writable, by its key and within its bounds: anything else panics. Every message (a
+//! write with immediate, a SEND) takes one of the peer's posted receives; on iWARP a message
+//! that finds none breaks the connection (a panic here), on RoCE it waits (receiver-not-ready
+//! retry). Sends complete in order, on RoCE only once placed (acknowledged), on iWARP once read
+//! (Soft-iWARP completes when TCP took the data), possibly before the peer has them.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io;
+
+use super::transport::{Completion, Source, Transport};
+
+/// One registered buffer.
+#[derive(Debug)]
+struct Region {
+    base: u64,
+    rkey: u32,
+    remote_write: bool,
+    bytes: Vec<u8>,
+}
+
+/// Where a posted work request's bytes come from.
+#[derive(Debug, Clone)]
+enum Src {
+    Bytes(Vec<u8>),
+    Ring(usize, [(u32, u32); 2], usize),
+}
+
+/// What a work request does at the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// RDMA write to (address, rkey), with immediate data if any.
+    Write((u64, u32), Option<u32>),
+    /// SEND.
+    Send,
+}
+
+/// A posted send work request.
+#[derive(Debug, Clone)]
+pub struct Wr {
+    /// Its id.
+    pub wr_id: u64,
+    /// What it does.
+    pub op: Op,
+    src: Src,
+    /// The bytes, once the NIC read them.
+    pub data: Option<Vec<u8>>,
+}
+
+impl Wr {
+    /// Bytes it carries.
+    pub fn len(&self) -> usize {
+        match &self.src {
+            Src::Bytes(b) => b.len(),
+            Src::Ring(_, segs, n) => segs[..*n].iter().map(|&(_, l)| l as usize).sum(),
+        }
+    }
+
+    /// Whether it carries application data (a write whose wr_id is a DATA message).
+    pub fn is_data(&self) -> bool {
+        use super::stream::{WR_ID_MSG_SEND, WR_ID_NO_RING, WR_ID_RECV};
+        matches!(self.op, Op::Write(..))
+            && self.wr_id & (WR_ID_RECV | WR_ID_MSG_SEND | WR_ID_NO_RING) == 0
+            && (self.wr_id as u32) >> 29 == 0
+    }
+}
+
+/// One end of the wire.
+#[derive(Debug)]
+pub struct MemEnd {
+    id: u32,
+    iwarp: bool,
+    inline: u32,
+    regions: Vec<Region>,
+    /// Sends posted and not yet both placed and completed; `wrs[0]` is number `base`.
+    wrs: VecDeque<Wr>,
+    base: usize,
+    read: usize,
+    placed: usize,
+    completed: usize,
+    recvs: VecDeque<(u64, Option<(usize, usize)>)>,
+    cq: VecDeque<Completion>,
+    /// Sends whose completion came before the peer had them (iWARP).
+    pub completed_early: u64,
+    /// Byte counts of the data writes posted, in order.
+    pub data_writes: Vec<usize>,
+}
+
+impl MemEnd {
+    /// An end with address space `id` (distinct per end, so a write with the other end's key
+    /// is caught), iWARP semantics or RoCE's, and an inline size.
+    pub fn new(id: u32, iwarp: bool, inline: u32) -> Self {
+        MemEnd {
+            id,
+            iwarp,
+            inline,
+            regions: Vec::new(),
+            wrs: VecDeque::new(),
+            base: 0,
+            read: 0,
+            placed: 0,
+            completed: 0,
+            recvs: VecDeque::new(),
+            cq: VecDeque::new(),
+            completed_early: 0,
+            data_writes: Vec::new(),
+        }
+    }
+
+    /// The bytes of one of our buffers.
+    pub fn region(&self, mr: usize) -> &[u8] {
+        &self.regions[mr].bytes
+    }
+
+    /// Fills bytes of one of our buffers (with garbage, say, that no test may receive).
+    pub fn fill(&mut self, mr: usize, range: std::ops::Range<usize>, byte: u8) {
+        self.regions[mr].bytes[range].fill(byte);
+    }
+
+    /// Posted sends not completed yet.
+    pub fn uncompleted(&self) -> usize {
+        self.base + self.wrs.len() - self.completed
+    }
+
+    /// The sends posted and not yet retired (both placed and completed), oldest first.
+    pub fn in_flight(&self) -> impl Iterator<Item = &Wr> {
+        self.wrs.iter()
+    }
+
+    /// The NIC reads the next posted send's bytes. Returns false if all were read.
+    pub fn nic_read(&mut self) -> bool {
+        let i = self.read - self.base;
+        let Some(wr) = self.wrs.get(i) else {
+            return false;
+        };
+        let data = match &wr.src {
+            Src::Bytes(b) => b.clone(),
+            Src::Ring(mr, segs, n) => {
+                let mut v = Vec::new();
+                for &(o, l) in &segs[..*n] {
+                    v.extend_from_slice(&self.regions[*mr].bytes[o as usize..(o + l) as usize]);
+                }
+                v
+            }
+        };
+        self.wrs[i].data = Some(data);
+        self.read += 1;
+        true
+    }
+
+    /// Places our next read send at `to`, as its NIC would. Returns false if there is none,
+    /// or (RoCE) the message finds no receive posted yet: it is retried later.
+    pub fn place_next(&mut self, to: &mut MemEnd) -> bool {
+        if self.placed == self.read {
+            return false;
+        }
+        let wr = &self.wrs[self.placed - self.base];
+        let data = wr.data.as_ref().expect("read before placed");
+        let msg = match wr.op {
+            Op::Write(_, imm) => imm.map(|v| (v, None)),
+            Op::Send => Some((0, Some(data.clone()))),
+        };
+        if msg.is_some() && to.recvs.is_empty() {
+            assert!(
+                !to.iwarp,
+                "end {}: a message (wr_id {:#x}) found no receive posted: iWARP ends the connection",
+                to.id, wr.wr_id
+            );
+            return false;
+        }
+        if let Op::Write((addr, rkey), _) = wr.op
+            && !data.is_empty()
+        {
+            let r = to
+                .regions
+                .iter_mut()
+                .find(|r| r.rkey == rkey)
+                .unwrap_or_else(|| panic!("write with rkey {rkey:#x}, never granted"));
+            assert!(r.remote_write, "write into a region not remote-writable");
+            let off = addr.checked_sub(r.base).expect("write below the region") as usize;
+            assert!(
+                off + data.len() <= r.bytes.len(),
+                "write past the region's end ({} bytes at offset {off} of {})",
+                data.len(),
+                r.bytes.len()
+            );
+            r.bytes[off..off + data.len()].copy_from_slice(data);
+        }
+        if let Some((imm, bytes)) = msg {
+            let (wr_id, into) = to.recvs.pop_front().expect("checked");
+            let imm = match (bytes, into) {
+                (Some(b), Some((mr, off))) => {
+                    assert!(b.len() <= 4, "SEND longer than its receive");
+                    to.regions[mr].bytes[off..off + b.len()].copy_from_slice(&b);
+                    None
+                }
+                (Some(_), None) => panic!("SEND into a receive without buffer"),
+                (None, _) => Some(imm),
+            };
+            to.cq.push_back(Completion {
+                wr_id,
+                ok: true,
+                status: 0,
+                imm,
+            });
+        }
+        self.placed += 1;
+        self.retire();
+        true
+    }
+
+    /// Whether our next send may complete: read, and on RoCE also placed.
+    pub fn can_complete(&self) -> bool {
+        self.completed < self.read && (self.iwarp || self.completed < self.placed)
+    }
+
+    /// Completes our next send if it may. Returns whether it did.
+    pub fn complete_next(&mut self) -> bool {
+        if !self.can_complete() {
+            return false;
+        }
+        if self.completed >= self.placed {
+            self.completed_early += 1;
+        }
+        let wr_id = self.wrs[self.completed - self.base].wr_id;
+        self.cq.push_back(Completion {
+            wr_id,
+            ok: true,
+            status: 0,
+            imm: None,
+        });
+        self.completed += 1;
+        self.retire();
+        true
+    }
+
+    fn retire(&mut self) {
+        while self.base < self.completed.min(self.placed) {
+            self.wrs.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// Delivers everything `from` posted to `to`, in order, completing each at `from`.
+    /// Returns the number of sends delivered.
+    pub fn deliver_all(from: &mut MemEnd, to: &mut MemEnd) -> usize {
+        let mut n = 0;
+        while from.nic_read() {}
+        while from.place_next(to) {
+            n += 1;
+        }
+        while from.complete_next() {}
+        n
+    }
+
+    /// Data writes posted so far.
+    pub fn data_writes(&self) -> usize {
+        self.data_writes.len()
+    }
+
+    /// Loses our next send: read and completed, never placed at the peer (a peer that
+    /// "forgets" a message). Returns false if there is none.
+    pub fn lose_next(&mut self) -> bool {
+        if self.placed == self.read && !self.nic_read() {
+            return false;
+        }
+        self.placed += 1;
+        while self.complete_next() {}
+        self.retire();
+        true
+    }
+
+    fn push(&mut self, wr_id: u64, op: Op, src: Src) {
+        let wr = Wr {
+            wr_id,
+            op,
+            src,
+            data: None,
+        };
+        if wr.is_data() {
+            self.data_writes.push(wr.len());
+        }
+        self.wrs.push_back(wr);
+    }
+}
+
+impl Transport for MemEnd {
+    type Mr = usize;
+    type Seg = Infallible;
+
+    fn register(&mut self, len: usize, remote_write: bool) -> io::Result<usize> {
+        let i = self.regions.len();
+        self.regions.push(Region {
+            base: (self.id as u64) << 40 | (i as u64 + 1) << 32,
+            rkey: self.id << 8 | i as u32,
+            remote_write,
+            bytes: vec![0; len],
+        });
+        Ok(i)
+    }
+
+    fn remote_handle(&self, mr: usize) -> (u64, u32) {
+        (self.regions[mr].base, self.regions[mr].rkey)
+    }
+
+    fn read(&self, mr: usize, offset: usize, out: &mut [u8]) {
+        out.copy_from_slice(&self.regions[mr].bytes[offset..offset + out.len()]);
+    }
+
+    fn write(&mut self, mr: usize, offset: usize, data: &[u8]) {
+        self.regions[mr].bytes[offset..offset + data.len()].copy_from_slice(data);
+    }
+
+    fn inline_size(&self) -> u32 {
+        self.inline
+    }
+
+    fn post_write(
+        &mut self,
+        wr_id: u64,
+        src: Source<'_, usize, Infallible>,
+        remote: (u64, u32),
+        imm: Option<u32>,
+    ) -> io::Result<()> {
+        let src = match src {
+            Source::Empty => Src::Bytes(Vec::new()),
+            Source::Inline(b) => {
+                assert!(
+                    b.len() <= self.inline as usize,
+                    "inline beyond the QP's size"
+                );
+                Src::Bytes(b.to_vec())
+            }
+            Source::Region(mr, segs, n) => {
+                for &(o, l) in &segs[..n] {
+                    assert!(
+                        (o + l) as usize <= self.regions[mr].bytes.len(),
+                        "send outside region"
+                    );
+                }
+                Src::Ring(mr, segs, n)
+            }
+            Source::User(never) => match never {},
+        };
+        self.push(wr_id, Op::Write(remote, imm), src);
+        Ok(())
+    }
+
+    fn post_send(&mut self, wr_id: u64, bytes: &[u8]) -> io::Result<()> {
+        assert!(
+            bytes.len() <= self.inline as usize,
+            "inline beyond the QP's size"
+        );
+        self.push(wr_id, Op::Send, Src::Bytes(bytes.to_vec()));
+        Ok(())
+    }
+
+    fn post_read(&mut self, _: u64, dst: Infallible, _: (u64, u32)) -> io::Result<()> {
+        match dst {}
+    }
+
+    fn post_recv(&mut self, wr_id: u64, into: Option<(usize, usize)>) -> io::Result<()> {
+        self.recvs.push_back((wr_id, into));
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<()> {
+        for _ in 0..max {
+            match self.cq.pop_front() {
+                Some(c) => out.push(c),
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! The transport interface: what the stream driver ([`super::driver`]) needs from a reliable
+//! connected queue pair and its registered memory. The verbs endpoint implements it for the
+//! library (`socket::stream::endpoint`); an in-memory wire implements it for the host tests, so
+//! both run the same posting code.
+//!
+//! Nothing here knows the rsocket wire: work-request ids, immediate values and buffer layouts
+//! are chosen by the driver and the core and passed through unchanged.
+
+use std::io;
+
+/// Where the bytes of a posted write come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'a, M, S> {
+    /// No bytes (a 0-byte write: a message alone, or a keepalive probe).
+    Empty,
+    /// Copied at the post (must fit the queue pair's inline size).
+    Inline(&'a [u8]),
+    /// Up to two (offset, length) ranges of one of our registered buffers, read by the device
+    /// some time after the post: they must stay untouched until the write completes.
+    Region(M, [(u32, u32); 2], usize),
+    /// Registered application memory (zero-copy).
+    User(S),
+}
+
+/// A completion of a posted work request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The work request's id, as posted.
+    pub wr_id: u64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// The device's status code (for diagnostics).
+    pub status: u32,
+    /// Immediate data (host order), when the completion of a receive carried one.
+    pub imm: Option<u32>,
+}
+
+/// A reliable connected queue pair with its completion queue and registered buffers.
+pub trait Transport {
+    /// Names one of our registered buffers.
+    type Mr: Copy + std::fmt::Debug;
+    /// A range of registered application memory.
+    type Seg: Copy;
+
+    /// Registers a zeroed buffer of `len` bytes, writable by the peer when `remote_write`.
+    fn register(&mut self, len: usize, remote_write: bool) -> io::Result<Self::Mr>;
+    /// The address and key the peer uses to reach buffer `mr`.
+    fn remote_handle(&self, mr: Self::Mr) -> (u64, u32);
+    /// Copies bytes out of buffer `mr` (what the peer wrote there, or what we put there).
+    fn read(&self, mr: Self::Mr, offset: usize, out: &mut [u8]);
+    /// Copies bytes into buffer `mr`.
+    fn write(&mut self, mr: Self::Mr, offset: usize, data: &[u8]);
+    /// The largest inline send the queue pair accepts.
+    fn inline_size(&self) -> u32;
+
+    /// Posts an RDMA write of `src` to `remote` (address, rkey), with immediate data if `imm`.
+    fn post_write(
+        &mut self,
+        wr_id: u64,
+        src: Source<'_, Self::Mr, Self::Seg>,
+        remote: (u64, u32),
+        imm: Option<u32>,
+    ) -> io::Result<()>;
+    /// Posts a SEND of `bytes`, inline.
+    fn post_send(&mut self, wr_id: u64, bytes: &[u8]) -> io::Result<()>;
+    /// Posts an RDMA read of `remote` (address, rkey) into `dst`.
+    fn post_read(&mut self, wr_id: u64, dst: Self::Seg, remote: (u64, u32)) -> io::Result<()>;
+    /// Posts a receive: without buffer (data arrives by RDMA write with immediate), or into
+    /// the 4 bytes at `offset` of buffer `mr` (a SEND's message).
+    fn post_recv(&mut self, wr_id: u64, into: Option<(Self::Mr, usize)>) -> io::Result<()>;
+    /// Appends up to `max` completions to `out`.
+    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<()>;
+}

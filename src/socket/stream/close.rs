@@ -1,0 +1,99 @@
+//! Shutdown and close: control messages, draining the sends, and the disconnect (which may
+//! linger on iWARP, see `socket::linger`).
+
+use super::{Inner, State, StreamSocket};
+use crate::error::{Error, Result};
+use crate::proto::wire::Ctrl;
+
+impl StreamSocket {
+    /// Shuts down one or both directions.
+    pub fn shutdown(&self, how: i32) -> Result<()> {
+        let (rd, wr) = match how {
+            libc::SHUT_RD => (true, false),
+            libc::SHUT_WR => (false, true),
+            libc::SHUT_RDWR => (true, true),
+            _ => return Err(Error::InvalidArgument),
+        };
+        // An accepted socket is connected for its caller even while the peer's confirmation
+        // (ESTABLISHED) has not been seen yet: wait for it, as the other calls do.
+        if matches!(self.lock().state, State::Accepting(_)) {
+            self.wait_conn(false, |_| Ok(Some(())))?;
+        }
+        if wr {
+            // Staged sends leave before the shutdown (or are dropped if the connection broke).
+            self.close_stage();
+            if self.stage.len() > 0 {
+                self.wait_conn(false, |_| Ok((self.stage.len() == 0).then_some(())))?;
+            }
+        }
+        let ctrl = {
+            let mut g = self.lock();
+            let State::Connected(c) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            if wr {
+                c.shut_wr = true;
+            }
+            c.link.core.shutdown(rd, wr)
+        };
+        let Some(ctrl) = ctrl else {
+            return Ok(());
+        };
+        // Like librdmacm, shutdown waits for a control slot and for the sends to drain.
+        self.wait_conn(false, |c| {
+            // Gathered data goes before the control message.
+            c.link.flush_now()?;
+            if !c.link.core.can_send_ctrl() {
+                return Ok(None);
+            }
+            if let Some(m) = c.link.core.post_ctrl(ctrl) {
+                c.link.post_msg(m)?;
+            }
+            Ok(Some(()))
+        })?;
+        self.wait_conn(false, |c| Ok(c.link.core.all_sends_done().then_some(())))?;
+        if ctrl == Ctrl::Disconnect
+            && let State::Connected(c) = &mut self.lock().state
+        {
+            c.link.core.set_disconnected();
+            if c.must_linger() {
+                c.disconnect_owed = true;
+            } else {
+                c.id.disconnect();
+            }
+        }
+        Ok(())
+    }
+
+    /// Orderly close: disconnect if still connected. Resources go when the last handle drops.
+    /// On iWARP the disconnect may linger in the background (see `linger`).
+    pub fn close(&self) -> Result<()> {
+        let connected =
+            matches!(&self.lock().state, State::Connected(c) if c.link.core.flags().connected);
+        if connected {
+            let _ = self.shutdown(libc::SHUT_RDWR);
+        }
+        let mut g = self.lock();
+        if let State::Connected(c) = &mut g.state
+            && c.disconnect_owed
+            && c.must_linger()
+            && let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade)
+        {
+            drop(g);
+            crate::socket::linger::start(me);
+            self.waker.wake();
+            return Ok(());
+        }
+        self.finish_close(&mut g);
+        Ok(())
+    }
+
+    /// Disconnects and lets the connection's resources go with the last handle.
+    pub(super) fn finish_close(&self, g: &mut Inner) {
+        if let State::Connected(c) | State::Connecting(c) | State::Accepting(c) = &mut g.state {
+            c.id.disconnect();
+        }
+        g.state = State::Failed;
+        self.waker.wake();
+    }
+}

@@ -1,0 +1,102 @@
+//! Sending and receiving on a connected stream rsocket.
+
+use std::sync::atomic::Ordering;
+
+use super::{StreamSocket, broken};
+use crate::error::{Error, Result};
+use crate::trace::trace;
+use crate::verbs::raise_sigpipe;
+
+/// What a send call returns: the bytes sent if any went, else the error, with SIGPIPE for
+/// EPIPE unless MSG_NOSIGNAL (as a kernel socket).
+pub(super) fn send_result(r: Result<usize>, sent: usize, flags: i32) -> Result<usize> {
+    match r {
+        Ok(n) => Ok(n),
+        Err(_) if sent > 0 => Ok(sent),
+        Err(Error::BrokenPipe) => {
+            if flags & libc::MSG_NOSIGNAL == 0 {
+                raise_sigpipe();
+            }
+            Err(Error::BrokenPipe)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl StreamSocket {
+    /// Sends `buf`; blocking sends everything, non-blocking what fits (EAGAIN if nothing).
+    /// Writing after SHUT_WR gives EPIPE and raises SIGPIPE unless MSG_NOSIGNAL.
+    pub fn send(&self, buf: &[u8], flags: i32) -> Result<usize> {
+        if flags & libc::MSG_ZEROCOPY != 0 && self.lock().opts.zerocopy && !buf.is_empty() {
+            return self.send_zero_copy(buf, flags);
+        }
+        let t0 = crate::verbs::ticks();
+        if let Some(n) = self.try_stage(buf, t0) {
+            return Ok(n);
+        }
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
+        if buf.is_empty() {
+            return self.wait_conn(true, |_| Ok(Some(0)));
+        }
+        let mut sent = 0;
+        let mut olen = self.stage.first_write_size(t0);
+        let handle = self.me.get();
+        let coalesce = handle.is_some();
+        let mut pending = false;
+        let r = self.wait_conn(nonblock, |c| {
+            if !self.may_post_data(c)? {
+                return Ok(None);
+            }
+            sent += c.link.send_some(&buf[sent..], &mut olen, coalesce)?;
+            pending = c.link.core.has_pending();
+            Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
+        });
+        if pending
+            && let Some(h) = handle
+            && !self.in_flusher.swap(true, Ordering::AcqRel)
+        {
+            // Gathered sends leave when the writes in flight complete, even if we go idle.
+            trace!(
+                "fd {}: gathered send, flusher registered",
+                self.channel.fd()
+            );
+            crate::socket::flusher::register(h.clone());
+        }
+        if r.is_ok() && coalesce {
+            self.sent_directly(t0, olen);
+        }
+        send_result(r, sent, flags)
+    }
+
+    /// Receives into `buf` (MSG_PEEK, MSG_WAITALL, MSG_DONTWAIT honoured). 0 means end of stream.
+    pub fn recv(&self, buf: &mut [u8], flags: i32) -> Result<usize> {
+        let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
+        let peek = flags & libc::MSG_PEEK != 0;
+        self.stage.on_recv();
+        let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+        let mut got = 0;
+        let r = self.wait_conn(nonblock, |c| {
+            if c.link.core.has_data() {
+                got += c.link.recv_some(&mut buf[got..], peek);
+                c.link.send_credits()?;
+                if !waitall || got == buf.len() {
+                    return Ok(Some(got));
+                }
+            }
+            if !c.link.core.flags().readable && !c.link.core.has_data() {
+                if let Some(e) = c.link.core.error()
+                    && got == 0
+                {
+                    return Err(broken(e));
+                }
+                return Ok(Some(got));
+            }
+            Ok(None)
+        });
+        match r {
+            Ok(n) => Ok(n),
+            Err(_) if got > 0 => Ok(got),
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Stream rsockets: connection setup over rdma_cm, the data path over one RC QP, blocking and
+//! non-blocking waits.
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::proto::stream::StreamError;
+use crate::socket::config::Config;
+use crate::verbs::{CmEvent, CmId, EventChannel, SockAddr, Waker};
+
+mod close;
+mod conn;
+mod data;
+mod endpoint;
+mod handshake;
+mod iomap;
+mod jobs;
+mod settings;
+mod stage;
+mod wait;
+mod zerocopy;
+
+use conn::Conn;
+pub(crate) use conn::new_spin;
+pub use settings::Options;
+pub use zerocopy::ZeroCopyNotice;
+
+const CM_WAIT: Duration = Duration::from_secs(30);
+
+enum State {
+    /// Created, maybe bound.
+    Idle { id: CmId, bound: bool },
+    /// Connect request sent; waiting for the reply.
+    Connecting(Box<Conn>),
+    /// Accepted and replied to; waiting for the peer's confirmation (the core is ready).
+    Accepting(Box<Conn>),
+    /// Listening; connect requests already taken off the channel wait in `pending`.
+    Listening {
+        id: CmId,
+        pending: VecDeque<CmEvent>,
+        /// Dual stack where the device's IPv6 wildcard listener does not take IPv4 (iWARP):
+        /// a second listener on 0.0.0.0 at the same port, on the same channel.
+        v4: Option<CmId>,
+    },
+    /// Connected (or was: the core knows whether it still is).
+    Connected(Box<Conn>),
+    /// A failed connect consumed the id (SO_ERROR tells why).
+    Failed,
+}
+
+struct Inner {
+    state: State,
+    opts: Options,
+    /// One thread sleeps on the descriptors; the others wait on the condvar.
+    sleeping: bool,
+    /// Pending SO_ERROR.
+    so_error: i32,
+    /// RDMA_ROUTE set by the application (`struct ibv_path_data[]`), used instead of resolving.
+    route: Option<Vec<u8>>,
+}
+
+/// A stream rsocket.
+pub struct StreamSocket {
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    /// Threads waiting on `cv`: notifying costs a syscall, so only when someone waits.
+    waiters: AtomicU32,
+    /// Threads blocked on `inner`'s mutex (see `lock`).
+    contenders: AtomicU32,
+    /// Wakes the thread sleeping in `wait_conn` when another thread consumed its wake-up.
+    waker: Waker,
+    /// Address family given to rsocket (SO_DOMAIN).
+    domain: i32,
+    /// Set when the socket is in the descriptor table: the flusher can then reach it, so
+    /// small sends may be gathered (see `flusher`).
+    me: std::sync::OnceLock<std::sync::Weak<StreamSocket>>,
+    /// The flusher holds this socket (registering again would cost a wake-up per send).
+    pub(crate) in_flusher: std::sync::atomic::AtomicBool,
+    /// Small sends of a streaming application, for the flusher to post (see `stage`).
+    stage: stage::Stage,
+    /// `opts.nonblocking`, readable without the lock (every send and receive asks).
+    nonblocking: std::sync::atomic::AtomicBool,
+    // Declared last: dropped after the CM id that uses it.
+    channel: EventChannel,
+}
+
+/// Readiness of one rsocket for rpoll, and what to sleep on when it is not ready.
+#[derive(Debug, Clone, Copy)]
+pub struct PollState {
+    /// POLLIN/POLLOUT/POLLHUP/POLLERR as for a kernel TCP socket.
+    pub revents: i16,
+    /// Descriptors that become readable when the state may have changed (after `arm`).
+    pub wait_fds: [RawFd; 3],
+    /// How many of `wait_fds` are valid.
+    pub n_wait: usize,
+}
+
+impl std::fmt::Debug for StreamSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamSocket(fd {})", self.channel.fd())
+    }
+}
+
+impl StreamSocket {
+    /// A new unconnected stream rsocket.
+    pub fn new(domain: i32, nonblocking: bool) -> Result<Self> {
+        let channel = EventChannel::new()?;
+        let id = CmId::new(&channel)?;
+        let mut opts = Options::from_config(Config::get());
+        opts.nonblocking = nonblocking;
+        Self::from_parts(channel, State::Idle { id, bound: false }, opts, domain)
+    }
+
+    fn from_parts(channel: EventChannel, state: State, opts: Options, domain: i32) -> Result<Self> {
+        Ok(StreamSocket {
+            nonblocking: std::sync::atomic::AtomicBool::new(opts.nonblocking),
+            inner: Mutex::new(Inner {
+                state,
+                opts,
+                sleeping: false,
+                so_error: 0,
+                route: None,
+            }),
+            cv: Condvar::new(),
+            waiters: AtomicU32::new(0),
+            contenders: AtomicU32::new(0),
+            waker: Waker::new()?,
+            domain,
+            me: std::sync::OnceLock::new(),
+            in_flusher: std::sync::atomic::AtomicBool::new(false),
+            stage: stage::Stage::default(),
+            channel,
+        })
+    }
+
+    /// Lets the socket hand itself to the flusher (called when it enters the descriptor table).
+    pub fn set_handle(&self, me: std::sync::Weak<StreamSocket>) {
+        let _ = self.me.set(me);
+    }
+
+    /// Address family (SO_DOMAIN).
+    pub fn domain(&self) -> i32 {
+        self.domain
+    }
+
+    /// Whether the socket listens (SO_ACCEPTCONN).
+    pub fn is_listening(&self) -> bool {
+        matches!(self.lock().state, State::Listening { .. })
+    }
+
+    /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
+    pub fn fd(&self) -> RawFd {
+        self.channel.fd()
+    }
+
+    /// Wakes the threads waiting on the condvar, if any (call with the lock held).
+    fn notify(&self) {
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            self.cv.notify_all();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the protocol state half-updated in a way
+        // that matters more than losing the socket; keep serving.
+        match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // Counted, so that a thread busy-polling under the lock lets us in.
+                self.contenders.fetch_add(1, Ordering::Relaxed);
+                let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                self.contenders.fetch_sub(1, Ordering::Relaxed);
+                g
+            }
+        }
+    }
+
+    /// Current options.
+    pub fn options(&self) -> Options {
+        self.lock().opts
+    }
+
+    /// Changes options (only sizes before connecting take effect, as upstream).
+    pub fn set_options(&self, f: impl FnOnce(&mut Options)) {
+        let mut g = self.lock();
+        f(&mut g.opts);
+        self.nonblocking
+            .store(g.opts.nonblocking, Ordering::Relaxed);
+    }
+
+    /// O_NONBLOCK is set.
+    fn is_nonblocking(&self) -> bool {
+        self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    /// Whether a connection exists (or is being set up).
+    pub fn is_connected(&self) -> bool {
+        matches!(
+            self.lock().state,
+            State::Connected(_) | State::Connecting(_) | State::Accepting(_)
+        )
+    }
+
+    /// Local address.
+    pub fn local_addr(&self) -> Result<SockAddr> {
+        let a = match &self.lock().state {
+            State::Idle { id, .. } | State::Listening { id, .. } => id.local_addr(),
+            State::Connected(c) | State::Connecting(c) | State::Accepting(c) => c.id.local_addr(),
+            State::Failed => return Err(Error::NotConnected),
+        };
+        Ok(self.report(a))
+    }
+
+    /// Peer address.
+    pub fn peer_addr(&self) -> Result<SockAddr> {
+        match &self.lock().state {
+            State::Connected(c) | State::Accepting(c) => Ok(self.report(c.id.peer_addr())),
+            _ => Err(Error::NotConnected),
+        }
+    }
+
+    /// A one-line description of the socket's state, for diagnostics.
+    pub fn describe(&self) -> String {
+        let g = self.lock();
+        match &g.state {
+            State::Idle { bound, .. } => format!("idle (bound {bound})"),
+            State::Connecting(_) => "connecting".into(),
+            State::Accepting(_) => "accepting".into(),
+            State::Listening { pending, v4, .. } => format!(
+                "listening ({} pending{})",
+                pending.len(),
+                if v4.is_some() { ", IPv4 companion" } else { "" }
+            ),
+            State::Connected(c) => format!("connected: {:?}", c.link.core),
+            State::Failed => format!("failed (so_error {})", g.so_error),
+        }
+    }
+
+    /// Takes the pending socket error (SO_ERROR); drives a connect in progress first.
+    pub fn take_error(&self) -> i32 {
+        let mut g = self.lock();
+        self.advance_connect(&mut g);
+        if g.so_error == 0
+            && let State::Connected(c) = &g.state
+            && let Some(e) = c.link.core.error()
+        {
+            return broken(e).errno();
+        }
+        std::mem::take(&mut g.so_error)
+    }
+}
+
+/// What a broken connection reports, as TCP would: a keepalive that went unanswered is
+/// ETIMEDOUT, anything else (reset, failed transfer, protocol violation) ECONNRESET.
+pub(super) fn broken(e: &StreamError) -> Error {
+    match e {
+        StreamError::KeepaliveTimeout => Error::TimedOut,
+        _ => Error::ConnectionReset,
+    }
+}
+
+/// An error from a saved errno (SO_ERROR of a failed connect).
+pub(super) fn errno_error(e: i32) -> Error {
+    Error::from(std::io::Error::from_raw_os_error(if e == 0 {
+        libc::EIO
+    } else {
+        e
+    }))
+}

@@ -1,0 +1,87 @@
+//! Per-socket settings (socket options), fixed once the connection exists.
+
+use crate::socket::config::Config;
+
+/// Per-socket settings, fixed once the connection exists (as with librdmacm).
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Send queue depth.
+    pub sq_size: u32,
+    /// Receive queue depth.
+    pub rq_size: u32,
+    /// Inline size requested.
+    pub sq_inline: u32,
+    /// Receive buffer bytes (SO_RCVBUF).
+    pub rbuf_size: u32,
+    /// Send buffer bytes (SO_SNDBUF).
+    pub sbuf_size: u32,
+    /// O_NONBLOCK.
+    pub nonblocking: bool,
+    /// SO_REUSEADDR (accepted for compatibility; rdma_cm ports are not in TIME_WAIT).
+    pub reuseaddr: bool,
+    /// TCP_NODELAY (always effectively on: a lone message is never delayed).
+    pub nodelay: bool,
+    /// SO_KEEPALIVE.
+    pub keepalive: bool,
+    /// TCP_KEEPIDLE: seconds of silence before the first probe.
+    pub keepidle: u32,
+    /// TCP_KEEPINTVL: seconds between probes.
+    pub keepintvl: u32,
+    /// TCP_KEEPCNT (kept for getsockopt: over RC one unacknowledged probe is conclusive).
+    pub keepcnt: u32,
+    /// SO_LINGER: `Some(seconds)` when on. Kept for getsockopt: close always drains the sends
+    /// (bounded by the transport's retries), as librdmacm does, and on iWARP the connection
+    /// lingers in the background until the peer is done (see `socket::linger`).
+    pub linger: Option<i32>,
+    /// SO_OOBINLINE (there is no out-of-band data; kept for getsockopt).
+    pub oobinline: bool,
+    /// IP_TOS.
+    pub tos: u8,
+    /// IPV6_V6ONLY.
+    pub v6only: bool,
+    /// RDMA_IOMAPSIZE: iomap entries offered to the peer.
+    pub iomap_size: u16,
+    /// SO_ZEROCOPY: MSG_ZEROCOPY sends from riomap'd memory go without a copy, with a
+    /// completion notice on the error queue (see `zerocopy`).
+    pub zerocopy: bool,
+    /// FD_CLOEXEC (descriptor flag).
+    pub cloexec: bool,
+}
+
+/// Default TCP_KEEPIDLE: the kernel's tcp_keepalive_time, else 7200 s (as librdmacm). Read
+/// once per process, not at every rsocket().
+fn default_keepidle() -> u32 {
+    static IDLE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *IDLE.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(7200)
+    })
+}
+
+impl Options {
+    pub(super) fn from_config(c: &Config) -> Self {
+        Options {
+            sq_size: c.sqsize_default,
+            rq_size: c.rqsize_default,
+            sq_inline: c.inline_default,
+            rbuf_size: c.mem_default,
+            sbuf_size: c.wmem_default,
+            nonblocking: false,
+            reuseaddr: false,
+            nodelay: false,
+            keepalive: false,
+            keepidle: default_keepidle(),
+            keepintvl: 75,
+            keepcnt: 9,
+            linger: None,
+            oobinline: false,
+            tos: 0,
+            v6only: false,
+            iomap_size: c.iomap_size.min(u16::MAX as u32) as u16,
+            zerocopy: false,
+            cloexec: false,
+        }
+    }
+}

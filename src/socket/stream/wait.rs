@@ -1,0 +1,272 @@
+//! Waiting: completion processing, busy-polling then sleeping on the completion channel, the
+//! CM channel and the waker; readiness for rpoll.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::conn::Conn;
+use super::{CM_WAIT, PollState, State, StreamSocket, errno_error};
+use crate::error::{Error, Result};
+use crate::verbs::poll_fds;
+
+/// A non-blocking call that finds nothing to do looks at the CM channel when this many
+/// microseconds passed since the last look (a vanished peer shows there, not in the CQ).
+const CM_CHECK_US: u64 = 10_000;
+/// Idle non-blocking calls between two reads of the tick counter for that check.
+const CM_TICK_EVERY: u32 = 64;
+
+/// Waits until `fds` has input or `timeout` passes (None: forever). EINTR counts as a wake-up.
+pub(super) fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+    Ok(poll_fds(&mut pfds, ms)? > 0)
+}
+
+impl StreamSocket {
+    /// Whether data may be posted on `c` now: EPIPE/ECONNRESET if it cannot be sent at all,
+    /// false while staged sends wait (they go first: the order on the wire is the call order).
+    pub(super) fn may_post_data(&self, c: &Conn) -> Result<bool> {
+        c.check_writable()?;
+        Ok(self.stage.len() == 0)
+    }
+
+    /// Processes the connection's completions; wakes condvar waiters if anything changed.
+    pub(super) fn drive(&self, conn: &mut Conn) -> Result<bool> {
+        let mut any = conn.progress()?;
+        // Staged sends go before anything this call does.
+        any |= self.drain_stage(conn)? > 0;
+        if any {
+            self.notify();
+        }
+        Ok(any)
+    }
+
+    /// Readiness for rpoll. Drives connection setup and completions; with `arm` = the events
+    /// the caller waits for, also arms the CQ (unless they are ready) so that `wait_fds` become
+    /// readable on the next change.
+    pub fn poll_state(&self, arm: Option<i16>) -> Result<PollState> {
+        let mut g = self.lock();
+        self.advance_connect(&mut g);
+        self.collect_requests(&mut g);
+        let ch = self.channel.fd();
+        let mut ps = PollState {
+            revents: 0,
+            wait_fds: [ch, -1, -1],
+            n_wait: 1,
+        };
+        match &mut g.state {
+            State::Idle { .. } => ps.revents = libc::POLLOUT | libc::POLLHUP,
+            State::Connecting(_) | State::Accepting(_) => {}
+            State::Failed => {
+                ps.revents = libc::POLLOUT | libc::POLLHUP;
+                if g.so_error != 0 {
+                    ps.revents |= libc::POLLERR;
+                }
+            }
+            State::Listening { pending, .. } => {
+                if !pending.is_empty() {
+                    ps.revents = libc::POLLIN;
+                }
+            }
+            State::Connected(conn) => {
+                self.drive(conn)?;
+                ps.revents = conn.revents();
+                // Arm unless what the caller waits for is there already (other readiness,
+                // such as POLLOUT while it waits for POLLIN, must not stop the arming).
+                let wanted =
+                    |r: i16| arm.is_some_and(|e| r & (e | libc::POLLERR | libc::POLLHUP) == 0);
+                if wanted(ps.revents) {
+                    conn.link.t.arm()?;
+                    // A completion that raced with arming is visible now.
+                    self.drive(conn)?;
+                    ps.revents = conn.revents();
+                }
+                // The waker too: the flusher thread may take the CQ event that was ours and
+                // passes it on there.
+                ps.wait_fds = [conn.link.t.comp_fd(), ch, self.waker.fd()];
+                ps.n_wait = 3;
+            }
+        }
+        Ok(ps)
+    }
+
+    /// After rpoll slept: consume the completion-channel, CM and waker wake-ups among the
+    /// descriptors in `ready` (those poll(2) found readable) so they don't repeat. Only those:
+    /// each look at a descriptor that has nothing is a syscall on the latency path.
+    pub fn poll_woke(&self, ready: &[RawFd]) -> Result<()> {
+        self.woke(false, ready)
+    }
+
+    /// Consumes what woke a sleeper. The completion channel raises one event per arming and
+    /// every sleeper on it (wait_conn, rpoll, the flusher) may have armed it: an event taken by
+    /// one is passed on through the waker, which the others also sleep on.
+    /// `ready`: the descriptors poll(2) found readable.
+    pub(super) fn woke(&self, flusher: bool, ready: &[RawFd]) -> Result<()> {
+        let cm = ready.contains(&self.channel.fd());
+        let mut g = self.lock();
+        let sleeping = g.sleeping;
+        if let State::Connected(conn) = &mut g.state {
+            let comp = ready.contains(&conn.link.t.comp_fd());
+            // One arming raises at most one event, and the CQ is armed again only once that
+            // event was taken: there is at most one to take.
+            let took = comp && conn.link.t.take_cq_event();
+            if cm {
+                conn.drain_cm_events(&self.channel)?;
+            }
+            if took && (sleeping || flusher) {
+                self.waker.wake();
+            } else if !flusher && !sleeping && ready.contains(&self.waker.fd()) {
+                // rpoll: a wake-up passed to us is used up (a wait_conn sleeper keeps its own).
+                self.waker.reset();
+            }
+            self.notify();
+        } else if cm && matches!(g.state, State::Idle { .. } | State::Failed) {
+            // Stray CM events (after a failed connect) would keep the channel readable.
+            while self.channel.get_event().is_ok() {}
+        }
+        Ok(())
+    }
+
+    /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait
+    /// into EAGAIN. `step` sees the connection after each round of completion processing.
+    pub(super) fn wait_conn<R>(
+        &self,
+        nonblock: bool,
+        mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
+    ) -> Result<R> {
+        let mut g = self.lock();
+        // Busy-poll window in ticks, from when the spin started: no clock syscalls.
+        let mut spin_start: Option<u64> = None;
+        // When the wait began and whether it slept, for the adaptive spin.
+        let mut wait_start: Option<u64> = None;
+        let mut slept = false;
+        loop {
+            if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
+                self.advance_connect(&mut g);
+                if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
+                    if nonblock {
+                        return Err(Error::WouldBlock);
+                    }
+                    drop(g);
+                    wait_readable(&[self.channel.fd()], Some(CM_WAIT))?;
+                    g = self.lock();
+                    continue;
+                }
+                if matches!(g.state, State::Failed) {
+                    return Err(errno_error(std::mem::take(&mut g.so_error)));
+                }
+            }
+            let State::Connected(conn) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            if self.drive(conn)? {
+                spin_start = None;
+            }
+            if let Some(r) = step(conn)? {
+                if let Some(w0) = wait_start {
+                    conn.spin
+                        .record(crate::verbs::ticks().wrapping_sub(w0), slept);
+                }
+                self.notify();
+                return Ok(r);
+            }
+            if nonblock {
+                // A program that only retries on EAGAIN never sleeps on the CM channel, so a
+                // peer that vanished (DISCONNECTED, no completion) would go unnoticed: look at
+                // the channel now and then. Timed with the tick counter (a clock read costs a
+                // syscall where the clock source is not in the vDSO, as in the test VM).
+                // (Even the tick counter is read only every CM_TICK_EVERY idle calls: under
+                // emulation it is not free either.)
+                conn.idle_calls = conn.idle_calls.wrapping_add(1);
+                let now = (conn.idle_calls % CM_TICK_EVERY == 0).then(crate::verbs::ticks);
+                if let Some(now) = now
+                    && now.wrapping_sub(conn.cm_checked)
+                        >= CM_CHECK_US * crate::verbs::ticks_per_us()
+                {
+                    conn.cm_checked = now;
+                    let was = conn.link.core.flags().connected;
+                    conn.drain_cm_events(&self.channel)?;
+                    if was && !conn.link.core.flags().connected {
+                        self.notify();
+                        continue;
+                    }
+                }
+                return Err(Error::WouldBlock);
+            }
+            let now = crate::verbs::ticks();
+            wait_start.get_or_insert(now);
+            let t0 = *spin_start.get_or_insert(now);
+            let conn_window = conn.spin.window();
+            if now.wrapping_sub(t0) < conn_window {
+                if self.contenders.load(Ordering::Relaxed) > 0 {
+                    // Another thread wants the socket (a send while we wait to receive, the
+                    // flusher): let it have it rather than keep it out for the whole spin.
+                    // Yielding, as it may need this CPU to run.
+                    drop(g);
+                    while self.contenders.load(Ordering::Relaxed) > 0
+                        && crate::verbs::ticks().wrapping_sub(t0) < conn_window
+                    {
+                        std::thread::yield_now();
+                    }
+                    g = self.lock();
+                }
+                continue;
+            }
+            if g.sleeping {
+                // Counted under the lock, so a notifier (also under the lock) cannot miss us.
+                self.waiters.fetch_add(1, Ordering::Relaxed);
+                g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                self.waiters.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let State::Connected(conn) = &mut g.state else {
+                return Err(Error::NotConnected);
+            };
+            conn.link.t.arm()?;
+            if self.drive(conn)? {
+                continue;
+            }
+            let mut fds = [conn.link.t.comp_fd(), self.channel.fd(), self.waker.fd()].map(|fd| {
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                }
+            });
+            g.sleeping = true;
+            slept = true;
+            drop(g);
+            let r = poll_fds(&mut fds, -1);
+            g = self.lock();
+            g.sleeping = false;
+            // Only touch what woke us: each extra read is a syscall on the latency path.
+            let [comp, cm, wake] = fds.map(|p| p.revents != 0);
+            if wake {
+                self.waker.reset();
+            }
+            if let State::Connected(conn) = &mut g.state {
+                // An armed CQ raises one event; another thread may have taken it already.
+                if comp {
+                    conn.link.t.take_cq_event();
+                }
+                let d = if cm {
+                    conn.drain_cm_events(&self.channel)
+                } else {
+                    Ok(())
+                };
+                self.notify();
+                d?;
+            }
+            spin_start = None;
+            r?;
+        }
+    }
+}
