@@ -1,5 +1,7 @@
 //! The crate's one error type. The C API maps it to errno in one table (`capi`).
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::io;
 

@@ -1,6 +1,8 @@
 //! Opt-in diagnostics: with `RSOCKET_DEBUG` set (to anything but `0`), connection setup and
 //! teardown events are written to stderr. Off by default; the check is one load per call.
 
+#![forbid(unsafe_code)]
+
 use std::sync::OnceLock;
 
 /// True when `RSOCKET_DEBUG` asks for diagnostics.

@@ -101,7 +101,7 @@ fn transfer_sizes_both_directions() {
         16 << 20,
     ];
     let server = thread::spawn(move || {
-        let c = Arc::new(l.accept().expect("accept"));
+        let c = l.accept().expect("accept");
         for (i, &n) in sizes.iter().enumerate() {
             let got = recv_exact(&c, n);
             assert!(
@@ -346,7 +346,7 @@ fn concurrent_send_and_recv() {
     let l = listener(port);
     const N: usize = 3 << 20;
     let server = thread::spawn(move || {
-        let c = Arc::new(l.accept().expect("accept"));
+        let c = l.accept().expect("accept");
         let c2 = c.clone();
         let tx = thread::spawn(move || send_all(&c2, &pattern(N, 77)));
         let got = recv_exact(&c, N);
@@ -724,8 +724,8 @@ fn close_releases_everything() {
 }
 
 /// A closed iWARP socket keeps its connection while the peer may still send (a reset would
-/// drop the tail of our data, see `socket::linger`): until the peer is done, at most
-/// `linger::LINGER`, without blocking `close`. On Soft-RoCE nothing lingers.
+/// drop the tail of our data, see `socket::stream::close`): until the peer is done, at most
+/// `proto::stream::LINGER`, without blocking `close`. On Soft-RoCE nothing lingers.
 fn close_lingers_until_the_peer_is_done() {
     let iwarp = !rdma_devices().iter().any(|d| d.starts_with("rxe"));
     for peer_closes in [true, false] {
@@ -742,7 +742,7 @@ fn close_lingers_until_the_peer_is_done() {
         send_all(&s, &data);
         socket::close(s.fd()).expect("close");
         assert_eq!(
-            socket::linger::holds(&s),
+            s.is_lingering(),
             iwarp,
             "lingers on iWARP only, and only while the peer may send"
         );
@@ -753,17 +753,14 @@ fn close_lingers_until_the_peer_is_done() {
             close(c);
             // The peer's disconnect ends the linger, well before the bound.
             let mut waited = Duration::ZERO;
-            while socket::linger::holds(&s) && waited < socket::linger::LINGER / 2 {
+            while s.is_lingering() && waited < rsocket::proto::stream::LINGER / 2 {
                 thread::sleep(Duration::from_millis(20));
                 waited += Duration::from_millis(20);
             }
-            assert!(
-                !socket::linger::holds(&s),
-                "still lingering after the peer closed"
-            );
+            assert!(!s.is_lingering(), "still lingering after the peer closed");
         } else {
-            thread::sleep(socket::linger::LINGER + Duration::from_secs(1));
-            assert!(!socket::linger::holds(&s), "lingered past the bound");
+            thread::sleep(rsocket::proto::stream::LINGER + Duration::from_secs(1));
+            assert!(!s.is_lingering(), "lingered past the bound");
             close(c);
         }
     }
@@ -900,6 +897,135 @@ fn ipv6_and_v4_mapped() {
     close(c);
 }
 
+/// Names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One service thread does the background work of every socket: keepalive on some
+/// connections, staged small sends on others, and (iWARP) closes that linger, all at once, with
+/// one `rsocket-service` thread in the process and no other thread of ours. A panic injected
+/// into one socket's job (test builds) fails that socket with EIO, waking its blocked reader,
+/// while the other sockets and their jobs go on.
+fn one_service_thread_serves_many_sockets() {
+    let iwarp = !rdma_devices().iter().any(|d| d.starts_with("rxe"));
+    let ours = || {
+        let names = thread_names();
+        let service = names.iter().filter(|n| *n == "rsocket-service").count();
+        let others = names
+            .iter()
+            .filter(|n| n.starts_with("rsocket-") && *n != "rsocket-service")
+            .count();
+        (service, others)
+    };
+    let mut pairs = Vec::new();
+    for _ in 0..6 {
+        let port = next_port();
+        let l = listener(port);
+        let t = thread::spawn(move || {
+            let s = l.accept().expect("accept");
+            close(l);
+            s
+        });
+        let c = connect(port);
+        pairs.push((c, t.join().unwrap()));
+    }
+    // Keepalive on the clients of pairs 0-2, probing every second.
+    for (c, _) in &pairs[..3] {
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1).unwrap();
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1).unwrap();
+        c.set_keepalive(true);
+        assert!(c.service_jobs().keepalive);
+    }
+    let reader = |c: &Arc<StreamSocket>| {
+        let c = c.clone();
+        thread::spawn(move || {
+            let mut b = [0u8; 16];
+            c.recv(&mut b, 0)
+        })
+    };
+    let (r0, r1) = (reader(&pairs[0].0), reader(&pairs[1].0));
+    // Small sends streamed on pairs 3 and 4 (staged and flushed by the service thread), and
+    // the server of pair 5 closing right after its data (it lingers on iWARP).
+    let msgs: Vec<Vec<u8>> = (0..4000).map(|i| pattern(1 + i % 61, i as u8)).collect();
+    let total: usize = msgs.iter().map(Vec::len).sum();
+    let want: Vec<u8> = msgs.concat();
+    let mut senders = Vec::new();
+    for (_, s) in &pairs[3..5] {
+        let (s, msgs) = (s.clone(), msgs.clone());
+        senders.push(thread::spawn(move || {
+            for m in &msgs {
+                send_all(&s, m);
+            }
+        }));
+    }
+    let tail = pattern(300_000, 9);
+    let tail_reader = {
+        let (c, n) = (pairs[5].0.clone(), tail.len());
+        thread::spawn(move || recv_exact(&c, n))
+    };
+    send_all(&pairs[5].1, &tail);
+    socket::close(socket::insert(pairs[5].1.clone())).expect("close");
+    let lingered = pairs[5].1.is_lingering();
+    for (c, _) in &pairs[3..5] {
+        assert!(recv_exact(c, total) == want, "staged stream intact");
+    }
+    for t in senders {
+        t.join().unwrap();
+    }
+    let staged: u64 = pairs[3..5].iter().map(|(_, s)| s.staged_bytes()).sum();
+    assert!(
+        tail_reader.join().unwrap() == tail,
+        "the lingering close's data intact"
+    );
+    assert_eq!(lingered, iwarp, "a close lingers on iWARP only");
+    let (service, others) = ours();
+    assert_eq!(
+        (service, others),
+        (1, 0),
+        "one service thread and no other of ours: {:?}",
+        thread_names()
+    );
+    println!("    {staged} bytes staged, lingering close {lingered}, threads ok");
+    assert!(staged > 0, "the streams used the stage");
+    // Probes are acknowledged: the connections with keepalive stay up.
+    thread::sleep(Duration::from_millis(2500));
+    assert!(!r0.is_finished() && !r1.is_finished());
+    // A panic in pair 0's keepalive job fails that socket, and only it.
+    pairs[0].0.inject_job_panic();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !r0.is_finished() && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(r0.is_finished(), "the failed socket's reader still waits");
+    let e = r0.join().unwrap();
+    assert!(
+        matches!(&e, Err(Error::Os(o)) if o.raw_os_error() == Some(libc::EIO)),
+        "got {e:?}"
+    );
+    assert_eq!(pairs[0].0.take_error(), libc::EIO);
+    assert!(pairs[0].0.service_jobs().is_empty(), "its jobs are gone");
+    thread::sleep(Duration::from_millis(2500));
+    assert!(!r1.is_finished(), "the other keepalive connections stay up");
+    assert!(pairs[1].0.service_jobs().keepalive && pairs[2].0.service_jobs().keepalive);
+    send_all(&pairs[1].1, b"still here");
+    assert!(matches!(r1.join().unwrap(), Ok(10)));
+    assert_eq!(ours(), (1, 0), "{:?}", thread_names());
+    for (i, (c, s)) in pairs.into_iter().enumerate() {
+        if i != 5 {
+            s.close().expect("close");
+        }
+        close(c);
+    }
+}
+
 /// Many rsockets in many threads at once, each pair moving its own verified data.
 fn many_sockets_many_threads() {
     let handles: Vec<_> = (0..8u8)
@@ -963,6 +1089,10 @@ const TESTS: &[Test] = &[
         close_lingers_until_the_peer_is_done,
     ),
     ("ipv6_and_v4_mapped", ipv6_and_v4_mapped),
+    (
+        "one_service_thread_serves_many_sockets",
+        one_service_thread_serves_many_sockets,
+    ),
     // Last: it takes a link down and up again.
     ("keepalive_detects_dead_link", keepalive_detects_dead_link),
 ];

@@ -569,14 +569,11 @@ impl Stream {
     /// of silence, and never before TCP_KEEPIDLE.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.as_ref()?;
-        let probe = t
-            .keepalive
-            .filter(|_| self.flags.connected)
-            .map(|k| {
-                let at = t.seen.1 + k.idle;
-                let at = t.last_probe.map_or(at, |p| at.max(p + k.interval));
-                at.min(t.checked + (k.idle / 4).max(Duration::from_millis(250)))
-            });
+        let probe = t.keepalive.filter(|_| self.flags.connected).map(|k| {
+            let at = t.seen.1 + k.idle;
+            let at = t.last_probe.map_or(at, |p| at.max(p + k.interval));
+            at.min(t.checked + (k.idle / 4).max(Duration::from_millis(250)))
+        });
         match (probe, t.linger_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

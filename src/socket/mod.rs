@@ -3,12 +3,12 @@
 //! A descriptor is the number of a file descriptor the rsocket owns (its rdma_cm event channel),
 //! as in librdmacm, so rsocket numbers never collide with the process's real descriptors.
 
+#![forbid(unsafe_code)]
+
 pub mod config;
-pub mod flusher;
-pub mod keepalive;
-pub mod linger;
 pub mod options;
 pub mod poll;
+pub mod service;
 pub mod spin;
 pub mod stream;
 
@@ -18,16 +18,23 @@ use std::sync::{Arc, OnceLock, RwLock};
 use crate::error::{Error, Result};
 pub use stream::StreamSocket;
 
+/// The kinds of sockets a descriptor can name (a closed set: datagram sockets come next).
+#[derive(Debug, Clone)]
+pub enum Socket {
+    /// SOCK_STREAM.
+    Stream(Arc<StreamSocket>),
+}
+
 /// The descriptor table, indexed by descriptor number (descriptors are small integers, and a
 /// lookup runs on every call: no hashing).
-struct Table(Vec<Option<Arc<StreamSocket>>>);
+struct Table(Vec<Option<Socket>>);
 
 impl Table {
-    fn get(&self, fd: RawFd) -> Option<&Arc<StreamSocket>> {
+    fn get(&self, fd: RawFd) -> Option<&Socket> {
         self.0.get(usize::try_from(fd).ok()?)?.as_ref()
     }
 
-    fn insert(&mut self, fd: RawFd, s: Arc<StreamSocket>) {
+    fn insert(&mut self, fd: RawFd, s: Socket) {
         let i = usize::try_from(fd).expect("descriptors are not negative");
         if self.0.len() <= i {
             self.0.resize(i + 1, None);
@@ -35,7 +42,7 @@ impl Table {
         self.0[i] = Some(s);
     }
 
-    fn remove(&mut self, fd: RawFd) -> Option<Arc<StreamSocket>> {
+    fn remove(&mut self, fd: RawFd) -> Option<Socket> {
         self.0.get_mut(usize::try_from(fd).ok()?)?.take()
     }
 }
@@ -67,27 +74,32 @@ pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<RawFd> {
     Ok(insert(s))
 }
 
-/// Registers a socket (e.g. one returned by accept) and returns its descriptor.
-pub fn insert(s: StreamSocket) -> RawFd {
+/// Gives a stream socket (e.g. one returned by accept) its descriptor.
+pub fn insert(s: Arc<StreamSocket>) -> RawFd {
     let fd = s.fd();
-    let s = Arc::new(s);
-    // Reachable by the flusher from now on, so small sends may be gathered and staged.
-    s.set_handle(Arc::downgrade(&s));
     table()
         .write()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(fd, s);
+        .insert(fd, Socket::Stream(s));
     fd
 }
 
-/// Finds the socket behind a descriptor.
-pub fn lookup(fd: RawFd) -> Result<Arc<StreamSocket>> {
+/// Finds the socket behind a descriptor, whatever its kind.
+pub fn lookup_any(fd: RawFd) -> Result<Socket> {
     table()
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(fd)
         .cloned()
         .ok_or(Error::BadDescriptor)
+}
+
+/// Finds the stream socket behind a descriptor: EBADF if there is none, EOPNOTSUPP if the
+/// descriptor names a socket of another kind (the kernel's errno for a stream call on it).
+pub fn lookup(fd: RawFd) -> Result<Arc<StreamSocket>> {
+    match lookup_any(fd)? {
+        Socket::Stream(s) => Ok(s),
+    }
 }
 
 /// Closes a descriptor: orderly disconnect, then the resources go with the last handle.
@@ -97,5 +109,7 @@ pub fn close(fd: RawFd) -> Result<()> {
         .unwrap_or_else(|p| p.into_inner())
         .remove(fd)
         .ok_or(Error::BadDescriptor)?;
-    s.close()
+    match s {
+        Socket::Stream(s) => s.close(),
+    }
 }

@@ -878,3 +878,65 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn keepalive_timer_probes_after_idle_silence_then_every_interval() {
+    use std::time::{Duration, Instant};
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let (mut a, _b) = connected(c, c);
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    assert_eq!(a.s().poll_timeout(), None, "no timer until keepalive is on");
+    a.s().set_keepalive(
+        Some(Keepalive {
+            idle: s(8),
+            interval: s(2),
+        }),
+        t0,
+    );
+    // Looks again every quarter of the idle time; no probe before 8 s of silence.
+    assert_eq!(a.s().poll_timeout(), Some(t0 + s(2)));
+    assert_eq!(a.s().handle_timeout(t0 + s(2)).probe, None);
+    // Traffic at 3 s (a completion): the silence starts again when the timer sees it.
+    a.s().on_recv(Msg::Credits(16).encode()).unwrap();
+    assert_eq!(a.s().handle_timeout(t0 + s(4)).probe, None);
+    assert_eq!(
+        a.s().handle_timeout(t0 + s(10)).probe,
+        None,
+        "6 s of silence"
+    );
+    let p = a
+        .s()
+        .handle_timeout(t0 + s(12))
+        .probe
+        .expect("8 s of silence: a probe");
+    assert_eq!(
+        a.s().poll_timeout(),
+        Some(t0 + s(14)),
+        "next probe an interval later"
+    );
+    assert_eq!(a.s().handle_timeout(t0 + s(13)).probe, None);
+    a.s().on_send_completion(p, true);
+    // The probe's own completion is traffic too, but the peer stays silent: the next probe
+    // waits for the idle time again.
+    assert_eq!(a.s().handle_timeout(t0 + s(14)).probe, None);
+    assert!(a.s().handle_timeout(t0 + s(22)).probe.is_some());
+    a.s().set_keepalive(None, t0 + s(23));
+    assert_eq!(a.s().poll_timeout(), None);
+}
+
+#[test]
+fn a_lingering_close_ends_at_its_deadline() {
+    use std::time::{Duration, Instant};
+    let c = cfg(64, 16, 64, 16384, 16384, true);
+    let (mut a, _b) = connected(c, c);
+    let t0 = Instant::now();
+    a.s().start_linger(t0);
+    assert_eq!(a.s().poll_timeout(), Some(t0 + LINGER));
+    assert!(
+        !a.s()
+            .handle_timeout(t0 + LINGER - Duration::from_millis(1))
+            .linger_over
+    );
+    assert!(a.s().handle_timeout(t0 + LINGER).linger_over);
+}

@@ -1,9 +1,19 @@
-//! Shutdown and close: control messages, draining the sends, and the disconnect (which may
-//! linger on iWARP, see `socket::linger`).
+//! Shutdown and close: control messages, draining the sends, and the disconnect.
+//!
+//! Lingering close on iWARP. Soft-iWARP completes a send once TCP has taken it, and closes the
+//! TCP connection at rdma_disconnect: if the peer's next message (a credit update for the data
+//! just sent) then reaches the closed socket, the kernel resets the connection and drops what
+//! it had not transmitted yet, the tail of our data. So a closed iWARP socket keeps its
+//! connection until the peer sends nothing more (its DISCONNECT arrived, or it disconnected),
+//! for at most [`crate::proto::stream::LINGER`]. `rclose` does not wait for that: the service
+//! thread does (a linger job), as the kernel does for a TCP socket; and at exit the process
+//! waits for the connections still lingering, within their bound.
 
 use super::{Inner, State, StreamSocket};
 use crate::error::{Error, Result};
 use crate::proto::wire::Ctrl;
+use crate::socket::service::Jobs;
+use crate::trace::trace;
 
 impl StreamSocket {
     /// Shuts down one or both directions.
@@ -66,7 +76,7 @@ impl StreamSocket {
     }
 
     /// Orderly close: disconnect if still connected. Resources go when the last handle drops.
-    /// On iWARP the disconnect may linger in the background (see `linger`).
+    /// On iWARP the disconnect may linger in the background (see the module documentation).
     pub fn close(&self) -> Result<()> {
         let connected =
             matches!(&self.lock().state, State::Connected(c) if c.link.core.flags().connected);
@@ -77,12 +87,20 @@ impl StreamSocket {
         if let State::Connected(c) = &mut g.state
             && c.disconnect_owed
             && c.must_linger()
-            && let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade)
         {
+            c.link.core.set_keepalive(None, std::time::Instant::now());
+            c.link.core.start_linger(std::time::Instant::now());
             drop(g);
-            crate::socket::linger::start(me);
+            let lingering = self.add_jobs(Jobs {
+                linger: true,
+                ..Jobs::default()
+            });
             self.waker.wake();
-            return Ok(());
+            if lingering {
+                trace!("{self:?}: lingering close");
+                return Ok(());
+            }
+            g = self.lock();
         }
         self.finish_close(&mut g);
         Ok(())

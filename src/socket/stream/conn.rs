@@ -10,8 +10,6 @@ use crate::proto::wire::ConnData;
 use crate::socket::config::Config;
 use crate::socket::spin::Spin;
 use crate::trace::trace;
-use std::time::Instant;
-
 use crate::verbs::{CmEventKind, CmId, ConnParam, Endpoint, EventChannel};
 
 /// Transport retries of the QP. librdmacm asks for 7, which Soft-RoCE treats as "retry for
@@ -24,13 +22,6 @@ pub(super) struct Conn {
     /// The protocol core and its posting code, over the verbs endpoint.
     pub(super) link: Driver<Endpoint>,
     pub(super) shut_wr: bool,
-    /// Completion batches processed: the keepalive service turns changes into an idle timer,
-    /// so the data path never reads the clock for it.
-    pub(super) activity: u64,
-    /// Keepalive service: the activity count it last saw, and when it saw it change.
-    pub(super) seen_activity: (u64, Instant),
-    /// Last keepalive probe.
-    pub(super) last_probe: Option<Instant>,
     /// When (ticks) a non-blocking call that found nothing to do last looked at the CM channel.
     pub(super) cm_checked: u64,
     /// Non-blocking calls that found nothing to do (counts the reads of the tick counter).
@@ -43,8 +34,7 @@ pub(super) struct Conn {
     pub(super) zc: zerocopy::ZeroCopy,
     /// The CM reported the connection gone (the peer disconnected, or the device went).
     pub(super) cm_gone: bool,
-    /// iWARP: our DISCONNECT went, rdma_disconnect is left for the lingering close (see
-    /// `linger`).
+    /// iWARP: our DISCONNECT went, rdma_disconnect is left for the lingering close (see `close`).
     pub(super) disconnect_owed: bool,
 }
 
@@ -75,9 +65,6 @@ impl Conn {
             id,
             link,
             shut_wr: false,
-            activity: 0,
-            seen_activity: (0, Instant::now()),
-            last_probe: None,
             cm_checked: crate::verbs::ticks(),
             idle_calls: 0,
             spin: new_spin(),
@@ -159,10 +146,7 @@ impl Conn {
         let Conn { link, io, .. } = self;
         let tsgl = link.bufs.tsgl;
         let any = link.progress(|data, ep| io.take_window(data, ep, tsgl))?;
-        if any {
-            self.activity = self.activity.wrapping_add(1);
-        }
-        self.send_announcements()?;
+        self.io.send_announcements(&mut self.link)?;
         self.zc.reap(self.link.sends_completed());
         Ok(any)
     }
@@ -171,7 +155,7 @@ impl Conn {
     /// once TCP took it, and a TCP socket closed while the peer still sends (a credit update for
     /// the data we just sent, say) is reset, the data not yet transmitted dropped with it. So
     /// the disconnect waits until the peer sends nothing more: its DISCONNECT arrived or it
-    /// disconnected itself (bounded, see `linger`). RC over InfiniBand or RoCE acknowledges
+    /// disconnected itself (bounded, see `close`). RC over InfiniBand or RoCE acknowledges
     /// delivery: nothing to wait for there.
     pub(super) fn must_linger(&self) -> bool {
         self.link.config().msg_send

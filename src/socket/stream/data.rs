@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{StreamSocket, broken};
+use super::{FLUSH, StreamSocket, broken};
 use crate::error::{Error, Result};
 use crate::trace::trace;
 use crate::verbs::raise_sigpipe;
@@ -51,16 +51,10 @@ impl StreamSocket {
             pending = c.link.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
         });
-        if pending
-            && let Some(h) = handle
-            && !self.in_flusher.swap(true, Ordering::AcqRel)
-        {
+        if pending && coalesce && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
-            trace!(
-                "fd {}: gathered send, flusher registered",
-                self.channel.fd()
-            );
-            crate::socket::flusher::register(h.clone());
+            trace!("fd {}: gathered send, flush job", self.channel.fd());
+            self.add_jobs(FLUSH);
         }
         if r.is_ok() && coalesce {
             self.sent_directly(t0, olen);

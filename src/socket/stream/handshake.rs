@@ -2,6 +2,7 @@
 //! drive a connect or accept in progress.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::conn::{Conn, TRANSPORT_RETRIES};
@@ -217,7 +218,7 @@ impl StreamSocket {
     }
 
     /// Accepts one connection (blocking unless non-blocking).
-    pub fn accept(&self) -> Result<StreamSocket> {
+    pub fn accept(&self) -> Result<Arc<StreamSocket>> {
         loop {
             let mut g = self.lock();
             if !matches!(g.state, State::Listening { .. }) {
@@ -264,7 +265,7 @@ impl StreamSocket {
         req: ConnParam,
         opts: Options,
         domain: i32,
-    ) -> Result<StreamSocket> {
+    ) -> Result<Arc<StreamSocket>> {
         let peer = match ConnData::decode(private) {
             Ok(p) => p,
             Err(e) => {

@@ -6,8 +6,8 @@
 //! rioread is checked against those windows, for the whole range and the permission, before
 //! anything is posted.
 
-use super::conn::Conn;
 use super::{Error, Result, State, StreamSocket};
+use crate::proto::driver::Driver;
 use crate::proto::iomap::{IomapEntry, IomapError, PERM_READ, PERM_WRITE, PeerWindows};
 use crate::proto::stream::DirectKind;
 use crate::proto::transport::Source;
@@ -92,14 +92,13 @@ impl IoMaps {
     }
 }
 
-impl Conn {
+impl IoMaps {
     /// Posts the announcements owed, as far as credits and queue entries allow.
-    pub(super) fn send_announcements(&mut self) -> Result<()> {
-        while let Some(&index) = self.io.announce.front() {
-            let (entry, perms) = match self.io.maps.iter().find(|m| m.index == Some(index)) {
+    pub(super) fn send_announcements(&mut self, link: &mut Driver<Endpoint>) -> Result<()> {
+        while let Some(&index) = self.announce.front() {
+            let (entry, perms) = match self.maps.iter().find(|m| m.index == Some(index)) {
                 Some(m) => {
-                    let (addr, key) = self
-                        .link
+                    let (addr, key) = link
                         .t
                         .user_remote_handle(m.mr)
                         .ok_or(Error::InvalidArgument)?;
@@ -118,32 +117,32 @@ impl Conn {
                 }
                 None => (IomapEntry::default(), 0),
             };
-            let Some(w) = self.link.core.plan_iomap_announce(index, perms) else {
+            let Some(w) = link.core.plan_iomap_announce(index, perms) else {
                 break;
             };
-            self.io.announce.pop_front();
+            self.announce.pop_front();
             let bytes = entry.to_peer_bytes(w.big_endian);
-            if self.link.t.sq_inline() as usize >= wire::IOMAP_LEN {
-                self.link.post_write_msg(
+            if link.t.sq_inline() as usize >= wire::IOMAP_LEN {
+                link.post_write_msg(
                     w.msg as u64,
                     w.msg,
                     Source::Inline(&bytes),
                     (w.remote_addr, w.rkey),
                 )?;
             } else {
-                let stage = match self.io.stage {
+                let stage = match self.stage {
                     Some(m) => m,
                     None => {
-                        let n = self.link.core.peer_iomap_size() as usize;
-                        let m = self.link.t.register(n * wire::IOMAP_LEN, Access::Local)?;
-                        self.io.stage = Some(m);
+                        let n = link.core.peer_iomap_size() as usize;
+                        let m = link.t.register(n * wire::IOMAP_LEN, Access::Local)?;
+                        self.stage = Some(m);
                         m
                     }
                 };
                 let off = index as u32 * wire::IOMAP_LEN as u32;
-                self.link.t.write(stage, off as usize, &bytes);
+                link.t.write(stage, off as usize, &bytes);
                 let seg = [(off, wire::IOMAP_LEN as u32), (0, 0)];
-                self.link.post_write_msg(
+                link.post_write_msg(
                     w.msg as u64,
                     w.msg,
                     Source::Region(stage, seg, 1),
@@ -231,7 +230,7 @@ impl StreamSocket {
         if let Some(i) = index {
             c.io.announce.retain(|&x| x != i);
             c.io.announce.push_back(i);
-            c.send_announcements()?;
+            c.io.send_announcements(&mut c.link)?;
         }
         Ok(offset)
     }
@@ -254,7 +253,7 @@ impl StreamSocket {
         if let Some(index) = m.index {
             c.io.announce.retain(|&x| x != index);
             c.io.announce.push_back(index);
-            c.send_announcements()?;
+            c.io.send_announcements(&mut c.link)?;
         }
         c.link.t.deregister_user(m.mr);
         Ok(())

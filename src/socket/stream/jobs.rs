@@ -1,17 +1,67 @@
-//! What the background services do with a socket: post gathered sends (the flusher),
-//! probe an idle connection (keepalive), finish a lingering close.
+//! A stream socket's jobs with the service thread (`socket::service`): post gathered and staged
+//! sends once the writes in flight complete, probe an idle connection (SO_KEEPALIVE), finish a
+//! lingering close. Each runs under the socket's lock, like a call of the application.
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
+#[cfg(debug_assertions)]
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{State, StreamSocket};
 use crate::error::Result;
+use crate::proto::stream::Keepalive;
 use crate::proto::transport::Source;
+use crate::socket::service::{self, Jobs, Serviced, Wait};
+
+/// How often a keepalive job looks at a socket that is not connected yet.
+const UNCONNECTED_RECHECK: Duration = Duration::from_millis(250);
 
 impl StreamSocket {
-    /// Flusher: posts gathered sends that are due. Returns the completion-channel fd to wait on
-    /// (CQ armed) while some are still waiting for writes in flight, or None when done.
-    pub(crate) fn flush_state(&self) -> Result<Option<RawFd>> {
+    /// This socket as the service holds it (None before it has a handle, see `set_handle`).
+    fn serviced(&self) -> Option<Arc<dyn Serviced>> {
+        let me = self.me.get()?.upgrade()?;
+        Some(me)
+    }
+
+    /// Hands `jobs` to the service thread. Returns false if it cannot take them.
+    pub(super) fn add_jobs(&self, jobs: Jobs) -> bool {
+        self.serviced().is_some_and(|s| service::add(&s, jobs))
+    }
+
+    /// The jobs the service thread has for this socket now (for tests and diagnostics).
+    pub fn service_jobs(&self) -> Jobs {
+        self.serviced()
+            .map(|s| service::jobs_of(&s))
+            .unwrap_or_default()
+    }
+
+    /// Whether the socket is closed and its connection lingers (iWARP, see `close`).
+    pub fn is_lingering(&self) -> bool {
+        self.service_jobs().linger
+    }
+
+    /// Test builds: the next job the service thread runs for this socket panics (the socket
+    /// must then fail with an error while the others go on).
+    #[cfg(debug_assertions)]
+    pub fn inject_job_panic(&self) {
+        self.panic_in_job.store(true, Ordering::SeqCst);
+    }
+
+    /// SO_KEEPALIVE on or off; the probes are a job of the service thread.
+    pub fn set_keepalive(&self, on: bool) {
+        self.set_options(|o| o.keepalive = on);
+        if on {
+            self.add_jobs(Jobs {
+                keepalive: true,
+                ..Jobs::default()
+            });
+        }
+    }
+
+    /// Flush job: posts gathered sends that are due. Returns the completion-channel fd to wait
+    /// on (CQ armed) while some are still waiting for writes in flight, or None when done.
+    fn flush_job(&self) -> Result<Option<RawFd>> {
         let mut g = self.lock();
         let State::Connected(conn) = &mut g.state else {
             self.drop_stage();
@@ -30,52 +80,42 @@ impl StreamSocket {
         Ok((conn.link.core.has_pending() || self.stage.len() > 0).then(|| conn.link.t.comp_fd()))
     }
 
-    /// After the flusher thread's sleep on this socket's completion channel `fd` ended.
-    pub(crate) fn flusher_woke(&self, fd: RawFd) -> Result<()> {
-        self.woke(true, &[fd])
-    }
-
-    /// SO_KEEPALIVE on or off; probes are sent by the process-wide keepalive service.
-    pub fn set_keepalive(self: &std::sync::Arc<Self>, on: bool) {
-        self.set_options(|o| o.keepalive = on);
-        if on {
-            crate::socket::keepalive::register(self);
-        }
-    }
-
-    /// Called by the keepalive service: probes the peer when the connection was idle for
-    /// TCP_KEEPIDLE and the last probe is TCP_KEEPINTVL old.
-    pub(crate) fn keepalive_tick(&self, now: Instant) -> Result<()> {
+    /// Keepalive job: takes the completions, then probes when the core's timer says so.
+    /// Returns when to look again, or None when the job is over (keepalive off, connection
+    /// gone).
+    fn keepalive_job(&self, now: Instant) -> Option<Instant> {
         let mut g = self.lock();
-        let (idle, intvl) = (g.opts.keepidle as u64, g.opts.keepintvl as u64);
         if !g.opts.keepalive {
-            return Ok(());
+            return None;
         }
-        let State::Connected(conn) = &mut g.state else {
-            return Ok(());
+        let k = Keepalive {
+            idle: Duration::from_secs(g.opts.keepidle as u64),
+            interval: Duration::from_secs(g.opts.keepintvl as u64),
         };
-        self.drive(conn)?;
-        if conn.seen_activity.0 != conn.activity {
-            conn.seen_activity = (conn.activity, now);
+        let conn = match &mut g.state {
+            State::Connected(c) => c,
+            State::Failed => return None,
+            // Set before connecting: the timer starts with the connection.
+            _ => return Some(now + UNCONNECTED_RECHECK),
+        };
+        if conn.link.core.keepalive() != Some(k) {
+            conn.link.core.set_keepalive(Some(k), now);
         }
-        let quiet = now.saturating_duration_since(conn.seen_activity.1);
-        let since_probe = conn.last_probe.map(|t| now.saturating_duration_since(t));
-        if quiet < Duration::from_secs(idle)
-            || since_probe.is_some_and(|d| d < Duration::from_secs(intvl))
+        if self.drive(conn).is_err() || !conn.link.core.flags().connected {
+            return None;
+        }
+        if let Some(wr_id) = conn.link.core.handle_timeout(now).probe
+            && conn.link.post_write(wr_id, Source::Empty, (0, 0)).is_err()
         {
-            return Ok(());
+            return None;
         }
-        if let Some(wr_id) = conn.link.core.post_keepalive() {
-            conn.last_probe = Some(now);
-            conn.link.post_write(wr_id, Source::Empty, (0, 0))?;
-        }
-        Ok(())
+        conn.link.core.poll_timeout()
     }
 
-    /// Lingering close: takes what arrived (the peer's DISCONNECT, its CM disconnect) and
-    /// says whether the connection may go now. If not, returns the descriptors to sleep on
-    /// (the CQ armed) until it may.
-    pub(crate) fn linger_state(&self) -> Option<[RawFd; 2]> {
+    /// Linger job: takes what arrived (the peer's DISCONNECT, its CM disconnect) and ends the
+    /// close once the connection may go or its time is up; until then returns the descriptors
+    /// to sleep on (the CQ armed) and the deadline.
+    fn linger_job(&self, now: Instant) -> Option<Wait> {
         let mut g = self.lock();
         let State::Connected(c) = &mut g.state else {
             return None;
@@ -85,11 +125,65 @@ impl StreamSocket {
             && c.progress().is_ok()
             && c.link.t.arm().is_ok()
             && c.progress().is_ok();
-        (ok && c.must_linger()).then(|| [c.link.t.comp_fd(), self.channel.fd()])
+        let over = c.link.core.handle_timeout(now).linger_over;
+        if ok && !over && c.must_linger() {
+            return Some(Wait {
+                jobs: Jobs {
+                    linger: true,
+                    ..Jobs::default()
+                },
+                fds: vec![c.link.t.comp_fd(), self.channel.fd()],
+                deadline: c.link.core.poll_timeout(),
+            });
+        }
+        self.finish_close(&mut g);
+        None
+    }
+}
+
+impl Serviced for StreamSocket {
+    fn serve(&self, jobs: Jobs, now: Instant, ready: &[RawFd]) -> Wait {
+        #[cfg(debug_assertions)]
+        if self.panic_in_job.swap(false, Ordering::SeqCst) {
+            panic!("{self:?}: panic injected into a service job");
+        }
+        if !ready.is_empty() {
+            // Takes the completion event (passing it on to a thread sleeping in a call).
+            let _ = self.woke(true, ready);
+        }
+        if jobs.linger {
+            // A closed socket has no other job.
+            return self.linger_job(now).unwrap_or_default();
+        }
+        let mut w = Wait::default();
+        // Errors show up on the application's next call; the job just ends.
+        if jobs.flush
+            && let Ok(Some(fd)) = self.flush_job()
+        {
+            w.jobs.flush = true;
+            w.fds.push(fd);
+        }
+        if jobs.keepalive
+            && let Some(at) = self.keepalive_job(now)
+        {
+            w.jobs.keepalive = true;
+            w.deadline = Some(at);
+        }
+        w
     }
 
-    /// Ends a lingering close.
-    pub(crate) fn end_linger(&self) {
-        self.finish_close(&mut self.lock());
+    fn job_failed(&self, jobs: Jobs) {
+        let mut g = self.lock();
+        if let State::Connected(c) = &mut g.state {
+            c.link.core.fail_internal();
+        }
+        self.drop_stage();
+        self.settle_stage(false);
+        if jobs.linger {
+            self.finish_close(&mut g);
+        }
+        self.notify();
+        drop(g);
+        self.waker.wake();
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -30,6 +30,13 @@ pub use settings::Options;
 pub use zerocopy::ZeroCopyNotice;
 
 const CM_WAIT: Duration = Duration::from_secs(30);
+
+/// The flush job alone.
+const FLUSH: crate::socket::service::Jobs = crate::socket::service::Jobs {
+    flush: true,
+    keepalive: false,
+    linger: false,
+};
 
 enum State {
     /// Created, maybe bound.
@@ -75,12 +82,15 @@ pub struct StreamSocket {
     waker: Waker,
     /// Address family given to rsocket (SO_DOMAIN).
     domain: i32,
-    /// Set when the socket is in the descriptor table: the flusher can then reach it, so
-    /// small sends may be gathered (see `flusher`).
+    /// The socket's own handle, for the service thread (set at creation).
     me: std::sync::OnceLock<std::sync::Weak<StreamSocket>>,
-    /// The flusher holds this socket (registering again would cost a wake-up per send).
+    /// The service thread has this socket's flush job (adding it again would cost a wake-up
+    /// per send).
     pub(crate) in_flusher: std::sync::atomic::AtomicBool,
-    /// Small sends of a streaming application, for the flusher to post (see `stage`).
+    /// Test builds: the next service job for this socket panics (see `inject_job_panic`).
+    #[cfg(debug_assertions)]
+    panic_in_job: std::sync::atomic::AtomicBool,
+    /// Small sends of a streaming application, for the flush job to post (see `stage`).
     stage: stage::Stage,
     /// `opts.nonblocking`, readable without the lock (every send and receive asks).
     nonblocking: std::sync::atomic::AtomicBool,
@@ -107,7 +117,7 @@ impl std::fmt::Debug for StreamSocket {
 
 impl StreamSocket {
     /// A new unconnected stream rsocket.
-    pub fn new(domain: i32, nonblocking: bool) -> Result<Self> {
+    pub fn new(domain: i32, nonblocking: bool) -> Result<Arc<Self>> {
         let channel = EventChannel::new()?;
         let id = CmId::new(&channel)?;
         let mut opts = Options::from_config(Config::get());
@@ -115,8 +125,15 @@ impl StreamSocket {
         Self::from_parts(channel, State::Idle { id, bound: false }, opts, domain)
     }
 
-    fn from_parts(channel: EventChannel, state: State, opts: Options, domain: i32) -> Result<Self> {
-        Ok(StreamSocket {
+    /// A socket with its handle set: from birth the service thread can reach it, so every
+    /// socket takes the same path (staging, gathering, keepalive, lingering close).
+    fn from_parts(
+        channel: EventChannel,
+        state: State,
+        opts: Options,
+        domain: i32,
+    ) -> Result<Arc<Self>> {
+        let s = Arc::new(StreamSocket {
             nonblocking: std::sync::atomic::AtomicBool::new(opts.nonblocking),
             inner: Mutex::new(Inner {
                 state,
@@ -132,14 +149,25 @@ impl StreamSocket {
             domain,
             me: std::sync::OnceLock::new(),
             in_flusher: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(debug_assertions)]
+            panic_in_job: std::sync::atomic::AtomicBool::new(false),
             stage: stage::Stage::default(),
             channel,
-        })
+        });
+        s.set_handle(Arc::downgrade(&s));
+        Ok(s)
     }
 
-    /// Lets the socket hand itself to the flusher (called when it enters the descriptor table).
-    pub fn set_handle(&self, me: std::sync::Weak<StreamSocket>) {
+    /// Lets the socket hand itself to the service thread (see `from_parts`).
+    fn set_handle(&self, me: std::sync::Weak<StreamSocket>) {
         let _ = self.me.set(me);
+        // Accepted sockets inherit SO_KEEPALIVE from their listener.
+        if self.options().keepalive {
+            self.add_jobs(crate::socket::service::Jobs {
+                keepalive: true,
+                ..Default::default()
+            });
+        }
     }
 
     /// Address family (SO_DOMAIN).
@@ -256,10 +284,12 @@ impl StreamSocket {
 }
 
 /// What a broken connection reports, as TCP would: a keepalive that went unanswered is
-/// ETIMEDOUT, anything else (reset, failed transfer, protocol violation) ECONNRESET.
+/// ETIMEDOUT, our own failure (a service job that panicked) EIO, anything else (reset, failed
+/// transfer, protocol violation) ECONNRESET.
 pub(super) fn broken(e: &StreamError) -> Error {
     match e {
         StreamError::KeepaliveTimeout => Error::TimedOut,
+        StreamError::Internal => Error::Os(std::io::Error::from_raw_os_error(libc::EIO)),
         _ => Error::ConnectionReset,
     }
 }

@@ -31,7 +31,7 @@ pub struct Options {
     pub keepcnt: u32,
     /// SO_LINGER: `Some(seconds)` when on. Kept for getsockopt: close always drains the sends
     /// (bounded by the transport's retries), as librdmacm does, and on iWARP the connection
-    /// lingers in the background until the peer is done (see `socket::linger`).
+    /// lingers in the background until the peer is done (see `socket::stream::close`).
     pub linger: Option<i32>,
     /// SO_OOBINLINE (there is no out-of-band data; kept for getsockopt).
     pub oobinline: bool,

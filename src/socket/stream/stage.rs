@@ -4,7 +4,7 @@
 //! whole transmit path in the calling thread, so the write has completed before the call
 //! returns, and gathering "while a write is in flight" (`Stream::plan_send`) never finds one in
 //! flight. So a small send that comes sooner after the previous send than that send's own post
-//! took is copied into the stage and handed to the flusher thread, which posts everything staged
+//! took is copied into the stage and handed to the service thread (a flush job), which posts everything staged
 //! as one write while the application goes on staging the next messages.
 //!
 //! A lone message is never held back: a send after a receive, after a pause longer than a post,
@@ -26,7 +26,7 @@ use crate::verbs::ticks;
 const STAGE_MAX_MSG: usize = core::OLAP_START_SIZE as usize;
 /// Most bytes staged at once; beyond, sends take the ordinary path (and wait for room there).
 const STAGE_LIMIT: usize = 32 * 1024;
-/// Writes the flusher posts in one go while the application keeps staging, before it lets
+/// Writes the flush job posts in one go while the application keeps staging, before it lets
 /// others have the socket's lock.
 const FLUSH_ROUNDS: usize = 16;
 
@@ -41,6 +41,8 @@ pub(super) struct Stage {
     last_send: AtomicU64,
     /// What the last send that posted its own write took, in ticks.
     post_cost: AtomicU64,
+    /// Bytes that went through the stage since the socket was created (diagnostics).
+    total: AtomicU64,
     /// Write size the last send had reached (a send starts with small writes and doubles
     /// them, so the first bytes leave early); a send that continues a stream goes on from there.
     olen: AtomicU32,
@@ -90,6 +92,11 @@ impl Stage {
 }
 
 impl StreamSocket {
+    /// Bytes that went through the stage (were sent by the flush job), for diagnostics.
+    pub fn staged_bytes(&self) -> u64 {
+        self.stage.total.load(Ordering::Relaxed)
+    }
+
     /// Stages `buf` if the application is streaming small sends (see the module comment);
     /// `now` is when the send started (ticks). `None` means send it the ordinary way.
     pub(super) fn try_stage(&self, buf: &[u8], now: u64) -> Option<usize> {
@@ -100,23 +107,25 @@ impl StreamSocket {
         if !st.streaming(now) {
             return None;
         }
-        let me = self.me.get()?;
+        // Only a socket the service thread can reach stages (its flush job posts the stage).
+        self.me.get()?;
         let mut s = st.lock();
         if !s.open || s.bytes.len() + buf.len() > STAGE_LIMIT {
             return None;
         }
         s.bytes.extend_from_slice(buf);
         st.len.store(s.bytes.len(), Ordering::Release);
+        st.total.fetch_add(buf.len() as u64, Ordering::Relaxed);
         let hand_over = !std::mem::replace(&mut s.queued, true);
         if hand_over {
-            // Under the stage's lock, so the flusher cannot let go of the socket between this
+            // Under the stage's lock, so the flush job cannot let go of the socket between this
             // and its look at the stage (see `settle_stage`).
             self.in_flusher.store(true, Ordering::Release);
         }
         drop(s);
         st.last_send.store(now, Ordering::Relaxed);
         if hand_over {
-            crate::socket::flusher::register(me.clone());
+            self.add_jobs(super::FLUSH);
         }
         Some(buf.len())
     }
@@ -201,7 +210,7 @@ impl StreamSocket {
     }
 
     /// Flusher, after posting: whether staged bytes still wait (for credits or room). When
-    /// the stage is empty and `more` (gathered sends) is false, the flusher lets go of the
+    /// the stage is empty and `more` (gathered sends) is false, the flush job lets go of the
     /// socket; decided under the stage's lock so that a send staging meanwhile hands it over
     /// again.
     pub(super) fn settle_stage(&self, more: bool) -> bool {

@@ -89,7 +89,7 @@ impl StreamSocket {
                     self.drive(conn)?;
                     ps.revents = conn.revents();
                 }
-                // The waker too: the flusher thread may take the CQ event that was ours and
+                // The waker too: the service thread may take the CQ event that was ours and
                 // passes it on there.
                 ps.wait_fds = [conn.link.t.comp_fd(), ch, self.waker.fd()];
                 ps.n_wait = 3;
@@ -106,7 +106,7 @@ impl StreamSocket {
     }
 
     /// Consumes what woke a sleeper. The completion channel raises one event per arming and
-    /// every sleeper on it (wait_conn, rpoll, the flusher) may have armed it: an event taken by
+    /// every sleeper on it (wait_conn, rpoll, the service thread) may have armed it: an event taken by
     /// one is passed on through the waker, which the others also sleep on.
     /// `ready`: the descriptors poll(2) found readable.
     pub(super) fn woke(&self, flusher: bool, ready: &[RawFd]) -> Result<()> {
