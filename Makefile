@@ -3,6 +3,7 @@
 #   make demo              set up (packages, VM), build, benchmark rsocket-rs against librdmacm,
 #                          kernel TCP and raw verbs in the VM (bench/compare): table + SVG plot
 #   make test              fmt, clippy, host tests, C tests, VM tests, quick benchmark (what CI runs)
+#   make test-host-only    fmt, clippy and the tests that need no VM
 #   make test-bench        bench/compare --quick --check: every implementation moves verified data
 #   make test-stress       the randomized data-path stress (c-tests/stress.sh), fixed seeds, both devices
 #   make install PREFIX=.. install lib (.so, .so.0, .a), rsocket.h and rsocket-rs.pc
@@ -16,7 +17,7 @@ REL     := target/release
 STAGE   := $(CURDIR)/build/stage
 export PKG_CONFIG_PATH := $(STAGE)/lib/pkgconfig:$(PKG_CONFIG_PATH)
 
-.PHONY: all build install header deps vm-setup stage demo test test-host test-c test-vm test-stress test-bench clean
+.PHONY: all build install header deps vm-setup stage demo test test-host test-host-only test-c test-vm test-stress test-bench clean
 
 all: build
 
@@ -27,7 +28,9 @@ deps:
 vm-setup: deps
 	@vm/setup
 
-build:
+# Builds need libclang (bindgen), the rdma-core headers and pkg-config: `deps` installs them, or
+# stops with a one-line hint when it cannot.
+build: deps
 	$(CARGO) build --release -p rsocket-capi --all-targets
 
 install: build
@@ -64,6 +67,16 @@ test: deps vm-setup
 
 test-host:
 	$(CARGO) test --workspace
+
+# Everything that runs on the host alone, no VM: fmt, clippy, the core's and the service's unit
+# tests, the header check, and the C suites' host checks (signatures, symbols, errnos).
+test-host-only: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --workspace --lib --bins --benches
+	$(CARGO) test -p rsocket-capi --tests
+	$(MAKE) --no-print-directory stage
+	$(MAKE) --no-print-directory test-c
 
 test-c:
 	$(MAKE) --no-print-directory -C c-tests check

@@ -4,17 +4,18 @@
 # rsocket-rs (LD_PRELOAD) and on librdmacm itself, side by side in this one VM run.
 set -uo pipefail
 cd "$(dirname "$0")"
+. ../vm/testnet   # RS_SERVER, RS_CLIENT, port blocks
 LIB=$(PKG_CONFIG_PATH=$PWD/../build/stage/lib/pkgconfig pkg-config --variable=libdir rsocket-rs)/librsocket-rs.so
-PORT=$((7500 + RANDOM % 400))
+PORT=$((RS_PORTS_C + 1500 + RANDOM % 400))
 out=$(mktemp -d)
 counters() { cat /sys/class/infiniband/rxe1/ports/1/hw_counters/sent_pkts; }
 
-echo "== rsocket-rs demo on $(ls /sys/class/infiniband | tr '\n' ' ')(server 10.10.0.1, client 10.10.0.2)"
+echo "== rsocket-rs demo on $(ls /sys/class/infiniband | tr '\n' ' ')(server $RS_SERVER, client $RS_CLIENT)"
 before=$(counters)
 PORT=$((PORT + 1))
-timeout 120 bin/rsping -s -b 10.10.0.1 -p $PORT -S 8388608 -C 4 >"$out/s" 2>&1 &
+timeout 120 bin/rsping -s -b $RS_SERVER -p $PORT -S 8388608 -C 4 >"$out/s" 2>&1 &
 sleep 1.5
-timeout 120 bin/rsping -c 10.10.0.1 -b 10.10.0.2 -p $PORT -S 8388608 -C 4 >"$out/c" 2>&1
+timeout 120 bin/rsping -c $RS_SERVER -b $RS_CLIENT -p $PORT -S 8388608 -C 4 >"$out/c" 2>&1
 rc=$?; wait; cat "$out/s" "$out/c"
 [ $rc -eq 0 ] || { echo "demo: transfer failed"; exit 1; }
 echo "   RoCE packets sent by rxe1 during the transfer: $(( $(counters) - before )) (the data went over RDMA)"
@@ -23,9 +24,9 @@ echo "   RoCE packets sent by rxe1 during the transfer: $(( $(counters) - before
 run_rstream() {
   local pre=$2 opts=$3
   PORT=$((PORT + 1))
-  env ${pre:+LD_PRELOAD=$pre} timeout 120 rstream -b 10.10.0.1 -p $PORT $opts >/dev/null 2>&1 &
+  env ${pre:+LD_PRELOAD=$pre} timeout 120 rstream -b $RS_SERVER -p $PORT $opts >/dev/null 2>&1 &
   sleep 1.5
-  env ${pre:+LD_PRELOAD=$pre} timeout 120 rstream -s 10.10.0.1 -b 10.10.0.2 -p $PORT $opts 2>&1 | tail -1
+  env ${pre:+LD_PRELOAD=$pre} timeout 120 rstream -s $RS_SERVER -b $RS_CLIENT -p $PORT $opts 2>&1 | tail -1
   wait
 }
 echo

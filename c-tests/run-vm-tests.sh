@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # C and interop tests; runs inside the VM (vm/run-in-vm -- c-tests/run-vm-tests.sh), on the
 # Soft-RoCE pair or, with --siw given to run-in-vm, the Soft-iWARP pair.
-# Server 10.10.0.1, client 10.10.0.2. Every pair checks data and both exit codes.
+# Server $RS_SERVER, client $RS_CLIENT (vm/testnet). Every pair checks data and both exit codes.
 set -uo pipefail
 cd "$(dirname "$0")"
+. ../vm/testnet   # RS_SERVER, RS_CLIENT, port blocks
 BIN=$PWD/bin
 LIB=$(PKG_CONFIG_PATH=$PWD/../build/stage/lib/pkgconfig pkg-config --variable=libdir rsocket-rs)/librsocket-rs.so
 DEV=$(ls /sys/class/infiniband | tr '\n' ' ')
-PORT=$((7000 + RANDOM % 1000))
+PORT=$((RS_PORTS_C + RANDOM % 1000))
 pass=0; fail=0
 log=$(mktemp -d)
 
@@ -42,21 +43,21 @@ bound_to_us() {
 
 echo "c-tests in the VM on: $DEV"
 PORT=$((PORT + 1))
-if timeout 120 "$BIN/api_calls" 10.10.0.1 10.10.0.2 $PORT >"$log/api" 2>&1; then
+if timeout 120 "$BIN/api_calls" $RS_SERVER $RS_CLIENT $PORT >"$log/api" 2>&1; then
   pass=$((pass + 1)); echo "ok   every rsocket.h stream call (api_calls)"
 else
   fail=$((fail + 1)); echo "FAIL every rsocket.h stream call (api_calls)"; sed 's/^/  | /' "$log/api"
 fi
-S="$BIN/rsping -s -b 10.10.0.1 -p @PORT@"
-C_ARGS="-c 10.10.0.1 -b 10.10.0.2"
+S="$BIN/rsping -s -b $RS_SERVER -p @PORT@"
+C_ARGS="-c $RS_SERVER -b $RS_CLIENT"
 C="$BIN/rsping $C_ARGS -p @PORT@"
 pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
-pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -S 4194304"
-pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b 10.10.0.1 -p @PORT@ -C 3" "$C -C 3"
-pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -C 3"
+pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -S 4194304"
+pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@ -C 3" "$C -C 3"
+pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -C 3"
 pair "refused connect gives ECONNREFUSED (kernel TCP)" "true" "$BIN/rsping -K -E $C_ARGS -p @PORT@"
 pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
-pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -E"
+pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -E"
 
 # kill_peer NAME SERVER CLIENT: the server is killed (SIGKILL) mid-transfer; the client must
 # report ECONNRESET (rsping -X checks the errno) and must not hang.
@@ -80,15 +81,15 @@ kill_peer() {
 }
 
 K="-S 1048576 -C 100000"
-kill_peer "peer killed mid-transfer: kernel TCP gives ECONNRESET" "$BIN/rsping -K -s -b 10.10.0.1 -p @PORT@ $K" "$BIN/rsping -K -X $C_ARGS -p @PORT@ $K"
+kill_peer "peer killed mid-transfer: kernel TCP gives ECONNRESET" "$BIN/rsping -K -s -b $RS_SERVER -p @PORT@ $K" "$BIN/rsping -K -X $C_ARGS -p @PORT@ $K"
 kill_peer "peer killed mid-transfer: rsocket-rs gives ECONNRESET" "$S $K" "$C -X $K"
-kill_peer "librdmacm peer killed mid-transfer: rsocket-rs gives ECONNRESET" "$BIN/rsping-rdmacm -s -b 10.10.0.1 -p @PORT@ $K" "$C -X $K"
-pair "send after SHUT_WR: kernel TCP gives EPIPE + SIGPIPE" "$BIN/rsping -K -s -b 10.10.0.1 -p @PORT@ -S 0" "$BIN/rsping -K -P $C_ARGS -p @PORT@"
+kill_peer "librdmacm peer killed mid-transfer: rsocket-rs gives ECONNRESET" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@ $K" "$C -X $K"
+pair "send after SHUT_WR: kernel TCP gives EPIPE + SIGPIPE" "$BIN/rsping -K -s -b $RS_SERVER -p @PORT@ -S 0" "$BIN/rsping -K -P $C_ARGS -p @PORT@"
 pair "send after SHUT_WR: rsocket-rs gives EPIPE + SIGPIPE" "$S -S 0" "$C -P"
 
 # librdmacm's own rstream; our side is the same binary with LD_PRELOAD=librsocket-rs.so.
-RS="rstream -b 10.10.0.1 -p @PORT@"
-RC="rstream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+RS="rstream -b $RS_SERVER -p @PORT@"
+RC="rstream -s $RS_SERVER -b $RS_CLIENT -p @PORT@"
 # -T a (rpoll) runs with our client only: librdmacm's rpoll reports POLLHUP while data is
 # still queued once the peer's DISCONNECT arrived, and rstream treats POLLHUP as failure, so a
 # librdmacm client fails when the server's last data and its disconnect arrive together (seen
@@ -138,19 +139,19 @@ for opts in "-S 1000000 -C 20 -T v" "-S 64 -C 2000 -T v" "-S 65536 -C 100 -T b -
 done
 
 # riomap/riowrite/rioread (iomap.c), ours on both ends and against librdmacm both ways.
-IS="$BIN/iomap -s -b 10.10.0.1 -p @PORT@"
-IC="$BIN/iomap -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -n 300"
+IS="$BIN/iomap -s -b $RS_SERVER -p @PORT@"
+IC="$BIN/iomap -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -n 300"
 pair "riowrite/rioread rsocket-rs <-> rsocket-rs, random ranges verified, refusals" "$IS" "$IC"
 pair "riowrite rsocket-rs client -> librdmacm server (rioread refused: EOPNOTSUPP)" \
-  "$BIN/iomap-rdmacm -s -b 10.10.0.1 -p @PORT@" "$IC"
+  "$BIN/iomap-rdmacm -s -b $RS_SERVER -p @PORT@" "$IC"
 pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
-  "$BIN/iomap-rdmacm -c 10.10.0.1 -b 10.10.0.2 -p @PORT@ -n 300"
+  "$BIN/iomap-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -n 300"
 pair "zero-copy API: rsend/riowrite MSG_ZEROCOPY, POLLERR + MSG_ERRQUEUE notices (zerocopy.c)" \
-  "$BIN/zerocopy -s -b 10.10.0.1 -p @PORT@" "$BIN/zerocopy -c 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+  "$BIN/zerocopy -s -b $RS_SERVER -p @PORT@" "$BIN/zerocopy -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
 
 # librdmacm's riostream, our side under LD_PRELOAD, both ways.
-IOS="riostream -b 10.10.0.1 -p @PORT@"
-IOC="riostream -s 10.10.0.1 -b 10.10.0.2 -p @PORT@"
+IOS="riostream -b $RS_SERVER -p @PORT@"
+IOC="riostream -s $RS_SERVER -b $RS_CLIENT -p @PORT@"
 for opts in "-S 65536 -C 50 -T v" "-S 1000 -C 200 -T b -T v"; do
   pair "riostream rsocket-rs client -> librdmacm riostream server ($opts)" "$IOS $opts" \
     "LD_DEBUG=bindings LD_DEBUG_OUTPUT=$log/bind-c LD_PRELOAD=$LIB $IOC $opts"

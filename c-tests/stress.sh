@@ -21,6 +21,7 @@
 # commands that reproduce it.
 set -uo pipefail
 cd "$(dirname "$0")"
+. ../vm/testnet   # RS_SERVER, RS_CLIENT, port blocks
 BIN=$PWD/bin
 DEV=$(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')
 SEEDS="11 12 13 14 15 16"
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-PORT=$((20000 + RANDOM % 20000))
+PORT=$((RS_PORTS_STRESS + RANDOM % 19000))
 log=$(mktemp -d)
 CONF=/etc/rdma/rsocket
 pass=0 fail=0 lib_fail=0 ctl_pass=0 ctl_fail=0 bytes=0 calls=0 iow=0
@@ -83,7 +84,7 @@ run_case() {
   [ $((seed % 2)) -eq 1 ] && [[ "$*" != *-u* ]] && args="$args -O"
   if [ "$NOCONF" = 1 ]; then set_config 0; else set_config "$seed"; fi
   PORT=$((PORT + 1))
-  local scmd="$srv -s 10.10.0.1 -p $PORT $args -P ${pair%-*}" ccmd="$cli -c 10.10.0.1 -b 10.10.0.2 -p $PORT $args -P ${pair#*-}"
+  local scmd="$srv -s $RS_SERVER -p $PORT $args -P ${pair%-*}" ccmd="$cli -c $RS_SERVER -b $RS_CLIENT -p $PORT $args -P ${pair#*-}"
   $scmd >"$log/srv" 2>&1 &
   local spid=$!
   $ccmd >"$log/cli" 2>&1

@@ -2,7 +2,7 @@
 //! project's QEMU VM: run on the host, this binary boots the VM once per device type (rxe, then
 //! siw) and runs itself inside; run inside the VM, it runs the tests.
 //!
-//! Addresses: server 10.10.0.1 (rxe0/siw0), client 10.10.0.2 (rxe1/siw1); they exist only in the
+//! Addresses (vm/testnet): server 10.10.0.1 (rxe0/siw0), client 10.10.0.2 (rxe1/siw1); they exist only in the
 //! guest.
 
 use std::net::SocketAddr;
@@ -17,15 +17,39 @@ use std::time::Duration;
 use rsocket::Error;
 use rsocket::socket::{self, StreamSocket, options};
 
-const SERVER: [u8; 4] = [10, 10, 0, 1];
-const CLIENT: [u8; 4] = [10, 10, 0, 2];
+/// The test network (vm/testnet, shared with the C suites and the benchmark).
+const TESTNET: &str = include_str!("../vm/testnet");
+
+fn testnet(key: &str) -> &'static str {
+    TESTNET
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .map(|v| v.split_whitespace().next().unwrap_or(""))
+        .unwrap_or_else(|| panic!("vm/testnet has no {key}"))
+}
+
+fn ip4(key: &str) -> [u8; 4] {
+    let a: std::net::Ipv4Addr = testnet(key).parse().expect("an IPv4 address");
+    a.octets()
+}
+
+/// The server's address (its device: rxe0/siw0).
+fn server_ip() -> [u8; 4] {
+    ip4("RS_SERVER")
+}
+
+/// The client's address (rxe1/siw1).
+fn client_ip() -> [u8; 4] {
+    ip4("RS_CLIENT")
+}
 
 static PORT: AtomicU16 = AtomicU16::new(0);
 
 fn next_port() -> u16 {
     if PORT.load(Ordering::SeqCst) == 0 {
         // Distinct ports per run (rxe and siw runs, repeated runs) avoid any lingering state.
-        let base = 20000 + (std::process::id() % 20000) as u16;
+        let block: u16 = testnet("RS_PORTS_RUST").parse().expect("a port");
+        let base = block + (std::process::id() % 9000) as u16;
         let _ = PORT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
     }
     PORT.fetch_add(1, Ordering::SeqCst)
@@ -48,15 +72,15 @@ fn new_socket() -> Arc<StreamSocket> {
 
 fn listener(port: u16) -> Arc<StreamSocket> {
     let l = new_socket();
-    l.bind(&addr(SERVER, port).into()).expect("bind");
+    l.bind(&addr(server_ip(), port).into()).expect("bind");
     l.listen(4).expect("listen");
     l
 }
 
 fn connect(port: u16) -> Arc<StreamSocket> {
     let c = new_socket();
-    c.bind(&addr(CLIENT, 0).into()).expect("bind client");
-    c.connect(&addr(SERVER, port).into()).expect("connect");
+    c.bind(&addr(client_ip(), 0).into()).expect("bind client");
+    c.connect(&addr(server_ip(), port).into()).expect("connect");
     c
 }
 
@@ -232,8 +256,8 @@ fn staged_sends_keep_order_through_shutdown() {
 
 fn refused_connect() {
     let c = new_socket();
-    c.bind(&addr(CLIENT, 0).into()).unwrap();
-    let e = c.connect(&addr(SERVER, next_port()).into()).unwrap_err();
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    let e = c.connect(&addr(server_ip(), next_port()).into()).unwrap_err();
     assert!(matches!(e, Error::ConnectionRefused), "got {e:?}");
     // As on Linux, a blocking connect reports its error once; SO_ERROR is clear afterwards.
     assert_eq!(c.take_error(), 0);
@@ -241,8 +265,8 @@ fn refused_connect() {
     // Non-blocking: EINPROGRESS (or the error at once), then POLLOUT|POLLERR and SO_ERROR.
     let c = new_socket();
     c.set_options(|o| o.nonblocking = true);
-    c.bind(&addr(CLIENT, 0).into()).unwrap();
-    match c.connect(&addr(SERVER, next_port()).into()) {
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    match c.connect(&addr(server_ip(), next_port()).into()) {
         Err(Error::InProgress) => {
             let r = poll1(c.fd(), libc::POLLOUT, 20_000);
             assert_ne!(r & libc::POLLOUT, 0, "revents {r:#x}");
@@ -321,19 +345,19 @@ fn addresses() {
     let server = thread::spawn(move || {
         let c = l.accept().expect("accept");
         let peer = c.peer_addr().unwrap().to_std().unwrap();
-        assert_eq!(peer.ip(), std::net::IpAddr::from(CLIENT));
+        assert_eq!(peer.ip(), std::net::IpAddr::from(client_ip()));
         assert_eq!(
             c.local_addr().unwrap().to_std().unwrap(),
-            addr(SERVER, port)
+            addr(server_ip(), port)
         );
         let _ = recv_exact(&c, 1);
         c.close().unwrap();
     });
     let c = connect(port);
-    assert_eq!(c.peer_addr().unwrap().to_std().unwrap(), addr(SERVER, port));
+    assert_eq!(c.peer_addr().unwrap().to_std().unwrap(), addr(server_ip(), port));
     assert_eq!(
         c.local_addr().unwrap().to_std().unwrap().ip(),
-        std::net::IpAddr::from(CLIENT)
+        std::net::IpAddr::from(client_ip())
     );
     send_all(&c, b"!");
     server.join().expect("server");
@@ -443,8 +467,8 @@ fn rpoll_driven_nonblocking_transfers() {
     assert!(matches!(l.accept(), Err(Error::WouldBlock)));
     let c = new_socket();
     c.set_options(|o| o.nonblocking = true);
-    c.bind(&addr(CLIENT, 0).into()).unwrap();
-    match c.connect(&addr(SERVER, port).into()) {
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    match c.connect(&addr(server_ip(), port).into()) {
         Err(Error::InProgress) | Ok(()) => {}
         Err(e) => panic!("non-blocking connect: {e:?}"),
     }
@@ -662,8 +686,8 @@ fn socket_options() {
         s.close().unwrap();
         close(l);
     });
-    c.bind(&addr(CLIENT, 0).into()).unwrap();
-    c.connect(&addr(SERVER, port).into()).unwrap();
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    c.connect(&addr(server_ip(), port).into()).unwrap();
     // Small queues and buffers still move data correctly.
     send_all(&c, &pattern(200_000, 8));
     assert!(matches!(
@@ -811,19 +835,20 @@ fn keepalive_detects_dead_link() {
         let st = Command::new("ip").args(args).status().expect("ip");
         assert!(st.success(), "ip {args:?}");
     };
-    ip(&["link", "set", "veth0", "down"]);
+    let dev = testnet("RS_SERVER_DEV");
+    ip(&["link", "set", dev, "down"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while !reader.is_finished() && std::time::Instant::now() < deadline {
         thread::sleep(Duration::from_millis(100));
     }
-    ip(&["link", "set", "veth0", "up"]);
+    ip(&["link", "set", dev, "up"]);
     let _ = Command::new("ip")
         .args([
             "route",
             "replace",
-            "10.10.0.2/32",
+            &format!("{}/32", testnet("RS_CLIENT")),
             "dev",
-            "veth0",
+            dev,
             "table",
             "100",
         ])
@@ -876,23 +901,23 @@ fn ipv6_and_v4_mapped() {
         .unwrap();
     l.listen(4).unwrap();
     let c = new_socket();
-    c.bind(&addr(CLIENT, 0).into()).unwrap();
-    let peer = exchange(l, &c, addr(SERVER, port));
-    assert_eq!(peer.ip(), std::net::IpAddr::V6(mapped(CLIENT)));
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    let peer = exchange(l, &c, addr(server_ip(), port));
+    assert_eq!(peer.ip(), std::net::IpAddr::V6(mapped(client_ip())));
     close(c);
     // An AF_INET6 client reaches an IPv4 listener through ::ffff:10.10.0.1.
     let port = next_port();
     let l = listener(port);
     let c = socket6();
-    c.bind(&SocketAddr::from((mapped(CLIENT), 0)).into())
+    c.bind(&SocketAddr::from((mapped(client_ip()), 0)).into())
         .unwrap();
-    exchange(l, &c, SocketAddr::from((mapped(SERVER), port)));
+    exchange(l, &c, SocketAddr::from((mapped(server_ip()), port)));
     assert_eq!(
         c.peer_addr().unwrap().to_std().unwrap(),
-        SocketAddr::from((mapped(SERVER), port))
+        SocketAddr::from((mapped(server_ip()), port))
     );
     // IPv4 addresses on an AF_INET6 socket and IPv6 on AF_INET are refused like the kernel does.
-    let e = socket6().bind(&addr(CLIENT, 0).into()).unwrap_err();
+    let e = socket6().bind(&addr(client_ip(), 0).into()).unwrap_err();
     assert_eq!(e.errno(), libc::EAFNOSUPPORT);
     close(c);
 }
