@@ -257,7 +257,9 @@ fn staged_sends_keep_order_through_shutdown() {
 fn refused_connect() {
     let c = new_socket();
     c.bind(&addr(client_ip(), 0).into()).unwrap();
-    let e = c.connect(&addr(server_ip(), next_port()).into()).unwrap_err();
+    let e = c
+        .connect(&addr(server_ip(), next_port()).into())
+        .unwrap_err();
     assert!(matches!(e, Error::ConnectionRefused), "got {e:?}");
     // As on Linux, a blocking connect reports its error once; SO_ERROR is clear afterwards.
     assert_eq!(c.take_error(), 0);
@@ -354,7 +356,10 @@ fn addresses() {
         c.close().unwrap();
     });
     let c = connect(port);
-    assert_eq!(c.peer_addr().unwrap().to_std().unwrap(), addr(server_ip(), port));
+    assert_eq!(
+        c.peer_addr().unwrap().to_std().unwrap(),
+        addr(server_ip(), port)
+    );
     assert_eq!(
         c.local_addr().unwrap().to_std().unwrap().ip(),
         std::net::IpAddr::from(client_ip())
