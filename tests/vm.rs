@@ -955,8 +955,15 @@ fn one_service_thread_serves_many_sockets() {
             .count();
         (service, others)
     };
+    // Keepalive on the clients of pairs 0-2, probing every second: set on a connection (0, 1)
+    // or before connecting (2: the timer starts with the connection).
+    let keepalive = |c: &Arc<StreamSocket>| {
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1).unwrap();
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1).unwrap();
+        c.set_keepalive(true);
+    };
     let mut pairs = Vec::new();
-    for _ in 0..6 {
+    for i in 0..6 {
         let port = next_port();
         let l = listener(port);
         let t = thread::spawn(move || {
@@ -964,14 +971,18 @@ fn one_service_thread_serves_many_sockets() {
             close(l);
             s
         });
-        let c = connect(port);
+        let c = new_socket();
+        if i == 2 {
+            keepalive(&c);
+        }
+        c.bind(&addr(client_ip(), 0).into()).expect("bind client");
+        c.connect(&addr(server_ip(), port).into()).expect("connect");
         pairs.push((c, t.join().unwrap()));
     }
-    // Keepalive on the clients of pairs 0-2, probing every second.
+    for (c, _) in &pairs[..2] {
+        keepalive(c);
+    }
     for (c, _) in &pairs[..3] {
-        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1).unwrap();
-        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1).unwrap();
-        c.set_keepalive(true);
         assert!(c.service_jobs().keepalive);
     }
     let reader = |c: &Arc<StreamSocket>| {

@@ -11,6 +11,7 @@ use super::wait::wait_readable;
 use super::{CM_WAIT, Inner, State, StreamSocket, errno_error};
 use crate::error::{Error, Result};
 use crate::proto::wire::ConnData;
+use crate::socket::service::Jobs;
 use crate::trace::trace;
 use crate::verbs::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, EventChannel, SockAddr};
 
@@ -404,7 +405,17 @@ impl StreamSocket {
                 }
             };
             match next {
-                Ok(s) => g.state = s,
+                Ok(s) => {
+                    g.state = s;
+                    if g.opts.keepalive && matches!(g.state, State::Connected(_)) {
+                        // SO_KEEPALIVE set before the connection existed (or inherited from
+                        // the listener): its timer starts now.
+                        self.add_jobs(Jobs {
+                            keepalive: true,
+                            ..Jobs::default()
+                        });
+                    }
+                }
                 Err(e) => {
                     g.so_error = e.errno();
                     g.state = State::Failed;

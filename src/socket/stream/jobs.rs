@@ -14,9 +14,6 @@ use crate::proto::stream::Keepalive;
 use crate::proto::transport::Source;
 use crate::socket::service::{self, Jobs, Serviced, Wait};
 
-/// How often a keepalive job looks at a socket that is not connected yet.
-const UNCONNECTED_RECHECK: Duration = Duration::from_millis(250);
-
 impl StreamSocket {
     /// This socket as the service holds it (None before it has a handle, see `set_handle`).
     fn serviced(&self) -> Option<Arc<dyn Serviced>> {
@@ -92,11 +89,9 @@ impl StreamSocket {
             idle: Duration::from_secs(g.opts.keepidle as u64),
             interval: Duration::from_secs(g.opts.keepintvl as u64),
         };
-        let conn = match &mut g.state {
-            State::Connected(c) => c,
-            State::Failed => return None,
-            // Set before connecting: the timer starts with the connection.
-            _ => return Some(now + UNCONNECTED_RECHECK),
+        // Set before connecting: the job is added again once connected (`advance_connect`).
+        let State::Connected(conn) = &mut g.state else {
+            return None;
         };
         if conn.link.core.keepalive() != Some(k) {
             conn.link.core.set_keepalive(Some(k), now);

@@ -161,13 +161,6 @@ impl StreamSocket {
     /// Lets the socket hand itself to the service thread (see `from_parts`).
     fn set_handle(&self, me: std::sync::Weak<StreamSocket>) {
         let _ = self.me.set(me);
-        // Accepted sockets inherit SO_KEEPALIVE from their listener.
-        if self.options().keepalive {
-            self.add_jobs(crate::socket::service::Jobs {
-                keepalive: true,
-                ..Default::default()
-            });
-        }
     }
 
     /// Address family (SO_DOMAIN).
