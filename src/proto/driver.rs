@@ -11,7 +11,7 @@
 use std::io;
 
 use super::stream::{
-    self as core, CreditUpdate, DataWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
+    self as core, CreditUpdate, DataWrite, IomapWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
 };
 use super::transport::{Completion, Source, Transport};
 use super::wire::{self, ConnData, Msg, RemoteSge};
@@ -69,6 +69,9 @@ pub struct Driver<T: Transport> {
     msg_slots: Option<(usize, u32)>,
     /// Slot of the next receive posted.
     recv_slot: u32,
+    /// iomap entries for the peer, when they cannot go inline: one slot per entry of its iomap
+    /// (registered on first use).
+    iomap_stage: Option<T::Mr>,
     comps: Vec<Completion>,
     sends_posted: u64,
     sends_completed: u64,
@@ -116,6 +119,7 @@ impl<T: Transport> Driver<T> {
             local,
             msg_slots: (slots > 0).then_some((cfg.rbuf_size as usize, slots)),
             recv_slot: 0,
+            iomap_stage: None,
             comps: Vec::with_capacity(32),
             sends_posted: 0,
             sends_completed: 0,
@@ -181,9 +185,12 @@ impl<T: Transport> Driver<T> {
 
     /// Polls the completions, feeds the core, reposts receives, posts gathered sends that are
     /// due and the credit updates owed. `on_window` is told of each iomap announcement the peer
-    /// made (its message data; the entry is in our target iomap). Returns whether anything
-    /// completed.
-    pub fn progress(&mut self, mut on_window: impl FnMut(u32, &T)) -> io::Result<bool> {
+    /// made: its message data, and a reader of our target iomap's entries (by index). Returns
+    /// whether anything completed.
+    pub fn progress(
+        &mut self,
+        mut on_window: impl FnMut(u32, &mut dyn FnMut(usize) -> [u8; wire::IOMAP_LEN]),
+    ) -> io::Result<bool> {
         let mut any = false;
         loop {
             self.comps.clear();
@@ -230,7 +237,14 @@ impl<T: Transport> Driver<T> {
                 };
                 match self.core.on_recv(raw) {
                     Ok(Msg::Credits(_)) => self.refresh_target_sgl(),
-                    Ok(Msg::IomapSgl(data)) => on_window(data, &self.t),
+                    Ok(Msg::IomapSgl(data)) => {
+                        let (t, tsgl) = (&self.t, self.bufs.tsgl);
+                        on_window(data, &mut |i| {
+                            let mut b = [0u8; wire::IOMAP_LEN];
+                            t.read(tsgl, wire::iomap_entry_offset(i), &mut b);
+                            b
+                        });
+                    }
                     _ => {}
                 }
             }
@@ -308,6 +322,34 @@ impl<T: Transport> Driver<T> {
         }
         self.sends_posted += 1;
         Ok(())
+    }
+
+    /// Posts an iomap announcement the core planned (`w`, for entry `index` of the peer's
+    /// iomap) carrying `entry` (the entry's bytes as the peer reads them): inline when the queue
+    /// pair allows, else from a staging slot.
+    pub fn post_iomap_announce(
+        &mut self,
+        index: u16,
+        w: IomapWrite,
+        entry: &[u8; wire::IOMAP_LEN],
+    ) -> io::Result<()> {
+        let remote = (w.remote_addr, w.rkey);
+        if self.t.inline_size() as usize >= wire::IOMAP_LEN {
+            return self.post_write_msg(w.msg as u64, w.msg, Source::Inline(entry), remote);
+        }
+        let stage = match self.iomap_stage {
+            Some(m) => m,
+            None => {
+                let n = self.core.peer_iomap_size() as usize;
+                let m = self.t.register(n * wire::IOMAP_LEN, false)?;
+                self.iomap_stage = Some(m);
+                m
+            }
+        };
+        let off = index as u32 * wire::IOMAP_LEN as u32;
+        self.t.write(stage, off as usize, entry);
+        let seg = [(off, wire::IOMAP_LEN as u32), (0, 0)];
+        self.post_write_msg(w.msg as u64, w.msg, Source::Region(stage, seg, 1), remote)
     }
 
     /// Posts the credit updates owed.

@@ -15,6 +15,11 @@ pub const CONN_DATA_LEN: usize = 40;
 pub const SGE_LEN: usize = 16;
 /// Size of one `rs_iomap` (offset u64 followed by an `rs_sge`).
 pub const IOMAP_LEN: usize = 24;
+
+/// Byte offset of iomap entry `index` in a target SGL buffer: the iomap follows the SGL.
+pub fn iomap_entry_offset(index: usize) -> usize {
+    SGE_LEN * SGL_SIZE as usize + index * IOMAP_LEN
+}
 /// Number of entries in a target SGL (two halves of the receive buffer).
 pub const SGL_SIZE: u32 = 2;
 /// Size of a message when it travels as a SEND (iWARP) instead of immediate data.

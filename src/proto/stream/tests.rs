@@ -74,10 +74,15 @@ fn rq_posted(c: StreamConfig) -> u32 {
 /// posted, private data exchanged encoded, the acceptor started as accepted (on iWARP it
 /// waits for the initiator to speak), and the initiator's first credit update posted.
 pub(super) fn pair(ca: StreamConfig, cb: StreamConfig) -> (Peer, Peer) {
+    pair_offering(ca, cb, 0)
+}
+
+/// [`pair`], the acceptor offering `iomap` entries of its target iomap.
+fn pair_offering(ca: StreamConfig, cb: StreamConfig, iomap: u16) -> (Peer, Peer) {
     let mk = |id, c: StreamConfig| {
         let end = MemEnd::new(id, c.msg_send, c.sq_inline);
         Peer {
-            d: Driver::new(end, c, rq_posted(c), 0).unwrap(),
+            d: Driver::new(end, c, rq_posted(c), if id == 2 { iomap } else { 0 }).unwrap(),
             to_send: Vec::new(),
             sent: 0,
             received: Vec::new(),
@@ -939,4 +944,40 @@ fn a_lingering_close_ends_at_its_deadline() {
             .linger_over
     );
     assert!(a.s().handle_timeout(t0 + LINGER).linger_over);
+}
+
+/// An iomap announcement lands in the peer's target iomap (after its SGL), inline or (small
+/// inline size) from a staging slot, and the peer's driver hands its message and the entry's
+/// bytes up.
+#[test]
+fn iomap_announcements_land_in_the_peers_target_iomap() {
+    use crate::proto::iomap::{IomapEntry, PERM_READ, PERM_WRITE};
+    for (inline, msg_send) in [(64, false), (16, false), (64, true), (4, true)] {
+        let c = cfg(64, 16, inline, 16384, 16384, msg_send);
+        let (mut a, mut b) = pair_offering(c, c, 3);
+        deliver_all(&mut a, &mut b);
+        deliver_all(&mut b, &mut a);
+        assert_eq!(a.s().peer_iomap_size(), 3);
+        let w = a
+            .s()
+            .plan_iomap_announce(2, PERM_READ | PERM_WRITE)
+            .unwrap();
+        let entry = IomapEntry {
+            offset: 0x1000,
+            sge: RemoteSge {
+                addr: 0xabc0,
+                key: 7,
+                length: 4096,
+            },
+        }
+        .to_peer_bytes(w.big_endian);
+        a.d.post_iomap_announce(2, w, &entry).unwrap();
+        MemEnd::deliver_all(&mut a.d.t, &mut b.d.t);
+        let mut seen = None;
+        b.d.progress(|data, read| seen = Some((data, read(2))))
+            .unwrap();
+        let (data, bytes) = seen.expect("the announcement's message");
+        assert_eq!(Msg::IomapSgl(data).encode(), w.msg, "inline {inline}");
+        assert_eq!(bytes, entry, "inline {inline}");
+    }
 }

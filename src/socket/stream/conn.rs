@@ -144,8 +144,7 @@ impl Conn {
     /// announcements owed. Returns whether anything completed.
     pub(super) fn progress(&mut self) -> Result<bool> {
         let Conn { link, io, .. } = self;
-        let tsgl = link.bufs.tsgl;
-        let any = link.progress(|data, ep| io.take_window(data, ep, tsgl))?;
+        let any = link.progress(|data, entry| io.take_window(data, entry))?;
         self.io.send_announcements(&mut self.link)?;
         self.zc.reap(self.link.sends_completed());
         Ok(any)

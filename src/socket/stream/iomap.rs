@@ -12,7 +12,7 @@ use crate::proto::iomap::{IomapEntry, IomapError, PERM_READ, PERM_WRITE, PeerWin
 use crate::proto::stream::DirectKind;
 use crate::proto::transport::Source;
 use crate::proto::wire::{self, ConnData, RemoteSge};
-use crate::verbs::{Access, Endpoint, MrId, UserMemory, UserMrId};
+use crate::verbs::{Endpoint, UserMemory, UserMrId};
 use std::collections::VecDeque;
 
 /// RDMA reads in flight per direction (connect parameters; capped by the device). More reads
@@ -41,8 +41,6 @@ pub(super) struct IoMaps {
     maps: Vec<LocalMap>,
     /// Entries of the peer's iomap whose current state (a window or its withdrawal) is owed.
     announce: VecDeque<u16>,
-    /// Staging slots for entries when they cannot go inline.
-    stage: Option<MrId>,
     reads_posted: u64,
 }
 
@@ -53,7 +51,6 @@ impl IoMaps {
             windows: PeerWindows::new(0, false),
             maps: Vec::new(),
             announce: VecDeque::new(),
-            stage: None,
             reads_posted: 0,
         }
     }
@@ -80,19 +77,16 @@ fn window_error(e: IomapError) -> Error {
 }
 
 impl IoMaps {
-    /// The peer announced (or withdrew) a window in our target iomap (in `tsgl` of `ep`).
-    pub(super) fn take_window(&mut self, data: u32, ep: &Endpoint, tsgl: MrId) {
-        let base = wire::SGE_LEN * wire::SGL_SIZE as usize;
+    /// The peer announced (or withdrew) a window in our target iomap; `entry` reads entries.
+    pub(super) fn take_window(
+        &mut self,
+        data: u32,
+        entry: &mut dyn FnMut(usize) -> [u8; wire::IOMAP_LEN],
+    ) {
         // The core already refused indexes we never offered.
-        let _ = self.windows.on_update(data, |i| {
-            let mut b = [0u8; wire::IOMAP_LEN];
-            ep.read(tsgl, base + i * wire::IOMAP_LEN, &mut b);
-            b
-        });
+        let _ = self.windows.on_update(data, entry);
     }
-}
 
-impl IoMaps {
     /// Posts the announcements owed, as far as credits and queue entries allow.
     pub(super) fn send_announcements(&mut self, link: &mut Driver<Endpoint>) -> Result<()> {
         while let Some(&index) = self.announce.front() {
@@ -122,33 +116,7 @@ impl IoMaps {
             };
             self.announce.pop_front();
             let bytes = entry.to_peer_bytes(w.big_endian);
-            if link.t.sq_inline() as usize >= wire::IOMAP_LEN {
-                link.post_write_msg(
-                    w.msg as u64,
-                    w.msg,
-                    Source::Inline(&bytes),
-                    (w.remote_addr, w.rkey),
-                )?;
-            } else {
-                let stage = match self.stage {
-                    Some(m) => m,
-                    None => {
-                        let n = link.core.peer_iomap_size() as usize;
-                        let m = link.t.register(n * wire::IOMAP_LEN, Access::Local)?;
-                        self.stage = Some(m);
-                        m
-                    }
-                };
-                let off = index as u32 * wire::IOMAP_LEN as u32;
-                link.t.write(stage, off as usize, &bytes);
-                let seg = [(off, wire::IOMAP_LEN as u32), (0, 0)];
-                link.post_write_msg(
-                    w.msg as u64,
-                    w.msg,
-                    Source::Region(stage, seg, 1),
-                    (w.remote_addr, w.rkey),
-                )?;
-            }
+            link.post_iomap_announce(index, w, &bytes)?;
         }
         Ok(())
     }
