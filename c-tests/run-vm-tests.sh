@@ -27,7 +27,7 @@ pair() {
   last_src=$src
   if [ $crc -eq 0 ] && [ $src -eq 0 ]; then
     pass=$((pass + 1)); echo "ok   $name"
-    sed 's/^/       /' "$log/srv" "$log/cli" | grep -vE '^\s*$' | grep -iE 'verified|gb/sec|refused|shut_wr|[0-9]+k? +[0-9]+ +' | head -4
+    sed 's/^/       /' "$log/srv" "$log/cli" | grep -vE '^\s*$' | grep -iE 'verified|checked|gb/sec|refused|shut_wr|[0-9]+k? +[0-9]+ +' | head -4
   else
     fail=$((fail + 1)); echo "FAIL $name (server rc $src, client rc $crc)"
     sed 's/^/  srv| /' "$log/srv"; sed 's/^/  cli| /' "$log/cli"
@@ -148,6 +148,8 @@ pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
   "$BIN/iomap-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -n 300"
 pair "zero-copy API: rsend/riowrite MSG_ZEROCOPY, POLLERR + MSG_ERRQUEUE notices (zerocopy.c)" \
   "$BIN/zerocopy -s -b $RS_SERVER -p @PORT@" "$BIN/zerocopy -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+pair "fork: parent and child stream staged small sends, each served by its own service thread (forked.c)" \
+  "$BIN/forked -s $RS_SERVER -p @PORT@" "$BIN/forked -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
 
 # librdmacm's riostream, our side under LD_PRELOAD, both ways.
 IOS="riostream -b $RS_SERVER -p @PORT@"

@@ -102,6 +102,8 @@ struct Entry {
     generation: u64,
     /// Its descriptors found readable by the last poll.
     ready: Vec<RawFd>,
+    /// When its jobs are due, if they wait only for a time (no descriptor).
+    due: Option<Instant>,
 }
 
 struct Service {
@@ -160,6 +162,7 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
         Some(e) => {
             e.jobs = e.jobs.union(jobs);
             e.generation += 1;
+            e.due = None;
             if jobs.linger {
                 e.socket = Handle::Held(s.clone());
             }
@@ -173,6 +176,7 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
             jobs,
             generation: 0,
             ready: Vec::new(),
+            due: None,
         }),
     }
     drop(list);
@@ -196,11 +200,21 @@ fn run(svc: &'static Service) {
         let now = Instant::now();
         // Take the round's work out, so sockets can register meanwhile.
         type Work = (Arc<dyn Serviced>, Jobs, u64, Vec<RawFd>);
+        let mut next: Option<Instant> = None;
         let work: Vec<Work> = {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
             list.retain(|e| e.socket.get().is_some());
             list.iter_mut()
                 .filter_map(|e| {
+                    // A socket whose jobs wait only for a time that has not come is left alone
+                    // (keepalive timers: no work per wake-up of the others).
+                    if let Some(d) = e.due
+                        && d > now
+                        && e.ready.is_empty()
+                    {
+                        next = Some(next.map_or(d, |n| n.min(d)));
+                        return None;
+                    }
                     let s = e.socket.get()?;
                     Some((s, e.jobs, e.generation, std::mem::take(&mut e.ready)))
                 })
@@ -212,7 +226,6 @@ fn run(svc: &'static Service) {
             revents: 0,
         }];
         let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
-        let mut next: Option<Instant> = None;
         let mut results = Vec::with_capacity(work.len());
         for (s, jobs, _, ready) in &work {
             let w = match catch_unwind(AssertUnwindSafe(|| s.serve(*jobs, now, ready))) {
@@ -235,16 +248,17 @@ fn run(svc: &'static Service) {
             if let Some(d) = w.deadline {
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
-            results.push(w.jobs);
+            results.push((w.jobs, w.fds.is_empty().then_some(w.deadline).flatten()));
         }
         let mut lingering_left = false;
         {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
-            for ((s, done, generation, _), left) in work.iter().zip(&results) {
+            for ((s, done, generation, _), (left, due)) in work.iter().zip(&results) {
                 if let Some(e) = list.iter_mut().find(|e| e.socket.is(s)) {
                     // Jobs added while the round served the socket stay (they are served
                     // again next round); the others are what the round left.
                     let jobs = if e.generation == *generation {
+                        e.due = *due;
                         *left
                     } else {
                         left.union(e.jobs)
