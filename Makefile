@@ -75,6 +75,7 @@ test-host-only: deps
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --workspace --lib --bins --benches
 	$(CARGO) test -p rsocket-capi --tests
+	$(CARGO) test -p rsocket-rs --test fork
 	$(MAKE) --no-print-directory stage
 	$(MAKE) --no-print-directory test-c
 

@@ -148,8 +148,6 @@ pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
   "$BIN/iomap-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -n 300"
 pair "zero-copy API: rsend/riowrite MSG_ZEROCOPY, POLLERR + MSG_ERRQUEUE notices (zerocopy.c)" \
   "$BIN/zerocopy -s -b $RS_SERVER -p @PORT@" "$BIN/zerocopy -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
-pair "fork: parent and child stream staged small sends, each served by its own service thread (forked.c)" \
-  "$BIN/forked -s $RS_SERVER -p @PORT@" "$BIN/forked -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
 
 # librdmacm's riostream, our side under LD_PRELOAD, both ways.
 IOS="riostream -b $RS_SERVER -p @PORT@"
