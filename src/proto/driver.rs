@@ -267,7 +267,7 @@ impl<T: Transport> Driver<T> {
 
     /// Zeroes an entry of our target SGL that a write used up, so that the peer's next write
     /// into it is told from stale contents.
-    pub fn clear_sge(&mut self, i: usize) {
+    fn clear_sge(&mut self, i: usize) {
         self.t
             .write(self.bufs.tsgl, i * wire::SGE_LEN, &[0u8; wire::SGE_LEN]);
     }
@@ -350,6 +350,16 @@ impl<T: Transport> Driver<T> {
         self.t.write(stage, off as usize, entry);
         let seg = [(off, wire::IOMAP_LEN as u32), (0, 0)];
         self.post_write_msg(w.msg as u64, w.msg, Source::Region(stage, seg, 1), remote)
+    }
+
+    /// Posts a zero-copy data write planned by [`Stream::plan_write_zero_copy`], from registered
+    /// application memory `src` (its completion gives no ring bytes back).
+    pub fn post_zero_copy(&mut self, w: DataWrite, src: T::Seg) -> io::Result<()> {
+        if let Some(i) = w.exhausted_sge {
+            self.clear_sge(i);
+        }
+        let wr_id = w.msg as u64 | core::WR_ID_NO_RING;
+        self.post_write_msg(wr_id, w.msg, Source::User(src), (w.remote_addr, w.rkey))
     }
 
     /// Posts the credit updates owed.

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 
 use super::data::send_result;
 use super::{Error, Result, State, StreamSocket};
-use crate::proto::stream::{DirectKind, WR_ID_NO_RING};
+use crate::proto::stream::DirectKind;
 use crate::proto::transport::Source;
 
 /// Completed MSG_ZEROCOPY calls `lo..=hi` (ids), as one error-queue notice.
@@ -99,20 +99,12 @@ impl StreamSocket {
                         let Some(w) = c.link.core.plan_write_zero_copy(left) else {
                             break;
                         };
-                        if let Some(i) = w.exhausted_sge {
-                            c.link.clear_sge(i);
-                        }
                         let seg = c
                             .link
                             .t
                             .user_seg(mr, addr + sent as u64, w.len)
                             .ok_or(Error::InvalidArgument)?;
-                        c.link.post_write_msg(
-                            w.msg as u64 | WR_ID_NO_RING,
-                            w.msg,
-                            Source::User(seg),
-                            (w.remote_addr, w.rkey),
-                        )?;
+                        c.link.post_zero_copy(w, seg)?;
                         sent += w.len as usize;
                     }
                 }
