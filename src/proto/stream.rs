@@ -11,7 +11,6 @@
 //! has bit 63 set, and the extra 4-byte SEND used on iWARP has bit 62 set.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
 
 use super::wire::{self, ConnData, Ctrl, Msg, RemoteSge, WireError};
 
@@ -35,8 +34,6 @@ pub const WR_ID_MSG_SEND: u64 = 1 << 62;
 /// wr_id flag of a write or read that uses the application's registered memory, not the send
 /// ring (its completion gives no ring bytes back).
 pub const WR_ID_NO_RING: u64 = 1 << 61;
-/// Receives posted beyond the credits granted, on iWARP (see [`QueueSizes::negotiate`]).
-pub const RECV_SLACK: u32 = 16;
 
 /// The wr_id of a receive; `slot` names its 4-byte message slot on iWARP (0 otherwise).
 pub fn recv_wr_id(slot: u32) -> u64 {
@@ -57,106 +54,6 @@ pub fn recv_slot(wr_id: u64) -> u32 {
 /// opcode, so its completion is told apart from the write's.
 pub fn msg_send_wr_id(msg: u32) -> u64 {
     wire::Msg::op_bits(msg) as u64 | WR_ID_MSG_SEND
-}
-
-/// How long a closed connection may linger waiting for the peer (iWARP, see the socket
-/// layer's lingering close).
-pub const LINGER: Duration = Duration::from_secs(2);
-
-/// SO_KEEPALIVE timing: probe after `idle` of silence, then every `interval`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keepalive {
-    /// TCP_KEEPIDLE.
-    pub idle: Duration,
-    /// TCP_KEEPINTVL.
-    pub interval: Duration,
-}
-
-/// Timer state of the connection (times passed in by the caller; the core reads no clock).
-#[derive(Debug, Clone, Copy)]
-struct Timers {
-    keepalive: Option<Keepalive>,
-    /// The completion count last seen, and when it was seen to change: silence since then.
-    seen: (u64, Instant),
-    /// When the timers were last looked at.
-    checked: Instant,
-    last_probe: Option<Instant>,
-    /// A lingering close must end by then.
-    linger_until: Option<Instant>,
-}
-
-/// What [`Stream::handle_timeout`] found due.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Timeout {
-    /// A keepalive probe to post (a 0-byte RDMA write with this wr_id).
-    pub probe: Option<u64>,
-    /// The lingering close ran out of time.
-    pub linger_over: bool,
-}
-
-/// Queue sizes of one connection, from what the application asked and what the device can.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueSizes {
-    /// Send queue depth.
-    pub sq: u32,
-    /// Receive credits granted to the peer.
-    pub rq: u32,
-    /// Receives posted: the credits, plus [`RECV_SLACK`] on iWARP.
-    pub rq_posted: u32,
-    /// Inline size to ask the device for.
-    pub inline: u32,
-}
-
-impl QueueSizes {
-    /// Clamps the requested sizes to `[QP_MIN_SIZE, device maximum]`. On iWARP (no immediate
-    /// data, no receiver-not-ready retry) messages travel as 4-byte inline SENDs, and a message
-    /// that finds no receive posted ends the connection. The peer's data messages are bounded by
-    /// the credits we grant, its credit updates and control messages are not, and receives are
-    /// reposted only when we poll: so a few receives more than the credits are posted (a peer
-    /// that used all its credits and then sent a credit update while we did not poll broke the
-    /// connection, seen with the stress suite on Soft-iWARP).
-    pub fn negotiate(sq: u32, rq: u32, inline: u32, device_max_wr: u32, iwarp: bool) -> Self {
-        let max = device_max_wr.clamp(QP_MIN_SIZE as u32, QP_MAX_SIZE as u32);
-        let sq = sq.clamp(QP_MIN_SIZE as u32, max);
-        let mut rq = rq.clamp(QP_MIN_SIZE as u32, max);
-        let mut rq_posted = rq;
-        let mut inline = inline;
-        if iwarp {
-            rq = rq
-                .min(max.saturating_sub(RECV_SLACK))
-                .max(QP_MIN_SIZE as u32);
-            rq_posted = (rq + RECV_SLACK).min(max);
-            inline = inline.max(wire::MSG_SIZE as u32);
-        }
-        QueueSizes {
-            sq,
-            rq,
-            rq_posted,
-            inline,
-        }
-    }
-
-    /// The stream configuration once the device granted `sq_inline`; `None` on iWARP when it
-    /// cannot send a message inline.
-    pub fn config(
-        &self,
-        sq_inline: u32,
-        rbuf: u32,
-        sbuf: u32,
-        iwarp: bool,
-    ) -> Option<StreamConfig> {
-        if iwarp && sq_inline < wire::MSG_SIZE as u32 {
-            return None;
-        }
-        Some(StreamConfig {
-            sq_size: self.sq as u16,
-            rq_size: self.rq as u16,
-            sq_inline,
-            rbuf_size: rbuf.max(4096) & !1,
-            sbuf_size: sbuf.max(SNDLOWAT),
-            msg_send: iwarp,
-        })
-    }
 }
 
 /// Local opcode (wr_id only, never on the wire) of a riowrite.
@@ -528,88 +425,10 @@ impl Stream {
         self.pending.is_some_and(|p| p.exhausted_sge.is_some())
     }
 
-    /// Turns keepalive on (`Some`) or off at `now`.
-    pub fn set_keepalive(&mut self, k: Option<Keepalive>, now: Instant) {
-        let activity = self.activity;
-        let t = self.timers(now);
-        t.keepalive = k;
-        t.seen = (activity, now);
-    }
-
-    /// The keepalive setting.
-    pub fn keepalive(&self) -> Option<Keepalive> {
-        self.timers.and_then(|t| t.keepalive)
-    }
-
     /// Fails the connection because our own background work broke (a bug): every call then
     /// reports an error instead of waiting for that work.
     pub fn fail_internal(&mut self) {
         self.fail(StreamError::Internal);
-    }
-
-    /// Starts a lingering close at `now`: it ends at [`LINGER`] later at the latest.
-    pub fn start_linger(&mut self, now: Instant) {
-        self.timers(now).linger_until = Some(now + LINGER);
-    }
-
-    fn timers(&mut self, now: Instant) -> &mut Timers {
-        let activity = self.activity;
-        self.timers.get_or_insert(Timers {
-            keepalive: None,
-            seen: (activity, now),
-            checked: now,
-            last_probe: None,
-            linger_until: None,
-        })
-    }
-
-    /// When [`Stream::handle_timeout`] is due next, if ever. While traffic flows the keepalive
-    /// timer looks again every quarter of TCP_KEEPIDLE (at least 250 ms): it sees traffic only
-    /// as a change in the completion count, so a probe goes after at most 1.25 times TCP_KEEPIDLE
-    /// of silence, and never before TCP_KEEPIDLE.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let t = self.timers.as_ref()?;
-        let probe = t.keepalive.filter(|_| self.flags.connected).map(|k| {
-            let at = t.seen.1 + k.idle;
-            let at = t.last_probe.map_or(at, |p| at.max(p + k.interval));
-            at.min(t.checked + (k.idle / 4).max(Duration::from_millis(250)))
-        });
-        match (probe, t.linger_until) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
-    /// Handles the timers at `now`: a keepalive probe when the connection was silent for
-    /// TCP_KEEPIDLE and the last probe is TCP_KEEPINTVL old (one control slot; a probe that is
-    /// not acknowledged fails the connection with [`StreamError::KeepaliveTimeout`]), the end of
-    /// a lingering close.
-    pub fn handle_timeout(&mut self, now: Instant) -> Timeout {
-        let activity = self.activity;
-        let mut out = Timeout::default();
-        let Some(t) = self.timers.as_mut() else {
-            return out;
-        };
-        if t.seen.0 != activity {
-            t.seen = (activity, now);
-        }
-        t.checked = now;
-        out.linger_over = t.linger_until.is_some_and(|u| now >= u);
-        let Some(k) = t.keepalive else {
-            return out;
-        };
-        let quiet = now.saturating_duration_since(t.seen.1);
-        let since_probe = t.last_probe.map(|p| now.saturating_duration_since(p));
-        if quiet < k.idle || since_probe.is_some_and(|d| d < k.interval) {
-            return out;
-        }
-        out.probe = self.post_keepalive();
-        if out.probe.is_some()
-            && let Some(t) = self.timers.as_mut()
-        {
-            t.last_probe = Some(now);
-        }
-        out
     }
 
     /// Direct reads (rioread) completed so far.
@@ -1273,5 +1092,11 @@ impl Stream {
 
 #[cfg(test)]
 mod model;
+mod sizes;
 #[cfg(test)]
 mod tests;
+mod timers;
+
+pub use sizes::{QueueSizes, RECV_SLACK};
+use timers::Timers;
+pub use timers::{Keepalive, LINGER, Timeout};

@@ -1,0 +1,73 @@
+//! Queue sizes and buffer layout of one connection, negotiated from what the application asked
+//! and what the device can.
+
+use super::{QP_MAX_SIZE, QP_MIN_SIZE, SNDLOWAT, StreamConfig};
+use crate::proto::wire;
+
+/// Receives posted beyond the credits granted, on iWARP (see [`QueueSizes::negotiate`]).
+pub const RECV_SLACK: u32 = 16;
+
+/// Queue sizes of one connection, from what the application asked and what the device can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSizes {
+    /// Send queue depth.
+    pub sq: u32,
+    /// Receive credits granted to the peer.
+    pub rq: u32,
+    /// Receives posted: the credits, plus [`RECV_SLACK`] on iWARP.
+    pub rq_posted: u32,
+    /// Inline size to ask the device for.
+    pub inline: u32,
+}
+
+impl QueueSizes {
+    /// Clamps the requested sizes to `[QP_MIN_SIZE, device maximum]`. On iWARP (no immediate
+    /// data, no receiver-not-ready retry) messages travel as 4-byte inline SENDs, and a message
+    /// that finds no receive posted ends the connection. The peer's data messages are bounded by
+    /// the credits we grant, its credit updates and control messages are not, and receives are
+    /// reposted only when we poll: so a few receives more than the credits are posted (a peer
+    /// that used all its credits and then sent a credit update while we did not poll broke the
+    /// connection, seen with the stress suite on Soft-iWARP).
+    pub fn negotiate(sq: u32, rq: u32, inline: u32, device_max_wr: u32, iwarp: bool) -> Self {
+        let max = device_max_wr.clamp(QP_MIN_SIZE as u32, QP_MAX_SIZE as u32);
+        let sq = sq.clamp(QP_MIN_SIZE as u32, max);
+        let mut rq = rq.clamp(QP_MIN_SIZE as u32, max);
+        let mut rq_posted = rq;
+        let mut inline = inline;
+        if iwarp {
+            rq = rq
+                .min(max.saturating_sub(RECV_SLACK))
+                .max(QP_MIN_SIZE as u32);
+            rq_posted = (rq + RECV_SLACK).min(max);
+            inline = inline.max(wire::MSG_SIZE as u32);
+        }
+        QueueSizes {
+            sq,
+            rq,
+            rq_posted,
+            inline,
+        }
+    }
+
+    /// The stream configuration once the device granted `sq_inline`; `None` on iWARP when it
+    /// cannot send a message inline.
+    pub fn config(
+        &self,
+        sq_inline: u32,
+        rbuf: u32,
+        sbuf: u32,
+        iwarp: bool,
+    ) -> Option<StreamConfig> {
+        if iwarp && sq_inline < wire::MSG_SIZE as u32 {
+            return None;
+        }
+        Some(StreamConfig {
+            sq_size: self.sq as u16,
+            rq_size: self.rq as u16,
+            sq_inline,
+            rbuf_size: rbuf.max(4096) & !1,
+            sbuf_size: sbuf.max(SNDLOWAT),
+            msg_send: iwarp,
+        })
+    }
+}

@@ -1,0 +1,122 @@
+//! The connection's timers, sans-IO: SO_KEEPALIVE probes and the bound of a lingering close.
+//! The caller passes the time in ([`Stream::poll_timeout`], [`Stream::handle_timeout`], as
+//! quinn-proto does); nothing here reads a clock.
+
+use std::time::{Duration, Instant};
+
+use super::Stream;
+
+/// How long a closed connection may linger waiting for the peer (iWARP, see the socket
+/// layer's lingering close).
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// SO_KEEPALIVE timing: probe after `idle` of silence, then every `interval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// TCP_KEEPIDLE.
+    pub idle: Duration,
+    /// TCP_KEEPINTVL.
+    pub interval: Duration,
+}
+
+/// Timer state of the connection (times passed in by the caller; the core reads no clock).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timers {
+    keepalive: Option<Keepalive>,
+    /// The completion count last seen, and when it was seen to change: silence since then.
+    seen: (u64, Instant),
+    /// When the timers were last looked at.
+    checked: Instant,
+    last_probe: Option<Instant>,
+    /// A lingering close must end by then.
+    linger_until: Option<Instant>,
+}
+
+/// What [`Stream::handle_timeout`] found due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeout {
+    /// A keepalive probe to post (a 0-byte RDMA write with this wr_id).
+    pub probe: Option<u64>,
+    /// The lingering close ran out of time.
+    pub linger_over: bool,
+}
+
+impl Stream {
+    /// Turns keepalive on (`Some`) or off at `now`.
+    pub fn set_keepalive(&mut self, k: Option<Keepalive>, now: Instant) {
+        let activity = self.activity;
+        let t = self.timers(now);
+        t.keepalive = k;
+        t.seen = (activity, now);
+    }
+
+    /// The keepalive setting.
+    pub fn keepalive(&self) -> Option<Keepalive> {
+        self.timers.and_then(|t| t.keepalive)
+    }
+
+    /// Starts a lingering close at `now`: it ends at [`LINGER`] later at the latest.
+    pub fn start_linger(&mut self, now: Instant) {
+        self.timers(now).linger_until = Some(now + LINGER);
+    }
+
+    fn timers(&mut self, now: Instant) -> &mut Timers {
+        let activity = self.activity;
+        self.timers.get_or_insert(Timers {
+            keepalive: None,
+            seen: (activity, now),
+            checked: now,
+            last_probe: None,
+            linger_until: None,
+        })
+    }
+
+    /// When [`Stream::handle_timeout`] is due next, if ever. While traffic flows the keepalive
+    /// timer looks again every quarter of TCP_KEEPIDLE (at least 250 ms): it sees traffic only
+    /// as a change in the completion count, so a probe goes after at most 1.25 times TCP_KEEPIDLE
+    /// of silence, and never before TCP_KEEPIDLE.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.timers.as_ref()?;
+        let probe = t.keepalive.filter(|_| self.flags.connected).map(|k| {
+            let at = t.seen.1 + k.idle;
+            let at = t.last_probe.map_or(at, |p| at.max(p + k.interval));
+            at.min(t.checked + (k.idle / 4).max(Duration::from_millis(250)))
+        });
+        match (probe, t.linger_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Handles the timers at `now`: a keepalive probe when the connection was silent for
+    /// TCP_KEEPIDLE and the last probe is TCP_KEEPINTVL old (one control slot; a probe that is
+    /// not acknowledged fails the connection with [`super::StreamError::KeepaliveTimeout`]), the end of
+    /// a lingering close.
+    pub fn handle_timeout(&mut self, now: Instant) -> Timeout {
+        let activity = self.activity;
+        let mut out = Timeout::default();
+        let Some(t) = self.timers.as_mut() else {
+            return out;
+        };
+        if t.seen.0 != activity {
+            t.seen = (activity, now);
+        }
+        t.checked = now;
+        out.linger_over = t.linger_until.is_some_and(|u| now >= u);
+        let Some(k) = t.keepalive else {
+            return out;
+        };
+        let quiet = now.saturating_duration_since(t.seen.1);
+        let since_probe = t.last_probe.map(|p| now.saturating_duration_since(p));
+        if quiet < k.idle || since_probe.is_some_and(|d| d < k.interval) {
+            return out;
+        }
+        out.probe = self.post_keepalive();
+        if out.probe.is_some()
+            && let Some(t) = self.timers.as_mut()
+        {
+            t.last_probe = Some(now);
+        }
+        out
+    }
+}
