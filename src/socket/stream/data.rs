@@ -40,23 +40,21 @@ impl StreamSocket {
         }
         let mut sent = 0;
         let mut olen = self.stage.first_write_size(t0);
-        let handle = self.me.get();
-        let coalesce = handle.is_some();
         let mut pending = false;
         let r = self.wait_conn(nonblock, |c| {
             if !self.may_post_data(c)? {
                 return Ok(None);
             }
-            sent += c.link.send_some(&buf[sent..], &mut olen, coalesce)?;
+            sent += c.link.send_some(&buf[sent..], &mut olen, true)?;
             pending = c.link.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
         });
-        if pending && coalesce && !self.in_flusher.swap(true, Ordering::AcqRel) {
+        if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
             trace!("fd {}: gathered send, flush job", self.channel.fd());
             self.add_jobs(FLUSH);
         }
-        if r.is_ok() && coalesce {
+        if r.is_ok() {
             self.sent_directly(t0, olen);
         }
         send_result(r, sent, flags)
