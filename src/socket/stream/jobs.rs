@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::conn::Conn;
 use super::{State, StreamSocket};
 use crate::error::Result;
 use crate::proto::stream::Keepalive;
@@ -65,16 +66,42 @@ impl StreamSocket {
             self.settle_stage(false);
             return Ok(None);
         };
+        let r = self.flush_round(conn);
+        if r.is_err() {
+            // The connection failed: the job ends, and the next send reports the error.
+            self.drop_stage();
+            self.settle_stage(false);
+        }
+        r
+    }
+
+    fn flush_round(&self, conn: &mut Conn) -> Result<Option<RawFd>> {
         self.flush_stage(conn)?;
         self.drive(conn)?;
-        let connected = conn.link.core.flags().connected;
-        let staged = self.settle_stage(connected && conn.link.core.has_pending());
-        if !connected || (!staged && !conn.link.core.has_pending()) {
+        if self.flush_over(conn) {
             return Ok(None);
         }
         conn.link.t.arm()?;
+        // A completion that raced with arming is visible now; taking it may post the rest.
         self.drive(conn)?;
-        Ok((conn.link.core.has_pending() || self.stage.len() > 0).then(|| conn.link.t.comp_fd()))
+        // Decided again after that drive: the job must not end while the stage still counts on
+        // it (a send that finds the stage handed over does not hand it over again).
+        Ok((!self.flush_over(conn)).then(|| conn.link.t.comp_fd()))
+    }
+
+    /// Whether the flush job is over: nothing staged and no gathered send waiting, or no
+    /// connection left to send them on. When it is, the stage and the gathered sends are let go
+    /// of (`settle_stage`), so that the next send hands them over again.
+    fn flush_over(&self, conn: &Conn) -> bool {
+        let connected = conn.link.core.flags().connected;
+        if !connected {
+            self.drop_stage();
+            self.settle_stage(false);
+            return true;
+        }
+        let more = conn.link.core.has_pending();
+        let staged = self.settle_stage(more);
+        !staged && !more
     }
 
     /// Keepalive job: takes the completions, then probes when the core's timer says so.

@@ -111,6 +111,7 @@ impl StreamSocket {
     /// `ready`: the descriptors poll(2) found readable.
     pub(super) fn woke(&self, flusher: bool, ready: &[RawFd]) -> Result<()> {
         let cm = ready.contains(&self.channel.fd());
+        let mut pass_on = false;
         let mut g = self.lock();
         let sleeping = g.sleeping;
         if let State::Connected(conn) = &mut g.state {
@@ -121,6 +122,8 @@ impl StreamSocket {
             if cm {
                 conn.drain_cm_events(&self.channel)?;
             }
+            // And the other way: a call that took it lets the flush job know.
+            pass_on = took && !flusher;
             if took && (sleeping || flusher) {
                 self.waker.wake();
             } else if !flusher && !sleeping && ready.contains(&self.waker.fd()) {
@@ -132,7 +135,20 @@ impl StreamSocket {
             // Stray CM events (after a failed connect) would keep the channel readable.
             while self.channel.get_event().is_ok() {}
         }
+        drop(g);
+        if pass_on {
+            self.pass_on_to_flusher();
+        }
         Ok(())
+    }
+
+    /// A call took the completion event: if the flush job sleeps on the completion channel
+    /// too, it would not see that event and could sleep for ever with sends waiting. It is
+    /// woken to look again (and to arm the CQ for itself).
+    fn pass_on_to_flusher(&self) {
+        if self.in_flusher.load(Ordering::Acquire) {
+            self.add_jobs(super::FLUSH);
+        }
     }
 
     /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait
@@ -252,10 +268,11 @@ impl StreamSocket {
             if wake {
                 self.waker.reset();
             }
+            let mut took = false;
             if let State::Connected(conn) = &mut g.state {
                 // An armed CQ raises one event; another thread may have taken it already.
                 if comp {
-                    conn.link.t.take_cq_event();
+                    took = conn.link.t.take_cq_event();
                 }
                 let d = if cm {
                     conn.drain_cm_events(&self.channel)
@@ -264,6 +281,11 @@ impl StreamSocket {
                 };
                 self.notify();
                 d?;
+            }
+            if took {
+                drop(g);
+                self.pass_on_to_flusher();
+                g = self.lock();
             }
             spin_start = None;
             r?;
