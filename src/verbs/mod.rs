@@ -42,8 +42,10 @@ mod addr;
 mod cm;
 mod endpoint;
 pub mod os;
+pub mod ready;
 
 pub use addr::SockAddr;
 pub use cm::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, DeviceInfo, EventChannel};
 pub use endpoint::*;
 pub use os::{Waker, poll_fds, raise_sigpipe, run_at_exit, set_nonblocking, ticks, ticks_per_us};
+pub use ready::ReadyFd;
