@@ -149,6 +149,18 @@ pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
 pair "zero-copy API: rsend/riowrite MSG_ZEROCOPY, POLLERR + MSG_ERRQUEUE notices (zerocopy.c)" \
   "$BIN/zerocopy -s -b $RS_SERVER -p @PORT@" "$BIN/zerocopy -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
 
+# The descriptor is pollable: 64 connections, a pipe and a timerfd in one kernel epoll set
+# (level, edge, one-shot, nested), then in poll(2) and select(2); no rpoll (evloop.c).
+EV="$BIN/evloop -n 64"
+for m in epoll poll select; do
+  pair "kernel $m on rsocket descriptors: 64 connections + pipe + timerfd, echo verified" \
+    "$EV -m $m -s -b $RS_SERVER -p @PORT@" "$EV -m $m -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+done
+pair "the same epoll loop over kernel TCP (the test's control)" \
+  "$EV -K -s -b $RS_SERVER -p @PORT@" "$EV -K -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+kill_peer "peer killed: poll(2) on the descriptor wakes, rrecv gives ECONNRESET" \
+  "$BIN/evloop -X -s -b $RS_SERVER -p @PORT@" "$BIN/evloop -X -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+
 # librdmacm's riostream, our side under LD_PRELOAD, both ways.
 IOS="riostream -b $RS_SERVER -p @PORT@"
 IOC="riostream -s $RS_SERVER -b $RS_CLIENT -p @PORT@"

@@ -33,6 +33,7 @@ const KEEPALIVE: Jobs = Jobs {
     flush: false,
     keepalive: true,
     linger: false,
+    watch: false,
 };
 
 fn served_again(m: &Mock, rounds: u32) -> bool {

@@ -281,6 +281,93 @@ fn refused_connect() {
     close(c);
 }
 
+/// poll(2) itself (not rpoll) on a descriptor.
+fn kpoll(fd: i32, events: i16, timeout_ms: i32) -> i16 {
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    p.revents
+}
+
+/// The socket's number is a real descriptor, and poll(2) on it (no rpoll, no call on the socket
+/// while it waits) sees what rpoll reports: a pending connection on a listener, a finished
+/// non-blocking connect, data, end of stream (POLLRDHUP), the peer's close (POLLHUP), and a
+/// refused connect (POLLERR until SO_ERROR is read).
+fn descriptor_shows_readiness() {
+    const IN: i16 = libc::POLLIN;
+    const OUT: i16 = libc::POLLOUT;
+    let port = next_port();
+    let l = listener(port);
+    assert_eq!(kpoll(l.fd(), IN, 0), 0, "a listener with nothing pending");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = thread::spawn(move || {
+        let c = new_socket();
+        c.set_options(|o| o.nonblocking = true);
+        c.bind(&addr(client_ip(), 0).into()).unwrap();
+        match c.connect(&addr(server_ip(), port).into()) {
+            Err(Error::InProgress) | Ok(()) => {}
+            other => panic!("non-blocking connect: {other:?}"),
+        }
+        let r = kpoll(c.fd(), OUT, 20_000);
+        assert_eq!(r & (OUT | libc::POLLERR), OUT, "connected: revents {r:#x}");
+        assert_eq!(c.take_error(), 0);
+        let r = kpoll(c.fd(), IN, 20_000);
+        assert_eq!(r & IN, IN, "data: revents {r:#x}");
+        let mut b = [0u8; 16];
+        let n = c.recv(&mut b, 0).expect("recv after POLLIN");
+        assert_eq!(&b[..n], b"hello");
+        assert_eq!(kpoll(c.fd(), IN, 0), 0, "everything read");
+        tx.send(()).unwrap();
+        let r = kpoll(c.fd(), IN | libc::POLLRDHUP, 20_000);
+        assert_eq!(
+            r & (IN | libc::POLLRDHUP),
+            IN | libc::POLLRDHUP,
+            "end of stream: revents {r:#x}"
+        );
+        assert_eq!(c.recv(&mut b, 0).unwrap(), 0);
+        // Waiting for nothing but a hang-up (poll always reports POLLHUP).
+        let r = kpoll(c.fd(), 0, 20_000);
+        assert_ne!(r & libc::POLLHUP, 0, "peer closed: revents {r:#x}");
+        close(c);
+    });
+    let r = kpoll(l.fd(), IN, 20_000);
+    assert_eq!(r, IN, "a pending connection");
+    let s = l.accept().expect("accept");
+    assert_eq!(kpoll(l.fd(), IN, 0), 0, "nothing pending after accept");
+    assert_eq!(
+        kpoll(s.fd(), OUT, 20_000) & OUT,
+        OUT,
+        "accepted socket writable"
+    );
+    send_all(&s, b"hello");
+    rx.recv().unwrap();
+    s.shutdown(libc::SHUT_WR).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    s.close().unwrap();
+    client.join().expect("client");
+    close(l);
+    // A refused non-blocking connect: POLLOUT|POLLERR|POLLHUP, cleared by SO_ERROR.
+    let c = new_socket();
+    c.set_options(|o| o.nonblocking = true);
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    if let Err(Error::InProgress) = c.connect(&addr(server_ip(), next_port()).into()) {
+        let r = kpoll(c.fd(), OUT, 20_000);
+        assert_eq!(
+            r & (OUT | libc::POLLERR | libc::POLLHUP),
+            OUT | libc::POLLERR | libc::POLLHUP,
+            "refused: revents {r:#x}"
+        );
+        assert_eq!(c.take_error(), libc::ECONNREFUSED);
+        assert_eq!(kpoll(c.fd(), OUT, 0) & libc::POLLERR, 0, "SO_ERROR read");
+    }
+    close(c);
+}
+
 /// SHUT_WR: the peer reads the data, then end of stream, and can still answer.
 fn half_close() {
     let port = next_port();
@@ -1109,6 +1196,7 @@ const TESTS: &[Test] = &[
         staged_sends_keep_order_through_shutdown,
     ),
     ("refused_connect", refused_connect),
+    ("descriptor_shows_readiness", descriptor_shows_readiness),
     ("half_close", half_close),
     ("nonblocking_and_peek", nonblocking_and_peek),
     ("addresses", addresses),

@@ -31,12 +31,15 @@ pub struct Jobs {
     pub keepalive: bool,
     /// The socket is closed and its connection lingers.
     pub linger: bool,
+    /// Its descriptor shows its readiness: what arrives while the application is outside a
+    /// call is shown by the service thread.
+    pub watch: bool,
 }
 
 impl Jobs {
     /// No job at all.
     pub fn is_empty(&self) -> bool {
-        !(self.flush || self.keepalive || self.linger)
+        !(self.flush || self.keepalive || self.linger || self.watch)
     }
 
     fn union(self, o: Jobs) -> Jobs {
@@ -44,6 +47,7 @@ impl Jobs {
             flush: self.flush || o.flush,
             keepalive: self.keepalive || o.keepalive,
             linger: self.linger || o.linger,
+            watch: self.watch || o.watch,
         }
     }
 }

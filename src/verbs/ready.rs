@@ -229,6 +229,13 @@ impl ReadyFd {
         Ok(())
     }
 
+    /// Sets or clears close-on-exec on the user end (the library end always has it).
+    pub fn set_cloexec(&self, on: bool) {
+        let flag = if on { libc::FD_CLOEXEC } else { 0 };
+        // SAFETY: fcntl on a descriptor we own.
+        unsafe { libc::fcntl(self.user.as_raw_fd(), libc::F_SETFD, flag) };
+    }
+
     /// Clears the pending error the user end reports after POLLERR (SO_ERROR was read), as
     /// reading SO_ERROR clears a TCP socket's.
     pub fn clear_error(&self) {

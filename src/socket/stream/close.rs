@@ -9,6 +9,8 @@
 //! thread does (a linger job), as the kernel does for a TCP socket; and at exit the process
 //! waits for the connections still lingering, within their bound.
 
+use std::sync::atomic::Ordering;
+
 use super::{Inner, State, StreamSocket};
 use crate::error::{Error, Result};
 use crate::proto::wire::Ctrl;
@@ -78,12 +80,17 @@ impl StreamSocket {
     /// Orderly close: disconnect if still connected. Resources go when the last handle drops.
     /// On iWARP the disconnect may linger in the background (see the module documentation).
     pub fn close(&self) -> Result<()> {
+        let _call = self.call();
         let connected =
             matches!(&self.lock().state, State::Connected(c) if c.link.core.flags().connected);
         if connected {
             let _ = self.shutdown(libc::SHUT_RDWR);
         }
         let mut g = self.lock();
+        // The number goes at once, as a closed descriptor's (and out of every epoll set); a
+        // lingering connection keeps only its RDMA resources.
+        g.ready = None;
+        self.self_driven.store(true, Ordering::Relaxed);
         if let State::Connected(c) = &mut g.state
             && c.disconnect_owed
             && c.must_linger()

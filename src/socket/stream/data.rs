@@ -32,6 +32,7 @@ impl StreamSocket {
         }
         let t0 = crate::verbs::ticks();
         if let Some(n) = self.try_stage(buf, t0) {
+            self.touch(t0);
             return Ok(n);
         }
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();

@@ -152,6 +152,7 @@ impl StreamSocket {
 
     /// Starts listening.
     pub fn listen(&self, backlog: i32) -> Result<()> {
+        let _call = self.call();
         let mut g = self.lock();
         let st = std::mem::replace(&mut g.state, State::Failed);
         match st {
@@ -167,6 +168,8 @@ impl StreamSocket {
                         pending: VecDeque::new(),
                         v4,
                     };
+                    drop(g);
+                    self.start_watch();
                     Ok(())
                 }
                 Err(e) => {
@@ -220,6 +223,7 @@ impl StreamSocket {
 
     /// Accepts one connection (blocking unless non-blocking).
     pub fn accept(&self) -> Result<Arc<StreamSocket>> {
+        let _call = self.call();
         loop {
             let mut g = self.lock();
             if !matches!(g.state, State::Listening { .. }) {
@@ -236,7 +240,9 @@ impl StreamSocket {
                 if opts.nonblocking {
                     return Err(Error::WouldBlock);
                 }
-                wait_readable(&[self.channel.fd()], None)?;
+                // The waker too: the service thread may take the request and pass it on.
+                wait_readable(&[self.channel.fd(), self.waker.fd()], None)?;
+                self.waker.reset();
                 continue;
             };
             let private = ev.private_data();
@@ -247,7 +253,10 @@ impl StreamSocket {
             // The event must be acked before the id can migrate to its own channel.
             drop(ev);
             match Self::accept_one(id, &private, param, opts, self.domain) {
-                Ok(s) => return Ok(s),
+                Ok(s) => {
+                    s.start_watch();
+                    return Ok(s);
+                }
                 // A bad request or a peer that vanished mid-handshake is not the caller's
                 // problem: take the next one (non-blocking callers get EAGAIN).
                 Err(e) => {
@@ -295,6 +304,7 @@ impl StreamSocket {
     /// socket then returns EINPROGRESS, rpoll reports POLLOUT when the connect finished and
     /// SO_ERROR tells how.
     pub fn connect(&self, dst: &SockAddr) -> Result<()> {
+        let _call = self.call();
         let mut g = self.lock();
         let st = std::mem::replace(&mut g.state, State::Failed);
         let id = match st {
@@ -336,9 +346,17 @@ impl StreamSocket {
         loop {
             self.advance_connect(&mut g);
             match g.state {
-                State::Connected(_) => return Ok(()),
+                State::Connected(_) => {
+                    drop(g);
+                    self.start_watch();
+                    return Ok(());
+                }
                 State::Failed => return Err(errno_error(std::mem::take(&mut g.so_error))),
-                _ if opts.nonblocking => return Err(Error::InProgress),
+                _ if opts.nonblocking => {
+                    drop(g);
+                    self.start_watch();
+                    return Err(Error::InProgress);
+                }
                 _ => {}
             }
             let now = Instant::now();
@@ -347,7 +365,8 @@ impl StreamSocket {
                 return Err(Error::TimedOut);
             }
             drop(g);
-            wait_readable(&[self.channel.fd()], Some(deadline - now))?;
+            wait_readable(&[self.channel.fd(), self.waker.fd()], Some(deadline - now))?;
+            self.waker.reset();
             g = self.lock();
         }
     }

@@ -67,6 +67,7 @@ impl StreamSocket {
             return Ok(None);
         };
         let r = self.flush_round(conn);
+        self.publish(&mut g);
         if r.is_err() {
             // The connection failed: the job ends, and the next send reports the error.
             self.drop_stage();
@@ -190,6 +191,16 @@ impl Serviced for StreamSocket {
         {
             w.jobs.keepalive = true;
             w.deadline = Some(at);
+        }
+        if jobs.watch
+            && let Some(wt) = self.watch_job(now, ready)
+        {
+            w.jobs.watch = true;
+            w.fds.extend(wt.fds);
+            w.deadline = match (w.deadline, wt.deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
         }
         w
     }

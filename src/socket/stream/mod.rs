@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::proto::stream::StreamError;
 use crate::socket::config::Config;
-use crate::verbs::{CmEvent, CmId, EventChannel, SockAddr, Waker};
+use crate::verbs::{CmEvent, CmId, EventChannel, ReadyFd, SockAddr, Waker};
 
 mod close;
 mod conn;
@@ -19,6 +19,7 @@ mod endpoint;
 mod handshake;
 mod iomap;
 mod jobs;
+mod ready;
 mod settings;
 mod stage;
 mod wait;
@@ -36,6 +37,7 @@ const FLUSH: crate::socket::service::Jobs = crate::socket::service::Jobs {
     flush: true,
     keepalive: false,
     linger: false,
+    watch: false,
 };
 
 enum State {
@@ -68,6 +70,10 @@ struct Inner {
     so_error: i32,
     /// RDMA_ROUTE set by the application (`struct ibv_path_data[]`), used instead of resolving.
     route: Option<Vec<u8>>,
+    /// The descriptor that is the socket's number and shows its readiness (None once closed).
+    ready: Option<ReadyFd>,
+    /// How the descriptor is kept up to date (see `ready`).
+    watch: ready::Watch,
 }
 
 /// A stream rsocket.
@@ -94,6 +100,14 @@ pub struct StreamSocket {
     stage: stage::Stage,
     /// `opts.nonblocking`, readable without the lock (every send and receive asks).
     nonblocking: std::sync::atomic::AtomicBool,
+    /// The socket's number: the user end of its readiness descriptor.
+    number: RawFd,
+    /// Calls in progress (the service thread leaves a socket in use to its caller).
+    in_call: AtomicU32,
+    /// Ticks when the last call returned.
+    last_exit: std::sync::atomic::AtomicU64,
+    /// The descriptor is not kept up to date by every call (see `ready`).
+    self_driven: std::sync::atomic::AtomicBool,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -111,7 +125,7 @@ pub struct PollState {
 
 impl std::fmt::Debug for StreamSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "StreamSocket(fd {})", self.channel.fd())
+        write!(f, "StreamSocket(fd {})", self.number)
     }
 }
 
@@ -133,14 +147,21 @@ impl StreamSocket {
         opts: Options,
         domain: i32,
     ) -> Result<Arc<Self>> {
+        let ready = ReadyFd::new(opts.cloexec)?;
         let s = Arc::new(StreamSocket {
             nonblocking: std::sync::atomic::AtomicBool::new(opts.nonblocking),
+            number: ready.fd(),
+            in_call: AtomicU32::new(0),
+            last_exit: std::sync::atomic::AtomicU64::new(0),
+            self_driven: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 state,
                 opts,
                 sleeping: false,
                 so_error: 0,
                 route: None,
+                ready: Some(ready),
+                watch: ready::Watch::default(),
             }),
             cv: Condvar::new(),
             waiters: AtomicU32::new(0),
@@ -173,9 +194,10 @@ impl StreamSocket {
         matches!(self.lock().state, State::Listening { .. })
     }
 
-    /// The descriptor number (the CM event channel's fd, so it never collides with a real fd).
+    /// The descriptor number: a real descriptor (a socket) whose readiness follows the
+    /// socket's, for poll(2), select(2) and epoll (see `ready`).
     pub fn fd(&self) -> RawFd {
-        self.channel.fd()
+        self.number
     }
 
     /// Wakes the threads waiting on the condvar, if any (call with the lock held).
@@ -209,7 +231,13 @@ impl StreamSocket {
     /// Changes options (only sizes before connecting take effect, as upstream).
     pub fn set_options(&self, f: impl FnOnce(&mut Options)) {
         let mut g = self.lock();
+        let cloexec = g.opts.cloexec;
         f(&mut g.opts);
+        if g.opts.cloexec != cloexec
+            && let Some(r) = &g.ready
+        {
+            r.set_cloexec(g.opts.cloexec);
+        }
         self.nonblocking
             .store(g.opts.nonblocking, Ordering::Relaxed);
     }
@@ -271,6 +299,10 @@ impl StreamSocket {
             && let Some(e) = c.link.core.error()
         {
             return broken(e).errno();
+        }
+        if let Some(r) = &g.ready {
+            // As reading SO_ERROR clears a TCP socket's pending error (and its POLLERR).
+            r.clear_error();
         }
         std::mem::take(&mut g.so_error)
     }

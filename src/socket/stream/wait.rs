@@ -95,6 +95,7 @@ impl StreamSocket {
                 ps.n_wait = 3;
             }
         }
+        self.publish(&mut g);
         Ok(ps)
     }
 
@@ -158,6 +159,7 @@ impl StreamSocket {
         nonblock: bool,
         mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
     ) -> Result<R> {
+        let _call = self.call();
         let mut g = self.lock();
         // Busy-poll window in ticks, from when the spin started: no clock syscalls.
         let mut spin_start: Option<u64> = None;
@@ -172,7 +174,9 @@ impl StreamSocket {
                         return Err(Error::WouldBlock);
                     }
                     drop(g);
-                    wait_readable(&[self.channel.fd()], Some(CM_WAIT))?;
+                    // The waker too: the service thread may take the CM event and pass it on.
+                    wait_readable(&[self.channel.fd(), self.waker.fd()], Some(CM_WAIT))?;
+                    self.waker.reset();
                     g = self.lock();
                     continue;
                 }

@@ -1,0 +1,227 @@
+//! The rsocket's descriptor shows the socket's readiness (`verbs::ready`), so that poll(2),
+//! select(2) and epoll see what rpoll reports, with no thread per socket or per epoll set.
+//!
+//! When the application is inside a call, the call itself brings the descriptor up to date
+//! before it returns. When it is not (it sleeps in epoll_wait, say), something must notice that
+//! data arrived: the service thread, which sleeps on the socket's completion and CM channels
+//! (the CQ armed) and shows the change (a *watch* job). Watching costs an arming and a wake-up
+//! of the service thread per completion, which a program that never sleeps on the descriptor
+//! should not pay: one that calls again by itself (busy-polling on EAGAIN, blocking calls,
+//! rpoll) finds its data before the service thread can show it. So each socket is in one of
+//! two modes:
+//!
+//! - *Watched* (from the start): every call publishes the readiness before it returns and
+//!   leaves the CQ armed; the service thread shows what arrives in between.
+//! - *Self-driven*: after [`WASTED_MAX`] wake-ups of the service thread, with no useful one in
+//!   between, that found the application inside a call or found nothing to show (its calls had
+//!   taken what came before it could be shown). Calls still bring the descriptor up to date
+//!   (a syscall only when what it shows changes), but arm nothing, and the service thread
+//!   sleeps no more on the socket's channels (no wake-up per completion). The service
+//!   thread looks every [`TICK`]: a socket whose application made no call for [`IDLE`] is
+//!   watched again (its descriptor brought up to date at once). A program that busy-polls and
+//!   then sleeps on the descriptor waits at most about `TICK + IDLE` for its first wake-up.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Inner, State, StreamSocket};
+use crate::socket::service::{Jobs, Wait};
+use crate::trace::trace;
+use crate::verbs::{ticks, ticks_per_us};
+
+/// Wake-ups of the service thread in a row that showed the application nothing, after which a
+/// socket counts as self-driven.
+pub(super) const WASTED_MAX: u8 = 16;
+/// How often the service thread looks at self-driven sockets.
+pub(super) const TICK: Duration = Duration::from_millis(10);
+/// A self-driven socket whose application made no call for this long is watched again.
+pub(super) const IDLE: Duration = Duration::from_millis(2);
+
+/// The watch job alone.
+pub(super) const WATCH: Jobs = Jobs {
+    flush: false,
+    keepalive: false,
+    linger: false,
+    watch: true,
+};
+
+/// How a socket's descriptor is kept up to date (see the module documentation); the mode
+/// itself is `StreamSocket::self_driven`, read without the lock by every call.
+#[derive(Debug, Default)]
+pub(super) struct Watch {
+    /// Service wake-ups in a row that showed the application nothing.
+    wasted: u8,
+}
+
+/// A call in progress (see [`StreamSocket::call`]).
+pub(super) struct Call<'a>(&'a StreamSocket);
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        self.0.exit_call();
+    }
+}
+
+impl StreamSocket {
+    /// The readiness a kernel TCP socket in this state would report, as the descriptor can
+    /// show it (zero-copy notices, which come and go, are reported by rpoll only).
+    pub(super) fn readiness(g: &Inner) -> i16 {
+        match &g.state {
+            State::Idle { .. } => libc::POLLOUT,
+            State::Connecting(_) | State::Accepting(_) => 0,
+            State::Listening { pending, .. } => {
+                if pending.is_empty() {
+                    0
+                } else {
+                    libc::POLLIN
+                }
+            }
+            State::Connected(c) => {
+                let mut r = c.revents() & !libc::POLLERR;
+                if c.link.core.error().is_some() {
+                    r |= libc::POLLERR;
+                }
+                if !c.link.core.flags().readable {
+                    r |= libc::POLLRDHUP;
+                }
+                r
+            }
+            State::Failed if g.so_error != 0 => libc::POLLOUT | libc::POLLERR | libc::POLLHUP,
+            State::Failed => libc::POLLOUT | libc::POLLHUP,
+        }
+    }
+
+    /// Brings the descriptor up to date (call with the lock held): a syscall or two if what it
+    /// shows changes, none otherwise.
+    pub(super) fn publish(&self, g: &mut Inner) {
+        self.show(g);
+    }
+
+    fn show(&self, g: &mut Inner) {
+        let want = Self::readiness(g);
+        if let Some(r) = g.ready.as_mut()
+            && let Err(e) = r.show(want)
+        {
+            trace!("{self:?}: readiness descriptor: {e}");
+        }
+    }
+
+    /// A call begins; when the returned guard goes, the call ends (see `exit_call`). Counted,
+    /// so that the service thread leaves a socket in use to its caller.
+    pub(super) fn call(&self) -> Call<'_> {
+        self.in_call.fetch_add(1, Ordering::AcqRel);
+        Call(self)
+    }
+
+    /// A call ends: the descriptor shows the state the call leaves, and a watched socket's CQ
+    /// stays armed so that the service thread sees what arrives next.
+    fn exit_call(&self) {
+        self.in_call.fetch_sub(1, Ordering::AcqRel);
+        self.last_exit.store(ticks(), Ordering::Relaxed);
+        let mut g = self.lock();
+        self.show(&mut g);
+        if !self.self_driven.load(Ordering::Relaxed) {
+            self.arm_watch(&mut g);
+        }
+    }
+
+    /// Notes a call that returns without `call` (a staged send): the application is active.
+    pub(super) fn touch(&self, now: u64) {
+        self.last_exit.store(now, Ordering::Relaxed);
+    }
+
+    /// Arms the CQ of a watched connection that may still change (what is not ready yet).
+    fn arm_watch(&self, g: &mut Inner) {
+        let want = Self::readiness(g);
+        if let State::Connected(c) = &mut g.state
+            && c.link.core.flags().connected
+            && want & (libc::POLLIN | libc::POLLOUT) != libc::POLLIN | libc::POLLOUT
+            && let Err(e) = c.link.t.arm()
+        {
+            trace!("{self:?}: arming for the watch: {e}");
+        }
+    }
+
+    /// Starts watching the socket's descriptors in the service thread (a listener, a connect
+    /// in progress, a connection).
+    pub(super) fn start_watch(&self) {
+        self.add_jobs(WATCH);
+    }
+
+    /// The watch job (see the module documentation). `ready`: this socket's descriptors that
+    /// woke the service thread (their wake-ups already taken by `woke`).
+    pub(super) fn watch_job(&self, now: Instant, ready: &[RawFd]) -> Option<Wait> {
+        let mut g = self.lock();
+        if matches!(g.state, State::Idle { .. } | State::Failed) {
+            self.show(&mut g);
+            return None;
+        }
+        let inside = self.in_call.load(Ordering::Acquire) > 0;
+        if self.self_driven.load(Ordering::Relaxed) {
+            let idle = ticks().wrapping_sub(self.last_exit.load(Ordering::Relaxed))
+                >= IDLE.as_micros() as u64 * ticks_per_us();
+            if inside || !idle {
+                return Some(Wait {
+                    jobs: WATCH,
+                    fds: Vec::new(),
+                    deadline: Some(now + TICK),
+                });
+            }
+            trace!("{self:?}: idle, watched again");
+            g.watch = Watch::default();
+            self.self_driven.store(false, Ordering::Relaxed);
+        }
+        let before = g.ready.as_ref().map_or(0, |r| r.shown());
+        if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
+            self.advance_connect(&mut g);
+        }
+        match &mut g.state {
+            State::Listening { .. } => self.collect_requests(&mut g),
+            State::Connected(c) => {
+                let _ = self.drive(c);
+            }
+            _ => {}
+        }
+        self.show(&mut g);
+        let after = g.ready.as_ref().map_or(0, |r| r.shown());
+        if inside {
+            // The application sleeps in a call: what was taken here is its to see.
+            self.notify();
+            self.waker.wake();
+        }
+        if !ready.is_empty() {
+            // Useful: it showed something new to an application outside. Wasted: the
+            // application is inside a call (it drives the socket itself), or nothing is left
+            // to show (its calls took what came before it could be shown). Otherwise (what
+            // came is shown already, not read yet) neither.
+            if after & !before != 0 && !inside {
+                g.watch.wasted = 0;
+            } else if inside || (after == before && after & libc::POLLIN == 0) {
+                g.watch.wasted = g.watch.wasted.saturating_add(1);
+                if g.watch.wasted >= WASTED_MAX {
+                    trace!("{self:?}: self-driven, not watched");
+                    self.self_driven.store(true, Ordering::Relaxed);
+                    return Some(Wait {
+                        jobs: WATCH,
+                        fds: Vec::new(),
+                        deadline: Some(now + TICK),
+                    });
+                }
+            }
+        }
+        self.arm_watch(&mut g);
+        let mut fds = vec![self.channel.fd()];
+        match &g.state {
+            State::Connected(c) if c.link.core.flags().connected => fds.push(c.link.t.comp_fd()),
+            // Nothing arrives any more: what the descriptor shows changes only with the calls.
+            State::Connected(_) | State::Idle { .. } | State::Failed => return None,
+            _ => {}
+        }
+        Some(Wait {
+            jobs: WATCH,
+            fds,
+            deadline: None,
+        })
+    }
+}
