@@ -39,6 +39,8 @@
  *   spin   (default) O_NONBLOCK, retry at once on EAGAIN (librdmacm rstream's default mode)
  *   poll   O_NONBLOCK, rpoll() on EAGAIN
  *   block  blocking calls
+ *   epoll  O_NONBLOCK, the kernel's epoll_wait on the descriptor on EAGAIN (rsocket-rs and TCP:
+ *          librdmacm's descriptors do not become readable with data)
  *
  * CPU: getrusage(RUSAGE_SELF) user+sys over each timed section (all threads of the process), on
  * both sides; the server sends its figure to the client, which reports both and their sum.
@@ -59,6 +61,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -96,8 +99,8 @@
 #define PERIOD 65521u     /* prime: a lost or repeated chunk of any power-of-two size shows */
 
 enum { CMD_PINGPONG = 1, CMD_STREAM = 2, CMD_QUIT = 3, CMD_IOWRITE = 4, CMD_IOREAD = 5, CMD_ZCSEND = 6 };
-enum { MODE_SPIN, MODE_POLL, MODE_BLOCK };
-static const char *mode_names[] = { "spin", "poll", "block" };
+enum { MODE_SPIN, MODE_POLL, MODE_BLOCK, MODE_EPOLL };
+static const char *mode_names[] = { "spin", "poll", "block", "epoll" };
 
 struct hdr {
 	uint32_t magic, cmd;
@@ -161,6 +164,27 @@ static void make_pattern(size_t maxsz)
 /* Wait until fd is ready for `events` (poll mode) or just retry (spin mode). */
 static void wait_ready(int fd, short events)
 {
+	if (mode == MODE_EPOLL) {
+		/* One level-triggered set for the process; the descriptor's interest follows the call. */
+		static int ep = -1, in_set = -1;
+		static uint32_t interest;
+		uint32_t want = (events & POLLIN ? EPOLLIN : 0) | (events & POLLOUT ? EPOLLOUT : 0);
+		if (ep < 0 && (ep = epoll_create1(EPOLL_CLOEXEC)) < 0)
+			die("epoll_create1");
+		if (in_set != fd || interest != want) {
+			struct epoll_event e = { .events = want, .data.fd = fd };
+			/* The descriptor may be new, or a closed one's number again (closing left the set). */
+			if (epoll_ctl(ep, EPOLL_CTL_MOD, fd, &e) &&
+			    (errno != ENOENT || epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e)))
+				die("epoll_ctl");
+			in_set = fd;
+			interest = want;
+		}
+		struct epoll_event out;
+		if (epoll_wait(ep, &out, 1, -1) < 0 && errno != EINTR) /* the alarm bounds it */
+			die("epoll_wait");
+		return;
+	}
 	if (mode != MODE_POLL)
 		return;
 	struct pollfd p = { .fd = fd, .events = events };
@@ -1005,6 +1029,8 @@ int main(int argc, char **argv)
 				mode = MODE_POLL;
 			else if (!strcmp(optarg, "block"))
 				mode = MODE_BLOCK;
+			else if (!strcmp(optarg, "epoll"))
+				mode = MODE_EPOLL;
 			else
 				usage();
 			break;

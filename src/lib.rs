@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod net;
 pub mod proto;
 pub mod socket;
 pub mod trace;

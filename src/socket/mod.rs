@@ -1,7 +1,8 @@
 //! Sockets: the descriptor table, stream rsockets, options and configuration.
 //!
-//! A descriptor is the number of a file descriptor the rsocket owns (its rdma_cm event channel),
-//! as in librdmacm, so rsocket numbers never collide with the process's real descriptors.
+//! A descriptor is the number of a real file descriptor the rsocket owns (the user end of its
+//! readiness socketpair, `verbs::ready`), so rsocket numbers never collide with the process's
+//! other descriptors, and poll(2), select(2) and epoll work on them.
 
 #![forbid(unsafe_code)]
 

@@ -146,6 +146,18 @@ fn shutdown(fd: RawFd, how: i32) -> io::Result<()> {
     cvt(unsafe { libc::shutdown(fd, how) } as isize).map(|_| ())
 }
 
+/// A second descriptor for the same open socket as `fd` (close-on-exec): it polls exactly as
+/// `fd` does, and stays valid however `fd` is closed.
+pub fn dup_cloexec(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl with F_DUPFD_CLOEXEC has no memory arguments.
+    let d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if d < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: d was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(d) })
+}
+
 impl ReadyFd {
     /// A new readiness descriptor showing POLLOUT only (an unconnected socket's readiness).
     pub fn new(cloexec: bool) -> io::Result<Self> {

@@ -173,6 +173,7 @@ impl StreamSocket {
             self.self_driven.store(false, Ordering::Relaxed);
         }
         let before = g.ready.as_ref().map_or(0, |r| r.shown());
+        let connecting = !matches!(g.state, State::Connected(_));
         if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
             self.advance_connect(&mut g);
         }
@@ -185,8 +186,9 @@ impl StreamSocket {
         }
         self.show(&mut g);
         let after = g.ready.as_ref().map_or(0, |r| r.shown());
-        if inside {
-            // The application sleeps in a call: what was taken here is its to see.
+        if inside || (connecting && after != before) {
+            // The application sleeps in a call, or maybe in rpoll on the CM channel: what was
+            // taken here is its to see.
             self.notify();
             self.waker.wake();
         }

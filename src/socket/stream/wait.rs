@@ -57,10 +57,12 @@ impl StreamSocket {
         self.advance_connect(&mut g);
         self.collect_requests(&mut g);
         let ch = self.channel.fd();
+        // The waker too: the service thread may take a CM event (a connect request, a connect's
+        // reply) off the channel and passes the wake-up on there.
         let mut ps = PollState {
             revents: 0,
-            wait_fds: [ch, -1, -1],
-            n_wait: 1,
+            wait_fds: [ch, self.waker.fd(), -1],
+            n_wait: 2,
         };
         match &mut g.state {
             State::Idle { .. } => ps.revents = libc::POLLOUT | libc::POLLHUP,
