@@ -584,6 +584,11 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Whether the CQ is armed (its next completion raises an event), as far as we know.
+    pub fn is_armed(&self) -> bool {
+        self.armed.get()
+    }
+
     /// Arms the CQ: the completion channel fd becomes readable at the next completion.
     pub fn arm(&self) -> io::Result<()> {
         if self.armed.get() {

@@ -195,6 +195,9 @@ impl ReadyFd {
         if want & libc::POLLERR != 0 && self.shown & libc::POLLHUP == 0 {
             // Unread bytes at the library end when it closes: the user end gets ECONNRESET.
             // (After POLLHUP the user end can no longer send them: a hang-up stays one.)
+            // (The kernel wakes pollers before it frees what the library end held: a poll woken
+            // by the error may not see POLLOUT yet, which follows at once. Draining a blocker
+            // first would show POLLOUT alone before the error, which is worse.)
             if self.shown & libc::POLLOUT != 0 {
                 send(u, &[0])?;
             }

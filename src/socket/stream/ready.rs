@@ -131,15 +131,23 @@ impl StreamSocket {
         self.last_exit.store(now, Ordering::Relaxed);
     }
 
-    /// Arms the CQ of a watched connection that may still change (what is not ready yet).
+    /// Arms the CQ of a watched connection that may still change (what is not ready yet). A
+    /// completion that came before the arming raises no event: the CQ is looked at once more
+    /// after it, and what that finds shown.
     fn arm_watch(&self, g: &mut Inner) {
         let want = Self::readiness(g);
         if let State::Connected(c) = &mut g.state
             && c.link.core.flags().connected
             && want & (libc::POLLIN | libc::POLLOUT) != libc::POLLIN | libc::POLLOUT
-            && let Err(e) = c.link.t.arm()
+            && !c.link.t.is_armed()
         {
-            trace!("{self:?}: arming for the watch: {e}");
+            if let Err(e) = c.link.t.arm() {
+                trace!("{self:?}: arming for the watch: {e}");
+                return;
+            }
+            if matches!(self.drive(c), Ok(true)) {
+                self.show(g);
+            }
         }
     }
 
