@@ -64,6 +64,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
         .iter()
         .map(|p| if p.fd >= 0 { lookup(p.fd).ok() } else { None })
         .collect();
+    // The caller waits in here: the service thread leaves these sockets to it (see
+    // `stream::ready`), and their descriptors are brought up to date when it returns.
+    let _calls: Vec<_> = socks.iter().flatten().map(|s| s.call()).collect();
     // The busy-poll is timed with the tick counter, and the clock is read only when there is
     // a timeout to keep (a clock read can cost a syscall).
     let mut start = None;

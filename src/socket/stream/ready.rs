@@ -14,9 +14,10 @@
 //!   leaves the CQ armed; the service thread shows what arrives in between.
 //! - *Self-driven*: after [`WASTED_MAX`] wake-ups of the service thread, with no useful one in
 //!   between, that found the application inside a call or found nothing to show (its calls had
-//!   taken what came before it could be shown). Calls still bring the descriptor up to date
-//!   (a syscall only when what it shows changes), but arm nothing, and the service thread
-//!   sleeps no more on the socket's channels (no wake-up per completion). The service
+//!   taken what came before it could be shown); rpoll counts as a call. Calls then show only
+//!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR), arm nothing,
+//!   and the service thread sleeps no more on the socket's channels (no syscall or wake-up
+//!   added per message). The service
 //!   thread looks every [`TICK`]: a socket whose application made no call for [`IDLE`] is
 //!   watched again (its descriptor brought up to date at once). A program that busy-polls and
 //!   then sleeps on the descriptor waits at most about `TICK + IDLE` for its first wake-up.
@@ -55,7 +56,7 @@ pub(super) struct Watch {
 }
 
 /// A call in progress (see [`StreamSocket::call`]).
-pub(super) struct Call<'a>(&'a StreamSocket);
+pub(crate) struct Call<'a>(&'a StreamSocket);
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
@@ -93,8 +94,17 @@ impl StreamSocket {
     }
 
     /// Brings the descriptor up to date (call with the lock held): a syscall or two if what it
-    /// shows changes, none otherwise.
+    /// shows changes, none otherwise. A self-driven socket's descriptor only takes the end of
+    /// the connection (POLLRDHUP, POLLHUP, POLLERR: once each), not the comings and goings of
+    /// data and room, which would cost syscalls on its data path.
     pub(super) fn publish(&self, g: &mut Inner) {
+        if self.self_driven.load(Ordering::Relaxed) {
+            let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+            let shown = g.ready.as_ref().map_or(gone, |r| r.shown());
+            if Self::readiness(g) & gone & !shown == 0 {
+                return;
+            }
+        }
         self.show(g);
     }
 
@@ -109,7 +119,7 @@ impl StreamSocket {
 
     /// A call begins; when the returned guard goes, the call ends (see `exit_call`). Counted,
     /// so that the service thread leaves a socket in use to its caller.
-    pub(super) fn call(&self) -> Call<'_> {
+    pub(crate) fn call(&self) -> Call<'_> {
         self.in_call.fetch_add(1, Ordering::AcqRel);
         Call(self)
     }
@@ -120,7 +130,7 @@ impl StreamSocket {
         self.in_call.fetch_sub(1, Ordering::AcqRel);
         self.last_exit.store(ticks(), Ordering::Relaxed);
         let mut g = self.lock();
-        self.show(&mut g);
+        self.publish(&mut g);
         if !self.self_driven.load(Ordering::Relaxed) {
             self.arm_watch(&mut g);
         }
