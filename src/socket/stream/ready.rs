@@ -190,6 +190,15 @@ impl StreamSocket {
             trace!("{self:?}: idle, watched again");
             g.watch = Watch::default();
             self.self_driven.store(false, Ordering::Relaxed);
+            // What it shows may be stale (data and room were not published): taken back first,
+            // so that what is shown below is a new edge for edge-triggered waiters (epoll
+            // EPOLLET, tokio), which a stale POLLIN shown again would not be.
+            if let Some(r) = g.ready.as_mut() {
+                let fresh = r.shown() & !(libc::POLLIN | libc::POLLOUT);
+                if let Err(e) = r.show(fresh) {
+                    trace!("{self:?}: readiness descriptor: {e}");
+                }
+            }
         }
         let before = g.ready.as_ref().map_or(0, |r| r.shown());
         let connecting = !matches!(g.state, State::Connected(_));
