@@ -145,43 +145,26 @@ static void ep_ctl(int set, int op, int fd, uint32_t ev, uint64_t data)
 		die("epoll_ctl");
 }
 
-/* After handling a connection: (re-)register what it waits for. */
-static void rearm(struct conn *c)
+/* Registers a connection (op EPOLL_CTL_ADD) or, after handling it, re-registers what it waits
+ * for (EPOLL_CTL_MOD), in the way of its kind. */
+static void ep_conn(struct conn *c, int op)
 {
 	if (mode != M_EPOLL || c->done)
 		return;
 	uint32_t ev = wanted(c);
 	switch (c->kind) {
 	case 1: /* edge triggered: registered once for everything */
+		if (op == EPOLL_CTL_ADD)
+			ep_ctl(ep, op, c->fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, c->idx);
 		break;
 	case 2:
-		ep_ctl(ep, EPOLL_CTL_MOD, c->fd, ev | EPOLLONESHOT, c->idx);
+		ep_ctl(ep, op, c->fd, ev | EPOLLONESHOT, c->idx);
 		break;
 	case 3:
-		ep_ctl(inner, EPOLL_CTL_MOD, c->fd, ev, c->idx);
+		ep_ctl(inner, op, c->fd, ev, c->idx);
 		break;
 	default:
-		ep_ctl(ep, EPOLL_CTL_MOD, c->fd, ev, c->idx);
-	}
-}
-
-static void add_conn(struct conn *c)
-{
-	if (mode != M_EPOLL)
-		return;
-	uint32_t ev = wanted(c);
-	switch (c->kind) {
-	case 1:
-		ep_ctl(ep, EPOLL_CTL_ADD, c->fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, c->idx);
-		break;
-	case 2:
-		ep_ctl(ep, EPOLL_CTL_ADD, c->fd, ev | EPOLLONESHOT, c->idx);
-		break;
-	case 3:
-		ep_ctl(inner, EPOLL_CTL_ADD, c->fd, ev, c->idx);
-		break;
-	default:
-		ep_ctl(ep, EPOLL_CTL_ADD, c->fd, ev, c->idx);
+		ep_ctl(ep, op, c->fd, ev, c->idx);
 	}
 }
 
@@ -349,7 +332,7 @@ static void handle(struct conn *c, uint32_t ev)
 	else
 		client_io(c, ev, once);
 	if (!c->done)
-		rearm(c);
+		ep_conn(c, EPOLL_CTL_MOD);
 }
 
 static void set_nonblock(int fd)
@@ -382,7 +365,7 @@ static void accept_all(void)
 			die("raccept");
 		}
 		set_nonblock(fd);
-		add_conn(new_conn(fd));
+		ep_conn(new_conn(fd), EPOLL_CTL_ADD);
 		progress++;
 	}
 }
@@ -707,7 +690,7 @@ int main(int argc, char **argv)
 			}
 			if (xmode)
 				return peer_killed(fd);
-			add_conn(c);
+			ep_conn(c, EPOLL_CTL_ADD);
 		}
 	}
 	if (mode == M_EPOLL)

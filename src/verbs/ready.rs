@@ -33,6 +33,8 @@ pub struct ReadyFd {
 /// The bits a readiness descriptor can show.
 pub const SHOWABLE: i16 =
     libc::POLLIN | libc::POLLOUT | libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+/// The bits that stay once shown: the end of the connection.
+pub const GONE: i16 = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
 
 /// Bytes the user end must hold unread for it to stop being writable (measured once).
 fn blocker_len() -> io::Result<usize> {
@@ -191,7 +193,6 @@ impl ReadyFd {
         }
         let lib = self.lib.as_ref().map(|l| l.as_raw_fd()).unwrap_or(-1);
         let u = self.user.as_raw_fd();
-        let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
         if want & libc::POLLERR != 0 && self.shown & libc::POLLHUP == 0 {
             // Unread bytes at the library end when it closes: the user end gets ECONNRESET.
             // (After POLLHUP the user end can no longer send them: a hang-up stays one.)
@@ -214,7 +215,7 @@ impl ReadyFd {
             shutdown(lib, libc::SHUT_WR)?;
             self.shown |= libc::POLLIN | libc::POLLRDHUP;
         }
-        if self.shown & gone == 0 {
+        if self.shown & GONE == 0 {
             match (want & libc::POLLIN != 0, self.shown & libc::POLLIN != 0) {
                 (true, false) => {
                     send(lib, &[1])?;

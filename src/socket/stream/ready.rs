@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 use super::{Inner, State, StreamSocket};
 use crate::socket::service::{Jobs, Wait};
 use crate::trace::trace;
+use crate::verbs::ready::GONE;
 use crate::verbs::{ticks, ticks_per_us};
 
-/// Wake-ups of the service thread in a row that showed the application nothing, after which a
-/// socket counts as self-driven.
+/// Wasted wake-ups of the service thread, less twice the useful ones, after which a socket
+/// counts as self-driven (see the module documentation).
 pub(super) const WASTED_MAX: u8 = 16;
 /// How often the service thread looks at self-driven sockets.
 pub(super) const TICK: Duration = Duration::from_millis(10);
@@ -52,8 +53,17 @@ pub(super) const WATCH: Jobs = Jobs {
 /// itself is `StreamSocket::self_driven`, read without the lock by every call.
 #[derive(Debug, Default)]
 pub(super) struct Watch {
-    /// Service wake-ups in a row that showed the application nothing.
+    /// Wasted service wake-ups, less twice the useful ones (never below 0).
     wasted: u8,
+}
+
+/// What a self-driven socket's watch job waits for: the next look, one [`TICK`] on.
+fn tick_wait(now: Instant) -> Wait {
+    Wait {
+        jobs: WATCH,
+        fds: Vec::new(),
+        deadline: Some(now + TICK),
+    }
 }
 
 /// A call in progress (see [`StreamSocket::call`]).
@@ -100,9 +110,8 @@ impl StreamSocket {
     /// data and room, which would cost syscalls on its data path.
     pub(super) fn publish(&self, g: &mut Inner) {
         if self.self_driven.load(Ordering::Relaxed) {
-            let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
-            let shown = g.ready.as_ref().map_or(gone, |r| r.shown());
-            if Self::readiness(g) & gone & !shown == 0 {
+            let shown = g.ready.as_ref().map_or(GONE, |r| r.shown());
+            if Self::readiness(g) & GONE & !shown == 0 {
                 return;
             }
         }
@@ -181,11 +190,7 @@ impl StreamSocket {
             let idle = ticks().wrapping_sub(self.last_exit.load(Ordering::Relaxed))
                 >= IDLE.as_micros() as u64 * ticks_per_us();
             if inside || !idle {
-                return Some(Wait {
-                    jobs: WATCH,
-                    fds: Vec::new(),
-                    deadline: Some(now + TICK),
-                });
+                return Some(tick_wait(now));
             }
             trace!("{self:?}: idle, watched again");
             g.watch = Watch::default();
@@ -234,11 +239,7 @@ impl StreamSocket {
                 if g.watch.wasted >= WASTED_MAX {
                     trace!("{self:?}: self-driven, not watched");
                     self.self_driven.store(true, Ordering::Relaxed);
-                    return Some(Wait {
-                        jobs: WATCH,
-                        fds: Vec::new(),
-                        deadline: Some(now + TICK),
-                    });
+                    return Some(tick_wait(now));
                 }
             }
         }
