@@ -15,7 +15,8 @@
 //! - *Self-driven*: after [`WASTED_MAX`] more wake-ups of the service thread that found the
 //!   application inside a call or found nothing to show (its calls had taken what came before
 //!   it could be shown) than twice the useful ones (that showed something new to an application
-//!   outside a call); rpoll counts as a call. Calls then show only
+//!   outside a call); rpoll counts as a call, and so does an application that polls by itself
+//!   (more than [`POLLING_CALLS`] EAGAIN returns since the last wake-up). Calls then show only
 //!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR), arm nothing,
 //!   and the service thread sleeps no more on the socket's channels (no syscall or wake-up
 //!   added per message). The service
@@ -55,7 +56,15 @@ pub(super) const WATCH: Jobs = Jobs {
 pub(super) struct Watch {
     /// Wasted service wake-ups, less twice the useful ones (never below 0).
     wasted: u8,
+    /// The connection's EAGAIN count (`Conn::idle_calls`) at the last wake-up.
+    idle_calls: u32,
 }
+
+/// More EAGAIN returns than this between two wake-ups of the service thread: the application
+/// polls by itself (it retries at once on EAGAIN) and would find what arrives without being
+/// shown it. One that sleeps on the descriptor makes at most one per wake-up (it reads until
+/// EAGAIN, then sleeps again).
+const POLLING_CALLS: u32 = 2;
 
 /// What a self-driven socket's watch job waits for: the next look, one [`TICK`] on.
 fn tick_wait(now: Instant) -> Wait {
@@ -186,6 +195,14 @@ impl StreamSocket {
             return None;
         }
         let inside = self.in_call.load(Ordering::Acquire) > 0;
+        let polling = match &g.state {
+            State::Connected(c) => {
+                let calls = c.idle_calls.wrapping_sub(g.watch.idle_calls);
+                g.watch.idle_calls = c.idle_calls;
+                calls > POLLING_CALLS
+            }
+            _ => false,
+        };
         if self.self_driven.load(Ordering::Relaxed) {
             let idle = ticks().wrapping_sub(self.last_exit.load(Ordering::Relaxed))
                 >= IDLE.as_micros() as u64 * ticks_per_us();
@@ -193,7 +210,7 @@ impl StreamSocket {
                 return Some(tick_wait(now));
             }
             trace!("{self:?}: idle, watched again");
-            g.watch = Watch::default();
+            g.watch.wasted = 0;
             self.self_driven.store(false, Ordering::Relaxed);
             // What it shows may be stale (data and room were not published): taken back first,
             // so that what is shown below is a new edge for edge-triggered waiters (epoll
@@ -227,14 +244,15 @@ impl StreamSocket {
         }
         if !ready.is_empty() {
             // Useful: it showed something new to an application outside. Wasted: the
-            // application is inside a call (it drives the socket itself), or nothing is left
-            // to show (its calls took what came before it could be shown). Otherwise (what
-            // came is shown already, not read yet) neither.
-            if after & !before != 0 && !inside {
+            // application is inside a call or polls by itself (it drives the socket itself),
+            // or nothing is left to show (its calls took what came before it could be
+            // shown). Otherwise (what came is shown already, not read yet) neither.
+            let driving = inside || polling;
+            if after & !before != 0 && !driving {
                 // Not a reset: a program woken by its own call (rpoll, a blocking receive)
                 // races with this thread for the same completion and loses now and then.
                 g.watch.wasted = g.watch.wasted.saturating_sub(2);
-            } else if inside || (after == before && after & libc::POLLIN == 0) {
+            } else if driving || (after == before && after & libc::POLLIN == 0) {
                 g.watch.wasted = g.watch.wasted.saturating_add(1);
                 if g.watch.wasted >= WASTED_MAX {
                     trace!("{self:?}: self-driven, not watched");
