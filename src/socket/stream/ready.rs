@@ -16,7 +16,7 @@
 //!   application inside a call or found nothing to show (its calls had taken what came before
 //!   it could be shown) than twice the useful ones (that showed something new to an application
 //!   outside a call); rpoll counts as a call, and so does an application that polls by itself
-//!   (more than [`POLLING_CALLS`] EAGAIN returns since the last wake-up). Calls then show only
+//!   (more than [`POLLING_CALLS`] EAGAIN returns since the watch job last ran). Calls then show only
 //!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR), arm nothing,
 //!   and the service thread sleeps no more on the socket's channels (no syscall or wake-up
 //!   added per message). The service
@@ -56,11 +56,11 @@ pub(super) const WATCH: Jobs = Jobs {
 pub(super) struct Watch {
     /// Wasted service wake-ups, less twice the useful ones (never below 0).
     wasted: u8,
-    /// The connection's EAGAIN count (`Conn::idle_calls`) at the last wake-up.
+    /// The connection's EAGAIN count (`Conn::idle_calls`) when the watch job last ran.
     idle_calls: u32,
 }
 
-/// More EAGAIN returns than this between two wake-ups of the service thread: the application
+/// More EAGAIN returns than this between two runs of the watch job: the application
 /// polls by itself (it retries at once on EAGAIN) and would find what arrives without being
 /// shown it. One that sleeps on the descriptor makes at most one per wake-up (it reads until
 /// EAGAIN, then sleeps again).
