@@ -10,6 +10,9 @@
  *   refused-connect check: rsping -c 10.10.0.1 -b 10.10.0.2 -p 7999 -E
  *   peer-killed check (client): -X  sends and receives until the peer dies, expects ECONNRESET
  *   write-after-shutdown check (client): -P  expects EPIPE, and SIGPIPE unless MSG_NOSIGNAL
+ *   keepalive against a live peer (client): -A SECS  SO_KEEPALIVE with TCP_KEEPIDLE,
+ *     TCP_KEEPINTVL and TCP_KEEPCNT 1 (given up after 2 s unanswered), idle SECS, then the
+ *     transfer: the peer's device answers the probes, so the connection must still work
  *   -K: the same program over kernel TCP sockets, for errno parity
  *
  * The client sends S bytes, the server verifies and echoes them, the client verifies the echo;
@@ -43,6 +46,7 @@ static int (*s_connect)(int, const struct sockaddr *, socklen_t) = rconnect;
 static ssize_t (*s_send)(int, const void *, size_t, int) = rsend;
 static ssize_t (*s_recv)(int, void *, size_t, int) = rrecv;
 static int (*s_setsockopt)(int, int, int, const void *, socklen_t) = rsetsockopt;
+static int (*s_getsockopt)(int, int, int, void *, socklen_t *) = rgetsockopt;
 static int (*s_shutdown)(int, int) = rshutdown;
 static int (*s_close)(int) = rclose;
 static const char *impl = IMPL;
@@ -57,6 +61,7 @@ static void use_kernel_sockets(void)
 	s_send = send;
 	s_recv = recv;
 	s_setsockopt = setsockopt;
+	s_getsockopt = getsockopt;
 	s_shutdown = shutdown;
 	s_close = close;
 	impl = "kernel-tcp";
@@ -137,9 +142,10 @@ int main(int argc, char **argv)
 {
 	const char *server = NULL, *bind_ip = NULL;
 	int port = 7000, is_server = 0, expect_refused = 0, expect_reset = 0, expect_pipe = 0, opt, iters = 1;
+	int keepalive_idle = 0;
 	size_t size = 1 << 20;
 
-	while ((opt = getopt(argc, argv, "sc:b:p:S:C:EXPK")) != -1) {
+	while ((opt = getopt(argc, argv, "sc:b:p:S:C:EXPKA:")) != -1) {
 		switch (opt) {
 		case 's': is_server = 1; break;
 		case 'c': server = optarg; break;
@@ -151,6 +157,7 @@ int main(int argc, char **argv)
 		case 'X': expect_reset = 1; break;
 		case 'P': expect_pipe = 1; break;
 		case 'K': use_kernel_sockets(); break;
+		case 'A': keepalive_idle = atoi(optarg); break;
 		default:
 			fprintf(stderr, "usage: rsping -s|-c SERVER [-b ADDR] [-p PORT] [-S BYTES] [-C N] [-E]\n");
 			return 2;
@@ -228,6 +235,24 @@ int main(int argc, char **argv)
 	}
 	if (r)
 		die("rconnect");
+	if (keepalive_idle > 0) {
+		int on = 1, one_s = 1;
+		if (s_setsockopt(s, IPPROTO_TCP, TCP_KEEPIDLE, &one_s, sizeof one_s) ||
+		    s_setsockopt(s, IPPROTO_TCP, TCP_KEEPINTVL, &one_s, sizeof one_s) ||
+		    s_setsockopt(s, IPPROTO_TCP, TCP_KEEPCNT, &one_s, sizeof one_s) ||
+		    s_setsockopt(s, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on))
+			die("rsetsockopt keepalive");
+		sleep(keepalive_idle);
+		int err = 0;
+		socklen_t elen = sizeof err;
+		if (s_getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &elen) || err) {
+			fprintf(stderr, "rsping(%s): after %d s idle with keepalive: SO_ERROR %s\n", impl,
+				keepalive_idle, strerror(err));
+			return 1;
+		}
+		printf("rsping(%s): %d s idle with keepalive (given up after 2 s unanswered): still up\n",
+		       impl, keepalive_idle);
+	}
 	if (expect_reset) {
 		/* Stream without reading the echo: the peer stalls with unread data, so its death is
 		 * an abortive close (a TCP reset), not an orderly end of stream. */

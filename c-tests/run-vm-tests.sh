@@ -55,6 +55,10 @@ pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
 pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -S 4194304"
 pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@ -C 3" "$C -C 3"
 pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -C 3"
+# Keepalive probes are answered by the peer's device (on iWARP an RDMA read), librdmacm's too:
+# 4 s idle against a 2 s bound, then the transfer.
+pair "keepalive: probes answered by a librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@" "$C -A 4"
+pair "keepalive: probes answered by an rsocket-rs server" "$S" "$C -A 4"
 pair "refused connect gives ECONNREFUSED (kernel TCP)" "true" "$BIN/rsping -K -E $C_ARGS -p @PORT@"
 pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
 pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -E"

@@ -19,6 +19,9 @@ use rsocket::net::{RdmaListener, RdmaStream};
 use rsocket::socket::{self, StreamSocket, options};
 use tokio::io::unix::AsyncFd;
 
+#[path = "vm/link.rs"]
+mod link;
+
 /// The test network (vm/testnet, shared with the C suites and the benchmark).
 const TESTNET: &str = include_str!("../vm/testnet");
 
@@ -1007,83 +1010,6 @@ fn close_lingers_until_the_peer_is_done() {
     }
 }
 
-/// SO_KEEPALIVE detects a peer that went silent (link down) and reports ETIMEDOUT to a blocked
-/// receiver instead of waiting forever. The dead-link half needs Soft-RoCE: on iWARP an RDMA
-/// write completes when TCP took it, so a probe cannot prove the peer is there.
-fn keepalive_detects_dead_link() {
-    let port = next_port();
-    let l = listener(port);
-    let t = thread::spawn(move || {
-        let s = l.accept().unwrap();
-        let _ = recv_exact(&s, 1);
-        close(l);
-        s
-    });
-    let c = connect(port);
-    send_all(&c, b"!");
-    let s = t.join().unwrap();
-    set_int(&c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1).unwrap();
-    set_int(&c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1).unwrap();
-    c.set_keepalive(true);
-    let c2 = c.clone();
-    let reader = thread::spawn(move || {
-        let mut b = [0u8; 16];
-        c2.recv(&mut b, 0)
-    });
-    // Probes while the peer is alive are acknowledged: the connection stays up.
-    thread::sleep(Duration::from_secs(3));
-    assert!(
-        !reader.is_finished(),
-        "idle connection with a live peer must stay up"
-    );
-    if !rdma_devices().iter().any(|d| d.starts_with("rxe")) {
-        // On iWARP an RDMA write completes once TCP took it, so a probe cannot prove the peer
-        // is there: only the live-peer half of this test applies.
-        println!("    (iWARP: probes checked against a live peer only)");
-        s.close().unwrap();
-        assert!(
-            matches!(reader.join().unwrap(), Ok(0)),
-            "peer closed: end of stream"
-        );
-        close(c);
-        return;
-    }
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().expect("ip");
-        assert!(st.success(), "ip {args:?}");
-    };
-    let dev = testnet("RS_SERVER_DEV");
-    ip(&["link", "set", dev, "down"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    while !reader.is_finished() && std::time::Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-    }
-    ip(&["link", "set", dev, "up"]);
-    let _ = Command::new("ip")
-        .args([
-            "route",
-            "replace",
-            &format!("{}/32", testnet("RS_CLIENT")),
-            "dev",
-            dev,
-            "table",
-            "100",
-        ])
-        .status();
-    if !reader.is_finished() {
-        eprintln!("client: {}", c.describe());
-    }
-    assert!(
-        reader.is_finished(),
-        "keepalive never noticed the dead link"
-    );
-    let r = reader.join().unwrap();
-    assert!(matches!(r, Err(Error::TimedOut)), "got {r:?}");
-    assert_eq!(c.take_error(), libc::ETIMEDOUT);
-    drop(s);
-    close(c);
-}
-
 fn socket6() -> Arc<StreamSocket> {
     let fd = socket::socket(libc::AF_INET6, libc::SOCK_STREAM, 0).expect("rsocket AF_INET6");
     socket::lookup(fd).unwrap()
@@ -1349,7 +1275,14 @@ const TESTS: &[Test] = &[
         one_service_thread_serves_many_sockets,
     ),
     // Last: it takes a link down and up again.
-    ("keepalive_detects_dead_link", keepalive_detects_dead_link),
+    (
+        "keepalive_ends_blocked_calls_when_the_peer_goes_silent",
+        link::keepalive_ends_blocked_calls_when_the_peer_goes_silent,
+    ),
+    (
+        "blocked_calls_end_when_the_link_goes_down",
+        link::blocked_calls_end_when_the_link_goes_down,
+    ),
 ];
 
 /// Prints every thread's stack (gdb, when installed) so that a hang says where it hangs.

@@ -284,6 +284,20 @@ impl<T: Transport> Driver<T> {
         Ok(())
     }
 
+    /// Posts a keepalive probe (`wr_id` from the core), counted: a work request that completes
+    /// only once the peer's device answered. A 0-byte RDMA write where the peer's NIC
+    /// acknowledges it (InfiniBand, RoCE); on iWARP, where a write completes once the local TCP
+    /// took it, a 0-byte RDMA READ, which the peer's device answers with a read response.
+    pub fn post_probe(&mut self, wr_id: u64) -> io::Result<()> {
+        if self.cfg.msg_send {
+            self.t.post_read_probe(wr_id)?;
+        } else {
+            self.t.post_write(wr_id, Source::Empty, (0, 0), None)?;
+        }
+        self.sends_posted += 1;
+        Ok(())
+    }
+
     /// Posts an RDMA read (a rioread's), counted.
     pub fn post_read(&mut self, wr_id: u64, dst: T::Seg, remote: (u64, u32)) -> io::Result<()> {
         self.t.post_read(wr_id, dst, remote)?;

@@ -41,6 +41,9 @@ pub enum Op {
     Write((u64, u32), Option<u32>),
     /// SEND.
     Send,
+    /// 0-byte RDMA read (a keepalive probe on iWARP): touches no memory, completes only once
+    /// the peer answered it (placed there), on iWARP too.
+    ReadProbe,
 }
 
 /// A posted send work request.
@@ -167,6 +170,7 @@ impl MemEnd {
         let msg = match wr.op {
             Op::Write(_, imm) => imm.map(|v| (v, None)),
             Op::Send => Some((0, Some(data.clone()))),
+            Op::ReadProbe => None,
         };
         if msg.is_some() && to.recvs.is_empty() {
             assert!(
@@ -219,7 +223,13 @@ impl MemEnd {
 
     /// Whether our next send may complete: read, and on RoCE also placed.
     pub fn can_complete(&self) -> bool {
-        self.completed < self.read && (self.iwarp || self.completed < self.placed)
+        let answered = |i: usize| {
+            self.wrs
+                .get(i.wrapping_sub(self.base))
+                .is_some_and(|w| w.op == Op::ReadProbe)
+        };
+        self.completed < self.read
+            && ((self.iwarp && !answered(self.completed)) || self.completed < self.placed)
     }
 
     /// Completes our next send if it may. Returns whether it did.
@@ -365,6 +375,11 @@ impl Transport for MemEnd {
 
     fn post_read(&mut self, _: u64, dst: Infallible, _: (u64, u32)) -> io::Result<()> {
         match dst {}
+    }
+
+    fn post_read_probe(&mut self, wr_id: u64) -> io::Result<()> {
+        self.push(wr_id, Op::ReadProbe, Src::Bytes(Vec::new()));
+        Ok(())
     }
 
     fn post_recv(&mut self, wr_id: u64, into: Option<(usize, usize)>) -> io::Result<()> {

@@ -252,7 +252,7 @@ pub enum StreamError {
     Protocol(WireError),
     /// A work request failed (status non-success).
     Transport,
-    /// A keepalive probe was not acknowledged: the peer is gone.
+    /// Keepalive gave up: TCP_KEEPCNT probes unanswered, or the device gave up on one.
     KeepaliveTimeout,
     /// The connection went away without the peer's orderly DISCONNECT/SHUTDOWN (it was
     /// killed or aborted): ECONNRESET, like a TCP reset.

@@ -65,6 +65,9 @@ pub trait Transport {
     fn post_send(&mut self, wr_id: u64, bytes: &[u8]) -> io::Result<()>;
     /// Posts an RDMA read of `remote` (address, rkey) into `dst`.
     fn post_read(&mut self, wr_id: u64, dst: Self::Seg, remote: (u64, u32)) -> io::Result<()>;
+    /// Posts a 0-byte RDMA read (no memory on either side is touched): it completes once the
+    /// peer's device sent its read response.
+    fn post_read_probe(&mut self, wr_id: u64) -> io::Result<()>;
     /// Posts a receive: without buffer (data arrives by RDMA write with immediate), or into
     /// the 4 bytes at `offset` of buffer `mr` (a SEND's message).
     fn post_recv(&mut self, wr_id: u64, into: Option<(Self::Mr, usize)>) -> io::Result<()>;

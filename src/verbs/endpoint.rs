@@ -406,6 +406,19 @@ impl Endpoint {
         Ok(())
     }
 
+    /// Posts a 0-byte RDMA READ (no scatter entry, no remote memory named): it touches no
+    /// memory and completes once the peer's device sent its read response.
+    pub fn post_read_probe(&self, wr_id: u64) -> io::Result<()> {
+        // SAFETY: zeroed send WR is valid (no scatter list, remote address and key 0).
+        let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = sys::ibv_wr_opcode::IBV_WR_RDMA_READ;
+        let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
+        // SAFETY: valid QP; wr lives across the call and names no memory.
+        cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
+        Ok(())
+    }
+
     fn mr(&self, id: MrId) -> &MemoryRegion {
         &self.mrs[id.0]
     }

@@ -896,11 +896,13 @@ fn keepalive_timer_probes_after_idle_silence_then_every_interval() {
         Some(Keepalive {
             idle: s(8),
             interval: s(2),
+            count: 9,
         }),
         t0,
     );
-    // Looks again every quarter of the idle time; no probe before 8 s of silence.
-    assert_eq!(a.s().poll_timeout(), Some(t0 + s(2)));
+    // Looks again every second (a quarter of the idle time, at most 1 s); no probe before
+    // 8 s of silence.
+    assert_eq!(a.s().poll_timeout(), Some(t0 + s(1)));
     assert_eq!(a.s().handle_timeout(t0 + s(2)).probe, None);
     // Traffic at 3 s (a completion): the silence starts again when the timer sees it.
     a.s().on_recv(Msg::Credits(16).encode()).unwrap();
@@ -917,8 +919,8 @@ fn keepalive_timer_probes_after_idle_silence_then_every_interval() {
         .expect("8 s of silence: a probe");
     assert_eq!(
         a.s().poll_timeout(),
-        Some(t0 + s(14)),
-        "next probe an interval later"
+        Some(t0 + s(13)),
+        "looks again a second later (the next probe is due an interval later, at 14 s)"
     );
     assert_eq!(a.s().handle_timeout(t0 + s(13)).probe, None);
     a.s().on_send_completion(p, true);
@@ -928,6 +930,72 @@ fn keepalive_timer_probes_after_idle_silence_then_every_interval() {
     assert!(a.s().handle_timeout(t0 + s(22)).probe.is_some());
     a.s().set_keepalive(None, t0 + s(23));
     assert_eq!(a.s().poll_timeout(), None);
+}
+
+#[test]
+fn keepalive_gives_up_after_count_unanswered_probes_as_tcp() {
+    use std::time::{Duration, Instant};
+    // On both kinds of device: iWARP's probe is an RDMA read, which completes only once the
+    // peer answered (a write completes when the local TCP took it).
+    for iwarp in [false, true] {
+        let c = cfg(64, 16, 64, 16384, 16384, iwarp);
+        let (mut a, mut b) = connected(c, c);
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let k = Keepalive {
+            idle: s(2),
+            interval: s(1),
+            count: 3,
+        };
+        assert_eq!(k.limit(), s(5));
+        a.s().set_keepalive(Some(k), t0);
+        // A live peer answers each probe: its completion is traffic, the silence starts again.
+        let p = a
+            .s()
+            .handle_timeout(t0 + s(2))
+            .probe
+            .expect("a probe at 2 s");
+        a.d.post_probe(p).unwrap();
+        deliver_all(&mut a, &mut b);
+        assert_eq!(a.d.t.uncompleted(), 0, "the answered probe completed");
+        assert!(a.s().flags().connected);
+        assert_eq!(a.s().handle_timeout(t0 + s(3)), Timeout::default());
+        // The peer goes silent (the link is down: nothing is answered any more). Probes at
+        // 2 s, 3 s and 4 s of silence; given up at 5 s, not before.
+        let quiet = t0 + s(3);
+        let mut probes = 0;
+        for ms in (0..5000).step_by(250) {
+            let now = quiet + Duration::from_millis(ms);
+            a.poll();
+            let due = a.s().handle_timeout(now);
+            assert!(!due.dead, "given up early, at {ms} ms of silence");
+            if let Some(p) = due.probe {
+                probes += 1;
+                a.d.post_probe(p).unwrap();
+                // Our device takes it (iWARP: into the local TCP) but nothing comes back: a
+                // read probe does not complete, unlike a write on iWARP.
+                while a.d.t.nic_read() {}
+                assert!(
+                    !a.d.t.can_complete(),
+                    "iwarp {iwarp}: unanswered probe completed"
+                );
+            }
+            let next = a.s().poll_timeout().expect("a timer");
+            assert!(
+                next <= quiet + s(5),
+                "looks again at the deadline at the latest"
+            );
+        }
+        assert_eq!(
+            probes, 3,
+            "iwarp {iwarp}: a probe at 2, 3 and 4 s of silence"
+        );
+        let due = a.s().handle_timeout(quiet + s(5));
+        assert!(due.dead && due.probe.is_none());
+        assert_eq!(a.s().error(), Some(&StreamError::KeepaliveTimeout));
+        assert!(!a.s().flags().connected && !a.s().flags().readable);
+        assert_eq!(a.s().poll_timeout(), None, "nothing left to time");
+    }
 }
 
 #[test]

@@ -10,13 +10,25 @@ use super::Stream;
 /// layer's lingering close).
 pub const LINGER: Duration = Duration::from_secs(2);
 
-/// SO_KEEPALIVE timing: probe after `idle` of silence, then every `interval`.
+/// SO_KEEPALIVE timing, as TCP's: probe after `idle` of silence, then every `interval`; the
+/// connection is dead when `count` probes went unanswered (`idle + interval * count` of
+/// silence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
     /// TCP_KEEPIDLE.
     pub idle: Duration,
     /// TCP_KEEPINTVL.
     pub interval: Duration,
+    /// TCP_KEEPCNT (at least 1).
+    pub count: u32,
+}
+
+impl Keepalive {
+    /// The silence after which the connection is dead.
+    pub fn limit(&self) -> Duration {
+        self.idle
+            .saturating_add(self.interval.saturating_mul(self.count.max(1)))
+    }
 }
 
 /// Timer state of the connection (times passed in by the caller; the core reads no clock).
@@ -39,6 +51,9 @@ pub struct Timeout {
     pub probe: Option<u64>,
     /// The lingering close ran out of time.
     pub linger_over: bool,
+    /// Keepalive gave up (the connection failed with [`super::StreamError::KeepaliveTimeout`]):
+    /// wake whoever waits on it.
+    pub dead: bool,
 }
 
 impl Stream {
@@ -72,15 +87,18 @@ impl Stream {
     }
 
     /// When [`Stream::handle_timeout`] is due next, if ever. While traffic flows the keepalive
-    /// timer looks again every quarter of TCP_KEEPIDLE (at least 250 ms): it sees traffic only
-    /// as a change in the completion count, so a probe goes after at most 1.25 times TCP_KEEPIDLE
-    /// of silence, and never before TCP_KEEPIDLE.
+    /// timer looks again every quarter of TCP_KEEPIDLE (at most 250 ms apart when TCP_KEEPIDLE
+    /// is 1 s or less, at most 1 s apart otherwise): it sees traffic only as a change in the
+    /// completion count, so a probe goes (and the connection is given up) at most that look
+    /// late, and never early.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.as_ref()?;
         let probe = t.keepalive.filter(|_| self.flags.connected).map(|k| {
             let at = t.seen.1 + k.idle;
             let at = t.last_probe.map_or(at, |p| at.max(p + k.interval));
-            at.min(t.checked + (k.idle / 4).max(Duration::from_millis(250)))
+            let dead = t.seen.1 + k.limit();
+            let look = (k.idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(1));
+            at.min(dead).min(t.checked + look)
         });
         match (probe, t.linger_until) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -89,9 +107,11 @@ impl Stream {
     }
 
     /// Handles the timers at `now`: a keepalive probe when the connection was silent for
-    /// TCP_KEEPIDLE and the last probe is TCP_KEEPINTVL old (one control slot; a probe that is
-    /// not acknowledged fails the connection with [`super::StreamError::KeepaliveTimeout`]), the end of
-    /// a lingering close.
+    /// TCP_KEEPIDLE and the last probe is TCP_KEEPINTVL old (one control slot, when one is
+    /// free); the end of the connection with [`super::StreamError::KeepaliveTimeout`] after
+    /// [`Keepalive::limit`] of silence (TCP_KEEPCNT probes unanswered: an answered probe
+    /// completes, which is traffic) or when the device gives up on a probe; the end of a
+    /// lingering close.
     pub fn handle_timeout(&mut self, now: Instant) -> Timeout {
         let activity = self.activity;
         let mut out = Timeout::default();
@@ -107,6 +127,11 @@ impl Stream {
             return out;
         };
         let quiet = now.saturating_duration_since(t.seen.1);
+        if quiet >= k.limit() && self.flags.connected {
+            self.fail(super::StreamError::KeepaliveTimeout);
+            out.dead = true;
+            return out;
+        }
         let since_probe = t.last_probe.map(|p| now.saturating_duration_since(p));
         if quiet < k.idle || since_probe.is_some_and(|d| d < k.interval) {
             return out;

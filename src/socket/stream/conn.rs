@@ -128,11 +128,14 @@ impl Conn {
         r
     }
 
-    /// Data may still be sent: else EPIPE after our SHUT_WR, ECONNRESET when the connection
-    /// went away.
+    /// Data may still be sent: else the connection's error (ETIMEDOUT when keepalive gave
+    /// up), EPIPE after our SHUT_WR, ECONNRESET when the connection went away.
     pub(super) fn check_writable(&self) -> Result<()> {
         if self.link.core.flags().writable {
             Ok(())
+        } else if let Some(e) = self.link.core.error() {
+            // As TCP's: the connection's error (ETIMEDOUT from keepalive) before EPIPE.
+            Err(super::broken(e))
         } else if self.shut_wr {
             Err(Error::BrokenPipe)
         } else {

@@ -62,6 +62,10 @@ impl Transport for Endpoint {
         Endpoint::post_read(self, wr_id, dst, remote)
     }
 
+    fn post_read_probe(&mut self, wr_id: u64) -> io::Result<()> {
+        Endpoint::post_read_probe(self, wr_id)
+    }
+
     fn post_recv(&mut self, wr_id: u64, into: Option<(MrId, usize)>) -> io::Result<()> {
         Endpoint::post_recv(self, wr_id, into)
     }

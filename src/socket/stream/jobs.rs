@@ -12,8 +12,8 @@ use super::conn::Conn;
 use super::{State, StreamSocket};
 use crate::error::Result;
 use crate::proto::stream::Keepalive;
-use crate::proto::transport::Source;
 use crate::socket::service::{self, Jobs, Serviced, Wait};
+use crate::trace::trace;
 
 impl StreamSocket {
     /// This socket as the service holds it (None before it has a handle, see `set_handle`).
@@ -116,6 +116,7 @@ impl StreamSocket {
         let k = Keepalive {
             idle: Duration::from_secs(g.opts.keepidle as u64),
             interval: Duration::from_secs(g.opts.keepintvl as u64),
+            count: g.opts.keepcnt,
         };
         // Set before connecting: the job is added again once connected (`advance_connect`).
         let State::Connected(conn) = &mut g.state else {
@@ -127,8 +128,18 @@ impl StreamSocket {
         if self.drive(conn).is_err() || !conn.link.core.flags().connected {
             return None;
         }
-        if let Some(wr_id) = conn.link.core.handle_timeout(now).probe
-            && conn.link.post_write(wr_id, Source::Empty, (0, 0)).is_err()
+        let due = conn.link.core.handle_timeout(now);
+        if due.dead {
+            // No completion tells a caller asleep on the CQ: it is woken, and the descriptor
+            // shows the error.
+            trace!("{self:?}: keepalive: no answer, connection given up");
+            self.notify();
+            self.waker.wake();
+            self.publish(&mut g);
+            return None;
+        }
+        if let Some(wr_id) = due.probe
+            && conn.link.post_probe(wr_id).is_err()
         {
             return None;
         }

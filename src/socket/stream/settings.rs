@@ -27,7 +27,7 @@ pub struct Options {
     pub keepidle: u32,
     /// TCP_KEEPINTVL: seconds between probes.
     pub keepintvl: u32,
-    /// TCP_KEEPCNT (kept for getsockopt: over RC one unacknowledged probe is conclusive).
+    /// TCP_KEEPCNT: unanswered probes after which keepalive gives the connection up.
     pub keepcnt: u32,
     /// SO_LINGER: `Some(seconds)` when on. Kept for getsockopt: close always drains the sends
     /// (bounded by the transport's retries), as librdmacm does, and on iWARP the connection

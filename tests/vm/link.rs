@@ -1,0 +1,241 @@
+//! Lost links: a connection whose peer can no longer answer (its link is down) ends blocked
+//! calls with an error, with keepalive within TCP's bound, on Soft-RoCE and Soft-iWARP.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rsocket::Error;
+use rsocket::socket::{self, StreamSocket};
+
+use super::{connect, kpoll, listener, next_port, poll1, send_all, set_int, testnet};
+
+/// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT of the tests (the issue's: 2 s, 1 s, 3).
+const IDLE: i32 = 2;
+const INTVL: i32 = 1;
+const CNT: i32 = 3;
+
+/// How a blocked call waits, and for what.
+#[derive(Debug, Clone, Copy)]
+enum Blocked {
+    /// rrecv on a blocking socket.
+    Recv,
+    /// rrecv with MSG_DONTWAIT, retried on EAGAIN.
+    RecvNonblocking,
+    /// rpoll(POLLIN), then rrecv.
+    RecvRpoll,
+    /// poll(2) on the descriptor (POLLIN), then rrecv.
+    RecvDescriptor,
+    /// rsend on a blocking socket, out of credits (the peer reads nothing).
+    Send,
+    /// rsend with MSG_DONTWAIT, retried on EAGAIN.
+    SendNonblocking,
+    /// rpoll(POLLOUT), then rsend.
+    SendRpoll,
+}
+
+const ALL: [Blocked; 7] = [
+    Blocked::Recv,
+    Blocked::RecvNonblocking,
+    Blocked::RecvRpoll,
+    Blocked::RecvDescriptor,
+    Blocked::Send,
+    Blocked::SendNonblocking,
+    Blocked::SendRpoll,
+];
+
+/// Runs `how` on `c` until a call fails or ends the stream; returns that and when.
+fn block(c: &StreamSocket, how: Blocked) -> (Result<usize, Error>, Instant) {
+    let mut b = vec![0u8; 1 << 16];
+    let fd = c.fd();
+    loop {
+        let r = match how {
+            Blocked::Recv => c.recv(&mut b, 0),
+            Blocked::RecvNonblocking => c.recv(&mut b, libc::MSG_DONTWAIT),
+            Blocked::RecvRpoll => {
+                poll1(fd, libc::POLLIN, -1);
+                c.recv(&mut b, libc::MSG_DONTWAIT)
+            }
+            Blocked::RecvDescriptor => {
+                kpoll(fd, libc::POLLIN, -1);
+                c.recv(&mut b, libc::MSG_DONTWAIT)
+            }
+            Blocked::Send => c.send(&b, libc::MSG_NOSIGNAL),
+            Blocked::SendNonblocking => c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
+            Blocked::SendRpoll => {
+                poll1(fd, libc::POLLOUT, -1);
+                c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            }
+        };
+        match r {
+            Err(Error::WouldBlock) => thread::sleep(Duration::from_millis(1)),
+            // Sends go on until the peer's buffer is full.
+            Ok(n)
+                if n > 0
+                    && matches!(
+                        how,
+                        Blocked::Send | Blocked::SendNonblocking | Blocked::SendRpoll
+                    ) => {}
+            other => return (other, Instant::now()),
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
+fn tc(args: &[&str]) {
+    let st = Command::new("tc").args(args).status().expect("tc");
+    assert!(st.success(), "tc {args:?}");
+}
+
+/// How the peer is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Every packet dropped both ways (netem), the links up: the peer just goes silent, as
+    /// behind a failed switch. Only keepalive can tell.
+    Silent,
+    /// The server's link down (`ip link set down`): the devices see it (siw's connections end
+    /// at once).
+    Down,
+}
+
+/// The peer lost for the life of the value, back after.
+struct Lost(Loss);
+
+impl Lost {
+    fn new(how: Loss) -> Lost {
+        let (server, client) = (testnet("RS_SERVER_DEV"), testnet("RS_CLIENT_DEV"));
+        match how {
+            Loss::Silent => {
+                for dev in [server, client] {
+                    tc(&["qdisc", "add", "dev", dev, "root", "netem", "loss", "100%"]);
+                }
+            }
+            Loss::Down => ip(&["link", "set", server, "down"]),
+        }
+        Lost(how)
+    }
+}
+
+impl Drop for Lost {
+    fn drop(&mut self) {
+        let (server, client) = (testnet("RS_SERVER_DEV"), testnet("RS_CLIENT_DEV"));
+        match self.0 {
+            Loss::Silent => {
+                for dev in [server, client] {
+                    tc(&["qdisc", "del", "dev", dev, "root"]);
+                }
+            }
+            Loss::Down => {
+                ip(&["link", "set", server, "up"]);
+                // The route the test network needs (see vm/), gone with the link.
+                let client = format!("{}/32", testnet("RS_CLIENT"));
+                let _ = Command::new("ip")
+                    .args(["route", "replace", &client, "dev", server, "table", "100"])
+                    .status();
+            }
+        }
+    }
+}
+
+/// Connections with SO_KEEPALIVE (2 s, 1 s, 3), a call blocked on each in every way
+/// ([`Blocked`]), then the peer lost (`how`); with `live_first`, they first stay up past the
+/// keepalive bound while the peer is there (its device answers the probes: on iWARP a write
+/// would complete without it, so the probe is an RDMA read). Every call ends with an error
+/// (ETIMEDOUT for a silent peer) within idle + interval x count + 2 s, and the descriptor
+/// shows POLLERR.
+fn lose_peer_under_blocked_calls(how: Loss, live_first: bool) {
+    let port = next_port();
+    let l = listener(port);
+    let n = ALL.len();
+    let acceptor = thread::spawn(move || {
+        let v: Vec<_> = (0..n).map(|_| l.accept().expect("accept")).collect();
+        socket::close(l.fd()).unwrap();
+        v
+    });
+    let clients: Vec<Arc<StreamSocket>> = (0..n).map(|_| connect(port)).collect();
+    let servers = acceptor.join().unwrap();
+    for c in &clients {
+        // The first message makes the connection fully up on both ends.
+        send_all(c, b"!");
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, IDLE).unwrap();
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, INTVL).unwrap();
+        set_int(c, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, CNT).unwrap();
+        set_int(c, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).unwrap();
+    }
+    for s in &servers {
+        let mut b = [0u8; 1];
+        assert_eq!(s.recv(&mut b, 0).unwrap(), 1);
+    }
+    let threads: Vec<_> = clients
+        .iter()
+        .zip(ALL)
+        .map(|(c, how)| {
+            let c = c.clone();
+            thread::spawn(move || block(&c, how))
+        })
+        .collect();
+    let limit = Duration::from_secs((IDLE + INTVL * CNT) as u64);
+    // Longer than the keepalive bound: a live peer answers every probe. (Otherwise long
+    // enough for the senders to run out of credits.)
+    thread::sleep(if live_first {
+        limit + Duration::from_secs(2)
+    } else {
+        Duration::from_secs(1)
+    });
+    for (t, how) in threads.iter().zip(ALL) {
+        assert!(
+            !t.is_finished(),
+            "{how:?}: the call ended while the peer was there"
+        );
+    }
+    let lost = Lost::new(how);
+    let t0 = Instant::now();
+    let bound = limit + Duration::from_secs(2);
+    let give_up = t0 + bound + Duration::from_secs(20);
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < give_up {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let mut late = Vec::new();
+    for (i, (t, blocked)) in threads.into_iter().zip(ALL).enumerate() {
+        if !t.is_finished() {
+            late.push(format!(
+                "{blocked:?}: still blocked ({})",
+                clients[i].describe()
+            ));
+            continue;
+        }
+        let (r, at) = t.join().unwrap();
+        let took = at - t0;
+        println!("    {how:?}, {blocked:?}: {r:?} after {took:.1?}");
+        match (how, &r) {
+            (_, Err(Error::TimedOut)) | (Loss::Down, Err(Error::ConnectionReset)) => {}
+            _ => panic!("{how:?}, {blocked:?}: {r:?}"),
+        }
+        if took > bound {
+            late.push(format!("{blocked:?}: after {took:?}"));
+        }
+        assert!(kpoll(clients[i].fd(), libc::POLLIN, 0) & libc::POLLERR != 0);
+    }
+    drop(lost);
+    assert!(late.is_empty(), "{how:?}: later than {bound:?}: {late:?}");
+    for c in clients {
+        socket::close(c.fd()).unwrap();
+    }
+    drop(servers);
+}
+
+/// A silent peer (every packet dropped, links up): keepalive ends every blocked call with
+/// ETIMEDOUT in time, and not while the peer answers.
+pub(super) fn keepalive_ends_blocked_calls_when_the_peer_goes_silent() {
+    lose_peer_under_blocked_calls(Loss::Silent, true);
+}
+
+/// The server's link down: every blocked call ends with an error in time.
+pub(super) fn blocked_calls_end_when_the_link_goes_down() {
+    lose_peer_under_blocked_calls(Loss::Down, false);
+}
