@@ -19,6 +19,8 @@ use rsocket::net::{RdmaListener, RdmaStream};
 use rsocket::socket::{self, StreamSocket, options};
 use tokio::io::unix::AsyncFd;
 
+#[path = "vm/death.rs"]
+mod death;
 #[path = "vm/link.rs"]
 mod link;
 
@@ -1283,6 +1285,14 @@ const TESTS: &[Test] = &[
         "blocked_calls_end_when_the_link_goes_down",
         link::blocked_calls_end_when_the_link_goes_down,
     ),
+    (
+        "a_device_that_gives_up_ends_a_blocked_send",
+        link::a_device_that_gives_up_ends_a_blocked_send,
+    ),
+    (
+        "survivor_of_a_killed_peer_gets_an_error_in_time",
+        death::survivor_of_a_killed_peer_gets_an_error_in_time,
+    ),
 ];
 
 /// Prints every thread's stack (gdb, when installed) so that a hang says where it hangs.
@@ -1308,6 +1318,9 @@ fn rdma_devices() -> Vec<String> {
 }
 
 fn main() -> ExitCode {
+    if let Ok(port) = std::env::var(death::PEER_ENV) {
+        death::run_peer(port.parse().expect("a port"));
+    }
     let args: Vec<String> = std::env::args().collect();
     let filter: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();
     let devices = rdma_devices();

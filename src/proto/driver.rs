@@ -13,7 +13,7 @@ use std::io;
 use super::stream::{
     self as core, CreditUpdate, DataWrite, IomapWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
 };
-use super::transport::{Completion, Source, Transport};
+use super::transport::{Completion, STATUS_RETRY_EXCEEDED, Source, Transport};
 use super::wire::{self, ConnData, Msg, RemoteSge};
 use crate::trace::trace;
 
@@ -213,6 +213,9 @@ impl<T: Transport> Driver<T> {
                 }
                 if !recv {
                     self.sends_completed += 1;
+                    if !c.ok && c.status == STATUS_RETRY_EXCEEDED {
+                        self.core.on_retries_exceeded();
+                    }
                     self.core.on_send_completion(c.wr_id, c.ok);
                     continue;
                 }

@@ -254,6 +254,9 @@ pub enum StreamError {
     Transport,
     /// Keepalive gave up: TCP_KEEPCNT probes unanswered, or the device gave up on one.
     KeepaliveTimeout,
+    /// The device gave up retransmitting a work request to a peer that does not answer (its
+    /// retries exceeded): ETIMEDOUT, like TCP's retransmission timeout.
+    RetriesExceeded,
     /// The connection went away without the peer's orderly DISCONNECT/SHUTDOWN (it was
     /// killed or aborted): ECONNRESET, like a TCP reset.
     Reset,
@@ -888,6 +891,15 @@ impl Stream {
             }
         } else {
             None
+        }
+    }
+
+    /// The device gave up on a send (retries exceeded: the peer does not answer); fed before
+    /// that send's [`Stream::on_send_completion`], so that the connection fails with
+    /// [`StreamError::RetriesExceeded`].
+    pub fn on_retries_exceeded(&mut self) {
+        if self.flags.connected {
+            self.fail(StreamError::RetriesExceeded);
         }
     }
 

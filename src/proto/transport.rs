@@ -22,6 +22,10 @@ pub enum Source<'a, M, S> {
     User(S),
 }
 
+/// [`Completion::status`] of a send the device gave up retransmitting (the peer did not
+/// answer): verbs' IBV_WC_RETRY_EXC_ERR.
+pub const STATUS_RETRY_EXCEEDED: u32 = 12;
+
 /// A completion of a posted work request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {

@@ -17,8 +17,8 @@ const INTVL: i32 = 1;
 const CNT: i32 = 3;
 
 /// How a blocked call waits, and for what.
-#[derive(Debug, Clone, Copy)]
-enum Blocked {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Blocked {
     /// rrecv on a blocking socket.
     Recv,
     /// rrecv with MSG_DONTWAIT, retried on EAGAIN.
@@ -35,7 +35,17 @@ enum Blocked {
     SendRpoll,
 }
 
-const ALL: [Blocked; 7] = [
+impl Blocked {
+    /// Whether it sends (else it receives).
+    pub(super) fn sends(self) -> bool {
+        matches!(
+            self,
+            Blocked::Send | Blocked::SendNonblocking | Blocked::SendRpoll
+        )
+    }
+}
+
+pub(super) const ALL: [Blocked; 7] = [
     Blocked::Recv,
     Blocked::RecvNonblocking,
     Blocked::RecvRpoll,
@@ -46,7 +56,7 @@ const ALL: [Blocked; 7] = [
 ];
 
 /// Runs `how` on `c` until a call fails or ends the stream; returns that and when.
-fn block(c: &StreamSocket, how: Blocked) -> (Result<usize, Error>, Instant) {
+pub(super) fn block(c: &StreamSocket, how: Blocked) -> (Result<usize, Error>, Instant) {
     let mut b = vec![0u8; 1 << 16];
     let fd = c.fd();
     loop {
@@ -70,13 +80,8 @@ fn block(c: &StreamSocket, how: Blocked) -> (Result<usize, Error>, Instant) {
         };
         match r {
             Err(Error::WouldBlock) => thread::sleep(Duration::from_millis(1)),
-            // Sends go on until the peer's buffer is full.
-            Ok(n)
-                if n > 0
-                    && matches!(
-                        how,
-                        Blocked::Send | Blocked::SendNonblocking | Blocked::SendRpoll
-                    ) => {}
+            // Sends go on until the peer's buffer is full, receives while the peer sends.
+            Ok(n) if n > 0 => {}
             other => return (other, Instant::now()),
         }
     }
@@ -238,4 +243,83 @@ pub(super) fn keepalive_ends_blocked_calls_when_the_peer_goes_silent() {
 /// The server's link down: every blocked call ends with an error in time.
 pub(super) fn blocked_calls_end_when_the_link_goes_down() {
     lose_peer_under_blocked_calls(Loss::Down, false);
+}
+
+/// Sets a sysctl for the life of the value, back after.
+struct Sysctl(&'static str, String);
+
+impl Sysctl {
+    fn set(path: &'static str, v: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path).expect("sysctl");
+        std::fs::write(path, v).expect("sysctl");
+        Sysctl(path, old.trim().to_string())
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0, &self.1);
+    }
+}
+
+/// Without keepalive: a sender whose writes are in flight when the peer goes silent gets an
+/// error once the device gives up on them (rxe: its retries; siw: its TCP's retransmissions,
+/// net.ipv4.tcp_retries2, lowered here to 4 so that it gives up in seconds, not 15 minutes).
+pub(super) fn a_device_that_gives_up_ends_a_blocked_send() {
+    let _retries = Sysctl::set("/proc/sys/net/ipv4/tcp_retries2", "4");
+    let port = next_port();
+    let l = listener(port);
+    let reader = thread::spawn(move || {
+        let s = l.accept().expect("accept");
+        socket::close(l.fd()).unwrap();
+        // The server's end would stay half-open for ever, as TCP's without keepalive: it
+        // sends nothing, so nothing tells it that the client's end failed.
+        set_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1).unwrap();
+        set_int(&s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1).unwrap();
+        set_int(&s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).unwrap();
+        let mut b = vec![0u8; 1 << 16];
+        let mut got = 0u64;
+        loop {
+            match s.recv(&mut b, 0) {
+                Ok(0) | Err(_) => return (s, got),
+                Ok(n) => got += n as u64,
+            }
+        }
+    });
+    let c = connect(port);
+    let c2 = c.clone();
+    let sender = thread::spawn(move || {
+        let b = vec![7u8; 1 << 16];
+        loop {
+            if let Err(e) = c2.send(&b, libc::MSG_NOSIGNAL) {
+                return (e, Instant::now());
+            }
+        }
+    });
+    thread::sleep(Duration::from_secs(1));
+    assert!(!sender.is_finished());
+    let lost = Lost::new(Loss::Silent);
+    let t0 = Instant::now();
+    while !sender.is_finished() && t0.elapsed() < Duration::from_secs(90) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let finished = sender.is_finished();
+    drop(lost);
+    assert!(
+        finished,
+        "the send still blocked after 90 s ({})",
+        c.describe()
+    );
+    let (e, at) = sender.join().unwrap();
+    println!("    send: {e:?} after {:.1?}", at - t0);
+    // rxe: ETIMEDOUT (its retries exceeded, as TCP's retransmission timeout); siw: its TCP
+    // connection fails and the CM reports the disconnect.
+    assert!(
+        matches!(e, Error::TimedOut | Error::ConnectionReset),
+        "{e:?}"
+    );
+    socket::close(c.fd()).unwrap();
+    let (s, got) = reader.join().unwrap();
+    assert!(got > 0);
+    drop(s);
 }

@@ -3,8 +3,11 @@
 
 use std::io;
 
-use crate::proto::transport::{Completion, Source, Transport};
+use crate::proto::transport::{Completion, STATUS_RETRY_EXCEEDED, Source, Transport};
 use crate::verbs::{Access, Endpoint, MrId, Payload, UserSeg};
+
+// The driver tells a device's give-up by its verbs status code.
+const _: () = assert!(rdma_sys::ibv_wc_status::IBV_WC_RETRY_EXC_ERR == STATUS_RETRY_EXCEEDED);
 
 fn payload<'a>(src: Source<'a, MrId, UserSeg>) -> Payload<'a> {
     match src {

@@ -313,7 +313,7 @@ impl StreamSocket {
 /// transfer, protocol violation) ECONNRESET.
 pub(super) fn broken(e: &StreamError) -> Error {
     match e {
-        StreamError::KeepaliveTimeout => Error::TimedOut,
+        StreamError::KeepaliveTimeout | StreamError::RetriesExceeded => Error::TimedOut,
         StreamError::Internal => Error::Os(std::io::Error::from_raw_os_error(libc::EIO)),
         _ => Error::ConnectionReset,
     }

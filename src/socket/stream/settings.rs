@@ -48,15 +48,21 @@ pub struct Options {
     pub cloexec: bool,
 }
 
-/// Default TCP_KEEPIDLE: the kernel's tcp_keepalive_time, else 7200 s (as librdmacm). Read
-/// once per process, not at every rsocket().
-fn default_keepidle() -> u32 {
-    static IDLE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *IDLE.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(7200)
+/// The kernel's TCP keepalive defaults (net.ipv4.tcp_keepalive_time, _intvl, _probes), as a
+/// TCP socket starts with: TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT. Where a file cannot be
+/// read, the kernel's own defaults (7200 s, as librdmacm; 75 s; 9). Read once per process, not
+/// at every rsocket().
+fn keepalive_defaults() -> (u32, u32, u32) {
+    static DEFAULTS: std::sync::OnceLock<(u32, u32, u32)> = std::sync::OnceLock::new();
+    *DEFAULTS.get_or_init(|| {
+        let read = |name: &str, default: u32| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/tcp_keepalive_{name}"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(default)
+        };
+        (read("time", 7200), read("intvl", 75), read("probes", 9))
     })
 }
 
@@ -72,9 +78,9 @@ impl Options {
             reuseaddr: false,
             nodelay: false,
             keepalive: false,
-            keepidle: default_keepidle(),
-            keepintvl: 75,
-            keepcnt: 9,
+            keepidle: keepalive_defaults().0,
+            keepintvl: keepalive_defaults().1,
+            keepcnt: keepalive_defaults().2,
             linger: None,
             oobinline: false,
             tos: 0,
