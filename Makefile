@@ -17,7 +17,7 @@ REL     := target/release
 STAGE   := $(CURDIR)/build/stage
 export PKG_CONFIG_PATH := $(STAGE)/lib/pkgconfig:$(PKG_CONFIG_PATH)
 
-.PHONY: all build install header deps vm-setup stage demo test test-host test-host-only test-c test-vm test-stress test-bench clean
+.PHONY: all build install header deps vm-setup stage demo test test-host test-host-only test-fuzz test-c test-vm test-stress test-bench clean
 
 all: build
 
@@ -58,6 +58,7 @@ test: deps vm-setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(MAKE) --no-print-directory test-host
+	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory stage
 	$(MAKE) --no-print-directory test-c
 	$(MAKE) --no-print-directory test-vm
@@ -67,6 +68,14 @@ test: deps vm-setup
 
 test-host:
 	$(CARGO) test --workspace
+
+# Coverage-guided fuzzing (libFuzzer, fuzz/): each target briefly on its committed corpus (the
+# wire decoders, the protocol core under a hostile peer, the config files); a crash fails.
+# Longer runs: fuzz/run SECONDS [TARGET ...].
+test-fuzz:
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
+	$(CARGO) clippy --manifest-path fuzz/Cargo.toml -- -D warnings
+	fuzz/run 15
 
 # Everything that runs on the host alone, no VM: fmt, clippy, the core's and the service's unit
 # tests, the header check, and the C suites' host checks (signatures, symbols, errnos).

@@ -56,7 +56,10 @@ impl IomapEntry {
         let Some(end) = self.offset.checked_add(self.sge.length as u64) else {
             return false;
         };
+        // A window whose memory would wrap around the address space is no window (a hostile
+        // peer's entry; found by fuzz/run wire): the target address is computed from it.
         self.sge.length != 0
+            && self.sge.addr.checked_add(self.sge.length as u64).is_some()
             && offset >= self.offset
             && offset.checked_add(len).is_some_and(|e| e <= end)
     }
@@ -221,6 +224,13 @@ mod tests {
         // A hostile index beyond what we offered.
         assert!(w.on_update(4, |_| unreachable!()).is_err());
         assert!(w.on_update(u32::MAX, |_| unreachable!()).is_err());
+        // A window whose memory wraps around the address space (found by fuzz/run wire: the
+        // target address overflowed).
+        w.on_update(announce_data(3, PERM_WRITE, true), |_| {
+            entry(0, u64::MAX - 10, 11, 100)
+        })
+        .unwrap();
+        assert_eq!(w.lookup(50, 1, PERM_WRITE), Err(IomapError::NoWindow));
     }
 
     #[test]

@@ -192,6 +192,19 @@ impl ConnData {
         if cd.data_buf.length == 0 {
             return Err(WireError::Invalid("receive buffer length (0)"));
         }
+        // Regions that would wrap around the address space (found by fuzz/run core: our
+        // address arithmetic on them overflowed).
+        let sgl_len =
+            (SGE_LEN as u64) * SGL_SIZE as u64 + IOMAP_LEN as u64 * cd.target_iomap_size as u64;
+        if cd
+            .data_buf
+            .addr
+            .checked_add(cd.data_buf.length as u64)
+            .is_none()
+            || cd.target_sgl.addr.checked_add(sgl_len).is_none()
+        {
+            return Err(WireError::Invalid("buffer wraps around the address space"));
+        }
         Ok(cd)
     }
 
@@ -346,8 +359,15 @@ mod tests {
         let mut b = good.clone();
         b[23] = 7; // target SGL with 7 entries
         assert!(matches!(ConnData::decode(&b), Err(WireError::Invalid(_))));
-        let mut b = good;
+        let mut b = good.clone();
         b[36..40].copy_from_slice(&[0; 4]);
+        assert!(matches!(ConnData::decode(&b), Err(WireError::Invalid(_))));
+        // Regions wrapping around the address space (found by fuzz/run core).
+        let mut b = good.clone();
+        b[24..32].copy_from_slice(&(u64::MAX - 100).to_be_bytes());
+        assert!(matches!(ConnData::decode(&b), Err(WireError::Invalid(_))));
+        let mut b = good;
+        b[8..16].copy_from_slice(&(u64::MAX - 16).to_be_bytes());
         assert!(matches!(ConnData::decode(&b), Err(WireError::Invalid(_))));
     }
 

@@ -49,16 +49,22 @@ impl Default for Config {
 impl Config {
     /// Reads the files present in `dir`; missing or unparsable files keep the default.
     pub fn load(dir: &Path) -> Config {
+        Config::parse(|name| std::fs::read_to_string(dir.join(name)).ok())
+    }
+
+    /// The configuration from the files' contents, `file(name)` (None: no such file); what
+    /// does not parse keeps the default. Any contents give a configuration (fuzzed).
+    pub fn parse(file: impl Fn(&str) -> Option<String>) -> Config {
         let mut c = Config::default();
         let read = |name: &str, v: &mut u32| {
-            if let Ok(s) = std::fs::read_to_string(dir.join(name))
+            if let Some(s) = file(name)
                 && let Ok(n) = s.trim().parse::<u32>()
             {
                 *v = n;
             }
         };
         read("polling_time", &mut c.polling_time);
-        c.adaptive_spin = !dir.join("polling_time").exists();
+        c.adaptive_spin = file("polling_time").is_none();
         read("wake_up_interval", &mut c.wake_up_interval);
         read("inline_default", &mut c.inline_default);
         read("sqsize_default", &mut c.sqsize_default);
