@@ -21,6 +21,8 @@ use tokio::io::unix::AsyncFd;
 
 #[path = "vm/death.rs"]
 mod death;
+#[path = "vm/hostile.rs"]
+mod hostile;
 #[path = "vm/link.rs"]
 mod link;
 
@@ -1292,6 +1294,10 @@ const TESTS: &[Test] = &[
     (
         "survivor_of_a_killed_peer_gets_an_error_in_time",
         death::survivor_of_a_killed_peer_gets_an_error_in_time,
+    ),
+    (
+        "hostile_peer_ends_only_its_own_connection",
+        hostile::hostile_peer_ends_only_its_own_connection,
     ),
 ];
 
