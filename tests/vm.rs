@@ -25,6 +25,8 @@ mod death;
 mod hostile;
 #[path = "vm/link.rs"]
 mod link;
+#[path = "vm/soak.rs"]
+mod soak;
 
 /// The test network (vm/testnet, shared with the C suites and the benchmark).
 const TESTNET: &str = include_str!("../vm/testnet");
@@ -1298,6 +1300,18 @@ const TESTS: &[Test] = &[
     (
         "hostile_peer_ends_only_its_own_connection",
         hostile::hostile_peer_ends_only_its_own_connection,
+    ),
+    (
+        "connect_transfer_close_cycles_hold_nothing",
+        soak::connect_transfer_close_cycles_hold_nothing,
+    ),
+    (
+        "many_concurrent_verified_connections",
+        soak::many_concurrent_verified_connections,
+    ),
+    (
+        "rclose_races_blocked_calls",
+        soak::rclose_races_blocked_calls,
     ),
 ];
 
