@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rsocket::Error;
 use rsocket::socket::{self, StreamSocket};
 
-use super::link::{ALL, block};
+use super::link::{ALL, block, outcomes};
 use super::{connect, listener, send_all};
 
 /// The environment variable that makes this test binary the peer: `PORT` to listen on.
@@ -89,19 +89,15 @@ pub(super) fn survivor_of_a_killed_peer_gets_an_error_in_time() {
     let t0 = Instant::now();
     peer.wait().unwrap();
     let give_up = t0 + Duration::from_secs(30);
-    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < give_up {
-        thread::sleep(Duration::from_millis(10));
-    }
     let mut late = Vec::new();
-    for (i, (t, how)) in threads.into_iter().zip(ALL).enumerate() {
-        if !t.is_finished() {
-            late.push(format!(
-                "{how:?}: still blocked ({})",
-                clients[i].describe()
-            ));
-            continue;
-        }
-        let (r, at) = t.join().unwrap();
+    for (how, o) in outcomes(threads, &clients, give_up) {
+        let (r, at) = match o {
+            Ok(done) => done,
+            Err(still) => {
+                late.push(still);
+                continue;
+            }
+        };
         let took = at - t0;
         println!("    {how:?}: {r:?} after {took:.1?}");
         let fine = match r {

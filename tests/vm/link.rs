@@ -56,7 +56,7 @@ pub(super) const ALL: [Blocked; 7] = [
 ];
 
 /// Runs `how` on `c` until a call fails or ends the stream; returns that and when.
-pub(super) fn block(c: &StreamSocket, how: Blocked) -> (Result<usize, Error>, Instant) {
+pub(super) fn block(c: &StreamSocket, how: Blocked) -> Ended {
     let mut b = vec![0u8; 1 << 16];
     let fd = c.fd();
     loop {
@@ -85,6 +85,43 @@ pub(super) fn block(c: &StreamSocket, how: Blocked) -> (Result<usize, Error>, In
             other => return (other, Instant::now()),
         }
     }
+}
+
+/// What a blocked call ended with, and when (see [`block`]).
+pub(super) type Ended = (Result<usize, Error>, Instant);
+
+/// A blocked call's thread.
+pub(super) type Caller = thread::JoinHandle<Ended>;
+
+/// Waits until every caller (the `i`th blocked in way `ALL[i]` on `clients[i]`) returned or
+/// `give_up` passed. Each way's result and when it came, or, for a call still blocked, what
+/// its socket looks like.
+pub(super) fn outcomes(
+    callers: Vec<Caller>,
+    clients: &[Arc<StreamSocket>],
+    give_up: Instant,
+) -> Vec<(Blocked, Result<Ended, String>)> {
+    while callers.iter().any(|t| !t.is_finished()) && Instant::now() < give_up {
+        thread::sleep(Duration::from_millis(10));
+    }
+    callers
+        .into_iter()
+        .zip(ALL)
+        .enumerate()
+        .map(|(i, (t, how))| {
+            if t.is_finished() {
+                (how, Ok(t.join().unwrap()))
+            } else {
+                (
+                    how,
+                    Err(format!(
+                        "{how:?}: still blocked ({})",
+                        clients[i].describe()
+                    )),
+                )
+            }
+        })
+        .collect()
 }
 
 fn ip(args: &[&str]) {
@@ -202,19 +239,15 @@ fn lose_peer_under_blocked_calls(how: Loss, live_first: bool) {
     let t0 = Instant::now();
     let bound = limit + Duration::from_secs(2);
     let give_up = t0 + bound + Duration::from_secs(20);
-    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < give_up {
-        thread::sleep(Duration::from_millis(50));
-    }
     let mut late = Vec::new();
-    for (i, (t, blocked)) in threads.into_iter().zip(ALL).enumerate() {
-        if !t.is_finished() {
-            late.push(format!(
-                "{blocked:?}: still blocked ({})",
-                clients[i].describe()
-            ));
-            continue;
-        }
-        let (r, at) = t.join().unwrap();
+    for (i, (blocked, o)) in outcomes(threads, &clients, give_up).into_iter().enumerate() {
+        let (r, at) = match o {
+            Ok(done) => done,
+            Err(still) => {
+                late.push(still);
+                continue;
+            }
+        };
         let took = at - t0;
         println!("    {how:?}, {blocked:?}: {r:?} after {took:.1?}");
         match (how, &r) {

@@ -68,6 +68,7 @@ fn keepalive_defaults() -> (u32, u32, u32) {
 
 impl Options {
     pub(super) fn from_config(c: &Config) -> Self {
+        let (keepidle, keepintvl, keepcnt) = keepalive_defaults();
         Options {
             sq_size: c.sqsize_default,
             rq_size: c.rqsize_default,
@@ -78,9 +79,9 @@ impl Options {
             reuseaddr: false,
             nodelay: false,
             keepalive: false,
-            keepidle: keepalive_defaults().0,
-            keepintvl: keepalive_defaults().1,
-            keepcnt: keepalive_defaults().2,
+            keepidle,
+            keepintvl,
+            keepcnt,
             linger: None,
             oobinline: false,
             tos: 0,
