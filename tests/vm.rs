@@ -1302,6 +1302,10 @@ const TESTS: &[Test] = &[
         hostile::hostile_peer_ends_only_its_own_connection,
     ),
     (
+        "hostile_peer_cannot_reach_outside_its_grants",
+        hostile::hostile_peer_cannot_reach_outside_its_grants,
+    ),
+    (
         "connect_transfer_close_cycles_hold_nothing",
         soak::connect_transfer_close_cycles_hold_nothing,
     ),

@@ -294,6 +294,9 @@ pub struct Stream {
     // send side
     sseq_no: u16,
     sseq_comp: u16,
+    /// Receive credits the peer granted at connect (its receive queue): no credit limit of
+    /// the peer runs further ahead of what we sent.
+    peer_credits: u16,
     /// Credits left unused for our control messages (see [`credit_reserve`]).
     credit_reserve: u16,
     sqe_avail: u32,
@@ -380,6 +383,7 @@ impl Stream {
             local,
             sseq_no: 0,
             sseq_comp: peer.credits,
+            peer_credits: peer.credits,
             credit_reserve: credit_reserve(cfg.msg_send, peer.credits),
             sqe_avail: cfg.sq_size as u32 - ctrl_max,
             sbuf_bytes_avail: cfg.sbuf_size,
@@ -977,7 +981,16 @@ impl Stream {
                 // be seen before the CQ is drained): it is read before end of stream.
                 self.rmsg.push_back(len);
             }
-            Msg::Credits(limit) => self.sseq_comp = limit,
+            Msg::Credits(limit) => {
+                // The peer's limit is what it has read of ours plus its receive queue: never
+                // more than that beyond what we sent (nor behind it, which wraps to more).
+                if limit.wrapping_sub(self.sseq_no) > self.peer_credits {
+                    let e = WireError::Invalid("credits beyond the peer's receive queue");
+                    self.fail(e.clone().into());
+                    return Err(e.into());
+                }
+                self.sseq_comp = limit
+            }
             Msg::IomapSgl(d) => {
                 // The entry landed in our target iomap: only at an index we offered.
                 if d & ((1 << super::iomap::PERM_SHIFT) - 1) >= self.local.target_iomap_size as u32

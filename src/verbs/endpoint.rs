@@ -7,6 +7,7 @@ use std::ptr::{self, NonNull};
 
 use rdma_sys as sys;
 
+use super::guarded::Guarded;
 use super::{cvt, last_error};
 
 #[derive(Debug)]
@@ -53,6 +54,8 @@ pub struct MemoryRegion {
     mr: NonNull<sys::ibv_mr>,
     buf: NonNull<u8>,
     len: usize,
+    /// The mapping `buf` points into (dropped after the MR, as fields drop after `drop`).
+    _mem: Guarded,
 }
 
 /// Handle to a region of an [`Endpoint`].
@@ -136,18 +139,10 @@ pub enum Access {
     RemoteWrite,
 }
 
-impl MemoryRegion {
-    fn layout(len: usize) -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(len.max(1), 4096).expect("region size fits a layout")
-    }
-}
-
 impl Drop for MemoryRegion {
     fn drop(&mut self) {
         // SAFETY: registered once; the QP that used it is gone (endpoint field order).
         unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
-        // SAFETY: allocated in Endpoint::register with this layout.
-        unsafe { std::alloc::dealloc(self.buf.as_ptr(), Self::layout(self.len)) };
     }
 }
 
@@ -277,12 +272,11 @@ impl Endpoint {
         self.comp.fd()
     }
 
-    /// Allocates and registers a zeroed buffer.
+    /// Allocates and registers a zeroed, page-aligned buffer with an inaccessible page on
+    /// each side (see [`Guarded`]).
     pub fn register(&mut self, len: usize, access: Access) -> io::Result<MrId> {
-        let layout = MemoryRegion::layout(len);
-        // SAFETY: non-zero size layout.
-        let buf = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEM))?;
+        let mem = Guarded::new(len)?;
+        let buf = mem.ptr();
         let acc = match access {
             Access::Local => sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
             Access::RemoteWrite => {
@@ -296,15 +290,15 @@ impl Endpoint {
             unsafe { sys::ibv_reg_mr(self.pd.0.as_ptr(), buf.as_ptr() as *mut _, len, acc as i32) };
         match NonNull::new(mr) {
             Some(mr) => {
-                self.mrs.push(MemoryRegion { mr, buf, len });
+                self.mrs.push(MemoryRegion {
+                    mr,
+                    buf,
+                    len,
+                    _mem: mem,
+                });
                 Ok(MrId(self.mrs.len() - 1))
             }
-            None => {
-                let e = last_error();
-                // SAFETY: allocated just above with this layout.
-                unsafe { std::alloc::dealloc(buf.as_ptr(), layout) };
-                Err(e)
-            }
+            None => Err(last_error()),
         }
     }
 

@@ -41,6 +41,7 @@ fn non_null<T>(p: *mut T) -> io::Result<NonNull<T>> {
 mod addr;
 mod cm;
 mod endpoint;
+mod guarded;
 pub mod os;
 pub mod ready;
 

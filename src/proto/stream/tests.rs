@@ -658,6 +658,31 @@ fn malformed_messages_break_the_connection() {
 }
 
 #[test]
+fn credits_beyond_the_peers_receive_queue_break_the_connection() {
+    let c = cfg(64, 16, 64, 16384, 16384, false);
+    let sending = |c| {
+        let (mut a, mut b) = connected(c, c);
+        b.to_send = pattern(3000, 2);
+        b.pump(1000);
+        deliver_all(&mut b, &mut a);
+        let sent = b.s().sseq_no;
+        (b, sent)
+    };
+    // What the peer may grant: everything it read of ours plus its receive queue.
+    let (mut b, sent) = sending(c);
+    assert!(sent > 0);
+    let limit = |n: i32| Msg::Credits(sent.wrapping_add_signed(n as i16)).encode();
+    b.s().on_recv(limit(16)).unwrap();
+    b.s().on_recv(limit(0)).unwrap();
+    for (n, what) in [(17, "one beyond its queue"), (-1, "behind what we sent")] {
+        let (mut b, sent) = sending(c);
+        let m = Msg::Credits(sent.wrapping_add_signed(n as i16)).encode();
+        assert!(b.s().on_recv(m).is_err(), "a credit limit {what}");
+        assert!(!b.s().flags().connected, "{what}");
+    }
+}
+
+#[test]
 fn stale_or_unsolicited_sgl_entries_are_ignored() {
     let c = cfg(64, 16, 64, 16384, 16384, false);
     let (mut a, _b) = pair(c, c);
