@@ -78,7 +78,7 @@ test-fuzz:
 	fuzz/run 15
 
 # Everything that runs on the host alone, no VM: fmt, clippy, the core's and the service's unit
-# tests, the header check, and the C suites' host checks (signatures, symbols, errnos).
+# tests, the header check, and the C suites' host checks (signatures, symbols, errnos, valgrind).
 test-host-only: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
@@ -92,7 +92,8 @@ test-c:
 	$(MAKE) --no-print-directory -C c-tests check
 
 # RDMA tests. The Rust ones (tests/vm.rs) already ran under test-host: that test binary boots
-# the VM itself, once on Soft-RoCE and once on Soft-iWARP. Here: the C and interop suite, on both.
+# the VM itself, once on Soft-RoCE and once on Soft-iWARP. Here: the C and interop suite, on both,
+# ending with the C programs' AddressSanitizer builds (LeakSanitizer at exit).
 test-vm:
 	vm/run-in-vm -- c-tests/run-vm-tests.sh
 	vm/run-in-vm --siw -- c-tests/run-vm-tests.sh

@@ -205,6 +205,12 @@ static int server(const char *bind_ip, int port)
 	checks++;
 	if (rclose(fd) || rclose(l))
 		die("rclose");
+	free(img);
+#ifndef USE_LIBRDMACM
+	free(rw);
+	free(r);
+#endif
+	munmap(area, W_LEN + 2 * GUARD);
 	printf("iomap(%s) server: OK, %d checks\n", IMPL, checks);
 	return 0;
 }
@@ -324,6 +330,11 @@ static int client(const char *dst, const char *bind_ip, int port, int rounds)
 	);
 	rshutdown(fd, SHUT_RDWR);
 	rclose(fd);
+#ifndef USE_LIBRDMACM
+	free(rd);
+#endif
+	free(src);
+	free(img);
 	return 0;
 }
 

@@ -194,6 +194,7 @@ int main(int argc, char **argv)
 			size_t bad = mismatch(buf, size, (unsigned)i);
 			if (bad) {
 				fprintf(stderr, "rsping(%s): server: data mismatch at byte %zu\n", impl, bad - 1);
+				free(buf);
 				return 1;
 			}
 			send_all(c, buf, size);
@@ -202,17 +203,20 @@ int main(int argc, char **argv)
 		if (r != 0) {
 			fprintf(stderr, "rsping(%s): server: expected end of stream, got %zd (%s)\n", impl, r,
 				strerror(errno));
+			free(buf);
 			return 1;
 		}
 		printf("rsping(%s) server: %d x %zu bytes from %s verified and echoed; EOF seen\n", impl, iters,
 		       size, ip);
 		s_close(c);
 		s_close(s);
+		free(buf);
 		return 0;
 	}
 
 	if (!server) {
 		fprintf(stderr, "rsping: -s or -c SERVER required\n");
+		free(buf);
 		return 2;
 	}
 	if (bind_ip) {
@@ -225,6 +229,7 @@ int main(int argc, char **argv)
 	addr_of(&d, server, port);
 	int r = s_connect(s, (struct sockaddr *)&d, sizeof d);
 	if (expect_refused) {
+		free(buf);
 		if (r == 0 || errno != ECONNREFUSED) {
 			fprintf(stderr, "rsping(%s): expected ECONNREFUSED, got %d (%s)\n", impl, r, strerror(errno));
 			return 1;
@@ -248,6 +253,7 @@ int main(int argc, char **argv)
 		if (s_getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &elen) || err) {
 			fprintf(stderr, "rsping(%s): after %d s idle with keepalive: SO_ERROR %s\n", impl,
 				keepalive_idle, strerror(err));
+			free(buf);
 			return 1;
 		}
 		printf("rsping(%s): %d s idle with keepalive (given up after 2 s unanswered): still up\n",
@@ -261,16 +267,19 @@ int main(int argc, char **argv)
 			ssize_t n = s_send(s, buf, size, MSG_NOSIGNAL);
 			if (n == 0) {
 				printf("rsping(%s): peer killed: end of stream (no reset)\n", impl);
+				free(buf);
 				return 1;
 			}
 			if (n < 0) {
 				int e = errno;
 				printf("rsping(%s): peer killed mid-transfer: %s\n", impl, strerror(e));
+				free(buf);
 				return e == ECONNRESET ? 0 : 1;
 			}
 		}
 	}
 	if (expect_pipe) {
+		free(buf);
 		if (s_shutdown(s, SHUT_WR))
 			die("shutdown");
 		ssize_t n = s_send(s, "x", 1, MSG_NOSIGNAL);
@@ -294,6 +303,8 @@ int main(int argc, char **argv)
 		size_t bad = mismatch(echo, size, (unsigned)i);
 		if (bad) {
 			fprintf(stderr, "rsping(%s): client: echo mismatch at byte %zu\n", impl, bad - 1);
+			free(echo);
+			free(buf);
 			return 1;
 		}
 	}

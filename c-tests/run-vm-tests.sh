@@ -2,6 +2,7 @@
 # C and interop tests; runs inside the VM (vm/run-in-vm -- c-tests/run-vm-tests.sh), on the
 # Soft-RoCE pair or, with --siw given to run-in-vm, the Soft-iWARP pair.
 # Server $RS_SERVER, client $RS_CLIENT (vm/testnet). Every pair checks data and both exit codes.
+# The AddressSanitizer builds (bin/*-asan) run last; `run-vm-tests.sh --asan` runs only them.
 set -uo pipefail
 cd "$(dirname "$0")"
 . ../vm/testnet   # RS_SERVER, RS_CLIENT, port blocks
@@ -41,28 +42,6 @@ bound_to_us() {
     ! grep -hE "${from}librdmacm[^:]*: normal symbol \`(rsend|rrecv)'" "$1"* >/dev/null 2>&1
 }
 
-echo "c-tests in the VM on: $DEV"
-PORT=$((PORT + 1))
-if timeout 120 "$BIN/api_calls" $RS_SERVER $RS_CLIENT $PORT >"$log/api" 2>&1; then
-  pass=$((pass + 1)); echo "ok   every rsocket.h stream call (api_calls)"
-else
-  fail=$((fail + 1)); echo "FAIL every rsocket.h stream call (api_calls)"; sed 's/^/  | /' "$log/api"
-fi
-S="$BIN/rsping -s -b $RS_SERVER -p @PORT@"
-C_ARGS="-c $RS_SERVER -b $RS_CLIENT"
-C="$BIN/rsping $C_ARGS -p @PORT@"
-pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
-pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -S 4194304"
-pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@ -C 3" "$C -C 3"
-pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -C 3"
-# Keepalive probes are answered by the peer's device (on iWARP an RDMA read), librdmacm's too:
-# 4 s idle against a 2 s bound, then the transfer.
-pair "keepalive: probes answered by a librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@" "$C -A 4"
-pair "keepalive: probes answered by an rsocket-rs server" "$S" "$C -A 4"
-pair "refused connect gives ECONNREFUSED (kernel TCP)" "true" "$BIN/rsping -K -E $C_ARGS -p @PORT@"
-pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
-pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -E"
-
 # kill_peer NAME SERVER CLIENT: the server is killed (SIGKILL) mid-transfer; the client must
 # report ECONNRESET (rsping -X checks the errno) and must not hang.
 kill_peer() {
@@ -83,6 +62,112 @@ kill_peer() {
     fail=$((fail + 1)); echo "FAIL $name (client rc $crc)"; sed 's/^/  cli| /' "$log/cli"
   fi
 }
+
+# ---- AddressSanitizer and LeakSanitizer -------------------------------------------------------
+# The programs built with -fsanitize=address (c-tests/Makefile, bin/*-asan): an invalid access in
+# them (out of bounds on the heap, stack or a global, use after free, double or bad free) ends the
+# process with a report; at exit LeakSanitizer reports every block no longer reachable, the
+# library's too (librsocket-rs's Rust heap, libibverbs and its providers all allocate through
+# ASan's malloc). Memory still reachable at exit (the service thread, global state) is no leak.
+# Either report exits 23; a report in the output fails the pair whatever the exit status.
+# The runtime (libasan.so.8, gcc's) comes from the host's /usr/lib, which the guest shares.
+# No suppressions: nothing outside our code has reported a leak so far.
+ASAN_ENV="ASAN_OPTIONS=detect_leaks=1:exitcode=23:abort_on_error=0:detect_stack_use_after_return=1:strict_string_checks=1"
+asan_report() { grep -hE "ERROR: (AddressSanitizer|LeakSanitizer)|SUMMARY: (AddressSanitizer|LeakSanitizer)" "$@"; }
+# asan_clean BEFORE LOG...: the test just run passed (fail is still BEFORE) but a sanitizer
+# report is in its output: it fails after all.
+asan_clean() {
+  local before=$1; shift
+  if [ $fail -eq "$before" ] && asan_report "$@" >/dev/null; then
+    pass=$((pass - 1)); fail=$((fail + 1)); echo "FAIL   (a sanitizer report, though the exit status was 0)"
+    sed 's/^/  | /' "$@"
+  fi
+}
+# asan_pair NAME SERVER CLIENT: pair(), and no sanitizer report on either side.
+asan_pair() {
+  local before=$fail
+  pair "$@"
+  asan_clean $before "$log/srv" "$log/cli"
+}
+# asan_one NAME WANT_RC WANT_REPORT CMD: one process; exit WANT_RC, and a report matching
+# WANT_REPORT (a grep -E pattern), or none when WANT_REPORT is empty.
+asan_one() {
+  local name=$1 want=$2 report=$3
+  timeout 120 bash -c "$4" >"$log/one" 2>&1
+  local rc=$?
+  local ok=0
+  if [ -z "$report" ]; then
+    [ $rc -eq "$want" ] && ! asan_report "$log/one" >/dev/null && ok=1
+  else
+    [ $rc -eq "$want" ] && grep -qE "$report" "$log/one" && ok=1
+  fi
+  if [ $ok -eq 1 ]; then
+    pass=$((pass + 1)); echo "ok   $name"
+  else
+    fail=$((fail + 1)); echo "FAIL $name (exit $rc, want $want)"; sed 's/^/  | /' "$log/one"
+  fi
+}
+asan_tests() {
+  local A="$ASAN_ENV $BIN"
+  echo "-- AddressSanitizer + LeakSanitizer builds"
+  # The control: the runtime must load and catch a lost block and an overflow here in the guest.
+  asan_one "ASan build: LeakSanitizer reports a lost block (leak_canary)" 23 \
+    "ERROR: LeakSanitizer: detected memory leaks" "$A/leak_canary-asan leak"
+  asan_one "ASan build: AddressSanitizer reports a heap overflow (leak_canary)" 23 \
+    "ERROR: AddressSanitizer: heap-buffer-overflow" "$A/leak_canary-asan overflow"
+  PORT=$((PORT + 1))
+  asan_one "ASan: every rsocket.h stream call (api_calls)" 0 "" "$A/api_calls-asan $RS_SERVER $RS_CLIENT $PORT"
+  asan_pair "ASan: rsping <-> rsping, 1 MiB x 3" "$A/rsping-asan -s -b $RS_SERVER -p @PORT@ -C 3" \
+    "$A/rsping-asan -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -C 3"
+  asan_pair "ASan: rsping refused connect (ECONNREFUSED)" "true" \
+    "$A/rsping-asan -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -E"
+  # The library's teardown after a reset: the peer is killed mid-transfer (the client is checked).
+  local before=$fail
+  kill_peer "ASan: peer killed mid-transfer: rsping gives ECONNRESET" \
+    "$BIN/rsping -s -b $RS_SERVER -p @PORT@ -S 1048576 -C 100000" \
+    "$A/rsping-asan -X -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -S 1048576 -C 100000"
+  asan_clean $before "$log/cli"
+  asan_pair "ASan: riomap/riowrite/rioread (iomap)" "$A/iomap-asan -s -b $RS_SERVER -p @PORT@" \
+    "$A/iomap-asan -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -n 100"
+  asan_pair "ASan: zero-copy rsend/riowrite and their notices (zerocopy)" \
+    "$A/zerocopy-asan -s -b $RS_SERVER -p @PORT@" "$A/zerocopy-asan -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+  asan_pair "ASan: kernel epoll on rsocket descriptors, 16 connections (evloop)" \
+    "$A/evloop-asan -n 16 -s -b $RS_SERVER -p @PORT@" "$A/evloop-asan -n 16 -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+}
+flaky=0
+summary() {
+  rm -rf "$log"
+  echo
+  echo "$pass passed, $fail failed$([ $flaky -gt 0 ] && echo ", $flaky retried (FLAKY above)")"
+  [ $fail -eq 0 ]
+}
+
+echo "c-tests in the VM on: $DEV"
+if [ "${1:-}" = --asan ]; then
+  asan_tests
+  summary
+  exit
+fi
+PORT=$((PORT + 1))
+if timeout 120 "$BIN/api_calls" $RS_SERVER $RS_CLIENT $PORT >"$log/api" 2>&1; then
+  pass=$((pass + 1)); echo "ok   every rsocket.h stream call (api_calls)"
+else
+  fail=$((fail + 1)); echo "FAIL every rsocket.h stream call (api_calls)"; sed 's/^/  | /' "$log/api"
+fi
+S="$BIN/rsping -s -b $RS_SERVER -p @PORT@"
+C_ARGS="-c $RS_SERVER -b $RS_CLIENT"
+C="$BIN/rsping $C_ARGS -p @PORT@"
+pair "rsping rsocket-rs <-> rsocket-rs, 1 MiB x 3" "$S -C 3" "$C -C 3"
+pair "rsping static client <-> rsocket-rs server, 4 MiB" "$S -S 4194304" "$BIN/rsping-static -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -S 4194304"
+pair "rsping rsocket-rs client -> librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@ -C 3" "$C -C 3"
+pair "rsping librdmacm client -> rsocket-rs server" "$S -C 3" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -C 3"
+# Keepalive probes are answered by the peer's device (on iWARP an RDMA read), librdmacm's too:
+# 4 s idle against a 2 s bound, then the transfer.
+pair "keepalive: probes answered by a librdmacm server" "$BIN/rsping-rdmacm -s -b $RS_SERVER -p @PORT@" "$C -A 4"
+pair "keepalive: probes answered by an rsocket-rs server" "$S" "$C -A 4"
+pair "refused connect gives ECONNREFUSED (kernel TCP)" "true" "$BIN/rsping -K -E $C_ARGS -p @PORT@"
+pair "refused connect gives ECONNREFUSED (rsocket-rs)" "true" "$C -E"
+pair "refused connect gives ECONNREFUSED (librdmacm)" "true" "$BIN/rsping-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -E"
 
 K="-S 1048576 -C 100000"
 kill_peer "peer killed mid-transfer: kernel TCP gives ECONNRESET" "$BIN/rsping -K -s -b $RS_SERVER -p @PORT@ $K" "$BIN/rsping -K -X $C_ARGS -p @PORT@ $K"
@@ -118,7 +203,6 @@ RC="rstream -s $RS_SERVER -b $RS_CLIENT -p @PORT@"
 # client hung, so that direction is not retried any more.
 # A failure of our client against librdmacm's server is retried once, reported as FLAKY, and a
 # second failure fails the suite.
-flaky=0
 pair_retry_siw() {
   local before=$fail
   pair "$@"
@@ -178,7 +262,6 @@ for opts in "-S 65536 -C 50 -T v" "-S 1000 -C 200 -T b -T v"; do
   if ! bound_to_us "$log/bind-s" riostream; then fail=$((fail + 1)); echo "FAIL   (server did not run on rsocket-rs)"; fi
   rm -f "$log"/bind-s*
 done
-rm -rf "$log"
-echo
-echo "$pass passed, $fail failed$([ $flaky -gt 0 ] && echo ", $flaky retried (FLAKY above)")"
-[ $fail -eq 0 ]
+
+asan_tests
+summary

@@ -103,6 +103,8 @@ static int server(const char *ip, int port)
 	printf("zerocopy server: %d bytes streamed and %d in the window verified\n", BUF + SMALL, WIN);
 	rclose(fd);
 	rclose(l);
+	free(got);
+	free(win);
 	return 0;
 }
 
@@ -198,6 +200,7 @@ static int client(const char *dst, const char *ip, int port)
 	printf("zerocopy client: %d zero-copy calls, %d notices' ids all seen once, 1 copied\n",
 	       total, done);
 	rclose(fd);
+	free(buf);
 	return 0;
 }
 
