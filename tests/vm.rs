@@ -925,17 +925,17 @@ fn socket_options() {
     close(c);
 }
 
-/// `rdma resource show` totals (qp, cq, mr, pd, cm_id) of the first device.
+/// `rdma resource show` totals (qp, cq, mr, pd, cm_id) of every device.
 fn rdma_resources() -> String {
     let out = Command::new("rdma")
         .args(["resource", "show"])
         .output()
         .expect("rdma tool");
+    // One summary line per device: ours, and the peer's (client and server use one each).
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .next()
-        .unwrap_or("")
-        .to_string()
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn open_fds() -> usize {
@@ -1298,6 +1298,10 @@ const TESTS: &[Test] = &[
         death::survivor_of_a_killed_peer_gets_an_error_in_time,
     ),
     (
+        "a_peer_that_exits_with_open_connections_leaves_nothing_behind",
+        death::a_peer_that_exits_with_open_connections_leaves_nothing_behind,
+    ),
+    (
         "hostile_peer_ends_only_its_own_connection",
         hostile::hostile_peer_ends_only_its_own_connection,
     ),
@@ -1344,6 +1348,9 @@ fn rdma_devices() -> Vec<String> {
 fn main() -> ExitCode {
     if let Ok(port) = std::env::var(death::PEER_ENV) {
         death::run_peer(port.parse().expect("a port"));
+    }
+    if let Ok(port) = std::env::var(death::EXITING_PEER_ENV) {
+        death::run_exiting_peer(port.parse().expect("a port"));
     }
     let args: Vec<String> = std::env::args().collect();
     let filter: Vec<&String> = args[1..].iter().filter(|a| !a.starts_with('-')).collect();

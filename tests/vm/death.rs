@@ -1,6 +1,7 @@
 //! Peer death: the peer process is killed (SIGKILL) mid-transfer, and the survivor's call,
 //! whichever way it waits and whichever way the data flows, ends within a second with
-//! ECONNRESET, EPIPE or end of stream, never a hang.
+//! ECONNRESET, EPIPE or end of stream, never a hang. A peer process that exits with its
+//! connections open leaves nothing behind in the survivor.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -12,7 +13,9 @@ use rsocket::Error;
 use rsocket::socket::{self, StreamSocket};
 
 use super::link::{ALL, block, outcomes};
-use super::{connect, listener, send_all};
+use super::{
+    close, connect, listener, next_port, open_fds, pattern, rdma_resources, recv_exact, send_all,
+};
 
 /// The environment variable that makes this test binary the peer: `PORT` to listen on.
 pub(super) const PEER_ENV: &str = "RSOCKET_TEST_PEER";
@@ -42,6 +45,34 @@ pub(super) fn run_peer(port: u16) -> ! {
             }
         });
     }
+}
+
+/// The environment variable that makes this test binary the exiting peer: `PORT`.
+pub(super) const EXITING_PEER_ENV: &str = "RSOCKET_TEST_EXITING_PEER";
+
+/// Connections the exiting peer opens.
+const EXITING_CONNS: usize = 8;
+
+/// Bytes the exiting peer sends on its connection `i` (less than the send and receive
+/// buffers hold: we read only once it is gone).
+fn exiting_len(i: usize) -> usize {
+    1 + i * 37_111 % 100_000
+}
+
+/// The exiting peer (a child process, see [`EXITING_PEER_ENV`]): opens [`EXITING_CONNS`]
+/// connections to `port`, sends [`exiting_len`] bytes of [`pattern`] on each and exits
+/// without closing any of them.
+pub(super) fn run_exiting_peer(port: u16) -> ! {
+    let conns: Vec<_> = (0..EXITING_CONNS)
+        .map(|i| {
+            let c = connect(port);
+            send_all(&c, &pattern(exiting_len(i), i as u8));
+            c
+        })
+        .collect();
+    // Held, not closed: exit(3), as a return from main does it.
+    std::mem::forget(conns);
+    std::process::exit(0)
 }
 
 fn spawn_peer(port: u16) -> Child {
@@ -115,4 +146,53 @@ pub(super) fn survivor_of_a_killed_peer_gets_an_error_in_time() {
     for c in clients {
         socket::close(c.fd()).expect("close after the peer died");
     }
+}
+
+/// A peer process opens connections, sends on each and exits without closing them: each of
+/// our accepted sockets reads all the data, then end of stream or ECONNRESET, and closes;
+/// then this process holds the descriptors it held before and the devices the RDMA
+/// resources they held before (nothing of the peer's and nothing of ours is left).
+pub(super) fn a_peer_that_exits_with_open_connections_leaves_nothing_behind() {
+    let port = next_port();
+    let l = listener(port);
+    // Warm up once (process-wide state created on first use is not counted).
+    let w = {
+        let l = l.clone();
+        thread::spawn(move || l.accept().unwrap())
+    };
+    close(connect(port));
+    drop(w.join().unwrap());
+    thread::sleep(rsocket::proto::stream::LINGER + Duration::from_millis(500));
+    let before = (open_fds(), rdma_resources());
+    let mut peer = Command::new(std::env::current_exe().expect("test binary"))
+        .env(EXITING_PEER_ENV, port.to_string())
+        .spawn()
+        .expect("peer process");
+    let accepted: Vec<_> = (0..EXITING_CONNS).map(|_| l.accept().unwrap()).collect();
+    let st = peer.wait().unwrap();
+    assert!(st.success(), "exiting peer: {st:?}");
+    let t0 = Instant::now();
+    let mut ends = Vec::new();
+    for (i, s) in accepted.into_iter().enumerate() {
+        let n = exiting_len(i);
+        let got = recv_exact(&s, n);
+        assert!(got == pattern(n, i as u8), "connection {i}: data");
+        let mut b = [0u8; 1];
+        let end = s.recv(&mut b, 0);
+        assert!(
+            matches!(end, Ok(0) | Err(Error::ConnectionReset)),
+            "connection {i}: after the data: {end:?}"
+        );
+        ends.push(end);
+        s.close().unwrap();
+    }
+    println!(
+        "    {EXITING_CONNS} connections: {ends:?} within {:.1?}",
+        t0.elapsed()
+    );
+    thread::sleep(rsocket::proto::stream::LINGER + Duration::from_millis(500));
+    let after = (open_fds(), rdma_resources());
+    println!("    before: {before:?}; after: {after:?}");
+    assert_eq!(after, before, "left behind");
+    close(l);
 }
