@@ -64,6 +64,10 @@ pub(super) fn connect_transfer_close_cycles_hold_nothing() {
             thread::sleep(rsocket::proto::stream::LINGER + Duration::from_millis(500));
             base = Some(held());
         }
+        if i > warm && i % 1000 == 0 {
+            // The long runs (scripts/soak): whether RSS grows with the cycles or levels off.
+            println!("    cycle {i}: RSS {} KiB", rss_kib());
+        }
         let c = connect(port);
         let n = 1 + (i * 7919) % 20_000;
         let data = pattern(n, i as u8);
