@@ -52,10 +52,9 @@ impl Drop for CompletionQueue {
 #[derive(Debug)]
 pub struct MemoryRegion {
     mr: NonNull<sys::ibv_mr>,
-    buf: NonNull<u8>,
+    /// The buffer (unmapped after the MR is deregistered: fields drop after `drop`).
+    mem: Guarded,
     len: usize,
-    /// The mapping `buf` points into (dropped after the MR, as fields drop after `drop`).
-    _mem: Guarded,
 }
 
 /// Handle to a region of an [`Endpoint`].
@@ -276,7 +275,6 @@ impl Endpoint {
     /// each side (see [`Guarded`]).
     pub fn register(&mut self, len: usize, access: Access) -> io::Result<MrId> {
         let mem = Guarded::new(len)?;
-        let buf = mem.ptr();
         let acc = match access {
             Access::Local => sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
             Access::RemoteWrite => {
@@ -285,17 +283,12 @@ impl Endpoint {
                     .0
             }
         };
-        // SAFETY: buf is a live allocation of len bytes, pd valid.
-        let mr =
-            unsafe { sys::ibv_reg_mr(self.pd.0.as_ptr(), buf.as_ptr() as *mut _, len, acc as i32) };
+        let buf = mem.ptr().as_ptr() as *mut _;
+        // SAFETY: buf is a live mapping of at least len bytes, pd valid.
+        let mr = unsafe { sys::ibv_reg_mr(self.pd.0.as_ptr(), buf, len, acc as i32) };
         match NonNull::new(mr) {
             Some(mr) => {
-                self.mrs.push(MemoryRegion {
-                    mr,
-                    buf,
-                    len,
-                    _mem: mem,
-                });
+                self.mrs.push(MemoryRegion { mr, mem, len });
                 Ok(MrId(self.mrs.len() - 1))
             }
             None => Err(last_error()),
@@ -421,7 +414,7 @@ impl Endpoint {
     pub fn remote_handle(&self, id: MrId) -> (u64, u32) {
         let m = self.mr(id);
         // SAFETY: mr valid while registered.
-        (m.buf.as_ptr() as u64, unsafe { m.mr.as_ref().rkey })
+        (m.mem.ptr().as_ptr() as u64, unsafe { m.mr.as_ref().rkey })
     }
 
     /// Copies region bytes out. Panics on an out-of-range request (a bug, not peer input).
@@ -433,7 +426,11 @@ impl Endpoint {
         );
         // SAFETY: range checked against the allocation; raw copy because the NIC may write.
         unsafe {
-            ptr::copy_nonoverlapping(m.buf.as_ptr().add(offset), out.as_mut_ptr(), out.len())
+            ptr::copy_nonoverlapping(
+                m.mem.ptr().as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            )
         };
     }
 
@@ -445,7 +442,9 @@ impl Endpoint {
             "write outside region"
         );
         // SAFETY: range checked against the allocation.
-        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), m.buf.as_ptr().add(offset), data.len()) };
+        unsafe {
+            ptr::copy_nonoverlapping(data.as_ptr(), m.mem.ptr().as_ptr().add(offset), data.len())
+        };
     }
 
     /// Posts a receive: zero-SGE (data arrives by RDMA write with immediate), or into the 4
@@ -462,7 +461,7 @@ impl Endpoint {
         if let Some((id, offset)) = into {
             let m = self.mr(id);
             assert!(offset + 4 <= m.len, "receive outside region");
-            sge.addr = m.buf.as_ptr() as u64 + offset as u64;
+            sge.addr = m.mem.ptr().as_ptr() as u64 + offset as u64;
             sge.length = 4;
             // SAFETY: mr valid.
             sge.lkey = unsafe { m.mr.as_ref().lkey };
@@ -508,7 +507,7 @@ impl Endpoint {
                 for (i, &(off, len)) in ranges[..n].iter().enumerate() {
                     assert!(off as usize + len as usize <= m.len, "send outside region");
                     sges[i] = sys::ibv_sge {
-                        addr: m.buf.as_ptr() as u64 + off as u64,
+                        addr: m.mem.ptr().as_ptr() as u64 + off as u64,
                         length: len,
                         // SAFETY: mr valid.
                         lkey: unsafe { m.mr.as_ref().lkey },

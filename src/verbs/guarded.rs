@@ -17,13 +17,15 @@ pub(super) struct Guarded {
     base: NonNull<u8>,
     /// Bytes of the whole mapping: the pages of the buffer plus the two guards.
     total: usize,
+    /// The buffer's first byte (just past the leading guard page).
+    buf: NonNull<u8>,
 }
 
 // SAFETY: owns its mapping; the raw pointer is only an address.
 unsafe impl Send for Guarded {}
 
 /// The page size.
-pub(super) fn page_size() -> usize {
+fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if n > 0 { n as usize } else { 4096 }
@@ -54,14 +56,14 @@ impl Guarded {
         if base == libc::MAP_FAILED {
             return Err(last_error());
         }
-        let g = Guarded {
-            base: NonNull::new(base as *mut u8).expect("mmap returned a mapping"),
-            total,
-        };
+        let base = NonNull::new(base as *mut u8).expect("mmap returned a mapping");
+        // SAFETY: the mapping is inner + 2 pages long.
+        let buf = unsafe { NonNull::new_unchecked(base.as_ptr().add(page)) };
+        let g = Guarded { base, total, buf };
         // SAFETY: the pages between the guards lie inside the mapping made above.
         let r = unsafe {
             libc::mprotect(
-                g.ptr().as_ptr() as *mut _,
+                buf.as_ptr() as *mut _,
                 inner,
                 libc::PROT_READ | libc::PROT_WRITE,
             )
@@ -74,8 +76,7 @@ impl Guarded {
 
     /// The buffer's first byte (just past the leading guard page).
     pub(super) fn ptr(&self) -> NonNull<u8> {
-        // SAFETY: the mapping is at least three pages long.
-        unsafe { NonNull::new_unchecked(self.base.as_ptr().add(page_size())) }
+        self.buf
     }
 }
 
