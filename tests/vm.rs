@@ -95,6 +95,26 @@ fn connect(port: u16) -> Arc<StreamSocket> {
     c
 }
 
+/// `c` bound to the client's address and connected to a fresh port of the server's, and the
+/// server's end, accepted by a one-connection listener that is closed again.
+fn connected_pair_from(c: Arc<StreamSocket>) -> (Arc<StreamSocket>, Arc<StreamSocket>) {
+    let port = next_port();
+    let l = listener(port);
+    let t = thread::spawn(move || {
+        let s = l.accept().expect("accept");
+        close(l);
+        s
+    });
+    c.bind(&addr(client_ip(), 0).into()).expect("bind client");
+    c.connect(&addr(server_ip(), port).into()).expect("connect");
+    (c, t.join().unwrap())
+}
+
+/// A new connection: (client end, server end), see [`connected_pair_from`].
+fn connected_pair() -> (Arc<StreamSocket>, Arc<StreamSocket>) {
+    connected_pair_from(new_socket())
+}
+
 fn send_all(s: &StreamSocket, mut b: &[u8]) {
     while !b.is_empty() {
         let n = s.send(b, 0).expect("send");
@@ -979,15 +999,8 @@ fn close_releases_everything() {
 fn close_lingers_until_the_peer_is_done() {
     let iwarp = !rdma_devices().iter().any(|d| d.starts_with("rxe"));
     for peer_closes in [true, false] {
-        let port = next_port();
-        let l = listener(port);
-        let t = thread::spawn(move || {
-            let s = l.accept().unwrap();
-            close(l);
-            s
-        });
-        let c = connect(port);
-        let s = socket::lookup(socket::insert(t.join().unwrap())).unwrap();
+        let (c, s) = connected_pair();
+        let s = socket::lookup(socket::insert(s)).unwrap();
         let data = pattern(50_000, 7);
         send_all(&s, &data);
         socket::close(s.fd()).expect("close");
@@ -1108,20 +1121,11 @@ fn one_service_thread_serves_many_sockets() {
     };
     let mut pairs = Vec::new();
     for i in 0..6 {
-        let port = next_port();
-        let l = listener(port);
-        let t = thread::spawn(move || {
-            let s = l.accept().expect("accept");
-            close(l);
-            s
-        });
         let c = new_socket();
         if i == 2 {
             keepalive(&c);
         }
-        c.bind(&addr(client_ip(), 0).into()).expect("bind client");
-        c.connect(&addr(server_ip(), port).into()).expect("connect");
-        pairs.push((c, t.join().unwrap()));
+        pairs.push(connected_pair_from(c));
     }
     for (c, _) in &pairs[..2] {
         keepalive(c);

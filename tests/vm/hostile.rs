@@ -226,20 +226,6 @@ impl Raw {
         }
         panic!("hostile peer: window {index} never announced");
     }
-
-    /// RDMA-writes `len` bytes at `offset` of our receive buffer.
-    fn write_rbuf(&mut self, offset: u64, len: usize) {
-        let rb = self.our_rbuf();
-        let ep = self.ep.as_mut().unwrap();
-        let mr = ep.register(len, Access::Local).expect("mr");
-        ep.post_send(
-            2,
-            Payload::Region(mr, [(0, len as u32), (0, 0)], 1),
-            Some((rb.addr + offset, rb.key)),
-            None,
-        )
-        .expect("write");
-    }
 }
 
 impl Drop for Raw {
@@ -366,8 +352,9 @@ pub(super) fn hostile_peer_ends_only_its_own_connection() {
             r.send_msg(0x1fff_ffff);
         }),
         ("a write past the receive buffer", |r| {
-            let len = r.our_rbuf().length as usize * 2 + 4096;
-            r.write_rbuf(0, len);
+            let rb = r.our_rbuf();
+            let len = rb.length as usize * 2 + 4096;
+            r.write_at(2, (rb.addr, rb.key), &vec![0; len]);
             r.send_msg(4096);
         }),
     ];

@@ -11,7 +11,8 @@ use rsocket::Error;
 use rsocket::socket::{self, StreamSocket};
 
 use super::{
-    close, connect, listener, next_port, open_fds, pattern, rdma_resources, recv_exact, send_all,
+    close, connect, connected_pair, listener, next_port, open_fds, pattern, rdma_resources,
+    recv_exact, send_all,
 };
 
 fn env_count(name: &str, default: usize) -> usize {
@@ -157,15 +158,7 @@ pub(super) fn many_concurrent_verified_connections() {
 /// connection end.
 pub(super) fn rclose_races_blocked_calls() {
     for round in 0..4 {
-        let port = next_port();
-        let l = listener(port);
-        let acceptor = thread::spawn(move || {
-            let s = l.accept().expect("accept");
-            close(l);
-            s
-        });
-        let c = connect(port);
-        let s = acceptor.join().unwrap();
+        let (c, s) = connected_pair();
         let (c1, c2) = (c.clone(), c.clone());
         // The peer reads nothing: the sender runs out of credits and blocks; the receiver
         // gets nothing.
