@@ -1,0 +1,917 @@
+//! The interposed C library calls.
+//!
+//! Each one looks its descriptor up (`table::slot`, one atomic load) and either passes the
+//! call to the C library (`real`) or serves it with the rsocket calls of `rsocket_rs` (the C
+//! API, linked in). An rsocket that a forked child inherited fails there with ENOTCONN: the
+//! connection stays the parent's.
+
+use std::os::fd::RawFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use libc::{
+    c_char, c_int, c_uint, c_ulong, c_void, iovec, mmsghdr, msghdr, off_t, size_t, sockaddr,
+    socklen_t, ssize_t,
+};
+use rsocket_rs as rs;
+
+use crate::convert;
+use crate::policy;
+use crate::real;
+use crate::table::{self, Slot};
+use crate::trace;
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Runs `body`; a panic becomes errno EIO and `$fail`.
+macro_rules! guard {
+    ($fail:expr, $body:expr) => {
+        match catch_unwind(AssertUnwindSafe(|| $body)) {
+            Ok(v) => v,
+            Err(_) => {
+                set_errno(libc::EIO);
+                $fail
+            }
+        }
+    };
+}
+
+/// The rsocket behind `fd`: Ok(Some(rs)), Ok(None) for a descriptor the kernel serves, or
+/// Err(()) (errno ENOTCONN set) for an rsocket of the parent process.
+#[inline]
+fn rsocket_of(fd: RawFd) -> Result<Option<RawFd>, ()> {
+    match table::slot(fd) {
+        Slot::Rsocket { rs, ours: true } => Ok(Some(rs)),
+        Slot::Rsocket { ours: false, .. } => {
+            set_errno(libc::ENOTCONN);
+            Err(())
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Dispatches on `fd`: `$rs` with the rsocket number bound to `$r`, or `$kernel`.
+macro_rules! route {
+    ($fd:expr, $fail:expr, |$r:ident| $rs:expr, $kernel:expr) => {
+        guard!(
+            $fail,
+            match rsocket_of($fd) {
+                Ok(Some($r)) => $rs,
+                Ok(None) => $kernel,
+                Err(()) => $fail,
+            }
+        )
+    };
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
+    guard!(-1, {
+        // SAFETY: socket has no memory arguments.
+        let fd = unsafe { real::socket(domain, ty, protocol) };
+        if fd >= 0 && policy::get().intercepts(domain, ty, protocol) {
+            table::with(|d| {
+                d.candidates.insert(
+                    fd,
+                    table::Candidate {
+                        domain,
+                        options: Vec::new(),
+                    },
+                )
+            });
+            if !table::set_slot(fd, Slot::Candidate) {
+                table::with(|d| d.candidates.remove(&fd));
+            }
+        }
+        fd
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    guard!(
+        -1,
+        match table::slot(fd) {
+            // SAFETY: C contract of connect.
+            Slot::Candidate => unsafe { convert::connect(fd, addr, len) },
+            Slot::Rsocket { rs: r, ours: true } => {
+                // A second connect on a connected rsocket: what the rsocket says (EISCONN).
+                // SAFETY: C contract of connect.
+                unsafe { rs::rconnect(r, addr, len) }
+            }
+            Slot::Rsocket { ours: false, .. } => {
+                set_errno(libc::ENOTCONN);
+                -1
+            }
+            // SAFETY: C contract of connect.
+            _ => unsafe { real::connect(fd, addr, len) },
+        }
+    )
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    guard!(
+        -1,
+        match table::slot(fd) {
+            Slot::Candidate | Slot::Listener { .. } => convert::listen(fd, backlog),
+            Slot::Rsocket { .. } => {
+                set_errno(libc::EINVAL);
+                -1
+            }
+            // SAFETY: listen has no memory arguments.
+            Slot::Kernel => unsafe { real::listen(fd, backlog) },
+        }
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    guard!(
+        -1,
+        match table::slot(fd) {
+            // SAFETY: C contract of accept4.
+            Slot::Listener { id } => unsafe { convert::accept(fd, id, addr, len, flags) },
+            Slot::Rsocket { .. } => {
+                set_errno(libc::EINVAL);
+                -1
+            }
+            // SAFETY: C contract of accept4.
+            _ => unsafe { real::accept4(fd, addr, len, flags) },
+        }
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: C contract of accept.
+    unsafe { accept4(fd, addr, len, 0) }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    // SAFETY: shutdown has no memory arguments.
+    route!(fd, -1, |r| rs::rshutdown(r, how), unsafe {
+        real::shutdown(fd, how)
+    })
+}
+
+/// The table's side of closing application descriptor `fd` (it is about to be closed or
+/// replaced): the rsocket or listener goes with its last descriptor.
+fn forget(fd: RawFd) {
+    let s = table::slot(fd);
+    if s == Slot::Kernel {
+        return;
+    }
+    table::set_slot(fd, Slot::Kernel);
+    match s {
+        Slot::Candidate => {
+            table::with(|d| d.candidates.remove(&fd));
+        }
+        Slot::Rsocket { rs: r, ours } => {
+            let last = table::with(|d| {
+                let n = d.rsocket_refs.entry(r).or_insert(1);
+                *n -= 1;
+                if *n == 0 {
+                    d.rsocket_refs.remove(&r);
+                    d.rsocket_domain.remove(&r);
+                    true
+                } else {
+                    false
+                }
+            });
+            if last && ours {
+                rs::rclose(r);
+            }
+        }
+        Slot::Listener { id } => {
+            let last = table::with(|d| {
+                let n = d.listener_refs.entry(id).or_insert(1);
+                *n -= 1;
+                if *n == 0 {
+                    d.listener_refs.remove(&id);
+                    true
+                } else {
+                    false
+                }
+            });
+            if last {
+                convert::close_listener(id);
+            }
+        }
+        Slot::Kernel => {}
+    }
+}
+
+/// `to` now names what `from` names (after a dup).
+fn alias(from: RawFd, to: RawFd) {
+    match table::slot(from) {
+        Slot::Kernel => {}
+        Slot::Candidate => {
+            // A duplicated candidate cannot be converted in place for both numbers.
+            convert::give_up(from);
+        }
+        Slot::Rsocket { rs: r, ours } => {
+            table::with(|d| *d.rsocket_refs.entry(r).or_insert(0) += 1);
+            table::set_slot(to, Slot::Rsocket { rs: r, ours });
+        }
+        Slot::Listener { id } => {
+            table::with(|d| *d.listener_refs.entry(id).or_insert(0) += 1);
+            table::set_slot(to, Slot::Listener { id });
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn close(fd: c_int) -> c_int {
+    guard!(-1, {
+        if table::slot(fd) == Slot::Kernel {
+            // SAFETY: close has no memory arguments.
+            return unsafe { real::close(fd) };
+        }
+        // The number may be reused as soon as it is closed: forget it first.
+        forget(fd);
+        // SAFETY: as above.
+        unsafe { real::close(fd) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn dup(fd: c_int) -> c_int {
+    guard!(-1, {
+        // SAFETY: dup has no memory arguments.
+        let n = unsafe { real::dup(fd) };
+        if n >= 0 {
+            alias(fd, n);
+        }
+        n
+    })
+}
+
+fn dup_onto(fd: RawFd, to: RawFd, flags: c_int, three: bool) -> c_int {
+    if fd == to {
+        // SAFETY: no memory arguments.
+        return unsafe {
+            if three {
+                real::dup3(fd, to, flags)
+            } else {
+                real::dup2(fd, to)
+            }
+        };
+    }
+    forget(to);
+    // SAFETY: no memory arguments.
+    let n = unsafe {
+        if three {
+            real::dup3(fd, to, flags)
+        } else {
+            real::dup2(fd, to)
+        }
+    };
+    if n >= 0 {
+        alias(fd, n);
+    }
+    n
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn dup2(fd: c_int, to: c_int) -> c_int {
+    guard!(-1, dup_onto(fd, to, 0, false))
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn dup3(fd: c_int, to: c_int, flags: c_int) -> c_int {
+    guard!(-1, dup_onto(fd, to, flags, true))
+}
+
+fn fcntl_any(fd: c_int, cmd: c_int, arg: c_ulong, sixty_four: bool) -> c_int {
+    let kernel = || {
+        // SAFETY: the caller's fcntl, as it made it (arg is an int or a pointer it owns).
+        unsafe {
+            if sixty_four {
+                real::fcntl64(fd, cmd, arg)
+            } else {
+                real::fcntl(fd, cmd, arg)
+            }
+        }
+    };
+    match cmd {
+        libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+            let n = kernel();
+            if n >= 0 {
+                alias(fd, n);
+            }
+            n
+        }
+        libc::F_GETFL | libc::F_SETFL => match rsocket_of(fd) {
+            Ok(Some(r)) => rs::rfcntl(r, cmd, arg as _),
+            Ok(None) => kernel(),
+            Err(()) => -1,
+        },
+        _ => kernel(),
+    }
+}
+
+/// fcntl(2). Declared variadic in C; on the x86-64 and AArch64 Linux ABIs the optional
+/// argument travels in the register of a fixed third argument, which this definition reads.
+#[unsafe(no_mangle)]
+pub extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    guard!(-1, fcntl_any(fd, cmd, arg, false))
+}
+
+/// fcntl64(2), as [`fcntl`].
+#[unsafe(no_mangle)]
+pub extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    guard!(-1, fcntl_any(fd, cmd, arg, true))
+}
+
+/// ioctl(2): FIONBIO and FIONREAD on rsockets; everything else goes to the kernel. Variadic in
+/// C, read as [`fcntl`] reads its argument.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: c_ulong) -> c_int {
+    route!(
+        fd,
+        -1,
+        |r| match req {
+            libc::FIONBIO => {
+                if arg == 0 {
+                    set_errno(libc::EFAULT);
+                    return -1;
+                }
+                // SAFETY: FIONBIO's argument is a pointer to an int (C contract).
+                let on = unsafe { *(arg as *const c_int) } != 0;
+                let fl = rs::rfcntl(r, libc::F_GETFL, 0);
+                let fl = if on {
+                    fl | libc::O_NONBLOCK
+                } else {
+                    fl & !libc::O_NONBLOCK
+                };
+                rs::rfcntl(r, libc::F_SETFL, fl as _)
+            }
+            libc::FIONREAD => {
+                if arg == 0 {
+                    set_errno(libc::EFAULT);
+                    return -1;
+                }
+                let n = readable(r);
+                if n < 0 {
+                    return -1;
+                }
+                // SAFETY: FIONREAD's argument is a pointer to an int (C contract).
+                unsafe { *(arg as *mut c_int) = n as c_int };
+                0
+            }
+            // SAFETY: the caller's ioctl on the descriptor itself.
+            _ => unsafe { real::ioctl(fd, req, arg) },
+        },
+        // SAFETY: the caller's ioctl, as it made it.
+        unsafe { real::ioctl(fd, req, arg) }
+    )
+}
+
+/// Bytes an rsocket can deliver now (FIONREAD): what a non-blocking peek returns.
+fn readable(r: RawFd) -> isize {
+    let mut buf = vec![0u8; 1 << 20];
+    // SAFETY: our buffer and its length.
+    let n = unsafe {
+        rs::rrecv(
+            r,
+            buf.as_mut_ptr() as *mut c_void,
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 && matches!(errno(), libc::EAGAIN) {
+        return 0;
+    }
+    n
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    // SAFETY: C contract of read.
+    route!(fd, -1, |r| unsafe { rs::rread(r, buf, n) }, unsafe {
+        real::read(fd, buf, n)
+    })
+}
+
+/// The fortified read (`_FORTIFY_SOURCE`): read with the buffer's size known.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    room: size_t,
+) -> ssize_t {
+    if n > room {
+        // The C library's answer to an overflow: abort.
+        // SAFETY: ends the process.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: C contract of read.
+    unsafe { read(fd, buf, n) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    // SAFETY: C contract of write.
+    route!(fd, -1, |r| unsafe { rs::rwrite(r, buf, n) }, unsafe {
+        real::write(fd, buf, n)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
+    // SAFETY: C contract of readv.
+    route!(fd, -1, |r| unsafe { rs::rreadv(r, iov, n) }, unsafe {
+        real::readv(fd, iov, n)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
+    // SAFETY: C contract of writev.
+    route!(fd, -1, |r| unsafe { rs::rwritev(r, iov, n) }, unsafe {
+        real::writev(fd, iov, n)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: C contract of recv.
+    route!(fd, -1, |r| unsafe { rs::rrecv(r, buf, n, flags) }, unsafe {
+        real::recv(fd, buf, n, flags)
+    })
+}
+
+/// The fortified recv.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    room: size_t,
+    flags: c_int,
+) -> ssize_t {
+    if n > room {
+        // SAFETY: ends the process, as the C library does.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: C contract of recv.
+    unsafe { recv(fd, buf, n, flags) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    // SAFETY: C contract of send.
+    route!(fd, -1, |r| unsafe { rs::rsend(r, buf, n, flags) }, unsafe {
+        real::send(fd, buf, n, flags)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    route!(
+        fd,
+        -1,
+        // SAFETY: C contract of recvfrom.
+        |r| unsafe { rs::rrecvfrom(r, buf, n, flags, addr, len) },
+        // SAFETY: C contract of recvfrom.
+        unsafe { real::recvfrom(fd, buf, n, flags, addr, len) }
+    )
+}
+
+/// The fortified recvfrom.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    room: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    if n > room {
+        // SAFETY: ends the process, as the C library does.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: C contract of recvfrom.
+    unsafe { recvfrom(fd, buf, n, flags, addr, len) }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    route!(
+        fd,
+        -1,
+        // SAFETY: C contract of sendto.
+        |r| unsafe { rs::rsendto(r, buf, n, flags, addr, len) },
+        // SAFETY: C contract of sendto.
+        unsafe { real::sendto(fd, buf, n, flags, addr, len) }
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: C contract of recvmsg.
+    route!(fd, -1, |r| unsafe { rs::rrecvmsg(r, msg, flags) }, unsafe {
+        real::recvmsg(fd, msg, flags)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: C contract of sendmsg.
+    route!(fd, -1, |r| unsafe { rs::rsendmsg(r, msg, flags) }, unsafe {
+        real::sendmsg(fd, msg, flags)
+    })
+}
+
+/// recvmmsg(2) on an rsocket: one rrecvmsg per message; after the first, only what is there
+/// already (a stream has no message boundaries to wait for).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    v: *mut mmsghdr,
+    n: c_uint,
+    flags: c_int,
+    t: *mut libc::timespec,
+) -> c_int {
+    route!(
+        fd,
+        -1,
+        |r| {
+            let mut done = 0;
+            while done < n {
+                let f = if done == 0 {
+                    flags
+                } else {
+                    flags | libc::MSG_DONTWAIT
+                };
+                // SAFETY: C contract: v has n entries.
+                let m = unsafe { &mut *v.add(done as usize) };
+                // SAFETY: C contract of recvmsg, for one entry.
+                let got = unsafe { rs::rrecvmsg(r, &mut m.msg_hdr, f & !libc::MSG_WAITFORONE) };
+                if got < 0 {
+                    if done == 0 {
+                        return -1;
+                    }
+                    break;
+                }
+                m.msg_len = got as c_uint;
+                done += 1;
+                if got == 0 {
+                    break;
+                }
+            }
+            done as c_int
+        },
+        // SAFETY: C contract of recvmmsg.
+        unsafe { real::recvmmsg(fd, v, n, flags, t) }
+    )
+}
+
+/// sendmmsg(2) on an rsocket: one rsendmsg per message, stopping at the first short one.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmmsg(fd: c_int, v: *mut mmsghdr, n: c_uint, flags: c_int) -> c_int {
+    route!(
+        fd,
+        -1,
+        |r| {
+            let mut done = 0;
+            while done < n {
+                // SAFETY: C contract: v has n entries.
+                let m = unsafe { &mut *v.add(done as usize) };
+                // SAFETY: C contract of sendmsg, for one entry.
+                let sent = unsafe { rs::rsendmsg(r, &m.msg_hdr, flags) };
+                if sent < 0 {
+                    if done == 0 {
+                        return -1;
+                    }
+                    break;
+                }
+                m.msg_len = sent as c_uint;
+                done += 1;
+                // SAFETY: the entry's iovecs (C contract).
+                let want: usize =
+                    unsafe { std::slice::from_raw_parts(m.msg_hdr.msg_iov, m.msg_hdr.msg_iovlen) }
+                        .iter()
+                        .map(|i| i.iov_len)
+                        .sum();
+                if (sent as usize) < want {
+                    break;
+                }
+            }
+            done as c_int
+        },
+        // SAFETY: C contract of sendmmsg.
+        unsafe { real::sendmmsg(fd, v, n, flags) }
+    )
+}
+
+/// sendfile to an rsocket: the file's bytes are read (pread at the offset, or at the file
+/// position, which then moves by what was sent) and sent; returns what was sent, as sendfile.
+fn sendfile_rs(r: RawFd, inp: c_int, off: *mut off_t, count: size_t) -> ssize_t {
+    let mut pos = if off.is_null() {
+        // SAFETY: lseek has no memory arguments.
+        let p = unsafe { real::lseek(inp, 0, libc::SEEK_CUR) };
+        if p < 0 {
+            return -1;
+        }
+        p
+    } else {
+        // SAFETY: off is a valid pointer (C contract).
+        unsafe { *off }
+    };
+    let mut buf = vec![0u8; count.min(256 << 10)];
+    let mut total: usize = 0;
+    let mut err = 0;
+    while total < count {
+        let want = (count - total).min(buf.len());
+        // SAFETY: our buffer and its length.
+        let n = unsafe { real::pread(inp, buf.as_mut_ptr() as *mut c_void, want, pos) };
+        if n <= 0 {
+            if n < 0 {
+                err = errno();
+            }
+            break;
+        }
+        // SAFETY: our buffer's first n bytes.
+        let s = unsafe { rs::rsend(r, buf.as_ptr() as *const c_void, n as usize, 0) };
+        if s < 0 {
+            err = errno();
+            break;
+        }
+        total += s as usize;
+        pos += s as off_t;
+        if s < n {
+            break;
+        }
+    }
+    if off.is_null() {
+        // SAFETY: lseek has no memory arguments.
+        unsafe { real::lseek(inp, pos, libc::SEEK_SET) };
+    } else {
+        // SAFETY: off is a valid pointer (C contract).
+        unsafe { *off = pos };
+    }
+    if total == 0 && err != 0 {
+        set_errno(err);
+        return -1;
+    }
+    total as ssize_t
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t {
+    route!(out, -1, |r| sendfile_rs(r, inp, off, n), unsafe {
+        // SAFETY: C contract of sendfile.
+        real::sendfile(out, inp, off, n)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut off_t, n: size_t) -> ssize_t {
+    route!(out, -1, |r| sendfile_rs(r, inp, off, n), unsafe {
+        // SAFETY: C contract of sendfile64.
+        real::sendfile64(out, inp, off, n)
+    })
+}
+
+fn put_int(v: *mut c_void, len: *mut socklen_t, x: c_int) -> c_int {
+    if v.is_null() || len.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    // SAFETY: v has *len writable bytes (C contract); at most 4 are written.
+    unsafe {
+        let n = (*len as usize).min(4);
+        std::ptr::copy_nonoverlapping(&x as *const c_int as *const u8, v as *mut u8, n);
+        *len = n as socklen_t;
+    }
+    0
+}
+
+/// Answers the kernel gives on any TCP socket, for a connected rsocket.
+fn getsockopt_rs(
+    r: RawFd,
+    level: c_int,
+    name: c_int,
+    v: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_TYPE) => return put_int(v, len, libc::SOCK_STREAM),
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) => return put_int(v, len, libc::IPPROTO_TCP),
+        (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => return put_int(v, len, 0),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => {
+            let d = table::with(|d| d.rsocket_domain.get(&r).copied()).unwrap_or(libc::AF_INET);
+            return put_int(v, len, d);
+        }
+        (libc::IPPROTO_TCP, libc::TCP_INFO) => return tcp_info(v, len),
+        _ => {}
+    }
+    // SAFETY: C contract of getsockopt.
+    unsafe { rs::rgetsockopt(r, level, name, v, len) }
+}
+
+/// TCP_INFO for an rsocket: an established connection, no retransmissions, the counters the
+/// kernel would not know left zero.
+fn tcp_info(v: *mut c_void, len: *mut socklen_t) -> c_int {
+    if v.is_null() || len.is_null() {
+        set_errno(libc::EFAULT);
+        return -1;
+    }
+    // SAFETY: tcp_info is plain old data.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    info.tcpi_state = 1; // TCP_ESTABLISHED
+    info.tcpi_snd_mss = 65536;
+    info.tcpi_rcv_mss = 65536;
+    info.tcpi_snd_cwnd = 10;
+    info.tcpi_pmtu = 4096;
+    // SAFETY: v has *len writable bytes (C contract); at most sizeof(tcp_info) are written.
+    unsafe {
+        let n = (*len as usize).min(std::mem::size_of_val(&info));
+        std::ptr::copy_nonoverlapping(&info as *const _ as *const u8, v as *mut u8, n);
+        *len = n as socklen_t;
+    }
+    0
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    v: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
+    route!(fd, -1, |r| getsockopt_rs(r, level, name, v, len), unsafe {
+        // SAFETY: C contract of getsockopt.
+        real::getsockopt(fd, level, name, v, len)
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    v: *const c_void,
+    len: socklen_t,
+) -> c_int {
+    guard!(
+        -1,
+        match table::slot(fd) {
+            Slot::Rsocket { rs: r, ours: true } => {
+                // SAFETY: C contract of setsockopt.
+                let ret = unsafe { rs::rsetsockopt(r, level, name, v, len) };
+                if ret != 0 && errno() == libc::ENOPROTOOPT && level != rs::SOL_RDMA {
+                    // A kernel option an RDMA connection has no use for (IP_TOS, SO_PRIORITY,
+                    // TCP_QUICKACK ...): accepted, as the kernel socket would have.
+                    trace!("fd {fd}: option {level}/{name} has no effect over RDMA");
+                    return 0;
+                }
+                ret
+            }
+            Slot::Rsocket { ours: false, .. } => {
+                set_errno(libc::ENOTCONN);
+                -1
+            }
+            Slot::Candidate => {
+                // SAFETY: C contract of setsockopt.
+                let ret = unsafe { real::setsockopt(fd, level, name, v, len) };
+                if ret == 0 && !v.is_null() {
+                    // SAFETY: v has len readable bytes (the kernel just read them).
+                    let value = unsafe { std::slice::from_raw_parts(v as *const u8, len as usize) }
+                        .to_vec();
+                    table::with(|d| {
+                        if let Some(c) = d.candidates.get_mut(&fd) {
+                            c.options.push(table::SavedOption { level, name, value });
+                        }
+                    });
+                }
+                ret
+            }
+            // SAFETY: C contract of setsockopt.
+            _ => unsafe { real::setsockopt(fd, level, name, v, len) },
+        }
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: C contract of getsockname.
+    route!(
+        fd,
+        -1,
+        |r| unsafe { rs::rgetsockname(r, addr, len) },
+        unsafe { real::getsockname(fd, addr, len) }
+    )
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    // SAFETY: C contract of getpeername.
+    route!(
+        fd,
+        -1,
+        |r| unsafe { rs::rgetpeername(r, addr, len) },
+        unsafe { real::getpeername(fd, addr, len) }
+    )
+}
+
+/// Before exec: an rsocket descriptor that stays open across exec would name a bare
+/// socketpair in the new program (whose bytes are not the connection's), so it becomes a
+/// socket at end of stream there (reads 0, writes EPIPE). Close-on-exec ones just close.
+fn before_exec() {
+    for fd in table::rsocket_fds() {
+        // SAFETY: fcntl query with no memory argument.
+        let fl = unsafe { real::fcntl(fd, libc::F_GETFD, 0) };
+        if fl < 0 || fl & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        let mut sv = [-1; 2];
+        // SAFETY: sv has room for two descriptors.
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) } == 0 {
+            // SAFETY: our own descriptors; fd is replaced on purpose (the process is leaving).
+            unsafe {
+                real::close(sv[1]);
+                real::dup2(sv[0], fd);
+                real::close(sv[0]);
+            }
+        }
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    guard!(-1, {
+        before_exec();
+        // SAFETY: C contract of execve.
+        unsafe { real::execve(path, argv, envp) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    guard!(-1, {
+        before_exec();
+        // SAFETY: C contract of execv.
+        unsafe { real::execv(path, argv) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    guard!(-1, {
+        before_exec();
+        // SAFETY: C contract of execvp.
+        unsafe { real::execvp(file, argv) }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    guard!(-1, {
+        before_exec();
+        // SAFETY: C contract of execvpe.
+        unsafe { real::execvpe(file, argv, envp) }
+    })
+}

@@ -1,0 +1,1013 @@
+//! Turning kernel TCP sockets into rsockets: connect, listen, accept, and fork.
+//!
+//! **Connect.** A candidate connecting to an address that is not loopback first tries RDMA: an
+//! rsocket with the candidate's options and bound address connects, for at most
+//! `RSOCKET_PRELOAD_CONNECT_MS`. Once connected, it is duplicated onto the application's
+//! descriptor number (`dup3`, the kernel socket goes), so the number the application holds now
+//! shows the rsocket's readiness. If RDMA cannot serve (no RDMA device on the route, nobody
+//! listening over RDMA there, as for a plain TCP server, or no answer in time) the candidate
+//! connects over the kernel as if the preload were not there, blocking or not (EINPROGRESS).
+//!
+//! **Listen.** The kernel socket listens as asked (plain TCP clients reach it), and an RDMA
+//! listener on the same address and port sits beside it. A per-process acceptor thread accepts
+//! RDMA connections as they come, as the kernel completes TCP handshakes before accept(), and
+//! for each makes a *token*: a loopback TCP connection from 127.77.77.77 to the kernel
+//! listener, carrying a 16-byte tag (magic, pid, token id). The token makes the kernel
+//! listener readable, so the application's epoll, poll or select wakes as for any client, and
+//! its accept() takes the token and puts the RDMA connection in its place (same descriptor
+//! number). A token another process accepted (children of a forking server share the kernel
+//! listener) is closed there, and the owner makes a new one.
+//!
+//! **Fork.** RDMA resources cannot be shared: an rsocket made before fork stays with the
+//! parent, and in the child every call on it fails with ENOTCONN (closing it there only closes
+//! the child's descriptor). A listener whose RDMA side never accepted anything before the fork
+//! (a master that forks its workers) hands the RDMA side to the first child: the parent drops
+//! it, the child listens again on the same port. A child that inherits an active listener
+//! serves its plain TCP clients only.
+
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use libc::{c_int, sockaddr, sockaddr_storage, socklen_t};
+use rsocket_rs as rs;
+
+use crate::policy::{self, Place, place};
+use crate::real;
+use crate::table::{self, Slot, SpinLock};
+use crate::trace;
+
+/// The source address of tokens (loopback, never an application's client).
+const TOKEN_SRC: [u8; 4] = [127, 77, 77, 77];
+const TOKEN_MAGIC: [u8; 8] = *b"rspreld\x01";
+const TOKEN_LEN: usize = 16;
+/// A token consumed by another process this many times gives up (its connection is closed).
+const TOKEN_TRIES: u32 = 256;
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// A socket address with its length.
+#[derive(Clone, Copy)]
+pub struct Addr {
+    /// The address.
+    pub ss: sockaddr_storage,
+    /// Its length.
+    pub len: socklen_t,
+}
+
+impl Addr {
+    fn empty() -> Self {
+        Addr {
+            // SAFETY: sockaddr_storage is plain old data; all zeroes is AF_UNSPEC.
+            ss: unsafe { std::mem::zeroed() },
+            len: std::mem::size_of::<sockaddr_storage>() as socklen_t,
+        }
+    }
+
+    /// Copies `len` bytes from `addr`.
+    ///
+    /// # Safety
+    /// `addr` points to `len` readable bytes.
+    pub unsafe fn from_raw(addr: *const sockaddr, len: socklen_t) -> Self {
+        let mut a = Addr::empty();
+        let n = (len as usize).min(std::mem::size_of::<sockaddr_storage>());
+        // SAFETY: the caller's n readable bytes into our storage of at least n bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(addr as *const u8, &mut a.ss as *mut _ as *mut u8, n)
+        };
+        a.len = n as socklen_t;
+        a
+    }
+
+    fn ptr(&self) -> *const sockaddr {
+        &self.ss as *const _ as *const sockaddr
+    }
+
+    fn mut_ptr(&mut self) -> *mut sockaddr {
+        &mut self.ss as *mut _ as *mut sockaddr
+    }
+
+    fn place(&self) -> Place {
+        // SAFETY: our own storage of len bytes.
+        unsafe { place(self.ptr(), self.len) }
+    }
+
+    fn port(&self) -> u16 {
+        // sin_port and sin6_port sit at the same offset.
+        // SAFETY: storage is large enough for a sockaddr_in.
+        u16::from_be(unsafe { (*(self.ptr() as *const libc::sockaddr_in)).sin_port })
+    }
+
+    fn is_token_source(&self) -> bool {
+        match self.ss.ss_family as c_int {
+            libc::AF_INET => {
+                // SAFETY: an AF_INET address in storage large enough for it.
+                let a = unsafe { &*(self.ptr() as *const libc::sockaddr_in) };
+                a.sin_addr.s_addr.to_ne_bytes() == TOKEN_SRC
+            }
+            libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address in storage large enough for it.
+                let a = unsafe { &*(self.ptr() as *const libc::sockaddr_in6) };
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr).to_ipv4_mapped()
+                    == Some(std::net::Ipv4Addr::from(TOKEN_SRC))
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes the address out as accept(2) and getpeername(2) do (truncating, true length).
+    ///
+    /// # Safety
+    /// `addr`/`len` are null or as accept(2) takes them.
+    pub unsafe fn copy_out(&self, addr: *mut sockaddr, len: *mut socklen_t) {
+        if addr.is_null() || len.is_null() {
+            return;
+        }
+        // SAFETY: len is a valid pointer (C contract).
+        let room = unsafe { *len } as usize;
+        let n = room.min(self.len as usize);
+        // SAFETY: addr has room writable bytes (C contract); we copy at most that.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr() as *const u8, addr as *mut u8, n);
+            *len = self.len;
+        }
+    }
+}
+
+fn sockname(fd: RawFd) -> Option<Addr> {
+    let mut a = Addr::empty();
+    // SAFETY: our storage and its length.
+    (unsafe { real::getsockname(fd, a.mut_ptr(), &mut a.len) } == 0).then_some(a)
+}
+
+fn fd_flags(fd: RawFd) -> (bool, bool) {
+    // SAFETY: fcntl queries with no memory argument.
+    let fl = unsafe { real::fcntl(fd, libc::F_GETFL, 0) };
+    // SAFETY: as above.
+    let fdfl = unsafe { real::fcntl(fd, libc::F_GETFD, 0) };
+    (
+        fl >= 0 && fl & libc::O_NONBLOCK != 0,
+        fdfl >= 0 && fdfl & libc::FD_CLOEXEC != 0,
+    )
+}
+
+/// The candidate gives up on conversion: a kernel socket from now on.
+pub fn give_up(fd: RawFd) {
+    table::with(|d| d.candidates.remove(&fd));
+    table::set_slot(fd, Slot::Kernel);
+}
+
+/// Puts rsocket `r` in place of the application's descriptor `fd` (the kernel socket there
+/// goes). On error `r` is closed.
+fn adopt(
+    fd: RawFd,
+    r: RawFd,
+    domain: c_int,
+    nonblocking: bool,
+    cloexec: bool,
+) -> Result<(), c_int> {
+    rs::rfcntl(
+        r,
+        libc::F_SETFL,
+        if nonblocking {
+            libc::O_NONBLOCK as _
+        } else {
+            0
+        },
+    );
+    // SAFETY: dup3 of two descriptors; fd is the application's, replaced on purpose.
+    if unsafe { real::dup3(r, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) } < 0 {
+        let e = errno();
+        rs::rclose(r);
+        return Err(e);
+    }
+    table::with(|d| {
+        d.candidates.remove(&fd);
+        *d.rsocket_refs.entry(r).or_insert(0) += 1;
+        d.rsocket_domain.insert(r, domain);
+    });
+    table::set_slot(fd, Slot::Rsocket { rs: r, ours: true });
+    Ok(())
+}
+
+/// Sets the preload's size variables and the candidate's saved options on a new rsocket.
+fn configure(r: RawFd, cand: &table::Candidate) {
+    let p = policy::get();
+    for (name, v) in [
+        (rs::RDMA_SQSIZE, p.sq_size),
+        (rs::RDMA_RQSIZE, p.rq_size),
+        (rs::RDMA_INLINE, p.inline),
+    ] {
+        if let Some(v) = v {
+            // SAFETY: a local int and its size.
+            unsafe { rs::rsetsockopt(r, rs::SOL_RDMA, name, &v as *const i32 as *const _, 4) };
+        }
+    }
+    for o in &cand.options {
+        // SAFETY: the saved value bytes and their length.
+        let ret = unsafe {
+            rs::rsetsockopt(
+                r,
+                o.level,
+                o.name,
+                o.value.as_ptr() as *const _,
+                o.value.len() as socklen_t,
+            )
+        };
+        if ret != 0 {
+            trace!(
+                "option {}/{} not carried to the rsocket (errno {})",
+                o.level,
+                o.name,
+                errno()
+            );
+        }
+    }
+}
+
+/// Waits up to `ms` for the rsocket's connect to finish: Some(0) connected, Some(errno)
+/// failed, None still under way.
+fn wait_connected(r: RawFd, ms: c_int) -> Option<c_int> {
+    let mut p = libc::pollfd {
+        fd: r,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms.max(0) as u64);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // SAFETY: one pollfd.
+        let n = unsafe { rs::rpoll(&mut p, 1, left.as_millis() as c_int) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        if n == 0 {
+            return None;
+        }
+        let mut err: c_int = 0;
+        let mut len = 4 as socklen_t;
+        // SAFETY: a local int and its length.
+        if unsafe {
+            rs::rgetsockopt(
+                r,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut err as *mut c_int as *mut _,
+                &mut len,
+            )
+        } != 0
+        {
+            return Some(errno());
+        }
+        return Some(err);
+    }
+}
+
+/// connect(2) on a candidate.
+///
+/// # Safety
+/// `addr` points to `len` readable bytes.
+pub unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: C contract.
+    if unsafe { place(addr, len) } != Place::Other {
+        give_up(fd);
+        // SAFETY: C contract.
+        return unsafe { real::connect(fd, addr, len) };
+    }
+    let Some(cand) = table::with(|d| d.candidates.get(&fd).cloned()) else {
+        // SAFETY: C contract.
+        return unsafe { real::connect(fd, addr, len) };
+    };
+    // SAFETY: C contract.
+    let dst = unsafe { Addr::from_raw(addr, len) };
+    match try_connect(fd, &cand, &dst) {
+        Ok(()) => 0,
+        Err(e) => {
+            trace!(
+                "connect over RDMA to port {} failed (errno {e}): kernel TCP",
+                dst.port()
+            );
+            give_up(fd);
+            // SAFETY: C contract.
+            unsafe { real::connect(fd, addr, len) }
+        }
+    }
+}
+
+fn try_connect(fd: RawFd, cand: &table::Candidate, dst: &Addr) -> Result<(), c_int> {
+    let (nonblocking, cloexec) = fd_flags(fd);
+    let r = rs::rsocket(cand.domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+    if r < 0 {
+        return Err(errno());
+    }
+    configure(r, cand);
+    if let Some(local) = sockname(fd).filter(|a| a.port() != 0 || a.place() == Place::Other) {
+        // SAFETY: our address and its length.
+        if unsafe { rs::rbind(r, local.ptr(), local.len) } != 0 {
+            let e = errno();
+            rs::rclose(r);
+            return Err(e);
+        }
+    }
+    // SAFETY: our address and its length.
+    if unsafe { rs::rconnect(r, dst.ptr(), dst.len) } != 0 && errno() != libc::EINPROGRESS {
+        let e = errno();
+        rs::rclose(r);
+        return Err(e);
+    }
+    match wait_connected(r, policy::get().connect_ms) {
+        Some(0) => {}
+        Some(e) => {
+            rs::rclose(r);
+            return Err(e);
+        }
+        None => {
+            rs::rclose(r);
+            return Err(libc::ETIMEDOUT);
+        }
+    }
+    adopt(fd, r, cand.domain, nonblocking, cloexec)?;
+    trace!(
+        "fd {fd}: connected over RDMA (rsocket {r}) to port {}",
+        dst.port()
+    );
+    Ok(())
+}
+
+/// A listener's RDMA side.
+struct Listener {
+    /// The RDMA listener rsocket (None: released to a child, or not listening over RDMA).
+    rs: Option<RawFd>,
+    /// Where tokens connect: the kernel listener's address (the wildcard as 127.0.0.1).
+    target: Addr,
+    /// The address the RDMA side listens on.
+    local: Addr,
+    domain: c_int,
+    backlog: c_int,
+    /// RDMA connections the application accepted in this process.
+    accepted: u64,
+}
+
+/// An accepted RDMA connection waiting for the application's accept.
+struct Pending {
+    listener: u32,
+    /// The rsocket (taken by the accept that claims it).
+    conn: Option<RawFd>,
+    /// The token's client end (the acceptor watches it for the end of the token).
+    token: RawFd,
+    tries: u32,
+}
+
+#[derive(Default)]
+struct Listeners {
+    by_id: HashMap<u32, Listener>,
+    next_id: u32,
+    pending: HashMap<u32, Pending>,
+    next_token: u32,
+    /// The acceptor's wake-up eventfd in this process (-1: no acceptor yet).
+    wake: RawFd,
+    /// The process that runs the acceptor.
+    acceptor_pid: u32,
+    /// Listeners the parent handed over at fork (the child listens on them again).
+    to_claim: Vec<u32>,
+}
+
+static LISTENERS: SpinLock<Option<Listeners>> = SpinLock::new(None);
+
+fn listeners<R>(f: impl FnOnce(&mut Listeners) -> R) -> R {
+    let mut g = LISTENERS.lock();
+    f(g.get_or_insert_with(|| Listeners {
+        wake: -1,
+        ..Default::default()
+    }))
+}
+
+/// listen(2) on a candidate or a listener.
+pub fn listen(fd: RawFd, backlog: c_int) -> c_int {
+    // SAFETY: listen has no memory arguments.
+    let ret = unsafe { real::listen(fd, backlog) };
+    if ret != 0 || table::slot(fd) != Slot::Candidate {
+        return ret;
+    }
+    let cand = table::with(|d| d.candidates.get(&fd).cloned()).unwrap_or_default();
+    match start_listener(fd, &cand, backlog) {
+        Ok(id) => {
+            table::with(|d| {
+                d.candidates.remove(&fd);
+                *d.listener_refs.entry(id).or_insert(0) += 1;
+            });
+            table::set_slot(fd, Slot::Listener { id });
+        }
+        Err(e) => {
+            trace!("fd {fd}: listening over the kernel only (errno {e})");
+            give_up(fd);
+        }
+    }
+    0
+}
+
+fn v6only(fd: RawFd) -> bool {
+    let mut v: c_int = 0;
+    let mut len = 4 as socklen_t;
+    // SAFETY: a local int and its length.
+    let r = unsafe {
+        real::getsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            &mut v as *mut c_int as *mut _,
+            &mut len,
+        )
+    };
+    r == 0 && v != 0
+}
+
+fn start_listener(fd: RawFd, cand: &table::Candidate, backlog: c_int) -> Result<u32, c_int> {
+    let local = sockname(fd).ok_or_else(errno)?;
+    let mut target = local;
+    match local.place() {
+        Place::Other => {}
+        Place::Wildcard => {
+            if local.ss.ss_family as c_int == libc::AF_INET6 && v6only(fd) {
+                return Err(libc::EAFNOSUPPORT);
+            }
+            // The wildcard takes loopback connections: tokens go to 127.0.0.1 (mapped for v6).
+            target = loopback_of(&local);
+        }
+        _ => return Err(libc::EADDRNOTAVAIL),
+    }
+    let r = rdma_listen(cand.domain, &local, backlog, Some(cand))?;
+    let id = listeners(|l| {
+        let id = l.next_id;
+        l.next_id += 1;
+        l.by_id.insert(
+            id,
+            Listener {
+                rs: Some(r),
+                target,
+                local,
+                domain: cand.domain,
+                backlog,
+                accepted: 0,
+            },
+        );
+        id
+    });
+    ensure_acceptor();
+    trace!(
+        "fd {fd}: listening over RDMA too (rsocket {r}, port {})",
+        local.port()
+    );
+    Ok(id)
+}
+
+fn loopback_of(a: &Addr) -> Addr {
+    let mut t = *a;
+    if a.ss.ss_family as c_int == libc::AF_INET {
+        // SAFETY: an AF_INET address in our storage.
+        let s = unsafe { &mut *(t.mut_ptr() as *mut libc::sockaddr_in) };
+        s.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+    } else {
+        // SAFETY: an AF_INET6 address in our storage.
+        let s = unsafe { &mut *(t.mut_ptr() as *mut libc::sockaddr_in6) };
+        s.sin6_addr.s6_addr = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+    }
+    t
+}
+
+fn rdma_listen(
+    domain: c_int,
+    local: &Addr,
+    backlog: c_int,
+    cand: Option<&table::Candidate>,
+) -> Result<RawFd, c_int> {
+    let r = rs::rsocket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+    if r < 0 {
+        return Err(errno());
+    }
+    if let Some(c) = cand {
+        configure(r, c);
+    }
+    let one: c_int = 1;
+    // SAFETY: a local int and its size.
+    unsafe {
+        rs::rsetsockopt(
+            r,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const c_int as *const _,
+            4,
+        )
+    };
+    // SAFETY: our address and its length.
+    if unsafe { rs::rbind(r, local.ptr(), local.len) } != 0 || rs::rlisten(r, backlog.max(16)) != 0
+    {
+        let e = errno();
+        rs::rclose(r);
+        return Err(e);
+    }
+    Ok(r)
+}
+
+fn ensure_acceptor() {
+    let pid = std::process::id();
+    let start = listeners(|l| {
+        if l.acceptor_pid == pid && l.wake >= 0 {
+            return false;
+        }
+        // SAFETY: eventfd has no memory arguments.
+        l.wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        l.acceptor_pid = pid;
+        true
+    });
+    if start {
+        let _ = std::thread::Builder::new()
+            .name("rspreload-accept".into())
+            .spawn(acceptor);
+    } else {
+        wake_acceptor();
+    }
+}
+
+fn wake_acceptor() {
+    let w = listeners(|l| l.wake);
+    if w >= 0 {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local.
+        unsafe { real::write(w, &one as *const u64 as *const _, 8) };
+    }
+}
+
+/// The acceptor thread: accepts RDMA connections, makes their tokens, renews consumed ones.
+fn acceptor() {
+    let pid = std::process::id();
+    let mut claim_deadline: Option<std::time::Instant> = None;
+    loop {
+        let (wake, mut fds, to_claim) = listeners(|l| {
+            let mut v = Vec::new();
+            for (&id, li) in &l.by_id {
+                if let Some(r) = li.rs {
+                    v.push((
+                        libc::pollfd {
+                            fd: r,
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        Some(id),
+                        None,
+                    ));
+                }
+            }
+            for (&t, p) in &l.pending {
+                v.push((
+                    libc::pollfd {
+                        fd: p.token,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    None,
+                    Some(t),
+                ));
+            }
+            (l.wake, v, !l.to_claim.is_empty())
+        });
+        if listeners(|l| l.acceptor_pid) != pid {
+            return; // a forked child's copy of the state: its own acceptor runs there
+        }
+        if to_claim {
+            let deadline = *claim_deadline.get_or_insert_with(|| {
+                std::time::Instant::now() + std::time::Duration::from_secs(3)
+            });
+            claim(std::time::Instant::now() >= deadline);
+        }
+        let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
+            fd: wake,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        pfds.extend(fds.iter().map(|f| f.0));
+        let timeout = if to_claim { 20 } else { 1000 };
+        // SAFETY: pfds is a valid array of pfds.len() pollfds.
+        let n = unsafe { rs::rpoll(pfds.as_mut_ptr(), pfds.len() as _, timeout) };
+        if n <= 0 {
+            continue;
+        }
+        if pfds[0].revents != 0 {
+            let mut b = 0u64;
+            // SAFETY: reads 8 bytes into a local.
+            unsafe { real::read(wake, &mut b as *mut u64 as *mut _, 8) };
+        }
+        for (i, f) in fds.iter_mut().enumerate() {
+            f.0.revents = pfds[i + 1].revents;
+        }
+        for (p, listener, token) in fds {
+            if p.revents == 0 {
+                continue;
+            }
+            if let Some(id) = listener {
+                accept_rdma(id, p.fd);
+            } else if let Some(t) = token {
+                token_ended(t);
+            }
+        }
+    }
+}
+
+/// Accepts every RDMA connection waiting at listener `id` and makes its token.
+fn accept_rdma(id: u32, r: RawFd) {
+    loop {
+        // SAFETY: no address wanted.
+        let c = unsafe { rs::raccept(r, std::ptr::null_mut(), std::ptr::null_mut()) };
+        if c < 0 {
+            return;
+        }
+        let t = listeners(|l| {
+            let t = l.next_token;
+            l.next_token = l.next_token.wrapping_add(1);
+            l.pending.insert(
+                t,
+                Pending {
+                    listener: id,
+                    conn: Some(c),
+                    token: -1,
+                    tries: 0,
+                },
+            );
+            t
+        });
+        issue_token(t);
+    }
+}
+
+/// Makes (again) the token of pending connection `t`; drops the connection if it cannot.
+fn issue_token(t: u32) {
+    let Some((target, tries)) = listeners(|l| {
+        let p = l.pending.get(&t)?;
+        Some((l.by_id.get(&p.listener)?.target, p.tries))
+    }) else {
+        drop_pending(t);
+        return;
+    };
+    if tries >= TOKEN_TRIES {
+        trace!("token {t}: consumed elsewhere {tries} times, connection dropped");
+        drop_pending(t);
+        return;
+    }
+    match connect_token(&target, t) {
+        Ok(k) => listeners(|l| {
+            if let Some(p) = l.pending.get_mut(&t) {
+                p.token = k;
+                p.tries += 1;
+            }
+        }),
+        Err(e) => {
+            trace!("token {t}: cannot reach the kernel listener (errno {e}), connection dropped");
+            drop_pending(t);
+        }
+    }
+}
+
+fn drop_pending(t: u32) {
+    if let Some(p) = listeners(|l| l.pending.remove(&t)) {
+        if let Some(c) = p.conn {
+            rs::rclose(c);
+        }
+        if p.token >= 0 {
+            // SAFETY: our own token descriptor.
+            unsafe { real::close(p.token) };
+        }
+    }
+}
+
+fn connect_token(target: &Addr, t: u32) -> Result<RawFd, c_int> {
+    // SAFETY: socket has no memory arguments.
+    let k = unsafe { real::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if k < 0 {
+        return Err(errno());
+    }
+    let fail = |k| {
+        let e = errno();
+        // SAFETY: our own descriptor.
+        unsafe { real::close(k) };
+        Err(e)
+    };
+    let src = libc::sockaddr_in {
+        sin_family: libc::AF_INET as _,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(TOKEN_SRC),
+        },
+        sin_zero: [0; 8],
+    };
+    let mut dst = *target;
+    if dst.ss.ss_family as c_int == libc::AF_INET6 {
+        // An IPv4 token reaches a dual-stack listener: connect to the mapped address's IPv4.
+        // SAFETY: an AF_INET6 address in our storage.
+        let s6 = unsafe { *(dst.ptr() as *const libc::sockaddr_in6) };
+        let ip = std::net::Ipv6Addr::from(s6.sin6_addr.s6_addr);
+        let v4 = ip.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::LOCALHOST);
+        let s4 = libc::sockaddr_in {
+            sin_family: libc::AF_INET as _,
+            sin_port: s6.sin6_port,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: a local sockaddr_in and its size.
+        dst = unsafe {
+            Addr::from_raw(
+                &s4 as *const _ as *const sockaddr,
+                std::mem::size_of_val(&s4) as _,
+            )
+        };
+    }
+    // SAFETY: local addresses and their sizes.
+    if unsafe {
+        real::bind(
+            k,
+            &src as *const _ as *const sockaddr,
+            std::mem::size_of_val(&src) as _,
+        )
+    } != 0
+        || unsafe { real::connect(k, dst.ptr(), dst.len) } != 0
+    {
+        return fail(k);
+    }
+    let mut tag = [0u8; TOKEN_LEN];
+    tag[..8].copy_from_slice(&TOKEN_MAGIC);
+    tag[8..12].copy_from_slice(&std::process::id().to_ne_bytes());
+    tag[12..].copy_from_slice(&t.to_ne_bytes());
+    // SAFETY: writes our 16-byte tag.
+    if unsafe { real::send(k, tag.as_ptr() as *const _, TOKEN_LEN, libc::MSG_NOSIGNAL) }
+        != TOKEN_LEN as isize
+    {
+        return fail(k);
+    }
+    Ok(k)
+}
+
+/// A token's connection ended: claimed here (done), or consumed by another process (renew).
+fn token_ended(t: u32) {
+    let claimed = listeners(|l| {
+        let p = l.pending.get_mut(&t)?;
+        let k = std::mem::replace(&mut p.token, -1);
+        let claimed = p.conn.is_none();
+        if claimed {
+            l.pending.remove(&t);
+        }
+        Some((k, claimed))
+    });
+    let Some((k, claimed)) = claimed else {
+        return;
+    };
+    if k >= 0 {
+        // SAFETY: our own token descriptor.
+        unsafe { real::close(k) };
+    }
+    if !claimed {
+        issue_token(t);
+    }
+}
+
+/// Reads a token's tag from an accepted kernel connection (waits up to 2 s for it).
+fn read_tag(k: RawFd) -> Option<(u32, u32)> {
+    let mut tag = [0u8; TOKEN_LEN];
+    let mut got = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while got < TOKEN_LEN {
+        let mut p = libc::pollfd {
+            fd: k,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let left = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .as_millis() as c_int;
+        // SAFETY: one pollfd.
+        if unsafe { libc::poll(&mut p, 1, left) } <= 0 {
+            return None;
+        }
+        // SAFETY: reads into the rest of our tag buffer.
+        let n = unsafe {
+            real::recv(
+                k,
+                tag[got..].as_mut_ptr() as *mut _,
+                TOKEN_LEN - got,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            if n < 0 && matches!(errno(), libc::EAGAIN | libc::EINTR) {
+                continue;
+            }
+            return None;
+        }
+        got += n as usize;
+    }
+    (tag[..8] == TOKEN_MAGIC).then(|| {
+        (
+            u32::from_ne_bytes(tag[8..12].try_into().expect("4 bytes")),
+            u32::from_ne_bytes(tag[12..].try_into().expect("4 bytes")),
+        )
+    })
+}
+
+/// accept4(2) on a listener.
+///
+/// # Safety
+/// `addr`/`len` as accept4(2) takes them.
+pub unsafe fn accept(
+    fd: RawFd,
+    id: u32,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    loop {
+        let mut peer = Addr::empty();
+        // SAFETY: our storage and its length.
+        let k = unsafe { real::accept4(fd, peer.mut_ptr(), &mut peer.len, flags) };
+        if k < 0 {
+            return k;
+        }
+        if !peer.is_token_source() {
+            table::set_slot(k, Slot::Kernel);
+            // SAFETY: C contract of accept.
+            unsafe { peer.copy_out(addr, len) };
+            return k;
+        }
+        let claimed = read_tag(k).and_then(|(pid, t)| {
+            if pid != std::process::id() {
+                return None;
+            }
+            listeners(|l| {
+                let p = l.pending.get_mut(&t)?;
+                let c = p.conn.take()?;
+                if let Some(li) = l.by_id.get_mut(&id) {
+                    li.accepted += 1;
+                }
+                Some((
+                    c,
+                    l.by_id
+                        .get(&p.listener)
+                        .map_or(libc::AF_INET, |li| li.domain),
+                ))
+            })
+        });
+        let Some((c, domain)) = claimed else {
+            // Someone else's token (or a stale one): its owner makes a new one.
+            // SAFETY: the descriptor accept just gave us.
+            unsafe { real::close(k) };
+            continue;
+        };
+        let nonblocking = flags & libc::SOCK_NONBLOCK != 0;
+        let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+        match adopt(k, c, domain, nonblocking, cloexec) {
+            Ok(()) => {
+                if !addr.is_null() && !len.is_null() {
+                    // SAFETY: C contract of accept.
+                    unsafe { rs::rgetpeername(c, addr, len) };
+                }
+                trace!("fd {k}: accepted over RDMA (rsocket {c})");
+                return k;
+            }
+            Err(e) => {
+                // SAFETY: the token's descriptor; the connection is gone.
+                unsafe { real::close(k) };
+                set_errno(e);
+                return -1;
+            }
+        }
+    }
+}
+
+/// The last application descriptor of listener `id` closed: its RDMA side goes too.
+pub fn close_listener(id: u32) {
+    let (r, tokens) = listeners(|l| {
+        let r = l.by_id.remove(&id).and_then(|li| li.rs);
+        let tokens: Vec<u32> = l
+            .pending
+            .iter()
+            .filter(|(_, p)| p.listener == id)
+            .map(|(&t, _)| t)
+            .collect();
+        (r, tokens)
+    });
+    for t in tokens {
+        drop_pending(t);
+    }
+    if let Some(r) = r {
+        rs::rclose(r);
+    }
+    wake_acceptor();
+}
+
+/// Listeners handed from parent to child at this fork (decided in `prepare`).
+static HANDING_OVER: SpinLock<Vec<u32>> = SpinLock::new(Vec::new());
+static IN_FORK: AtomicBool = AtomicBool::new(false);
+
+/// Before fork: decides which listeners go to the child, then holds the locks over the fork.
+pub fn fork_prepare() {
+    let hand: Vec<u32> = listeners(|l| {
+        l.by_id
+            .iter()
+            .filter(|(id, li)| {
+                li.rs.is_some()
+                    && li.accepted == 0
+                    && !l.pending.values().any(|p| p.listener == **id)
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    });
+    *HANDING_OVER.lock() = hand;
+    IN_FORK.store(true, Ordering::Relaxed);
+    LISTENERS.lock_raw();
+    table::DETAILS.lock_raw();
+}
+
+/// After fork, in the parent: drops the RDMA side of the listeners handed to the child.
+pub fn fork_parent() {
+    table::DETAILS.force_unlock();
+    LISTENERS.force_unlock();
+    IN_FORK.store(false, Ordering::Relaxed);
+    let hand = std::mem::take(&mut *HANDING_OVER.lock());
+    for id in hand {
+        if let Some(r) = listeners(|l| l.by_id.get_mut(&id).and_then(|li| li.rs.take())) {
+            rs::rclose(r);
+            trace!("listener {id}: RDMA side handed to the forked child");
+        }
+    }
+    wake_acceptor();
+}
+
+/// After fork, in the child: the parent's rsockets and pending connections are not ours; the
+/// listeners handed over listen again here.
+pub fn fork_child() {
+    table::DETAILS.force_unlock();
+    LISTENERS.force_unlock();
+    IN_FORK.store(false, Ordering::Relaxed);
+    table::forked();
+    let hand = std::mem::take(&mut *HANDING_OVER.lock());
+    let tokens: Vec<RawFd> = listeners(|l| {
+        for li in l.by_id.values_mut() {
+            li.rs = None;
+        }
+        let tokens = l
+            .pending
+            .drain()
+            .map(|(_, p)| p.token)
+            .filter(|&k| k >= 0)
+            .collect();
+        l.wake = -1;
+        l.acceptor_pid = 0;
+        l.to_claim = hand.clone();
+        tokens
+    });
+    for k in tokens {
+        // SAFETY: the child's copy of a token descriptor (the parent keeps its own).
+        unsafe { real::close(k) };
+    }
+    if !hand.is_empty() {
+        ensure_acceptor();
+    }
+}
+
+/// In a child that was handed listeners: listens on them over RDMA once the parent let go
+/// (`give_up`: stop trying).
+fn claim(give_up_now: bool) {
+    let ids = listeners(|l| l.to_claim.clone());
+    for id in ids {
+        let Some((domain, local, backlog)) =
+            listeners(|l| l.by_id.get(&id).map(|li| (li.domain, li.local, li.backlog)))
+        else {
+            listeners(|l| l.to_claim.retain(|&x| x != id));
+            continue;
+        };
+        match rdma_listen(domain, &local, backlog, None) {
+            Ok(r) => {
+                listeners(|l| {
+                    if let Some(li) = l.by_id.get_mut(&id) {
+                        li.rs = Some(r);
+                    }
+                    l.to_claim.retain(|&x| x != id);
+                });
+                trace!("listener {id}: listening over RDMA in the forked child (rsocket {r})");
+            }
+            Err(e) if give_up_now => {
+                trace!("listener {id}: the child cannot listen over RDMA (errno {e}): kernel only");
+                listeners(|l| l.to_claim.retain(|&x| x != id));
+            }
+            Err(_) => {}
+        }
+    }
+}
