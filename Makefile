@@ -6,7 +6,8 @@
 #   make test-host-only    fmt, clippy and the tests that need no VM
 #   make test-bench        bench/compare --quick --check: every implementation moves verified data
 #   make test-stress       the randomized data-path stress (c-tests/stress.sh), fixed seeds, both devices
-#   make install PREFIX=.. install lib (.so, .so.0, .a), rsocket.h and rsocket-rs.pc
+#   make install PREFIX=.. install lib (.so, .so.0, .a), rsocket.h, rsocket-rs.pc,
+#                          librspreload-rs.so and bin/rsocket-run
 #   make header            regenerate include/rsocket.h
 
 PREFIX  ?= /usr/local
@@ -32,9 +33,13 @@ vm-setup: deps
 # stops with a one-line hint when it cannot.
 build: deps
 	$(CARGO) build --release -p rsocket-capi --all-targets
+	$(CARGO) build --release -p rsocket-preload
 
 install: build
-	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(PREFIX)/bin
+	install -m 755 $(REL)/librspreload_rs.so $(DESTDIR)$(LIBDIR)/librspreload-rs.so
+	sed -e 's|@LIBDIR@|$(LIBDIR)|' preload/rsocket-run > $(DESTDIR)$(PREFIX)/bin/rsocket-run
+	chmod 755 $(DESTDIR)$(PREFIX)/bin/rsocket-run
 	install -m 755 $(REL)/librsocket_rs.so $(DESTDIR)$(LIBDIR)/librsocket-rs.so.0
 	ln -sf librsocket-rs.so.0 $(DESTDIR)$(LIBDIR)/librsocket-rs.so
 	install -m 644 $(REL)/librsocket_rs.a $(DESTDIR)$(LIBDIR)/librsocket-rs.a

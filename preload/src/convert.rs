@@ -107,6 +107,25 @@ impl Addr {
         u16::from_be(unsafe { (*(self.ptr() as *const libc::sockaddr_in)).sin_port })
     }
 
+    /// The IPv4 address (an IPv4-mapped one too), if it is one.
+    fn ipv4(&self) -> Option<[u8; 4]> {
+        match self.ss.ss_family as c_int {
+            libc::AF_INET => {
+                // SAFETY: an AF_INET address in storage large enough for it.
+                let a = unsafe { &*(self.ptr() as *const libc::sockaddr_in) };
+                Some(a.sin_addr.s_addr.to_ne_bytes())
+            }
+            libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address in storage large enough for it.
+                let a = unsafe { &*(self.ptr() as *const libc::sockaddr_in6) };
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr)
+                    .to_ipv4_mapped()
+                    .map(|v| v.octets())
+            }
+            _ => None,
+        }
+    }
+
     fn is_token_source(&self) -> bool {
         match self.ss.ss_family as c_int {
             libc::AF_INET => {
@@ -364,6 +383,8 @@ struct Pending {
     conn: Option<RawFd>,
     /// The token's client end (the acceptor watches it for the end of the token).
     token: RawFd,
+    /// The token's source port.
+    port: u16,
     tries: u32,
 }
 
@@ -639,6 +660,7 @@ fn accept_rdma(id: u32, r: RawFd) {
                     listener: id,
                     conn: Some(c),
                     token: -1,
+                    port: 0,
                     tries: 0,
                 },
             );
@@ -663,9 +685,10 @@ fn issue_token(t: u32) {
         return;
     }
     match connect_token(&target, t) {
-        Ok(k) => listeners(|l| {
+        Ok((k, port)) => listeners(|l| {
             if let Some(p) = l.pending.get_mut(&t) {
                 p.token = k;
+                p.port = port;
                 p.tries += 1;
             }
         }),
@@ -688,7 +711,8 @@ fn drop_pending(t: u32) {
     }
 }
 
-fn connect_token(target: &Addr, t: u32) -> Result<RawFd, c_int> {
+/// Connects a token to `target`: its descriptor and source port.
+fn connect_token(target: &Addr, t: u32) -> Result<(RawFd, u16), c_int> {
     // SAFETY: socket has no memory arguments.
     let k = unsafe { real::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if k < 0 {
@@ -700,11 +724,18 @@ fn connect_token(target: &Addr, t: u32) -> Result<RawFd, c_int> {
         unsafe { real::close(k) };
         Err(e)
     };
+    // Loopback-delivered targets take tokens from TOKEN_SRC; a listener on an interface
+    // address gets them from that address (a loopback source cannot reach it when policy
+    // routing sends it over the wire), told apart by the token's port.
+    let from = match target.ipv4() {
+        Some(ip) if ip[0] != 127 => ip,
+        _ => TOKEN_SRC,
+    };
     let src = libc::sockaddr_in {
         sin_family: libc::AF_INET as _,
         sin_port: 0,
         sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(TOKEN_SRC),
+            s_addr: u32::from_ne_bytes(from),
         },
         sin_zero: [0; 8],
     };
@@ -731,7 +762,7 @@ fn connect_token(target: &Addr, t: u32) -> Result<RawFd, c_int> {
             )
         };
     }
-    // SAFETY: local addresses and their sizes.
+    // SAFETY: a local address and its size.
     if unsafe {
         real::bind(
             k,
@@ -739,8 +770,18 @@ fn connect_token(target: &Addr, t: u32) -> Result<RawFd, c_int> {
             std::mem::size_of_val(&src) as _,
         )
     } != 0
-        || unsafe { real::connect(k, dst.ptr(), dst.len) } != 0
     {
+        return fail(k);
+    }
+    // The port is known before the connect, so an accept that races ahead recognises it.
+    let port = sockname(k).map_or(0, |a| a.port());
+    listeners(|l| {
+        if let Some(p) = l.pending.get_mut(&t) {
+            p.port = port;
+        }
+    });
+    // SAFETY: our address and its length.
+    if unsafe { real::connect(k, dst.ptr(), dst.len) } != 0 {
         return fail(k);
     }
     let mut tag = [0u8; TOKEN_LEN];
@@ -753,7 +794,7 @@ fn connect_token(target: &Addr, t: u32) -> Result<RawFd, c_int> {
     {
         return fail(k);
     }
-    Ok(k)
+    Ok((k, port))
 }
 
 /// A token's connection ended: claimed here (done), or consumed by another process (renew).
@@ -822,6 +863,46 @@ fn read_tag(k: RawFd) -> Option<(u32, u32)> {
     })
 }
 
+/// Whether the connection `k` that listener `id` accepted from `peer` is a token (ours or
+/// another process's) rather than an application's client.
+fn is_token(peer: &Addr, id: u32, k: RawFd) -> bool {
+    if peer.is_token_source() {
+        return true;
+    }
+    let Some(ip) = peer.ipv4() else {
+        return false;
+    };
+    let (local, ours) = listeners(|l| {
+        let local = l.by_id.get(&id).and_then(|li| li.local.ipv4());
+        let port = peer.port();
+        (
+            local,
+            l.pending
+                .values()
+                .any(|p| p.listener == id && p.port == port),
+        )
+    });
+    if local != Some(ip) {
+        return false;
+    }
+    if ours {
+        return true;
+    }
+    // From the listener's own address but not one of our tokens: another process's token
+    // shows its tag at once (it is written right after the connect); a local client doesn't.
+    let mut tag = [0u8; TOKEN_LEN];
+    // SAFETY: peeks into our buffer.
+    let n = unsafe {
+        real::recv(
+            k,
+            tag.as_mut_ptr() as *mut _,
+            TOKEN_LEN,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == TOKEN_LEN as isize && tag[..8] == TOKEN_MAGIC
+}
+
 /// accept4(2) on a listener.
 ///
 /// # Safety
@@ -840,7 +921,7 @@ pub unsafe fn accept(
         if k < 0 {
             return k;
         }
-        if !peer.is_token_source() {
+        if !is_token(&peer, id, k) {
             table::set_slot(k, Slot::Kernel);
             // SAFETY: C contract of accept.
             unsafe { peer.copy_out(addr, len) };

@@ -20,7 +20,7 @@ mod policy;
 mod real;
 mod table;
 
-/// `RSOCKET_DEBUG=1`: a line on stderr for every conversion decision.
+/// `RSOCKET_PRELOAD_DEBUG=1`: a line on stderr for every conversion decision.
 macro_rules! trace {
     ($($a:tt)*) => {
         if $crate::debug() {
@@ -33,7 +33,9 @@ pub(crate) use trace;
 /// Whether `RSOCKET_DEBUG` asks for trace lines.
 pub(crate) fn debug() -> bool {
     static D: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *D.get_or_init(|| std::env::var("RSOCKET_DEBUG").is_ok_and(|v| v != "0" && !v.is_empty()))
+    *D.get_or_init(|| {
+        std::env::var("RSOCKET_PRELOAD_DEBUG").is_ok_and(|v| v != "0" && !v.is_empty())
+    })
 }
 
 extern "C" fn at_fork_prepare() {
