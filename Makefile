@@ -5,6 +5,7 @@
 #   make test              fmt, clippy, host tests, C tests, VM tests, quick benchmark (what CI runs)
 #   make test-host-only    fmt, clippy and the tests that need no VM
 #   make test-bench        bench/compare --quick --check: every implementation moves verified data
+#   make test-preload      unmodified programs (redis, memcached, iperf3, nginx, ...) under the preload, VM
 #   make test-stress       the randomized data-path stress (c-tests/stress.sh), fixed seeds, both devices
 #   make install PREFIX=.. install lib (.so, .so.0, .a), rsocket.h, rsocket-rs.pc,
 #                          librspreload-rs.so and bin/rsocket-run
@@ -18,7 +19,7 @@ REL     := target/release
 STAGE   := $(CURDIR)/build/stage
 export PKG_CONFIG_PATH := $(STAGE)/lib/pkgconfig:$(PKG_CONFIG_PATH)
 
-.PHONY: all build install header deps vm-setup stage demo test test-host test-host-only test-fuzz test-c test-vm test-stress test-bench clean
+.PHONY: all build install header deps vm-setup stage demo test test-host test-host-only test-fuzz test-c test-vm test-preload test-stress test-bench clean
 
 all: build
 
@@ -62,11 +63,13 @@ demo: vm-setup stage
 test: deps vm-setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy -p rsocket-preload --all-targets --no-deps -- -D warnings
 	$(MAKE) --no-print-directory test-host
 	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory stage
 	$(MAKE) --no-print-directory test-c
 	$(MAKE) --no-print-directory test-vm
+	$(MAKE) --no-print-directory test-preload
 	$(MAKE) --no-print-directory test-stress
 	$(MAKE) --no-print-directory test-bench
 	@echo "make test: all passed"
@@ -87,6 +90,7 @@ test-fuzz:
 test-host-only: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy -p rsocket-preload --all-targets --no-deps -- -D warnings
 	$(CARGO) test --workspace --lib --bins --benches
 	$(CARGO) test -p rsocket-capi --tests
 	$(CARGO) test -p rsocket-rs --test fork
@@ -102,6 +106,12 @@ test-c:
 test-vm:
 	vm/run-in-vm -- c-tests/run-vm-tests.sh
 	vm/run-in-vm --siw -- c-tests/run-vm-tests.sh
+
+# The preload (librspreload-rs.so via bin/rsocket-run) with unmodified Debian programs on rxe:
+# redis, memcached, iperf3, sockperf, python asyncio, nginx + curl; data verified, the rxe
+# counters show RDMA carried it; plain clients and servers on the other end (c-tests/preload.sh).
+test-preload: stage
+	vm/run-in-vm -- c-tests/preload.sh
 
 # Randomized stress of the data path (c-tests/rsstress.c): fixed seeds, ours to ours, ours to
 # librdmacm and librdmacm to ours, blocking two-thread and rpoll modes, plus the integrity

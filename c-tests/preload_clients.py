@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Clients and servers for c-tests/preload.sh; each checks every byte it gets back.
+
+  echo-server HOST PORT                  asyncio echo server (one client, then exit)
+  echo-client HOST PORT SEED             asyncio client: random sizes, verified echoes
+  memcache HOST PORT SEED                set/get random values over memcached's text protocol
+  redis HOST PORT SEED                   SET/GET/LPUSH/LRANGE random values over RESP
+"""
+import asyncio, os, random, socket, sys
+
+
+def fail(msg):
+    print("FAIL:", msg, file=sys.stderr)
+    sys.exit(1)
+
+
+async def echo_server(host, port):
+    done = asyncio.Event()
+
+    async def serve(r, w):
+        while True:
+            b = await r.read(65536)
+            if not b:
+                break
+            w.write(b)
+            await w.drain()
+        w.close()
+        done.set()
+
+    srv = await asyncio.start_server(serve, host, port)
+    async with srv:
+        await done.wait()
+
+
+async def echo_client(host, port, seed):
+    rng = random.Random(seed)
+    r, w = await asyncio.open_connection(host, port)
+    total = 0
+    for i in range(300):
+        n = rng.choice([1, 7, 100, 1500, 4096, 65536, rng.randint(1, 300000)])
+        d = rng.randbytes(n)
+        w.write(d)
+        await w.drain()
+        got = await r.readexactly(n)
+        if got != d:
+            fail(f"echo {i}: {n} bytes differ")
+        total += n
+    w.close()
+    print(f"asyncio echo: {total} bytes verified")
+
+
+def line(f):
+    l = f.readline()
+    if not l:
+        fail("connection closed")
+    return l
+
+
+def memcache(host, port, seed):
+    rng = random.Random(seed)
+    s = socket.create_connection((host, port))
+    f = s.makefile("rb")
+    vals = {}
+    for i in range(400):
+        k = f"k{i % 50}"
+        v = rng.randbytes(rng.randint(1, 200000))
+        s.sendall(b"set %s 0 0 %d\r\n%s\r\n" % (k.encode(), len(v), v))
+        if line(f) != b"STORED\r\n":
+            fail("set")
+        vals[k] = v
+        k2 = f"k{rng.randrange(50)}"
+        s.sendall(b"get %s\r\n" % k2.encode())
+        h = line(f)
+        if k2 not in vals:
+            if h != b"END\r\n":
+                fail("get of an unset key")
+            continue
+        n = int(h.split()[3])
+        data = f.read(n + 2)[:-2]
+        if data != vals[k2] or line(f) != b"END\r\n":
+            fail(f"get {k2}: value differs")
+    print(f"memcached: 400 sets and gets verified")
+
+
+def resp(f):
+    l = line(f)
+    t, rest = l[:1], l[1:-2]
+    if t in b"+-:":
+        if t == b"-":
+            fail(rest.decode())
+        return rest
+    if t == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2]
+    if t == b"*":
+        return [resp(f) for _ in range(int(rest))]
+    fail(f"bad reply {l!r}")
+
+
+def cmd(s, *a):
+    s.sendall(b"*%d\r\n" % len(a) + b"".join(b"$%d\r\n%s\r\n" % (len(x), x) for x in a))
+
+
+def redis(host, port, seed):
+    rng = random.Random(seed)
+    s = socket.create_connection((host, port))
+    f = s.makefile("rb")
+    cmd(s, b"DEL", b"list")
+    resp(f)
+    items = []
+    for i in range(300):
+        v = rng.randbytes(rng.randint(1, 100000))
+        cmd(s, b"SET", b"key%d" % i, v)
+        resp(f)
+        cmd(s, b"GET", b"key%d" % i)
+        if resp(f) != v:
+            fail(f"GET key{i} differs")
+        it = rng.randbytes(rng.randint(1, 3000))
+        cmd(s, b"LPUSH", b"list", it)
+        resp(f)
+        items.insert(0, it)
+    cmd(s, b"LRANGE", b"list", b"0", b"-1")
+    if resp(f) != items:
+        fail("LRANGE differs")
+    print("redis: 300 SET/GET and LPUSH, LRANGE verified")
+
+
+def main():
+    mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    if mode == "echo-server":
+        asyncio.run(echo_server(host, port))
+    elif mode == "echo-client":
+        asyncio.run(echo_client(host, port, seed))
+    elif mode == "memcache":
+        memcache(host, port, seed)
+    elif mode == "redis":
+        redis(host, port, seed)
+    else:
+        fail(f"unknown mode {mode}")
+
+
+main()
