@@ -9,7 +9,7 @@
 //! - `RS_SQ_SIZE`, `RS_RQ_SIZE`, `RS_INLINE` (upstream's variables): queue and inline sizes
 //!   set on every rsocket the preload makes.
 //! - `RSOCKET_PRELOAD_CONNECT_MS`: how long a connect waits for the RDMA handshake before a
-//!   non-blocking socket returns EINPROGRESS with it still under way (default 3000).
+//!   non-blocking socket returns EINPROGRESS with it still under way (default 10000).
 //!
 //! Only TCP sockets are candidates, and only connects to and listeners on addresses that are
 //! not loopback (loopback traffic has no RDMA device to take it: it stays in the kernel).
@@ -120,7 +120,7 @@ pub fn get() -> &'static Policy {
             sq_size: env_int("RS_SQ_SIZE"),
             rq_size: env_int("RS_RQ_SIZE"),
             inline: env_int("RS_INLINE"),
-            connect_ms: env_int("RSOCKET_PRELOAD_CONNECT_MS").unwrap_or(3000),
+            connect_ms: env_int("RSOCKET_PRELOAD_CONNECT_MS").unwrap_or(10000),
         }
     })
 }
