@@ -8,8 +8,8 @@
 //!   by the prefix of its short name, case-insensitive, as upstream).
 //! - `RS_SQ_SIZE`, `RS_RQ_SIZE`, `RS_INLINE` (upstream's variables): queue and inline sizes
 //!   set on every rsocket the preload makes.
-//! - `RSOCKET_PRELOAD_CONNECT_MS`: how long a connect waits for the RDMA handshake before a
-//!   non-blocking socket returns EINPROGRESS with it still under way (default 10000).
+//! - `RSOCKET_PRELOAD_CONNECT_MS`: how long a connect waits for the RDMA handshake before it
+//!   gives up on RDMA and connects over kernel TCP instead (default 10000).
 //!
 //! Only TCP sockets are candidates, and only connects to and listeners on addresses that are
 //! not loopback (loopback traffic has no RDMA device to take it: it stays in the kernel).
