@@ -88,6 +88,18 @@ impl Addr {
         a
     }
 
+    /// An IPv4 address and port (host order).
+    fn v4(ip: [u8; 4], port: u16) -> Self {
+        let mut a = Addr::empty();
+        // SAFETY: our storage is large enough for a sockaddr_in.
+        let s = unsafe { &mut *(a.mut_ptr() as *mut libc::sockaddr_in) };
+        s.sin_family = libc::AF_INET as _;
+        s.sin_port = port.to_be();
+        s.sin_addr.s_addr = u32::from_ne_bytes(ip);
+        a.len = std::mem::size_of::<libc::sockaddr_in>() as socklen_t;
+        a
+    }
+
     fn ptr(&self) -> *const sockaddr {
         &self.ss as *const _ as *const sockaddr
     }
@@ -731,46 +743,11 @@ fn connect_token(target: &Addr, t: u32) -> Result<(RawFd, u16), c_int> {
         Some(ip) if ip[0] != 127 => ip,
         _ => TOKEN_SRC,
     };
-    let src = libc::sockaddr_in {
-        sin_family: libc::AF_INET as _,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(from),
-        },
-        sin_zero: [0; 8],
-    };
-    let mut dst = *target;
-    if dst.ss.ss_family as c_int == libc::AF_INET6 {
-        // An IPv4 token reaches a dual-stack listener: connect to the mapped address's IPv4.
-        // SAFETY: an AF_INET6 address in our storage.
-        let s6 = unsafe { *(dst.ptr() as *const libc::sockaddr_in6) };
-        let ip = std::net::Ipv6Addr::from(s6.sin6_addr.s6_addr);
-        let v4 = ip.to_ipv4_mapped().unwrap_or(std::net::Ipv4Addr::LOCALHOST);
-        let s4 = libc::sockaddr_in {
-            sin_family: libc::AF_INET as _,
-            sin_port: s6.sin6_port,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(v4.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: a local sockaddr_in and its size.
-        dst = unsafe {
-            Addr::from_raw(
-                &s4 as *const _ as *const sockaddr,
-                std::mem::size_of_val(&s4) as _,
-            )
-        };
-    }
-    // SAFETY: a local address and its size.
-    if unsafe {
-        real::bind(
-            k,
-            &src as *const _ as *const sockaddr,
-            std::mem::size_of_val(&src) as _,
-        )
-    } != 0
-    {
+    let src = Addr::v4(from, 0);
+    // A dual-stack listener takes the IPv4 token at the mapped address's IPv4.
+    let dst = Addr::v4(target.ipv4().unwrap_or([127, 0, 0, 1]), target.port());
+    // SAFETY: our address and its length.
+    if unsafe { real::bind(k, src.ptr(), src.len) } != 0 {
         return fail(k);
     }
     // The port is known before the connect, so an accept that races ahead recognises it.
