@@ -24,6 +24,8 @@
  *               x3+7, back to 1 above 300,000), rsend only; the server reads 64 KiB at a time
  *   -T SECS     give up after SECS (default 120): exit 3, printing where each direction stood
  *   -q          quiet: only the summary line
+ *   -W          the device is Soft-iWARP: the librdmacm build keeps sends of up to 32 bytes
+ *               inline (keep_short_sends_inline: a kernel bug no receiver can undo)
  *
  * What each direction does (the sender's plan, from the seed):
  *   sends of sizes from a heavy-tailed mix (1 B to 1 MiB): small ones, sizes next to inline
@@ -331,6 +333,7 @@ static void recv_next(struct rng *r, int uneven, struct rop *o)
 static struct {
 	int server, mode_poll, options, iowrite, uneven, quiet;
 	int peer_librdmacm; /* -P lib: the peer runs librdmacm */
+	int siw;	    /* -W: the device is Soft-iWARP (see keep_short_sends_inline) */
 	uint64_t seed, bytes;
 	unsigned timeout;
 	const char *addr, *local;
@@ -547,6 +550,15 @@ static void verify(const uint8_t *buf, size_t len, uint64_t off, const char *wha
 				d == !me && at >= 500009 ? "; riowrite regions start at 500009" : "");
 		}
 	}
+	/* The bytes around the wrong ones, as received and as planned (at most 64 of each). */
+	size_t from = i >= 8 ? i - 8 : 0, to = last + 1 - from > 64 ? from + 64 : last + 1;
+	fprintf(stderr, "  got  @%llu:", (unsigned long long)(off + from));
+	for (size_t j = from; j < to; j++)
+		fprintf(stderr, " %02x", buf[j]);
+	fprintf(stderr, "\n  want @%llu:", (unsigned long long)(off + from));
+	for (size_t j = from; j < to; j++)
+		fprintf(stderr, " %02x", want[j]);
+	fprintf(stderr, "\n");
 	fprintf(stderr,
 		"MISMATCH seed %llu dir %d (%s): receive op #%llu (%s of %zu B at stream offset %llu): "
 		"first bad offset %llu (got %02x want %02x), %zu bad bytes up to offset %llu; %s\n",
@@ -927,10 +939,41 @@ static void run_poll(void)
 
 /* ------------------------------------------------------------------ setup */
 
+/*
+ * Soft-iWARP (Linux 6.1 siw_try_1seg) sends a transfer of at most 32 bytes described by one SGE
+ * that crosses a page with the wrong bytes when its worker thread, not the posting syscall,
+ * transmits it: from the page boundary on, the payload holds what follows the first page in the
+ * kernel's mapping, and its last bytes hold the first bytes of the next page. rsocket-rs splits
+ * such sends at the page; librdmacm does not, and sends of more than its inline limit from its
+ * send ring hit the bug (seen: a 24-byte rsendmsg from librdmacm with inline=8 arrived with bytes
+ * 7-23 wrong, bytes 17-23 equal to the right bytes 7-13). No receiver can repair that, so on siw
+ * the librdmacm build keeps every transfer of up to 32 bytes inline, where siw copies it at post
+ * time: what it sends us is then what the program sent.
+ */
+static void keep_short_sends_inline(void)
+{
+#ifdef USE_LIBRDMACM
+	int v = 0;
+	socklen_t len = sizeof v;
+	if (!cfg.siw)
+		return;
+	if (rgetsockopt(fd, SOL_RDMA, RDMA_INLINE, &v, &len))
+		die("getsockopt RDMA_INLINE");
+	if (v < 32) {
+		v = 32;
+		if (rsetsockopt(fd, SOL_RDMA, RDMA_INLINE, &v, sizeof v))
+			die("RDMA_INLINE 32");
+		if (!cfg.quiet)
+			fprintf(stderr, "rsstress %s: inline raised to 32 (Soft-iWARP, see -W)\n", IMPL);
+	}
+#endif
+}
+
 static void set_options(void)
 {
 	if (!cfg.options) {
 		snprintf(optdesc, sizeof optdesc, "default");
+		keep_short_sends_inline();
 		return;
 	}
 	struct rng r = rng_for(cfg.seed, 10 + me);
@@ -955,6 +998,7 @@ static void set_options(void)
 		 v[2], v[3], v[4]);
 	if (!cfg.quiet)
 		fprintf(stderr, "rsstress %s %s: options %s\n", IMPL, me ? "server" : "client", optdesc);
+	keep_short_sends_inline();
 }
 
 static void prepare(int s)
@@ -1041,14 +1085,14 @@ static void connect_or_accept(void)
 static void usage(void)
 {
 	fprintf(stderr, "usage: rsstress -s ADDR | -c SERVER [-b LOCAL]  -p PORT -r SEED [-m thread|poll] "
-			"[-n BYTES] [-O] [-I] [-u] [-T SECS] [-q]\n");
+			"[-n BYTES] [-O] [-I] [-u] [-T SECS] [-q] [-P rs|lib] [-W]\n");
 	exit(64);
 }
 
 int main(int argc, char **argv)
 {
 	int c, have_seed = 0;
-	while ((c = getopt(argc, argv, "s:c:b:p:r:m:n:OIuT:qP:")) != -1) {
+	while ((c = getopt(argc, argv, "s:c:b:p:r:m:n:OIuT:qP:W")) != -1) {
 		switch (c) {
 		case 's':
 			cfg.server = 1;
@@ -1093,6 +1137,9 @@ int main(int argc, char **argv)
 			break;
 		case 'P':
 			cfg.peer_librdmacm = !strcmp(optarg, "lib");
+			break;
+		case 'W':
+			cfg.siw = 1;
 			break;
 		default:
 			usage();

@@ -81,6 +81,8 @@ run_case() {
   local cli srv args
   cli=$(bin_of "${pair%-*}"); srv=$(bin_of "${pair#*-}")
   args="-r $seed -m $mode -n $BYTES -T 150 $*"
+  # Soft-iWARP: librdmacm keeps its short sends inline (rsstress.c, keep_short_sends_inline).
+  [[ $DEV == *siw* ]] && args="$args -W"
   [ $((seed % 2)) -eq 1 ] && [[ "$*" != *-u* ]] && args="$args -O"
   if [ "$NOCONF" = 1 ]; then set_config 0; else set_config "$seed"; fi
   PORT=$((PORT + 1))
