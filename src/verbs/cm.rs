@@ -24,6 +24,8 @@ impl EventChannel {
     /// Opens a channel (fails with ENODEV when the kernel has no rdma_cm). Its fd is
     /// non-blocking: waits are done with poll, so a read never sleeps.
     pub fn new() -> io::Result<Self> {
+        // librdmacm opens its device contexts in this process from now on (see `contexts`).
+        contexts::first_use();
         // SAFETY: no arguments; returns NULL with errno on failure.
         let p = unsafe { sys::rdma_create_event_channel() };
         let ch = EventChannel(non_null(p)?);
@@ -342,6 +344,25 @@ impl CmId {
         !self.raw().verbs.is_null()
     }
 
+    /// The id's device context, made one this process may create verbs objects on: in a
+    /// forked child, librdmacm hands out the contexts its parent opened, whose commands the
+    /// kernel refuses here (see `contexts`); the id then takes this process's own context of
+    /// the same device, on which librdmacm creates and moves its QP as on its own.
+    fn context(&mut self) -> io::Result<*mut sys::ibv_context> {
+        let ctx = self.raw().verbs;
+        if ctx.is_null() {
+            return Err(io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        let own = contexts::usable(ctx)?;
+        if own != ctx {
+            // SAFETY: the id is ours and valid; `verbs` is the public field librdmacm reads
+            // back for the QP (rdma_create_qp requires the PD's context to equal it), and `own`
+            // is a live context of the same device that lives as long as the process.
+            unsafe { (*self.id.as_ptr()).verbs = own };
+        }
+        Ok(own)
+    }
+
     /// Whether the id's device is an iWARP device (the id must be bound to one).
     fn is_iwarp(&self) -> bool {
         let ctx = self.raw().verbs;
@@ -351,11 +372,8 @@ impl CmId {
     }
 
     /// Device facts needed to size an endpoint.
-    pub fn device_info(&self) -> io::Result<DeviceInfo> {
-        let ctx = self.raw().verbs;
-        if ctx.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::ENODEV));
-        }
+    pub fn device_info(&mut self) -> io::Result<DeviceInfo> {
+        let ctx = self.context()?;
         // SAFETY: zeroed attr struct is valid output storage; ctx is a live device context.
         let mut attr: sys::ibv_device_attr = unsafe { std::mem::zeroed() };
         cvt(unsafe { sys::ibv_query_device(ctx, &mut attr) })?;
@@ -374,10 +392,7 @@ impl CmId {
         rq_size: u32,
         sq_inline: u32,
     ) -> io::Result<Endpoint> {
-        let ctx = self.raw().verbs;
-        if ctx.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::ENODEV));
-        }
+        let ctx = self.context()?;
         // SAFETY: ctx is a live device context.
         let pd = ProtectionDomain(non_null(unsafe { sys::ibv_alloc_pd(ctx) })?);
         // SAFETY: as above.
@@ -474,4 +489,56 @@ pub struct DeviceInfo {
     pub iwarp: bool,
     /// RDMA reads a QP may have outstanding, as initiator and as responder (the smaller).
     pub max_rd_atom: u8,
+}
+
+/// Device contexts across fork.
+///
+/// The kernel refuses the write(2)-based verbs commands on a device file that another process
+/// opened (`ib_safe_file_access`: the file's credentials must be the caller's, and a forked
+/// child has its own). Soft-RoCE and Soft-iWARP ring their doorbell that way, so a QP made in
+/// a forked child on a context its parent opened connects and then fails its first post with
+/// EACCES. librdmacm opens each device once per process image and gives every id that context,
+/// so a child of a process that used RDMA (a forking server's workers) opens its own.
+mod contexts {
+    use std::collections::HashMap;
+    use std::io;
+    use std::sync::{Mutex, OnceLock};
+
+    use rdma_sys as sys;
+
+    use crate::verbs::non_null;
+
+    /// The process that first used librdmacm: its contexts are librdmacm's.
+    static FIRST: OnceLock<u32> = OnceLock::new();
+
+    /// This process's own contexts, by device (pointer as an integer), with the process that
+    /// opened them (a context opened before a fork is the parent's).
+    static OWN: Mutex<Option<HashMap<usize, (u32, usize)>>> = Mutex::new(None);
+
+    /// Notes the first process to use librdmacm (every later call is a no-op).
+    pub fn first_use() {
+        FIRST.get_or_init(std::process::id);
+    }
+
+    /// `ctx` if this process may use it, else this process's own context of its device.
+    pub fn usable(ctx: *mut sys::ibv_context) -> io::Result<*mut sys::ibv_context> {
+        let pid = std::process::id();
+        if FIRST.get().is_none_or(|&p| p == pid) {
+            return Ok(ctx);
+        }
+        // SAFETY: ctx is a live context; its device lives as long as librdmacm's device list.
+        let dev = unsafe { (*ctx).device };
+        let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
+        let own = own.get_or_insert_with(HashMap::new);
+        if let Some(&(p, c)) = own.get(&(dev as usize))
+            && p == pid
+        {
+            return Ok(c as *mut sys::ibv_context);
+        }
+        // SAFETY: dev is a device of librdmacm's list; the context is never closed (it serves
+        // every later connection of this process).
+        let c = non_null(unsafe { sys::ibv_open_device(dev) })?;
+        own.insert(dev as usize, (pid, c.as_ptr() as usize));
+        Ok(c.as_ptr())
+    }
 }

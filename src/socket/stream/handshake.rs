@@ -436,6 +436,7 @@ impl StreamSocket {
                     }
                 }
                 Err(e) => {
+                    trace!("fd {}: connection failed: {e}", self.channel.fd());
                     g.so_error = e.errno();
                     g.state = State::Failed;
                 }
