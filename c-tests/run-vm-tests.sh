@@ -236,6 +236,11 @@ pair "riowrite librdmacm client -> rsocket-rs server" "$IS" \
   "$BIN/iomap-rdmacm -c $RS_SERVER -b $RS_CLIENT -p @PORT@ -n 300"
 pair "zero-copy API: rsend/riowrite MSG_ZEROCOPY, POLLERR + MSG_ERRQUEUE notices (zerocopy.c)" \
   "$BIN/zerocopy -s -b $RS_SERVER -p @PORT@" "$BIN/zerocopy -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+# A server that used RDMA forks: the child accepts its own connection (on a device context of
+# its own: the kernel refuses the parent's), the parent's goes on; both echoes checked.
+pair "fork: the child of a server with a live connection accepts and echoes its own (forked.c)" \
+  "$BIN/forked -s $RS_SERVER -p @PORT@" "$BIN/forked -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+PORT=$((PORT + 1)) # forked.c's child listens on the next port
 
 # The descriptor is pollable: 64 connections, a pipe and a timerfd in one kernel epoll set
 # (level, edge, one-shot, nested), then in poll(2) and select(2); no rpoll (evloop.c).
@@ -246,6 +251,10 @@ for m in epoll poll select; do
 done
 pair "the same epoll loop over kernel TCP (the test's control)" \
   "$EV -K -s -b $RS_SERVER -p @PORT@" "$EV -K -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
+# SIGALRM every 2 ms, its handler without SA_RESTART (-I): the waits fail with EINTR, counted,
+# and the loop goes on with no byte lost (the run fails if no call ever saw EINTR).
+pair "kernel epoll on rsocket descriptors, SIGALRM without SA_RESTART: EINTR seen and survived" \
+  "$EV -I -s -b $RS_SERVER -p @PORT@" "$EV -I -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
 kill_peer "peer killed: poll(2) on the descriptor wakes, rrecv gives ECONNRESET" \
   "$BIN/evloop -X -s -b $RS_SERVER -p @PORT@" "$BIN/evloop -X -c $RS_SERVER -b $RS_CLIENT -p @PORT@"
 

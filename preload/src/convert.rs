@@ -336,7 +336,13 @@ pub unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -> c_int
 
 fn try_connect(fd: RawFd, cand: &table::Candidate, dst: &Addr) -> Result<(), c_int> {
     let (nonblocking, cloexec) = fd_flags(fd);
-    let r = rs::rsocket(cand.domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+    // The rsocket's own number is the library's, never the application's: close-on-exec, or
+    // every exec'd program inherits it (the application's number gets its own flag in adopt).
+    let r = rs::rsocket(
+        cand.domain,
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0,
+    );
     if r < 0 {
         return Err(errno());
     }
@@ -523,7 +529,13 @@ fn rdma_listen(
     backlog: c_int,
     cand: Option<&table::Candidate>,
 ) -> Result<RawFd, c_int> {
-    let r = rs::rsocket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+    // Close-on-exec as in try_connect; the connections it accepts take its options, so
+    // their own numbers are close-on-exec too.
+    let r = rs::rsocket(
+        domain,
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0,
+    );
     if r < 0 {
         return Err(errno());
     }

@@ -212,7 +212,9 @@ pub fn with<R>(f: impl FnOnce(&mut Details) -> R) -> R {
     f(g.get_or_insert_with(Details::default))
 }
 
-/// Every application descriptor that names an rsocket of this process (for exec).
+/// Every application descriptor that names an rsocket (for exec), the parent's too in a forked
+/// child: a program exec'd there must not get the live readiness descriptor of its parent's
+/// connection (reading it takes the parent's POLLIN byte, and the parent misses the wake-up).
 pub fn rsocket_fds() -> Vec<RawFd> {
     // The map is by rsocket number, so look at the slots: only the ones in use are touched.
     let top = with(|d| d.rsocket_refs.len());
@@ -231,7 +233,7 @@ pub fn rsocket_fds() -> Vec<RawFd> {
         MAX_FDS
     };
     for fd in 0..n {
-        if let Slot::Rsocket { ours: true, .. } = slot(fd as RawFd) {
+        if let Slot::Rsocket { .. } = slot(fd as RawFd) {
             v.push(fd as RawFd);
         }
     }
