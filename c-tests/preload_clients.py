@@ -5,6 +5,7 @@
   echo-client HOST PORT SEED             asyncio client: random sizes, verified echoes
   memcache HOST PORT SEED                set/get random values over memcached's text protocol
   redis HOST PORT SEED                   SET/GET/LPUSH/LRANGE random values over RESP
+  memcache-bench HOST PORT N             N set/get pairs (100 B), one at a time: ops per second
 """
 import asyncio, os, random, socket, sys
 
@@ -82,6 +83,27 @@ def memcache(host, port, seed):
     print(f"memcached: 400 sets and gets verified")
 
 
+def memcache_bench(host, port, n):
+    """n set/get pairs of a 100-byte value, one at a time: operations per second."""
+    import time
+    s = socket.create_connection((host, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = s.makefile("rb")
+    v = bytes(range(100))
+    t = time.perf_counter()
+    for i in range(n):
+        s.sendall(b"set k%d 0 0 100\r\n%s\r\n" % (i % 64, v))
+        if line(f) != b"STORED\r\n":
+            fail("set")
+        s.sendall(b"get k%d\r\n" % (i % 64))
+        if line(f).split()[:2] != [b"VALUE", b"k%d" % (i % 64)] or f.read(102)[:-2] != v:
+            fail("get")
+        if line(f) != b"END\r\n":
+            fail("get end")
+    dt = time.perf_counter() - t
+    print(f"memcached: ops_per_s={2 * n / dt:.0f}")
+
+
 def resp(f):
     l = line(f)
     t, rest = l[:1], l[1:-2]
@@ -134,6 +156,8 @@ def main():
         asyncio.run(echo_client(host, port, seed))
     elif mode == "memcache":
         memcache(host, port, seed)
+    elif mode == "memcache-bench":
+        memcache_bench(host, port, seed)
     elif mode == "redis":
         redis(host, port, seed)
     else:
