@@ -8,7 +8,7 @@ use rdma_sys as sys;
 
 use super::addr::SockAddr;
 use super::endpoint::{CompChannel, CompletionQueue, Endpoint, ProtectionDomain};
-use super::os::set_nonblocking;
+use super::os::{set_nonblocking, without_signals};
 use super::{cvt, non_null};
 
 /// An rdma_cm event channel: one per rsocket; its fd is the rsocket's descriptor number.
@@ -232,7 +232,7 @@ impl CmId {
     /// Starts listening.
     pub fn listen(&self, backlog: i32) -> io::Result<()> {
         // SAFETY: valid id.
-        cvt(unsafe { sys::rdma_listen(self.id.as_ptr(), backlog) })
+        without_signals(|| cvt(unsafe { sys::rdma_listen(self.id.as_ptr(), backlog) }))
     }
 
     /// Starts address resolution (completes with an event).
@@ -273,14 +273,14 @@ impl CmId {
     pub fn connect(&self, private: &[u8], p: &ConnParam) -> io::Result<()> {
         let mut param = Self::raw_param(private, p);
         // SAFETY: valid id; param points at `private`, which outlives the call (copied by the kernel).
-        cvt(unsafe { sys::rdma_connect(self.id.as_ptr(), &mut param) })
+        without_signals(|| cvt(unsafe { sys::rdma_connect(self.id.as_ptr(), &mut param) }))
     }
 
     /// Accepts a connect request with our private data.
     pub fn accept(&self, private: &[u8], p: &ConnParam) -> io::Result<()> {
         let mut param = Self::raw_param(private, p);
         // SAFETY: as in connect.
-        cvt(unsafe { sys::rdma_accept(self.id.as_ptr(), &mut param) })
+        without_signals(|| cvt(unsafe { sys::rdma_accept(self.id.as_ptr(), &mut param) }))
     }
 
     /// Rejects a connect request.

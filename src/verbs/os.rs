@@ -125,3 +125,27 @@ pub fn run_at_exit(f: extern "C" fn()) -> bool {
     // SAFETY: `f` is a plain function with no arguments; atexit only stores the pointer.
     unsafe { libc::atexit(f) == 0 }
 }
+
+/// Runs `f` with every blockable signal blocked in this thread (the mask restored after).
+///
+/// For connection-manager calls that wait inside the kernel: on iWARP, `rdma_listen` and
+/// `rdma_connect` open and connect kernel TCP sockets in the calling thread, and a signal that
+/// lands there (a program's SIGALRM timer, say) can end the listen early with no error told to
+/// us: the listener then refuses every connection. The kernel's own socket calls would restart
+/// or fail with EINTR instead; these are short, so they run with signals held back until done.
+pub fn without_signals<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: sigset_t is plain data; sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointers.
+    unsafe { libc::sigfillset(&mut all) };
+    // SAFETY: valid sigset pointers; only this thread's mask changes.
+    let blocked = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old) } == 0;
+    let r = f();
+    if blocked {
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    }
+    r
+}
