@@ -227,10 +227,11 @@ impl StreamSocket {
         if matches!(g.state, State::Connecting(_) | State::Accepting(_)) {
             self.advance_connect(&mut g);
         }
+        let mut progressed = false;
         match &mut g.state {
             State::Listening { .. } => self.collect_requests(&mut g),
             State::Connected(c) => {
-                let _ = self.drive(c);
+                progressed = self.drive(c).unwrap_or(false);
             }
             _ => {}
         }
@@ -245,14 +246,18 @@ impl StreamSocket {
         if !ready.is_empty() {
             // Useful: it showed something new to an application outside. Wasted: the
             // application is inside a call or polls by itself (it drives the socket itself),
-            // or nothing is left to show (its calls took what came before it could be
-            // shown). Otherwise (what came is shown already, not read yet) neither.
+            // or the wake-up found nothing at all (its calls took what came before it could
+            // be shown). Otherwise neither: what came is shown already, not read yet, or it
+            // changes nothing the application waits for (a send completing, the peer's credit
+            // update), as after every reply of a request/response server sleeping in epoll,
+            // which such wake-ups must not turn self-driven (it would then see each request
+            // only at the next TICK).
             let driving = inside || polling;
             if after & !before != 0 && !driving {
                 // Not a reset: a program woken by its own call (rpoll, a blocking receive)
                 // races with this thread for the same completion and loses now and then.
                 g.watch.wasted = g.watch.wasted.saturating_sub(2);
-            } else if driving || (after == before && after & libc::POLLIN == 0) {
+            } else if driving || (!progressed && after == before && after & libc::POLLIN == 0) {
                 g.watch.wasted = g.watch.wasted.saturating_add(1);
                 if g.watch.wasted >= WASTED_MAX {
                     trace!("{self:?}: self-driven, not watched");
