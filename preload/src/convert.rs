@@ -392,7 +392,12 @@ struct Listener {
     backlog: c_int,
     /// RDMA connections the application accepted in this process.
     accepted: u64,
+    /// Times the RDMA side failed and listened again (see `listen_again`).
+    failures: u32,
 }
+
+/// A listener whose RDMA side failed this many times serves kernel TCP clients only.
+const LISTEN_FAILURES: u32 = 3;
 
 /// An accepted RDMA connection waiting for the application's accept.
 struct Pending {
@@ -497,6 +502,7 @@ fn start_listener(fd: RawFd, cand: &table::Candidate, backlog: c_int) -> Result<
                 domain: cand.domain,
                 backlog,
                 accepted: 0,
+                failures: 0,
             },
         );
         id
@@ -633,6 +639,8 @@ fn acceptor() {
                 std::time::Instant::now() + std::time::Duration::from_secs(3)
             });
             claim(std::time::Instant::now() >= deadline);
+        } else {
+            claim_deadline = None;
         }
         let mut pfds: Vec<libc::pollfd> = vec![libc::pollfd {
             fd: wake,
@@ -659,10 +667,47 @@ fn acceptor() {
                 continue;
             }
             if let Some(id) = listener {
-                accept_rdma(id, p.fd);
+                if p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                    listen_again(id, p.fd);
+                } else {
+                    accept_rdma(id, p.fd);
+                }
             } else if let Some(t) = token {
                 token_ended(t);
             }
+        }
+    }
+}
+
+/// The RDMA side of listener `id` failed (rsocket `r`): it listens again, at most
+/// [`LISTEN_FAILURES`] times, then the listener serves kernel TCP clients only (RDMA clients
+/// are refused at once and continue over TCP).
+///
+/// What fails it: the kernel serves a CM or verbs file's write(2) commands only to a thread
+/// whose credentials are the very ones the file was opened with (`ib_safe_file_access`). A
+/// process that calls setuid or setgid (nginx's workers, even to the same user) gives every
+/// thread its own new credentials, so a file opened before, or by another of its threads
+/// (the rsocket service thread), is refused with EACCES from then on.
+fn listen_again(id: u32, r: RawFd) {
+    let again = listeners(|l| {
+        let li = l.by_id.get_mut(&id)?;
+        if li.rs != Some(r) {
+            return None;
+        }
+        li.rs = None;
+        li.failures += 1;
+        let again = li.failures < LISTEN_FAILURES;
+        if again {
+            l.to_claim.push(id);
+        }
+        Some(again)
+    });
+    if let Some(again) = again {
+        rs::rclose(r);
+        if again {
+            trace!("listener {id}: the RDMA side failed (rsocket {r}), listening again");
+        } else {
+            trace!("listener {id}: the RDMA side failed {LISTEN_FAILURES} times: kernel only");
         }
     }
 }

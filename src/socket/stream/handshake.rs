@@ -205,9 +205,26 @@ impl StreamSocket {
     }
 
     /// Moves connect requests from the channel into the listener's queue.
+    ///
+    /// A channel that fails otherwise than with EAGAIN fails the listener (POLLERR, SO_ERROR):
+    /// the kernel refuses a CM file's commands once the process's credentials changed after
+    /// it was opened (EACCES after setuid or setgid, even to the same ids, as a server's worker
+    /// does after fork), and a listener that can take no request would only leave its clients
+    /// waiting. The application can listen again.
     pub(super) fn collect_requests(&self, g: &mut Inner) {
+        let mut failed = None;
         if let State::Listening { pending, .. } = &mut g.state {
-            while let Ok(ev) = self.channel.get_event() {
+            loop {
+                let ev = match self.channel.get_event() {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        if e.raw_os_error() != Some(libc::EAGAIN) {
+                            trace!("fd {}: listener failed: {e}", self.channel.fd());
+                            failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+                        }
+                        break;
+                    }
+                };
                 trace!(
                     "fd {}: listener event {:?} status {}",
                     self.channel.fd(),
@@ -218,6 +235,10 @@ impl StreamSocket {
                     pending.push_back(ev);
                 }
             }
+        }
+        if let Some(e) = failed {
+            g.so_error = e;
+            g.state = State::Failed;
         }
     }
 
