@@ -915,3 +915,33 @@ pub unsafe extern "C" fn execvpe(
         unsafe { real::execvpe(file, argv, envp) }
     })
 }
+
+/// Declares credential calls that pass to the C library and, when they succeed, let the
+/// preload know (`convert::credentials_changed`).
+macro_rules! credentials {
+    ($( fn $name:ident ( $($a:ident : $t:ty),* ); )*) => {
+        $(
+            #[unsafe(no_mangle)]
+            pub unsafe extern "C" fn $name($($a: $t),*) -> c_int {
+                // SAFETY: C contract of the call.
+                let ret = unsafe { real::$name($($a),*) };
+                if ret == 0 {
+                    guard!((), convert::credentials_changed());
+                }
+                ret
+            }
+        )*
+    };
+}
+
+credentials! {
+    fn setuid(id: libc::uid_t);
+    fn setgid(id: libc::gid_t);
+    fn seteuid(id: libc::uid_t);
+    fn setegid(id: libc::gid_t);
+    fn setreuid(r: libc::uid_t, e: libc::uid_t);
+    fn setregid(r: libc::gid_t, e: libc::gid_t);
+    fn setresuid(r: libc::uid_t, e: libc::uid_t, s: libc::uid_t);
+    fn setresgid(r: libc::gid_t, e: libc::gid_t, s: libc::gid_t);
+    fn setgroups(n: size_t, list: *const libc::gid_t);
+}

@@ -30,6 +30,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use libc::{c_int, sockaddr, sockaddr_storage, socklen_t};
+use rsocket as rs_core;
 use rsocket_rs as rs;
 
 use crate::policy::{self, Place, place};
@@ -677,6 +678,38 @@ fn acceptor() {
             }
         }
     }
+}
+
+/// The process's credentials changed (setuid and the like, as a server's worker does after
+/// fork, nginx's among them). Every RDMA file opened before is refused from now on, in every
+/// thread (see `listen_again`): the RDMA side of each listener closes, and the listeners serve
+/// kernel TCP clients only (RDMA clients are refused at once and continue over TCP).
+/// Connections made before stay broken: a server changes its credentials before it serves.
+///
+/// Listening again over RDMA from a thread with the new credentials works for most
+/// connections, but was not reliable yet (a worker's client now and then got an empty reply):
+/// that is left for later, so a worker that drops privileges serves over the kernel.
+pub fn credentials_changed() {
+    rs_core::socket::credentials_changed();
+    let (old, pending) = listeners(|l| {
+        let mut old = Vec::new();
+        for (&id, li) in l.by_id.iter_mut() {
+            if let Some(r) = li.rs.take() {
+                old.push(r);
+            }
+            li.failures = LISTEN_FAILURES;
+            l.to_claim.retain(|&x| x != id);
+        }
+        let pending: Vec<u32> = l.pending.keys().copied().collect();
+        (old, pending)
+    });
+    for t in pending {
+        drop_pending(t);
+    }
+    for r in old {
+        rs::rclose(r);
+    }
+    trace!("credentials changed: the listeners serve kernel TCP clients only");
 }
 
 /// The RDMA side of listener `id` failed (rsocket `r`): it listens again, at most

@@ -53,6 +53,16 @@ fn table() -> &'static RwLock<Table> {
     TABLE.get_or_init(|| RwLock::new(Table(Vec::new())))
 }
 
+/// The process's credentials changed (setuid, setgid, setgroups and the like): every thread
+/// now has credentials of its own, and the kernel serves a CM or verbs file's write(2)
+/// commands only to the credentials it was opened with. Sockets made before stop working;
+/// the ones made from now on, from the thread that changed them (or threads it starts), work:
+/// they open new device contexts and have a new service thread.
+pub fn credentials_changed() {
+    crate::verbs::credentials_changed();
+    service::restart();
+}
+
 /// Creates an rsocket and returns its descriptor.
 pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<RawFd> {
     let base = ty & !(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK);

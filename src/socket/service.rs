@@ -123,6 +123,18 @@ struct Service {
 /// are leaked: the thread of one lives as long as the process.
 static CURRENT: Mutex<Option<&'static Service>> = Mutex::new(None);
 
+/// Set by [`restart`]: the next job starts a new service thread.
+static STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The next job starts a new service thread (from the thread that adds it); the old one
+/// keeps the sockets it had. For a process whose credentials changed (setuid and the like
+/// give every thread credentials of its own, and the kernel serves a CM or verbs file's
+/// write(2) commands only to the credentials the file was opened with): a thread made from
+/// the one that changed them shares its credentials, an older one never does again.
+pub fn restart() {
+    STALE.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn current() -> Option<&'static Service> {
     *CURRENT.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -131,8 +143,10 @@ fn current() -> Option<&'static Service> {
 fn service() -> Option<&'static Service> {
     let pid = std::process::id();
     let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    let stale = STALE.swap(false, std::sync::atomic::Ordering::SeqCst);
     if let Some(s) = *cur
         && s.pid == pid
+        && !stale
     {
         return Some(s);
     }

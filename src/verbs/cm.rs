@@ -491,7 +491,7 @@ pub struct DeviceInfo {
     pub max_rd_atom: u8,
 }
 
-/// Device contexts across fork.
+/// Device contexts across fork and credential changes.
 ///
 /// The kernel refuses the write(2)-based verbs commands on a device file that another process
 /// opened (`ib_safe_file_access`: the file's credentials must be the caller's, and a forked
@@ -499,7 +499,7 @@ pub struct DeviceInfo {
 /// a forked child on a context its parent opened connects and then fails its first post with
 /// EACCES. librdmacm opens each device once per process image and gives every id that context,
 /// so a child of a process that used RDMA (a forking server's workers) opens its own.
-mod contexts {
+pub mod contexts {
     use std::collections::HashMap;
     use std::io;
     use std::sync::{Mutex, OnceLock};
@@ -511,9 +511,18 @@ mod contexts {
     /// The process that first used librdmacm: its contexts are librdmacm's.
     static FIRST: OnceLock<u32> = OnceLock::new();
 
-    /// This process's own contexts, by device (pointer as an integer), with the process that
-    /// opened them (a context opened before a fork is the parent's).
-    static OWN: Mutex<Option<HashMap<usize, (u32, usize)>>> = Mutex::new(None);
+    /// Bumped when the process's credentials change (see `credentials_changed`).
+    static CREDS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    /// The process's credentials changed: librdmacm's contexts, and ours opened before, are
+    /// refused from now on (see the module documentation); later connections open new ones.
+    pub fn credentials_changed() {
+        CREDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This process's own contexts, by device (pointer as an integer), with the process and
+    /// the credentials generation that opened them (one opened before a fork is the parent's).
+    static OWN: Mutex<Option<HashMap<usize, (u32, u32, usize)>>> = Mutex::new(None);
 
     /// Notes the first process to use librdmacm (every later call is a no-op).
     pub fn first_use() {
@@ -523,22 +532,24 @@ mod contexts {
     /// `ctx` if this process may use it, else this process's own context of its device.
     pub fn usable(ctx: *mut sys::ibv_context) -> io::Result<*mut sys::ibv_context> {
         let pid = std::process::id();
-        if FIRST.get().is_none_or(|&p| p == pid) {
+        let creds = CREDS.load(std::sync::atomic::Ordering::SeqCst);
+        if creds == 0 && FIRST.get().is_none_or(|&p| p == pid) {
             return Ok(ctx);
         }
         // SAFETY: ctx is a live context; its device lives as long as librdmacm's device list.
         let dev = unsafe { (*ctx).device };
         let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
         let own = own.get_or_insert_with(HashMap::new);
-        if let Some(&(p, c)) = own.get(&(dev as usize))
+        if let Some(&(p, g, c)) = own.get(&(dev as usize))
             && p == pid
+            && g == creds
         {
             return Ok(c as *mut sys::ibv_context);
         }
         // SAFETY: dev is a device of librdmacm's list; the context is never closed (it serves
         // every later connection of this process).
         let c = non_null(unsafe { sys::ibv_open_device(dev) })?;
-        own.insert(dev as usize, (pid, c.as_ptr() as usize));
+        own.insert(dev as usize, (pid, creds, c.as_ptr() as usize));
         Ok(c.as_ptr())
     }
 }

@@ -46,6 +46,7 @@ pub mod os;
 pub mod ready;
 
 pub use addr::SockAddr;
+pub use cm::contexts::credentials_changed;
 pub use cm::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, DeviceInfo, EventChannel};
 pub use endpoint::*;
 pub use os::{Waker, poll_fds, raise_sigpipe, run_at_exit, set_nonblocking, ticks, ticks_per_us};
