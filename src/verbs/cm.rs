@@ -520,9 +520,17 @@ pub mod contexts {
         CREDS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// This process's own contexts, by device (pointer as an integer), with the process and
-    /// the credentials generation that opened them (one opened before a fork is the parent's).
-    static OWN: Mutex<Option<HashMap<usize, (u32, u32, usize)>>> = Mutex::new(None);
+    /// An own context (pointer as an integer) with the process and the credentials
+    /// generation that opened it (one opened before a fork is the parent's).
+    #[derive(Clone, Copy)]
+    struct Own {
+        pid: u32,
+        creds: u32,
+        ctx: usize,
+    }
+
+    /// This process's own contexts, by device (pointer as an integer).
+    static OWN: Mutex<Option<HashMap<usize, Own>>> = Mutex::new(None);
 
     /// Notes the first process to use librdmacm (every later call is a no-op).
     pub fn first_use() {
@@ -540,16 +548,23 @@ pub mod contexts {
         let dev = unsafe { (*ctx).device };
         let mut own = OWN.lock().unwrap_or_else(|e| e.into_inner());
         let own = own.get_or_insert_with(HashMap::new);
-        if let Some(&(p, g, c)) = own.get(&(dev as usize))
-            && p == pid
-            && g == creds
+        if let Some(o) = own.get(&(dev as usize))
+            && o.pid == pid
+            && o.creds == creds
         {
-            return Ok(c as *mut sys::ibv_context);
+            return Ok(o.ctx as *mut sys::ibv_context);
         }
         // SAFETY: dev is a device of librdmacm's list; the context is never closed (it serves
         // every later connection of this process).
         let c = non_null(unsafe { sys::ibv_open_device(dev) })?;
-        own.insert(dev as usize, (pid, creds, c.as_ptr() as usize));
+        own.insert(
+            dev as usize,
+            Own {
+                pid,
+                creds,
+                ctx: c.as_ptr() as usize,
+            },
+        );
         Ok(c.as_ptr())
     }
 }
