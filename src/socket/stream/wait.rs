@@ -134,18 +134,9 @@ impl StreamSocket {
                 self.waker.reset();
             }
             self.notify();
-        } else {
-            if cm && matches!(g.state, State::Idle { .. } | State::Failed) {
-                // Stray CM events (after a failed connect) would keep the channel readable.
-                while self.channel.get_event().is_ok() {}
-            }
-            // A listener or a connect in progress: the service thread passed on a CM event it
-            // took (see `watch_job`). rpoll has what it needs in the state now; the wake-up is
-            // used up, or it stays readable and rpoll spins on it (an acceptor thread spinning
-            // in rpoll took a whole CPU from the preloaded server next to it).
-            if !flusher && !sleeping && ready.contains(&self.waker.fd()) {
-                self.waker.reset();
-            }
+        } else if cm && matches!(g.state, State::Idle { .. } | State::Failed) {
+            // Stray CM events (after a failed connect) would keep the channel readable.
+            while self.channel.get_event().is_ok() {}
         }
         drop(g);
         if pass_on {
