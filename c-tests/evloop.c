@@ -523,6 +523,22 @@ static struct conn *new_conn(int fd, int cloexec)
 	return c;
 }
 
+/* A client's socket, bound to -b's address if given, non-blocking. */
+static int client_socket(const char *bind_ip, int cloexec)
+{
+	int fd = s_socket(AF_INET, SOCK_STREAM | (cloexec ? SOCK_CLOEXEC : 0), 0);
+	if (fd < 0)
+		die("rsocket");
+	if (bind_ip) {
+		struct sockaddr_in b = { .sin_family = AF_INET };
+		inet_pton(AF_INET, bind_ip, &b.sin_addr);
+		if (s_bind(fd, (struct sockaddr *)&b, sizeof(b)))
+			die("rbind");
+	}
+	set_nonblock(fd);
+	return fd;
+}
+
 /* -F: half the connections are close-on-exec (mixed with the epoll kinds and copy variants). */
 static int cloexec_for(int idx)
 {
@@ -1157,16 +1173,7 @@ int main(int argc, char **argv)
 		peer = a;
 		for (int i = 0; i < nconn; i++) {
 			int cx = cloexec_for(next_idx);
-			int fd = s_socket(AF_INET, SOCK_STREAM | (cx ? SOCK_CLOEXEC : 0), 0);
-			if (fd < 0)
-				die("rsocket");
-			if (bind_ip) {
-				struct sockaddr_in b = { .sin_family = AF_INET };
-				inet_pton(AF_INET, bind_ip, &b.sin_addr);
-				if (s_bind(fd, (struct sockaddr *)&b, sizeof(b)))
-					die("rbind");
-			}
-			set_nonblock(fd);
+			int fd = client_socket(bind_ip, cx);
 			struct conn *c = new_conn(fd, cx);
 			c->seed = rnd();
 			c->total = xmode ? 0 : 20000 + rnd() % 300000;
@@ -1182,16 +1189,7 @@ int main(int argc, char **argv)
 			     tries++) {
 				s_close(fd);
 				usleep(100000);
-				fd = s_socket(AF_INET, SOCK_STREAM | (cx ? SOCK_CLOEXEC : 0), 0);
-				if (fd < 0)
-					die("rsocket");
-				if (bind_ip) {
-					struct sockaddr_in b = { .sin_family = AF_INET };
-					inet_pton(AF_INET, bind_ip, &b.sin_addr);
-					if (s_bind(fd, (struct sockaddr *)&b, sizeof(b)))
-						die("rbind");
-				}
-				set_nonblock(fd);
+				fd = client_socket(bind_ip, cx);
 				c->fd = c->wfd = fd;
 			}
 			if (r) {
