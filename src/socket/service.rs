@@ -143,7 +143,9 @@ fn current() -> Option<&'static Service> {
 fn service() -> Option<&'static Service> {
     let pid = std::process::id();
     let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-    let stale = STALE.swap(false, std::sync::atomic::Ordering::SeqCst);
+    // Read first: every job added comes here, and a restart is rare.
+    let stale = STALE.load(std::sync::atomic::Ordering::Relaxed)
+        && STALE.swap(false, std::sync::atomic::Ordering::SeqCst);
     if let Some(s) = *cur
         && s.pid == pid
         && !stale

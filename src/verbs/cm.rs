@@ -345,9 +345,10 @@ impl CmId {
     }
 
     /// The id's device context, made one this process may create verbs objects on: in a
-    /// forked child, librdmacm hands out the contexts its parent opened, whose commands the
-    /// kernel refuses here (see `contexts`); the id then takes this process's own context of
-    /// the same device, on which librdmacm creates and moves its QP as on its own.
+    /// forked child, or after the process's credentials changed, librdmacm hands out contexts
+    /// opened under other credentials, whose commands the kernel refuses (see `contexts`); the
+    /// id then takes this process's own context of the same device, on which librdmacm
+    /// creates and moves its QP as on its own.
     fn context(&mut self) -> io::Result<*mut sys::ibv_context> {
         let ctx = self.raw().verbs;
         if ctx.is_null() {
@@ -493,12 +494,13 @@ pub struct DeviceInfo {
 
 /// Device contexts across fork and credential changes.
 ///
-/// The kernel refuses the write(2)-based verbs commands on a device file that another process
-/// opened (`ib_safe_file_access`: the file's credentials must be the caller's, and a forked
-/// child has its own). Soft-RoCE and Soft-iWARP ring their doorbell that way, so a QP made in
-/// a forked child on a context its parent opened connects and then fails its first post with
-/// EACCES. librdmacm opens each device once per process image and gives every id that context,
-/// so a child of a process that used RDMA (a forking server's workers) opens its own.
+/// The kernel refuses the write(2)-based verbs commands on a device file opened under other
+/// credentials than the caller's (`ib_safe_file_access`): a forked child has its own, and so
+/// has every thread after setuid, setgid and the like. Soft-RoCE and Soft-iWARP ring their
+/// doorbell that way, so a QP made on such a context connects and then fails its first post
+/// with EACCES. librdmacm opens each device once per process image and gives every id that
+/// context, so a child of a process that used RDMA (a forking server's workers), or a process
+/// whose credentials changed, opens its own.
 pub mod contexts {
     use std::collections::HashMap;
     use std::io;
