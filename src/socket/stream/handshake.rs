@@ -246,6 +246,11 @@ impl StreamSocket {
     pub fn accept(&self) -> Result<Arc<StreamSocket>> {
         let _call = self.call();
         loop {
+            // A wake-up the service thread passed on (it took a request off the channel) is
+            // used up by this look at the queue; left set, it would keep every later rpoll on
+            // the listener awake with nothing to take. Cleared before the look, so one that
+            // comes after it stays.
+            self.waker.reset();
             let mut g = self.lock();
             if !matches!(g.state, State::Listening { .. }) {
                 return Err(Error::InvalidArgument);
@@ -263,7 +268,6 @@ impl StreamSocket {
                 }
                 // The waker too: the service thread may take the request and pass it on.
                 wait_readable(&[self.channel.fd(), self.waker.fd()], None)?;
-                self.waker.reset();
                 continue;
             };
             let private = ev.private_data();
@@ -462,6 +466,11 @@ impl StreamSocket {
                     g.state = State::Failed;
                 }
             }
+            // The watch job sleeps on what the old state could bring (the CM channel only),
+            // and this call, not the service thread, may be the one that took the event: it is
+            // told, or a connection set up by the application's own call (rpoll, a connect)
+            // would go unwatched and its descriptor never show what arrives.
+            self.start_watch();
         }
     }
 }
