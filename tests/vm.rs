@@ -12,7 +12,7 @@ use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rsocket::Error;
 use rsocket::net::{RdmaListener, RdmaStream};
@@ -370,6 +370,18 @@ fn descriptor_shows_readiness() {
     assert_eq!(r, IN, "a pending connection");
     let s = l.accept().expect("accept");
     assert_eq!(kpoll(l.fd(), IN, 0), 0, "nothing pending after accept");
+    // What rpoll on the listener would sleep on is quiet too: a wake-up the service thread
+    // passed on for the request the accept took is used up (left set, every rpoll on the
+    // listener returned at once and a thread accepting in an rpoll loop spun).
+    let ps = l.poll_state(Some(IN)).expect("listener poll state");
+    assert_eq!(ps.revents, 0);
+    for &fd in &ps.wait_fds[..ps.n_wait] {
+        assert_eq!(
+            kpoll(fd, IN, 0),
+            0,
+            "listener wait descriptor {fd} after accept"
+        );
+    }
     assert_eq!(
         kpoll(s.fd(), OUT, 20_000) & OUT,
         OUT,
@@ -401,6 +413,86 @@ fn descriptor_shows_readiness() {
         assert_eq!(kpoll(c.fd(), OUT, 0) & libc::POLLERR, 0, "SO_ERROR read");
     }
     close(c);
+}
+
+/// The environment variable that makes this test binary the delayed sender of
+/// [`connect_completed_by_a_call_is_watched`]: `PORT`.
+const DELAYED_SENDER_ENV: &str = "RSOCKET_TEST_DELAYED_SENDER";
+/// Connections of [`connect_completed_by_a_call_is_watched`].
+const DELAYED_ROUNDS: usize = 12;
+
+/// The delayed sender (a child process): accepts [`DELAYED_ROUNDS`] connections on `port`;
+/// on each, waits a moment, sends a pattern and waits for the client to close. Prints READY
+/// once listening.
+fn run_delayed_sender(port: u16) -> ! {
+    let l = listener(port);
+    println!("READY");
+    std::io::Write::flush(&mut std::io::stdout()).unwrap();
+    for i in 0..DELAYED_ROUNDS {
+        let s = l.accept().expect("accept");
+        thread::sleep(Duration::from_millis(30));
+        send_all(&s, &pattern(100 + i, i as u8));
+        let mut b = [0u8; 1];
+        let _ = s.recv(&mut b, 0);
+        s.close().expect("close accepted");
+    }
+    close(l);
+    std::process::exit(0)
+}
+
+/// A non-blocking connect that the application itself completes (it polls the socket's state
+/// at once, as rpoll does, so its call rather than the service thread may take the CM event),
+/// then sleeps in poll(2) on the descriptor for data the peer (another process: nothing else
+/// wakes this process's service thread) sends a moment later: the descriptor must show it.
+/// The service thread used to stay asleep on the CM channel alone when the call took the
+/// event, and the sleeper waited for ever (redis-benchmark under the preload). A race, so it
+/// runs several times.
+fn connect_completed_by_a_call_is_watched() {
+    use std::io::BufRead;
+    let port = next_port();
+    let mut peer = Command::new(std::env::current_exe().expect("test binary"))
+        .env(DELAYED_SENDER_ENV, port.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("peer process");
+    let mut line = String::new();
+    std::io::BufReader::new(peer.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .expect("peer's READY");
+    assert_eq!(line.trim(), "READY", "peer: {line:?}");
+    for i in 0..DELAYED_ROUNDS {
+        let c = new_socket();
+        c.set_options(|o| o.nonblocking = true);
+        c.bind(&addr(client_ip(), 0).into()).unwrap();
+        match c.connect(&addr(server_ip(), port).into()) {
+            Err(Error::InProgress) | Ok(()) => {}
+            other => panic!("non-blocking connect: {other:?}"),
+        }
+        let end = Instant::now() + Duration::from_secs(20);
+        while c
+            .poll_state(Some(libc::POLLOUT))
+            .expect("poll state")
+            .revents
+            & libc::POLLOUT
+            == 0
+        {
+            assert!(Instant::now() < end, "round {i}: connect never completed");
+        }
+        assert_eq!(c.take_error(), 0);
+        let r = kpoll(c.fd(), libc::POLLIN, 10_000);
+        if r & libc::POLLIN == 0 {
+            let _ = peer.kill();
+            panic!("round {i}: the data never showed on the descriptor");
+        }
+        c.set_options(|o| o.nonblocking = false);
+        assert_eq!(
+            recv_exact(&c, 100 + i),
+            pattern(100 + i, i as u8),
+            "round {i}"
+        );
+        close(c);
+    }
+    assert!(peer.wait().expect("peer").success(), "peer failed");
 }
 
 /// Reads into `buf` once the descriptor says so (tokio's AsyncFd: edge-triggered epoll on the
@@ -1258,6 +1350,10 @@ const TESTS: &[Test] = &[
     ),
     ("refused_connect", refused_connect),
     ("descriptor_shows_readiness", descriptor_shows_readiness),
+    (
+        "connect_completed_by_a_call_is_watched",
+        connect_completed_by_a_call_is_watched,
+    ),
     ("async_echo_over_the_safe_api", async_echo_over_the_safe_api),
     ("half_close", half_close),
     ("nonblocking_and_peek", nonblocking_and_peek),
@@ -1352,6 +1448,9 @@ fn rdma_devices() -> Vec<String> {
 fn main() -> ExitCode {
     if let Ok(port) = std::env::var(death::PEER_ENV) {
         death::run_peer(port.parse().expect("a port"));
+    }
+    if let Ok(port) = std::env::var(DELAYED_SENDER_ENV) {
+        run_delayed_sender(port.parse().expect("a port"));
     }
     if let Ok(port) = std::env::var(death::EXITING_PEER_ENV) {
         death::run_exiting_peer(port.parse().expect("a port"));

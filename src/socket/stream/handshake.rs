@@ -211,8 +211,10 @@ impl StreamSocket {
     /// it was opened (EACCES after setuid or setgid, even to the same ids, as a server's worker
     /// does after fork), and a listener that can take no request would only leave its clients
     /// waiting. The application can listen again.
-    pub(super) fn collect_requests(&self, g: &mut Inner) {
+    /// Returns how many requests it moved.
+    pub(super) fn collect_requests(&self, g: &mut Inner) -> usize {
         let mut failed = None;
+        let mut moved = 0;
         if let State::Listening { pending, .. } = &mut g.state {
             loop {
                 let ev = match self.channel.get_event() {
@@ -233,6 +235,7 @@ impl StreamSocket {
                 );
                 if ev.kind() == CmEventKind::ConnectRequest {
                     pending.push_back(ev);
+                    moved += 1;
                 }
             }
         }
@@ -240,6 +243,7 @@ impl StreamSocket {
             g.so_error = e;
             g.state = State::Failed;
         }
+        moved
     }
 
     /// Accepts one connection (blocking unless non-blocking).

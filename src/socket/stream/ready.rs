@@ -228,16 +228,26 @@ impl StreamSocket {
             self.advance_connect(&mut g);
         }
         let mut progressed = false;
+        let mut requests = 0;
         match &mut g.state {
-            State::Listening { .. } => self.collect_requests(&mut g),
+            State::Listening { .. } => requests = self.collect_requests(&mut g),
             State::Connected(c) => {
                 progressed = self.drive(c).unwrap_or(false);
             }
             _ => {}
         }
+        // A listener's sleepers (accept, rpoll) wait for requests only. They are woken before
+        // the descriptor shows the request, so that an accept woken by the descriptor uses up
+        // this wake-up too; a wake-up for anything else, or one left behind, would keep every
+        // later rpoll on the listener from sleeping.
+        let listening = matches!(g.state, State::Listening { .. });
+        if listening && requests > 0 {
+            self.notify();
+            self.waker.wake();
+        }
         self.show(&mut g);
         let after = g.ready.as_ref().map_or(0, |r| r.shown());
-        if inside || (connecting && after != before) {
+        if !listening && (inside || (connecting && after != before)) {
             // The application sleeps in a call, or maybe in rpoll on the CM channel: what was
             // taken here is its to see.
             self.notify();
