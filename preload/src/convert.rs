@@ -686,9 +686,12 @@ fn acceptor() {
 /// kernel TCP clients only (RDMA clients are refused at once and continue over TCP).
 /// Connections made before stay broken: a server changes its credentials before it serves.
 ///
-/// Listening again over RDMA from a thread with the new credentials works for most
-/// connections, but was not reliable yet (a worker's client now and then got an empty reply):
-/// that is left for later, so a worker that drops privileges serves over the kernel.
+/// Listening again over RDMA from a new acceptor thread started by the thread that changed
+/// them (threads made after the change share its credentials) works, but serves few clients:
+/// the workers share the kernel listener, nginx waits on it with EPOLLEXCLUSIVE, and the kernel
+/// wakes the same worker (the first waiter) every time, so the other worker's tokens went back
+/// and forth until dropped and its clients got empty replies. Until tokens can reach the
+/// owner's own accept, a worker that drops privileges serves over the kernel.
 pub fn credentials_changed() {
     rs_core::socket::credentials_changed();
     let (old, pending) = listeners(|l| {
@@ -956,19 +959,54 @@ fn is_token(peer: &Addr, id: u32, k: RawFd) -> bool {
         return true;
     }
     // From the listener's own address but not one of our tokens: another process's token
-    // shows its tag at once (it is written right after the connect); a local client doesn't.
-    let mut tag = [0u8; TOKEN_LEN];
-    // SAFETY: peeks into our buffer.
-    let n = unsafe {
-        real::recv(
-            k,
-            tag.as_mut_ptr() as *mut _,
-            TOKEN_LEN,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == TOKEN_LEN as isize && tag[..8] == TOKEN_MAGIC
+    // shows its tag right after the connect (one send), a local client whatever it sends. What
+    // has come so far is looked at; while it is a beginning of the tag, more is waited for (a
+    // token accepted before its tag arrived must not be served as a client), at most
+    // TAG_WAIT_MS (a local client that sends nothing first, or a few bytes that happen to
+    // match, waits that long once).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(TAG_WAIT_MS);
+    loop {
+        let mut tag = [0u8; TOKEN_LEN];
+        // SAFETY: peeks into our buffer.
+        let n = unsafe {
+            real::recv(
+                k,
+                tag.as_mut_ptr() as *mut _,
+                TOKEN_LEN,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n == 0 {
+            return false; // closed before anything came: nobody's token
+        }
+        if n > 0 {
+            let m = (n as usize).min(TOKEN_MAGIC.len());
+            if tag[..m] != TOKEN_MAGIC[..m] {
+                return false;
+            }
+            if n as usize == TOKEN_LEN {
+                return true;
+            }
+        } else if !matches!(errno(), libc::EAGAIN | libc::EINTR) {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut p = libc::pollfd {
+            fd: k,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd. A short sleep when data is there but not all of it yet.
+        unsafe { libc::poll(&mut p, 1, (left.as_millis() as c_int).clamp(1, 5)) };
+    }
 }
+
+/// How long an accepted connection from the listener's own address may take to show whether
+/// it is another process's token.
+const TAG_WAIT_MS: u64 = 200;
 
 /// accept4(2) on a listener.
 ///
