@@ -158,14 +158,14 @@ fetch() { # fetch PREFIX PORT: six fetches, every one checked
 export -f fetch; export www S RS_CLIENT
 nginx_conf $((PORT + 1)) 1
 app "nginx, one process, sendfile, preloaded curl" 1000 "$RUN nginx -c $www/nginx.conf" "fetch $RUN @PORT@"
-# Two workers (master process on): the RDMA listener is handed to the first worker at fork,
-# but a worker drops its privileges (setgid, setuid), after which the kernel refuses every
-# RDMA file opened before, so its listeners serve over the kernel (issue 17, open): RDMA
-# connects are refused at once and continue over TCP. What this checks is that every byte
-# still arrives, quickly (the connect bound is 10 s: twelve fallbacks at the bound would
-# exceed the client's time).
+# Two workers (master process on): the RDMA listener is handed to the first worker at fork.
+# A worker drops its privileges (setgid, setgroups, setuid), after which the kernel refuses
+# every RDMA file opened before, and every one opened by a thread older than the change: the
+# worker listens again over RDMA from a new acceptor thread. Its tokens take its private
+# route (nginx waits with EPOLLEXCLUSIVE on the listener both workers share, and the kernel
+# wakes one of them, not necessarily the owner). RDMA must carry the files.
 nginx_conf $((PORT + 1)) 2
-app "nginx, 2 workers, sendfile, preloaded curl (data only)" -1 "$RUN nginx -c $www/nginx.conf" "fetch $RUN @PORT@"
+app "nginx, 2 workers, sendfile, preloaded curl" 1000 "$RUN nginx -c $www/nginx.conf" "fetch $RUN @PORT@"
 # Plain clients reach preloaded servers (over the kernel), preloaded clients plain servers.
 nginx_conf $((PORT + 1)) 2
 app "plain curl -> preloaded nginx" 0 "$RUN nginx -c $www/nginx.conf" "fetch '' @PORT@"

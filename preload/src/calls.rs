@@ -249,6 +249,33 @@ pub extern "C" fn close(fd: c_int) -> c_int {
     })
 }
 
+/// epoll_ctl(2): passed on; for a listener, mirrored on its private token route in this
+/// process (see `convert::epoll_mirror`).
+///
+/// # Safety
+/// `ev` as epoll_ctl(2) takes it.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    ev: *mut libc::epoll_event,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: C contract.
+        let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
+        if r == 0
+            && let Slot::Listener { id } = table::slot(fd)
+        {
+            let e = errno();
+            // SAFETY: C contract (ev valid for ADD and MOD).
+            unsafe { convert::epoll_mirror(epfd, op, id, ev) };
+            set_errno(e);
+        }
+        r
+    })
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn dup(fd: c_int) -> c_int {
     guard!(-1, {

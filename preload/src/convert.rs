@@ -18,12 +18,22 @@
 //! number). A token another process accepted (children of a forking server share the kernel
 //! listener) is closed there, and the owner makes a new one.
 //!
+//! **Private routes.** A listener the application puts in an epoll set gets a loopback
+//! listener of this process alone in the same set, with the same events and data
+//! ([`epoll_mirror`]), and tokens go there: a forking server's workers share the kernel
+//! listener and the kernel wakes one of them (EPOLLEXCLUSIVE), not necessarily the owner of the
+//! RDMA connection. accept() looks at the route first. A token not taken there within
+//! [`ROUTE_WAIT`] goes to the kernel listener.
+//!
 //! **Fork.** RDMA resources cannot be shared: an rsocket made before fork stays with the
 //! parent, and in the child every call on it fails with ENOTCONN (closing it there only closes
 //! the child's descriptor). A listener whose RDMA side never accepted anything before the fork
 //! (a master that forks its workers) hands the RDMA side to the first child: the parent drops
 //! it, the child listens again on the same port. A child that inherits an active listener
 //! serves its plain TCP clients only.
+//!
+//! **Credentials.** After setuid and the like, the RDMA side listens again from a new
+//! acceptor thread (see [`credentials_changed`]).
 
 use std::collections::HashMap;
 use std::os::fd::RawFd;
@@ -400,6 +410,24 @@ struct Listener {
 /// A listener whose RDMA side failed this many times serves kernel TCP clients only.
 const LISTEN_FAILURES: u32 = 3;
 
+/// A listener's private token route: a loopback listener of this process alone, in every
+/// epoll set of this process that the application put the listener in, with the same events
+/// and data. Tokens go there rather than to the kernel listener, which other processes (a
+/// forking server's workers) share: the kernel wakes only one of the workers waiting on it
+/// (EPOLLEXCLUSIVE, as nginx waits), often the same one, which could not take another's
+/// tokens; the route wakes the owner's epoll as if its listener were readable, and its accept
+/// looks there first.
+struct Route {
+    fd: RawFd,
+    port: u16,
+    /// The epoll sets it is in.
+    epfds: Vec<RawFd>,
+}
+
+/// A token routed privately that the application did not take within this long goes to the
+/// kernel listener instead (an epoll set closed without a word, say).
+const ROUTE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An accepted RDMA connection waiting for the application's accept.
 struct Pending {
     listener: u32,
@@ -410,6 +438,11 @@ struct Pending {
     /// The token's source port.
     port: u16,
     tries: u32,
+    /// When the token was sent over the listener's private route (None: over the kernel
+    /// listener, or not sent yet).
+    routed: Option<std::time::Instant>,
+    /// Never route it privately again (it waited there too long).
+    shared_only: bool,
 }
 
 #[derive(Default)]
@@ -422,8 +455,13 @@ struct Listeners {
     wake: RawFd,
     /// The process that runs the acceptor.
     acceptor_pid: u32,
+    /// Bumped when a new acceptor replaces the running one (after a credential change): an
+    /// acceptor whose generation is not this one's ends.
+    acceptor_gen: u64,
     /// Listeners the parent handed over at fork (the child listens on them again).
     to_claim: Vec<u32>,
+    /// Private token routes of this process's listeners (see [`epoll_mirror`]).
+    routes: HashMap<u32, Route>,
 }
 
 static LISTENERS: SpinLock<Option<Listeners>> = SpinLock::new(None);
@@ -574,21 +612,32 @@ fn ensure_acceptor() {
     let pid = std::process::id();
     let start = listeners(|l| {
         if l.acceptor_pid == pid && l.wake >= 0 {
-            return false;
+            return None;
         }
         // SAFETY: eventfd has no memory arguments.
         l.wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         l.acceptor_pid = pid;
-        true
+        l.acceptor_gen += 1;
+        Some(l.acceptor_gen)
     });
-    if start {
-        let _ = std::thread::Builder::new()
-            .name("rspreload-accept".into())
-            .spawn(acceptor);
-    } else {
-        wake_acceptor();
+    match start {
+        Some(generation) => {
+            let h = std::thread::Builder::new()
+                .name("rspreload-accept".into())
+                .spawn(move || acceptor(generation));
+            if let Some(old) = ACCEPTOR.lock().replace((pid, h.ok())) {
+                // A forked parent's thread: not ours to join or detach.
+                std::mem::forget(old);
+            }
+        }
+        None => wake_acceptor(),
     }
 }
+
+/// The running acceptor thread and the process it runs in (joined when a new one replaces
+/// it; a forked child's copy names a thread of its parent).
+type AcceptorThread = (u32, Option<std::thread::JoinHandle<()>>);
+static ACCEPTOR: SpinLock<Option<AcceptorThread>> = SpinLock::new(None);
 
 fn wake_acceptor() {
     let w = listeners(|l| l.wake);
@@ -600,10 +649,12 @@ fn wake_acceptor() {
 }
 
 /// The acceptor thread: accepts RDMA connections, makes their tokens, renews consumed ones.
-fn acceptor() {
+fn acceptor(generation: u64) {
     let pid = std::process::id();
     let mut claim_deadline: Option<std::time::Instant> = None;
+    let replaced = || listeners(|l| l.acceptor_pid != pid || l.acceptor_gen != generation);
     loop {
+        let routed = reroute_stale_tokens();
         let (wake, mut fds, to_claim) = listeners(|l| {
             let mut v = Vec::new();
             for (&id, li) in &l.by_id {
@@ -632,8 +683,10 @@ fn acceptor() {
             }
             (l.wake, v, !l.to_claim.is_empty())
         });
-        if listeners(|l| l.acceptor_pid) != pid {
-            return; // a forked child's copy of the state: its own acceptor runs there
+        if replaced() {
+            // A forked child's copy of the state (its own acceptor runs there), or a new
+            // acceptor took over after a credential change.
+            return;
         }
         if to_claim {
             let deadline = *claim_deadline.get_or_insert_with(|| {
@@ -649,9 +702,19 @@ fn acceptor() {
             revents: 0,
         }];
         pfds.extend(fds.iter().map(|f| f.0));
-        let timeout = if to_claim { 20 } else { 1000 };
+        let timeout = if to_claim {
+            20
+        } else if routed {
+            250
+        } else {
+            1000
+        };
         // SAFETY: pfds is a valid array of pfds.len() pollfds.
         let n = unsafe { rs::rpoll(pfds.as_mut_ptr(), pfds.len() as _, timeout) };
+        if replaced() {
+            // What it polled may be the new acceptor's by now (numbers are reused).
+            return;
+        }
         if n <= 0 {
             continue;
         }
@@ -680,39 +743,97 @@ fn acceptor() {
     }
 }
 
+/// Tokens that waited at a private route longer than [`ROUTE_WAIT`] go to the kernel listener
+/// instead. Returns whether privately routed tokens still wait (to be looked at again soon).
+fn reroute_stale_tokens() -> bool {
+    let (stale, waiting) = listeners(|l| {
+        let mut stale = Vec::new();
+        let mut waiting = false;
+        for (&t, p) in l.pending.iter_mut() {
+            let Some(t0) = p.routed.filter(|_| p.conn.is_some()) else {
+                continue;
+            };
+            if t0.elapsed() < ROUTE_WAIT {
+                waiting = true;
+                continue;
+            }
+            p.routed = None;
+            p.shared_only = true;
+            stale.push((t, std::mem::replace(&mut p.token, -1)));
+        }
+        (stale, waiting)
+    });
+    for (t, k) in stale {
+        trace!("token {t}: not taken at the private route, sent to the kernel listener");
+        if k >= 0 {
+            // SAFETY: our own token descriptor.
+            unsafe { real::close(k) };
+        }
+        issue_token(t);
+    }
+    waiting
+}
+
 /// The process's credentials changed (setuid and the like, as a server's worker does after
 /// fork, nginx's among them). Every RDMA file opened before is refused from now on, in every
-/// thread (see `listen_again`): the RDMA side of each listener closes, and the listeners serve
-/// kernel TCP clients only (RDMA clients are refused at once and continue over TCP).
-/// Connections made before stay broken: a server changes its credentials before it serves.
-///
-/// Listening again over RDMA from a new acceptor thread started by the thread that changed
-/// them (threads made after the change share its credentials) works, but serves few clients:
-/// the workers share the kernel listener, nginx waits on it with EPOLLEXCLUSIVE, and the kernel
-/// wakes the same worker (the first waiter) every time, so the other worker's tokens went back
-/// and forth until dropped and its clients got empty replies. Until tokens can reach the
-/// owner's own accept, a worker that drops privileges serves over the kernel.
+/// thread (see `listen_again`), and so is every file opened by a thread that existed before
+/// the change (each thread got credentials of its own). So the listeners' RDMA sides and
+/// pending connections go, the acceptor is replaced by a new one started from this thread
+/// (threads made from it share its credentials, as does the library's new service thread),
+/// and that one listens again over RDMA (`claim`). Connections made before stay broken: a
+/// server changes its credentials before it serves.
 pub fn credentials_changed() {
     rs_core::socket::credentials_changed();
-    let (old, pending) = listeners(|l| {
+    let (old, pending, old_wake) = listeners(|l| {
         let mut old = Vec::new();
         for (&id, li) in l.by_id.iter_mut() {
+            let had = li.rs.is_some() || l.to_claim.contains(&id);
             if let Some(r) = li.rs.take() {
                 old.push(r);
             }
-            li.failures = LISTEN_FAILURES;
-            l.to_claim.retain(|&x| x != id);
+            if had && li.failures < LISTEN_FAILURES {
+                li.failures = 0;
+                if !l.to_claim.contains(&id) {
+                    l.to_claim.push(id);
+                }
+            }
         }
         let pending: Vec<u32> = l.pending.keys().copied().collect();
-        (old, pending)
+        // The running acceptor ends (its generation is no longer current).
+        let w = std::mem::replace(&mut l.wake, -1);
+        l.acceptor_gen += 1;
+        (old, pending, w)
     });
+    if old_wake >= 0 {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a local to the old acceptor's eventfd.
+        unsafe { real::write(old_wake, &one as *const u64 as *const _, 8) };
+    }
+    let previous = ACCEPTOR.lock().take();
+    match previous {
+        Some((pid, Some(h)))
+            if pid == std::process::id() && h.thread().id() != std::thread::current().id() =>
+        {
+            // Before anything it polled closes (numbers are reused), and before the new one
+            // starts: one acceptor at a time.
+            let _ = h.join();
+        }
+        other => std::mem::forget(other),
+    }
+    if old_wake >= 0 {
+        // SAFETY: the old acceptor's eventfd; that thread has ended.
+        unsafe { real::close(old_wake) };
+    }
     for t in pending {
         drop_pending(t);
     }
     for r in old {
         rs::rclose(r);
     }
-    trace!("credentials changed: the listeners serve kernel TCP clients only");
+    if listeners(|l| !l.to_claim.is_empty()) {
+        ensure_acceptor();
+        trace!("credentials changed: listening again over RDMA from a new acceptor");
+    }
 }
 
 /// The RDMA side of listener `id` failed (rsocket `r`): it listens again, at most
@@ -767,6 +888,8 @@ fn accept_rdma(id: u32, r: RawFd) {
                     token: -1,
                     port: 0,
                     tries: 0,
+                    routed: None,
+                    shared_only: false,
                 },
             );
             t
@@ -777,9 +900,14 @@ fn accept_rdma(id: u32, r: RawFd) {
 
 /// Makes (again) the token of pending connection `t`; drops the connection if it cannot.
 fn issue_token(t: u32) {
-    let Some((target, tries)) = listeners(|l| {
+    let Some((target, tries, private)) = listeners(|l| {
         let p = l.pending.get(&t)?;
-        Some((l.by_id.get(&p.listener)?.target, p.tries))
+        let private = l
+            .routes
+            .get(&p.listener)
+            .filter(|r| !r.epfds.is_empty() && !p.shared_only)
+            .map(|r| Addr::v4([127, 0, 0, 1], r.port));
+        Some((l.by_id.get(&p.listener)?.target, p.tries, private))
     }) else {
         drop_pending(t);
         return;
@@ -789,12 +917,13 @@ fn issue_token(t: u32) {
         drop_pending(t);
         return;
     }
-    match connect_token(&target, t) {
+    match connect_token(private.as_ref().unwrap_or(&target), t) {
         Ok((k, port)) => listeners(|l| {
             if let Some(p) = l.pending.get_mut(&t) {
                 p.token = k;
                 p.port = port;
                 p.tries += 1;
+                p.routed = private.map(|_| std::time::Instant::now());
             }
         }),
         Err(e) => {
@@ -1019,6 +1148,13 @@ pub unsafe fn accept(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
+    // This process's own tokens first (its private route), then the kernel listener.
+    while let Some(k) = accept_routed(id) {
+        // SAFETY: C contract of accept.
+        if let Some(r) = unsafe { take_token(k, id, addr, len, flags) } {
+            return r;
+        }
+    }
     loop {
         let mut peer = Addr::empty();
         // SAFETY: our storage and its length.
@@ -1032,47 +1168,154 @@ pub unsafe fn accept(
             unsafe { peer.copy_out(addr, len) };
             return k;
         }
-        let claimed = read_tag(k).and_then(|(pid, t)| {
-            if pid != std::process::id() {
-                return None;
+        // SAFETY: C contract of accept.
+        if let Some(r) = unsafe { take_token(k, id, addr, len, flags) } {
+            return r;
+        }
+    }
+}
+
+/// A token waiting at listener `id`'s private route, accepted (None: none waits).
+fn accept_routed(id: u32) -> Option<RawFd> {
+    let route = listeners(|l| l.routes.get(&id).map(|r| r.fd))?;
+    // SAFETY: no address wanted; the route is non-blocking.
+    let k = unsafe {
+        real::accept4(
+            route,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    (k >= 0).then_some(k)
+}
+
+/// Puts the RDMA connection of token `k` (accepted at listener `id`) in the token's place and
+/// returns accept's result; None when it is not one of this process's pending tokens (then
+/// closed: its owner makes a new one).
+///
+/// # Safety
+/// `addr`/`len` as accept4(2) takes them.
+unsafe fn take_token(
+    k: RawFd,
+    id: u32,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> Option<c_int> {
+    let claimed = read_tag(k).and_then(|(pid, t)| {
+        if pid != std::process::id() {
+            return None;
+        }
+        listeners(|l| {
+            let p = l.pending.get_mut(&t)?;
+            let c = p.conn.take()?;
+            if let Some(li) = l.by_id.get_mut(&id) {
+                li.accepted += 1;
             }
-            listeners(|l| {
-                let p = l.pending.get_mut(&t)?;
-                let c = p.conn.take()?;
-                if let Some(li) = l.by_id.get_mut(&id) {
-                    li.accepted += 1;
-                }
-                Some((
-                    c,
-                    l.by_id
-                        .get(&p.listener)
-                        .map_or(libc::AF_INET, |li| li.domain),
-                ))
-            })
-        });
-        let Some((c, domain)) = claimed else {
-            // Someone else's token (or a stale one): its owner makes a new one.
-            // SAFETY: the descriptor accept just gave us.
+            Some((
+                c,
+                l.by_id
+                    .get(&p.listener)
+                    .map_or(libc::AF_INET, |li| li.domain),
+            ))
+        })
+    });
+    let Some((c, domain)) = claimed else {
+        // Someone else's token (or a stale one): its owner makes a new one.
+        // SAFETY: the descriptor accept just gave us.
+        unsafe { real::close(k) };
+        return None;
+    };
+    let nonblocking = flags & libc::SOCK_NONBLOCK != 0;
+    let cloexec = flags & libc::SOCK_CLOEXEC != 0;
+    match adopt(k, c, domain, nonblocking, cloexec) {
+        Ok(()) => {
+            if !addr.is_null() && !len.is_null() {
+                // SAFETY: C contract of accept.
+                unsafe { rs::rgetpeername(c, addr, len) };
+            }
+            trace!("fd {k}: accepted over RDMA (rsocket {c})");
+            Some(k)
+        }
+        Err(e) => {
+            // SAFETY: the token's descriptor; the connection is gone.
             unsafe { real::close(k) };
-            continue;
+            set_errno(e);
+            Some(-1)
+        }
+    }
+}
+
+/// The application changed listener `id`'s registration in epoll set `epfd` (`op`, with
+/// `ev`): the listener's private token route follows (made at the first registration).
+/// Failures leave the tokens on the kernel listener, as without a route.
+///
+/// # Safety
+/// `ev` is valid for EPOLL_CTL_ADD and EPOLL_CTL_MOD.
+pub unsafe fn epoll_mirror(epfd: RawFd, op: c_int, id: u32, ev: *mut libc::epoll_event) {
+    if op == libc::EPOLL_CTL_ADD && listeners(|l| !l.routes.contains_key(&id)) {
+        let Some((fd, port)) = new_route() else {
+            return;
         };
-        let nonblocking = flags & libc::SOCK_NONBLOCK != 0;
-        let cloexec = flags & libc::SOCK_CLOEXEC != 0;
-        match adopt(k, c, domain, nonblocking, cloexec) {
-            Ok(()) => {
-                if !addr.is_null() && !len.is_null() {
-                    // SAFETY: C contract of accept.
-                    unsafe { rs::rgetpeername(c, addr, len) };
-                }
-                trace!("fd {k}: accepted over RDMA (rsocket {c})");
-                return k;
+        let lost = listeners(|l| {
+            l.routes
+                .insert(
+                    id,
+                    Route {
+                        fd,
+                        port,
+                        epfds: Vec::new(),
+                    },
+                )
+                .map(|r| r.fd)
+        });
+        if let Some(old) = lost {
+            // SAFETY: a route descriptor of ours that lost the race above.
+            unsafe { real::close(old) };
+        }
+    }
+    let Some(route) = listeners(|l| l.routes.get(&id).map(|r| r.fd)) else {
+        return;
+    };
+    // SAFETY: C contract for ev; the route is our descriptor.
+    let ok = unsafe { real::epoll_ctl(epfd, op, route, ev) } == 0;
+    listeners(|l| {
+        if let Some(r) = l.routes.get_mut(&id) {
+            match op {
+                libc::EPOLL_CTL_ADD if ok => r.epfds.push(epfd),
+                libc::EPOLL_CTL_DEL => r.epfds.retain(|&e| e != epfd),
+                libc::EPOLL_CTL_MOD if !ok => r.epfds.retain(|&e| e != epfd),
+                _ => {}
             }
-            Err(e) => {
-                // SAFETY: the token's descriptor; the connection is gone.
-                unsafe { real::close(k) };
-                set_errno(e);
-                return -1;
-            }
+        }
+    });
+    trace!("listener {id}: epoll set {epfd} op {op}: private token route ok={ok}");
+}
+
+/// A loopback listener on a free port: its descriptor (non-blocking, close-on-exec) and port.
+fn new_route() -> Option<(RawFd, u16)> {
+    // SAFETY: socket has no memory arguments.
+    let fd = unsafe {
+        real::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let a = Addr::v4([127, 0, 0, 1], 0);
+    // SAFETY: our address and its length; listen has no memory arguments.
+    let ok =
+        unsafe { real::bind(fd, a.ptr(), a.len) } == 0 && unsafe { real::listen(fd, 128) } == 0;
+    match sockname(fd).map(|a| a.port()) {
+        Some(port) if ok => Some((fd, port)),
+        _ => {
+            // SAFETY: our own descriptor.
+            unsafe { real::close(fd) };
+            None
         }
     }
 }
@@ -1080,6 +1323,10 @@ pub unsafe fn accept(
 /// The last application descriptor of listener `id` closed: its RDMA side goes too.
 pub fn close_listener(id: u32) {
     let (r, tokens) = listeners(|l| {
+        if let Some(route) = l.routes.remove(&id) {
+            // SAFETY: our route descriptor (leaves every epoll set with it).
+            unsafe { real::close(route.fd) };
+        }
         let r = l.by_id.remove(&id).and_then(|li| li.rs);
         let tokens: Vec<u32> = l
             .pending
@@ -1144,7 +1391,7 @@ pub fn fork_child() {
     IN_FORK.store(false, Ordering::Relaxed);
     table::forked();
     let hand = std::mem::take(&mut *HANDING_OVER.lock());
-    let tokens: Vec<RawFd> = listeners(|l| {
+    let (tokens, routes): (Vec<RawFd>, Vec<RawFd>) = listeners(|l| {
         for li in l.by_id.values_mut() {
             li.rs = None;
         }
@@ -1157,8 +1404,14 @@ pub fn fork_child() {
         l.wake = -1;
         l.acceptor_pid = 0;
         l.to_claim = hand.clone();
-        tokens
+        // The parent's routes: the child makes its own when it registers its listeners.
+        let routes: Vec<RawFd> = l.routes.drain().map(|(_, r)| r.fd).collect();
+        (tokens, routes)
     });
+    for fd in routes {
+        // SAFETY: the child's copy of a route descriptor.
+        unsafe { real::close(fd) };
+    }
     for k in tokens {
         // SAFETY: the child's copy of a token descriptor (the parent keeps its own).
         unsafe { real::close(k) };

@@ -123,36 +123,30 @@ struct Service {
 /// are leaked: the thread of one lives as long as the process.
 static CURRENT: Mutex<Option<&'static Service>> = Mutex::new(None);
 
-/// Set by [`restart`]: the next job starts a new service thread.
-static STALE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The next job starts a new service thread (from the thread that adds it); the old one
-/// keeps the sockets it had. For a process whose credentials changed (setuid and the like
-/// give every thread credentials of its own, and the kernel serves a CM or verbs file's
-/// write(2) commands only to the credentials the file was opened with): a thread made from
-/// the one that changed them shares its credentials, an older one never does again.
+/// Starts a new service thread now, from the calling thread; the old one keeps the sockets it
+/// had. For a process whose credentials changed (setuid and the like give every thread
+/// credentials of its own, and the kernel serves a CM or verbs file's write(2) commands only to
+/// the credentials the file was opened with): a thread made from the one that changed them
+/// shares its credentials, an older one never does again. So this is called from the thread
+/// that changed them (started lazily, from whichever thread adds the next job, it could be an
+/// old one).
 pub fn restart() {
-    STALE.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    let first = cur.is_none();
+    if let Some(s) = start(std::process::id()) {
+        *cur = Some(s);
+        if first {
+            run_at_exit(at_exit);
+        }
+    }
 }
 
 fn current() -> Option<&'static Service> {
     *CURRENT.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The service of this process, started if needed (None: it could not start).
-fn service() -> Option<&'static Service> {
-    let pid = std::process::id();
-    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-    // Read first: every job added comes here, and a restart is rare.
-    let stale = STALE.load(std::sync::atomic::Ordering::Relaxed)
-        && STALE.swap(false, std::sync::atomic::Ordering::SeqCst);
-    if let Some(s) = *cur
-        && s.pid == pid
-        && !stale
-    {
-        return Some(s);
-    }
-    let first = cur.is_none();
+/// A new service and its thread (None: it could not start).
+fn start(pid: u32) -> Option<&'static Service> {
     let s: &'static Service = Box::leak(Box::new(Service {
         pid,
         entries: Mutex::new(Vec::new()),
@@ -163,6 +157,20 @@ fn service() -> Option<&'static Service> {
         .name("rsocket-service".into())
         .spawn(move || run(s))
         .ok()?;
+    Some(s)
+}
+
+/// The service of this process, started if needed (None: it could not start).
+fn service() -> Option<&'static Service> {
+    let pid = std::process::id();
+    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = *cur
+        && s.pid == pid
+    {
+        return Some(s);
+    }
+    let first = cur.is_none();
+    let s = start(pid)?;
     *cur = Some(s);
     if first {
         // Registered once: atexit handlers survive fork, and it serves whichever is current.
