@@ -63,7 +63,7 @@ demo: vm-setup stage
 test: deps vm-setup
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy -p rsocket-preload --all-targets --no-deps -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(MAKE) --no-print-directory test-host
 	$(MAKE) --no-print-directory test-fuzz
 	$(MAKE) --no-print-directory stage
@@ -90,7 +90,7 @@ test-fuzz:
 test-host-only: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy -p rsocket-preload --all-targets --no-deps -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace --lib --bins --benches
 	$(CARGO) test -p rsocket-capi --tests
 	$(CARGO) test -p rsocket-rs --test fork

@@ -78,7 +78,7 @@ unsafe fn buf_mut<'a>(p: *mut c_void, len: size_t) -> Result<&'a mut [u8], Error
 }
 
 unsafe fn iovecs<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], Error> {
-    if n < 0 || n > libc::UIO_MAXIOV {
+    if !(0..=libc::UIO_MAXIOV).contains(&n) {
         return Err(Error::InvalidArgument);
     }
     if n == 0 {
@@ -304,7 +304,10 @@ unsafe fn zero_copy_notice(socket: c_int, m: &mut msghdr) -> Result<ssize_t, Err
     // SAFETY: pure size computation.
     let space = unsafe { libc::CMSG_SPACE(len) } as usize;
     m.msg_flags = libc::MSG_ERRQUEUE;
-    if m.msg_control.is_null() || (m.msg_controllen as usize) < space {
+    // msg_controllen is usize in glibc, u32 elsewhere: the cast is needed there.
+    #[allow(clippy::unnecessary_cast)]
+    let controllen = m.msg_controllen as usize;
+    if m.msg_control.is_null() || controllen < space {
         m.msg_flags |= libc::MSG_CTRUNC;
         m.msg_controllen = 0;
         return Ok(0);
@@ -596,6 +599,8 @@ pub unsafe extern "C" fn rgetsockopt(
 pub extern "C" fn rfcntl(socket: c_int, cmd: c_int, arg: c_long) -> c_int {
     ffi!(-1, {
         let s = socket::lookup(socket)?;
+        // c_long is i32 on 32-bit targets: the cast is needed there.
+        #[allow(clippy::unnecessary_cast)]
         options::fcntl(&s, cmd, arg as i64)
     })
 }
@@ -626,6 +631,8 @@ pub unsafe extern "C" fn riomap(
         // SAFETY: riomap's contract: the application keeps the buffer valid until riounmap or
         // rclose and lets the device access it meanwhile.
         let mem = unsafe { UserMemory::new(buf as *mut u8, len) };
+        // off_t is i32 on some 32-bit targets: the cast is needed there.
+        #[allow(clippy::unnecessary_cast)]
         s.iomap(mem, prot, offset as i64).map(|o| o as off_t)
     })
 }
