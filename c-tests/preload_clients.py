@@ -6,6 +6,11 @@
   memcache HOST PORT SEED                set/get random values over memcached's text protocol
   redis HOST PORT SEED                   SET/GET/LPUSH/LRANGE random values over RESP
   memcache-bench HOST PORT N             N set/get pairs (100 B), one at a time: ops per second
+  select-echo-server HOST PORT           non-blocking echo server on selectors (epoll, level-
+                                         triggered), one client, then exit
+  idle-check HOST PORT SEED              against an echo server: 500 verified 64 B ping-pongs, then
+                                         3 s idle, during which the server (found by its port)
+                                         must not spin: under 1 s of CPU; then one more echo
 """
 import asyncio, os, random, socket, sys
 
@@ -147,11 +152,80 @@ def redis(host, port, seed):
     print("redis: 300 SET/GET and LPUSH, LRANGE verified")
 
 
+def select_echo_server(host, port):
+    import selectors
+    sel = selectors.DefaultSelector()
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, port))
+    ls.listen()
+    ls.setblocking(False)
+    sel.register(ls, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is ls:
+                try:
+                    c, _ = ls.accept()
+                except BlockingIOError:
+                    continue
+                c.setblocking(False)
+                sel.register(c, selectors.EVENT_READ)
+                continue
+            try:
+                d = key.fileobj.recv(65536)
+            except BlockingIOError:
+                continue
+            if not d:
+                return
+            key.fileobj.setblocking(True)
+            key.fileobj.sendall(d)
+            key.fileobj.setblocking(False)
+
+
+def server_cpu(pid):
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_check(host, port, seed):
+    import re, subprocess, time
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    m = re.search(r"pid=(\d+)", out)
+    if not m:
+        fail(f"no server found on port {port}: {out!r}")
+    pid = int(m.group(1))
+    rng = random.Random(seed)
+    s = socket.create_connection((host, port))
+    for i in range(500):
+        d = rng.randbytes(64)
+        s.sendall(d)
+        got = b""
+        while len(got) < len(d):
+            b = s.recv(len(d) - len(got))
+            if not b:
+                fail(f"echo {i}: connection closed")
+            got += b
+        if got != d:
+            fail(f"echo {i}: bytes differ")
+    c0 = server_cpu(pid)
+    time.sleep(3)
+    used = server_cpu(pid) - c0
+    if used >= 1.0:
+        fail(f"the server spun while its client was idle: {used:.2f} s of CPU in 3 s")
+    s.sendall(b"after idle")
+    if s.recv(64) != b"after idle":
+        fail("echo after idle differs")
+    s.close()
+    print(f"idle check: 500 echoes verified; server CPU while idle {used:.2f} s of 3 s")
+
+
 def main():
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     if mode == "echo-server":
         asyncio.run(echo_server(host, port))
+    elif mode == "select-echo-server":
+        select_echo_server(host, port)
     elif mode == "echo-client":
         asyncio.run(echo_client(host, port, seed))
     elif mode == "memcache":
@@ -160,6 +234,8 @@ def main():
         memcache_bench(host, port, seed)
     elif mode == "redis":
         redis(host, port, seed)
+    elif mode == "idle-check":
+        idle_check(host, port, seed)
     else:
         fail(f"unknown mode {mode}")
 

@@ -17,7 +17,9 @@
 //!   it could be shown) than twice the useful ones (that showed something new to an application
 //!   outside a call); rpoll counts as a call, and so does an application that polls by itself
 //!   (more than [`POLLING_CALLS`] EAGAIN returns since the watch job last ran). Calls then show only
-//!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR), arm nothing,
+//!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR) and take back
+//!   readiness that went (so that a program asleep on the descriptor never spins on a stale
+//!   POLLIN), arm nothing,
 //!   and the service thread sleeps no more on the socket's channels (no syscall or wake-up
 //!   added per message). The service
 //!   thread looks every [`TICK`]: a socket whose application made no call for [`IDLE`] is
@@ -114,15 +116,28 @@ impl StreamSocket {
     }
 
     /// Brings the descriptor up to date (call with the lock held): a syscall or two if what it
-    /// shows changes, none otherwise. A self-driven socket's descriptor only takes the end of
-    /// the connection (POLLRDHUP, POLLHUP, POLLERR: once each), not the comings and goings of
-    /// data and room, which would cost syscalls on its data path.
+    /// shows changes, none otherwise. A self-driven socket's descriptor takes the end of the
+    /// connection (POLLRDHUP, POLLHUP, POLLERR: once each) but not the coming of data and
+    /// room, which would cost syscalls on its data path.
+    ///
+    /// What went is taken back in both modes: a POLLIN or POLLOUT left shown when it is no
+    /// longer true would keep a program that sleeps on the descriptor (epoll, level-triggered)
+    /// waking at once, finding nothing and sleeping again, at full speed, for as long as the
+    /// connection is idle. That costs a syscall only when the program was woken for nothing.
     pub(super) fn publish(&self, g: &mut Inner) {
         if self.self_driven.load(Ordering::Relaxed) {
-            let shown = g.ready.as_ref().map_or(GONE, |r| r.shown());
-            if Self::readiness(g) & GONE & !shown == 0 {
+            let Some(shown) = g.ready.as_ref().map(|r| r.shown()) else {
                 return;
+            };
+            let want = Self::readiness(g);
+            let next = (shown & want) | ((shown | want) & GONE);
+            if next != shown
+                && let Some(r) = g.ready.as_mut()
+                && let Err(e) = r.show(next)
+            {
+                trace!("{self:?}: readiness descriptor: {e}");
             }
+            return;
         }
         self.show(g);
     }
