@@ -109,6 +109,8 @@ app_killed "evloop -K -X: peer killed, ECONNRESET + POLLHUP/POLLERR, EINTR, dup"
 app "python asyncio echo" 1000 "$RUN $PY echo-server $S @PORT@" "$RUN $PY echo-client $S @PORT@ 7"
 # A request/response server asleep in epoll whose client goes idle must sleep too: a POLLIN
 # left shown after the data was read made it spin at full speed (3.1 s of CPU in 3 s).
+# SO_RCVTIMEO (the rsocket core has none): the preload bounds a blocking receive, as the kernel.
+app "SO_RCVTIMEO on a preloaded client" 4 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY timeout-check $S @PORT@ 3"
 app "epoll echo server idles without spinning" 500 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY idle-check $S @PORT@ 5"
 
 # redis-server: redis-benchmark (PING, SET, GET, LPUSH, LRANGE) and a verifying client.

@@ -8,6 +8,10 @@
   memcache-bench HOST PORT N             N set/get pairs (100 B), one at a time: ops per second
   select-echo-server HOST PORT           non-blocking echo server on selectors (epoll, level-
                                          triggered), one client, then exit
+  timeout-check HOST PORT SEED           against an echo server: SO_RCVTIMEO set before the
+                                         connect ends a receive with nothing to read in
+                                         EAGAIN (not before the timeout, not never), as
+                                         getsockopt reports it; echoes still verified after
   idle-check HOST PORT SEED              against an echo server: 500 verified 64 B ping-pongs, then
                                          3 s idle, during which the server (found by its port)
                                          must not spin: under 1 s of CPU; then one more echo
@@ -182,6 +186,37 @@ def select_echo_server(host, port):
             key.fileobj.setblocking(False)
 
 
+def timeout_check(host, port, seed):
+    import struct, time
+    rng = random.Random(seed)
+    s = socket.socket()
+    tv = struct.pack("ll", 0, 300000)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    s.connect((host, port))
+    if s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(tv)) != tv:
+        fail("SO_RCVTIMEO reads back differently")
+    for round in range(3):
+        t0 = time.monotonic()
+        try:
+            b = s.recv(100)
+            fail(f"recv with nothing sent returned {b!r}")
+        except BlockingIOError:
+            pass
+        took = time.monotonic() - t0
+        if not 0.25 <= took < 10:
+            fail(f"the receive timeout took {took:.3f} s, set to 0.3 s")
+        d = rng.randbytes(rng.randint(1, 2000))
+        s.sendall(d)
+        got = b""
+        while len(got) < len(d):
+            got += s.recv(len(d) - len(got))
+        if got != d:
+            fail("echo differs")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+    s.close()
+    print("timeout check: SO_RCVTIMEO 0.3 s ended 3 empty receives with EAGAIN; echoes verified")
+
+
 def server_cpu(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
@@ -234,6 +269,8 @@ def main():
         memcache_bench(host, port, seed)
     elif mode == "redis":
         redis(host, port, seed)
+    elif mode == "timeout-check":
+        timeout_check(host, port, seed)
     elif mode == "idle-check":
         idle_check(host, port, seed)
     else:

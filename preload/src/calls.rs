@@ -58,6 +58,86 @@ fn rsocket_of(fd: RawFd) -> Result<Option<RawFd>, ()> {
     }
 }
 
+/// Set once any rsocket has a timeout: the I/O calls look the timeouts up only then.
+static ANY_TIMEOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// SO_RCVTIMEO/SO_SNDTIMEO of rsocket `r` (the core has neither): before a blocking call that
+/// would wait for `events` (POLLIN to receive, POLLOUT to send), waits at most the timeout for
+/// them. Returns false with errno EAGAIN when it passed, or the error of the wait (EINTR), as
+/// the kernel's blocking call would; true to go on with the call. A send longer than the room
+/// that comes within the timeout may still wait for the rest.
+fn io_timeout(r: RawFd, events: i16, flags: c_int) -> bool {
+    if !ANY_TIMEOUT.load(std::sync::atomic::Ordering::Relaxed) || flags & libc::MSG_DONTWAIT != 0 {
+        return true;
+    }
+    let Some(tv) = table::with(|d| d.timeouts.get(&r).copied())
+        .and_then(|t| if events == libc::POLLIN { t.rcv } else { t.snd })
+    else {
+        return true;
+    };
+    if rs::rfcntl(r, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0 {
+        return true;
+    }
+    let (sec, usec) = tv;
+    let ms = sec
+        .saturating_mul(1000)
+        .saturating_add((usec + 999) / 1000)
+        .clamp(1, i32::MAX as i64);
+    let mut p = libc::pollfd {
+        fd: r,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one pollfd.
+    match unsafe { rs::rpoll(&mut p, 1, ms as c_int) } {
+        0 => {
+            set_errno(libc::EAGAIN);
+            false
+        }
+        n => n > 0,
+    }
+}
+
+/// setsockopt SO_RCVTIMEO/SO_SNDTIMEO on rsocket `r`: Some(result) if it was one of them.
+pub(crate) fn set_timeout(
+    r: RawFd,
+    level: c_int,
+    name: c_int,
+    v: *const c_void,
+    len: socklen_t,
+) -> Option<c_int> {
+    if level != libc::SOL_SOCKET || !matches!(name, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) {
+        return None;
+    }
+    if v.is_null() || (len as usize) < std::mem::size_of::<libc::timeval>() {
+        set_errno(libc::EINVAL);
+        return Some(-1);
+    }
+    // SAFETY: v has a timeval's readable bytes (checked above); read unaligned.
+    let tv = unsafe { std::ptr::read_unaligned(v as *const libc::timeval) };
+    if tv.tv_usec < 0 || tv.tv_usec >= 1_000_000 {
+        set_errno(libc::EDOM);
+        return Some(-1);
+    }
+    #[allow(clippy::unnecessary_cast)] // time_t and suseconds_t differ between targets
+    let t = (tv.tv_sec > 0 || tv.tv_usec > 0).then_some((tv.tv_sec as i64, tv.tv_usec as i64));
+    table::with(|d| {
+        let e = d.timeouts.entry(r).or_default();
+        if name == libc::SO_RCVTIMEO {
+            e.rcv = t;
+        } else {
+            e.snd = t;
+        }
+        if *e == table::Timeouts::default() {
+            d.timeouts.remove(&r);
+        }
+    });
+    if t.is_some() {
+        ANY_TIMEOUT.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Some(0)
+}
+
 /// Dispatches on `fd`: `$rs` with the rsocket number bound to `$r`, or `$kernel`.
 macro_rules! route {
     ($fd:expr, $fail:expr, |$r:ident| $rs:expr, $kernel:expr) => {
@@ -188,6 +268,7 @@ fn forget(fd: RawFd) {
                 if *n == 0 {
                     d.rsocket_refs.remove(&r);
                     d.rsocket_domain.remove(&r);
+                    d.timeouts.remove(&r);
                     true
                 } else {
                     false
@@ -430,9 +511,16 @@ fn readable(r: RawFd) -> isize {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     // SAFETY: C contract of read.
-    route!(fd, -1, |r| unsafe { rs::rread(r, buf, n) }, unsafe {
-        real::read(fd, buf, n)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLIN, 0) {
+            -1
+        } else {
+            unsafe { rs::rread(r, buf, n) }
+        },
+        unsafe { real::read(fd, buf, n) }
+    )
 }
 
 /// The fortified read (`_FORTIFY_SOURCE`): read with the buffer's size known.
@@ -455,33 +543,61 @@ pub unsafe extern "C" fn __read_chk(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     // SAFETY: C contract of write.
-    route!(fd, -1, |r| unsafe { rs::rwrite(r, buf, n) }, unsafe {
-        real::write(fd, buf, n)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLOUT, 0) {
+            -1
+        } else {
+            unsafe { rs::rwrite(r, buf, n) }
+        },
+        unsafe { real::write(fd, buf, n) }
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     // SAFETY: C contract of readv.
-    route!(fd, -1, |r| unsafe { rs::rreadv(r, iov, n) }, unsafe {
-        real::readv(fd, iov, n)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLIN, 0) {
+            -1
+        } else {
+            unsafe { rs::rreadv(r, iov, n) }
+        },
+        unsafe { real::readv(fd, iov, n) }
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     // SAFETY: C contract of writev.
-    route!(fd, -1, |r| unsafe { rs::rwritev(r, iov, n) }, unsafe {
-        real::writev(fd, iov, n)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLOUT, 0) {
+            -1
+        } else {
+            unsafe { rs::rwritev(r, iov, n) }
+        },
+        unsafe { real::writev(fd, iov, n) }
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: C contract of recv.
-    route!(fd, -1, |r| unsafe { rs::rrecv(r, buf, n, flags) }, unsafe {
-        real::recv(fd, buf, n, flags)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLIN, flags) {
+            -1
+        } else {
+            unsafe { rs::rrecv(r, buf, n, flags) }
+        },
+        unsafe { real::recv(fd, buf, n, flags) }
+    )
 }
 
 /// The fortified recv.
@@ -504,9 +620,16 @@ pub unsafe extern "C" fn __recv_chk(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: C contract of send.
-    route!(fd, -1, |r| unsafe { rs::rsend(r, buf, n, flags) }, unsafe {
-        real::send(fd, buf, n, flags)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLOUT, flags) {
+            -1
+        } else {
+            unsafe { rs::rsend(r, buf, n, flags) }
+        },
+        unsafe { real::send(fd, buf, n, flags) }
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -522,7 +645,11 @@ pub unsafe extern "C" fn recvfrom(
         fd,
         -1,
         // SAFETY: C contract of recvfrom.
-        |r| unsafe { rs::rrecvfrom(r, buf, n, flags, addr, len) },
+        |r| if !io_timeout(r, libc::POLLIN, flags) {
+            -1
+        } else {
+            unsafe { rs::rrecvfrom(r, buf, n, flags, addr, len) }
+        },
         // SAFETY: C contract of recvfrom.
         unsafe { real::recvfrom(fd, buf, n, flags, addr, len) }
     )
@@ -560,7 +687,11 @@ pub unsafe extern "C" fn sendto(
         fd,
         -1,
         // SAFETY: C contract of sendto.
-        |r| unsafe { rs::rsendto(r, buf, n, flags, addr, len) },
+        |r| if !io_timeout(r, libc::POLLOUT, flags) {
+            -1
+        } else {
+            unsafe { rs::rsendto(r, buf, n, flags, addr, len) }
+        },
         // SAFETY: C contract of sendto.
         unsafe { real::sendto(fd, buf, n, flags, addr, len) }
     )
@@ -569,17 +700,31 @@ pub unsafe extern "C" fn sendto(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     // SAFETY: C contract of recvmsg.
-    route!(fd, -1, |r| unsafe { rs::rrecvmsg(r, msg, flags) }, unsafe {
-        real::recvmsg(fd, msg, flags)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLIN, flags) {
+            -1
+        } else {
+            unsafe { rs::rrecvmsg(r, msg, flags) }
+        },
+        unsafe { real::recvmsg(fd, msg, flags) }
+    )
 }
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     // SAFETY: C contract of sendmsg.
-    route!(fd, -1, |r| unsafe { rs::rsendmsg(r, msg, flags) }, unsafe {
-        real::sendmsg(fd, msg, flags)
-    })
+    route!(
+        fd,
+        -1,
+        |r| if !io_timeout(r, libc::POLLOUT, flags) {
+            -1
+        } else {
+            unsafe { rs::rsendmsg(r, msg, flags) }
+        },
+        unsafe { real::sendmsg(fd, msg, flags) }
+    )
 }
 
 /// recvmmsg(2) on an rsocket: one rrecvmsg per message; after the first, only what is there
@@ -764,6 +909,31 @@ fn getsockopt_rs(
             return put_int(v, len, d);
         }
         (libc::IPPROTO_TCP, libc::TCP_INFO) => return tcp_info(v, len),
+        (libc::SOL_SOCKET, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO) => {
+            let t = table::with(|d| d.timeouts.get(&r).copied()).unwrap_or_default();
+            let (sec, usec) = if name == libc::SO_RCVTIMEO {
+                t.rcv
+            } else {
+                t.snd
+            }
+            .unwrap_or((0, 0));
+            let tv = libc::timeval {
+                tv_sec: sec as _,
+                tv_usec: usec as _,
+            };
+            let size = std::mem::size_of::<libc::timeval>();
+            // SAFETY: C contract: len points to the size of v.
+            if v.is_null() || len.is_null() || (unsafe { *len } as usize) < size {
+                set_errno(libc::EINVAL);
+                return -1;
+            }
+            // SAFETY: v has room for a timeval (checked above); written unaligned.
+            unsafe {
+                std::ptr::write_unaligned(v as *mut libc::timeval, tv);
+                *len = size as socklen_t;
+            }
+            return 0;
+        }
         _ => {}
     }
     // SAFETY: C contract of getsockopt.
@@ -819,6 +989,9 @@ pub unsafe extern "C" fn setsockopt(
         -1,
         match table::slot(fd) {
             Slot::Rsocket { rs: r, ours: true } => {
+                if let Some(ret) = set_timeout(r, level, name, v, len) {
+                    return ret;
+                }
                 // SAFETY: C contract of setsockopt.
                 let ret = unsafe { rs::rsetsockopt(r, level, name, v, len) };
                 if ret != 0 && errno() == libc::ENOPROTOOPT && level != rs::SOL_RDMA {

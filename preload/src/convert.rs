@@ -255,6 +255,10 @@ fn configure(r: RawFd, cand: &table::Candidate) {
         }
     }
     for o in &cand.options {
+        let (v, len) = (o.value.as_ptr() as *const _, o.value.len() as socklen_t);
+        if crate::calls::set_timeout(r, o.level, o.name, v, len).is_some() {
+            continue;
+        }
         // SAFETY: the saved value bytes and their length.
         let ret = unsafe {
             rs::rsetsockopt(

@@ -201,6 +201,18 @@ pub struct Details {
     pub rsocket_domain: HashMap<RawFd, i32>,
     /// How many application descriptors name each listener, by listener id.
     pub listener_refs: HashMap<u32, u32>,
+    /// SO_RCVTIMEO and SO_SNDTIMEO of each rsocket that has one, by rsocket number.
+    pub timeouts: HashMap<RawFd, Timeouts>,
+}
+
+/// An rsocket's SO_RCVTIMEO and SO_SNDTIMEO (the rsocket core has neither): the preload waits
+/// at most this long before a blocking receive or send, as the kernel would.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    /// The receive timeout, seconds and microseconds (None: wait for ever).
+    pub rcv: Option<(i64, i64)>,
+    /// The send timeout.
+    pub snd: Option<(i64, i64)>,
 }
 
 /// The details (see the module documentation for the locking rule).
