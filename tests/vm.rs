@@ -313,6 +313,19 @@ fn refused_connect() {
 }
 
 /// poll(2) itself (not rpoll) on a descriptor.
+/// A non-blocking socket bound to the client's address whose connect to `port` of the server's
+/// is under way (or done).
+fn connect_nonblocking(port: u16) -> Arc<StreamSocket> {
+    let c = new_socket();
+    c.set_options(|o| o.nonblocking = true);
+    c.bind(&addr(client_ip(), 0).into()).unwrap();
+    match c.connect(&addr(server_ip(), port).into()) {
+        Err(Error::InProgress) | Ok(()) => {}
+        other => panic!("non-blocking connect: {other:?}"),
+    }
+    c
+}
+
 fn kpoll(fd: i32, events: i16, timeout_ms: i32) -> i16 {
     let mut p = libc::pollfd {
         fd,
@@ -337,13 +350,7 @@ fn descriptor_shows_readiness() {
     assert_eq!(kpoll(l.fd(), IN, 0), 0, "a listener with nothing pending");
     let (tx, rx) = std::sync::mpsc::channel();
     let client = thread::spawn(move || {
-        let c = new_socket();
-        c.set_options(|o| o.nonblocking = true);
-        c.bind(&addr(client_ip(), 0).into()).unwrap();
-        match c.connect(&addr(server_ip(), port).into()) {
-            Err(Error::InProgress) | Ok(()) => {}
-            other => panic!("non-blocking connect: {other:?}"),
-        }
+        let c = connect_nonblocking(port);
         let r = kpoll(c.fd(), OUT, 20_000);
         assert_eq!(r & (OUT | libc::POLLERR), OUT, "connected: revents {r:#x}");
         assert_eq!(c.take_error(), 0);
@@ -461,13 +468,7 @@ fn connect_completed_by_a_call_is_watched() {
         .expect("peer's READY");
     assert_eq!(line.trim(), "READY", "peer: {line:?}");
     for i in 0..DELAYED_ROUNDS {
-        let c = new_socket();
-        c.set_options(|o| o.nonblocking = true);
-        c.bind(&addr(client_ip(), 0).into()).unwrap();
-        match c.connect(&addr(server_ip(), port).into()) {
-            Err(Error::InProgress) | Ok(()) => {}
-            other => panic!("non-blocking connect: {other:?}"),
-        }
+        let c = connect_nonblocking(port);
         let end = Instant::now() + Duration::from_secs(20);
         while c
             .poll_state(Some(libc::POLLOUT))

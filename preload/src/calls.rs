@@ -152,6 +152,24 @@ macro_rules! route {
     };
 }
 
+/// [`route!`] for a call that may block waiting for `$events` (POLLIN to receive, POLLOUT to
+/// send; `$flags` its MSG_ flags): the rsocket's SO_RCVTIMEO or SO_SNDTIMEO bounds the wait
+/// first (`io_timeout`).
+macro_rules! route_io {
+    ($fd:expr, $events:expr, $flags:expr, |$r:ident| $rs:expr, $kernel:expr) => {
+        route!(
+            $fd,
+            -1,
+            |$r| if io_timeout($r, $events, $flags) {
+                $rs
+            } else {
+                -1
+            },
+            $kernel
+        )
+    };
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
     guard!(-1, {
@@ -511,14 +529,11 @@ fn readable(r: RawFd) -> isize {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     // SAFETY: C contract of read.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLIN, 0) {
-            -1
-        } else {
-            unsafe { rs::rread(r, buf, n) }
-        },
+        libc::POLLIN,
+        0,
+        |r| unsafe { rs::rread(r, buf, n) },
         unsafe { real::read(fd, buf, n) }
     )
 }
@@ -543,14 +558,11 @@ pub unsafe extern "C" fn __read_chk(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     // SAFETY: C contract of write.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLOUT, 0) {
-            -1
-        } else {
-            unsafe { rs::rwrite(r, buf, n) }
-        },
+        libc::POLLOUT,
+        0,
+        |r| unsafe { rs::rwrite(r, buf, n) },
         unsafe { real::write(fd, buf, n) }
     )
 }
@@ -558,14 +570,11 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     // SAFETY: C contract of readv.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLIN, 0) {
-            -1
-        } else {
-            unsafe { rs::rreadv(r, iov, n) }
-        },
+        libc::POLLIN,
+        0,
+        |r| unsafe { rs::rreadv(r, iov, n) },
         unsafe { real::readv(fd, iov, n) }
     )
 }
@@ -573,14 +582,11 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t {
     // SAFETY: C contract of writev.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLOUT, 0) {
-            -1
-        } else {
-            unsafe { rs::rwritev(r, iov, n) }
-        },
+        libc::POLLOUT,
+        0,
+        |r| unsafe { rs::rwritev(r, iov, n) },
         unsafe { real::writev(fd, iov, n) }
     )
 }
@@ -588,14 +594,11 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, n: c_int) -> ssize
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: C contract of recv.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLIN, flags) {
-            -1
-        } else {
-            unsafe { rs::rrecv(r, buf, n, flags) }
-        },
+        libc::POLLIN,
+        flags,
+        |r| unsafe { rs::rrecv(r, buf, n, flags) },
         unsafe { real::recv(fd, buf, n, flags) }
     )
 }
@@ -620,14 +623,11 @@ pub unsafe extern "C" fn __recv_chk(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
     // SAFETY: C contract of send.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLOUT, flags) {
-            -1
-        } else {
-            unsafe { rs::rsend(r, buf, n, flags) }
-        },
+        libc::POLLOUT,
+        flags,
+        |r| unsafe { rs::rsend(r, buf, n, flags) },
         unsafe { real::send(fd, buf, n, flags) }
     )
 }
@@ -641,15 +641,12 @@ pub unsafe extern "C" fn recvfrom(
     addr: *mut sockaddr,
     len: *mut socklen_t,
 ) -> ssize_t {
-    route!(
+    route_io!(
         fd,
-        -1,
+        libc::POLLIN,
+        flags,
         // SAFETY: C contract of recvfrom.
-        |r| if !io_timeout(r, libc::POLLIN, flags) {
-            -1
-        } else {
-            unsafe { rs::rrecvfrom(r, buf, n, flags, addr, len) }
-        },
+        |r| unsafe { rs::rrecvfrom(r, buf, n, flags, addr, len) },
         // SAFETY: C contract of recvfrom.
         unsafe { real::recvfrom(fd, buf, n, flags, addr, len) }
     )
@@ -683,15 +680,12 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     len: socklen_t,
 ) -> ssize_t {
-    route!(
+    route_io!(
         fd,
-        -1,
+        libc::POLLOUT,
+        flags,
         // SAFETY: C contract of sendto.
-        |r| if !io_timeout(r, libc::POLLOUT, flags) {
-            -1
-        } else {
-            unsafe { rs::rsendto(r, buf, n, flags, addr, len) }
-        },
+        |r| unsafe { rs::rsendto(r, buf, n, flags, addr, len) },
         // SAFETY: C contract of sendto.
         unsafe { real::sendto(fd, buf, n, flags, addr, len) }
     )
@@ -700,14 +694,11 @@ pub unsafe extern "C" fn sendto(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     // SAFETY: C contract of recvmsg.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLIN, flags) {
-            -1
-        } else {
-            unsafe { rs::rrecvmsg(r, msg, flags) }
-        },
+        libc::POLLIN,
+        flags,
+        |r| unsafe { rs::rrecvmsg(r, msg, flags) },
         unsafe { real::recvmsg(fd, msg, flags) }
     )
 }
@@ -715,14 +706,11 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     // SAFETY: C contract of sendmsg.
-    route!(
+    route_io!(
         fd,
-        -1,
-        |r| if !io_timeout(r, libc::POLLOUT, flags) {
-            -1
-        } else {
-            unsafe { rs::rsendmsg(r, msg, flags) }
-        },
+        libc::POLLOUT,
+        flags,
+        |r| unsafe { rs::rsendmsg(r, msg, flags) },
         unsafe { real::sendmsg(fd, msg, flags) }
     )
 }
