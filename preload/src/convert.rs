@@ -644,7 +644,11 @@ type AcceptorThread = (u32, Option<std::thread::JoinHandle<()>>);
 static ACCEPTOR: SpinLock<Option<AcceptorThread>> = SpinLock::new(None);
 
 fn wake_acceptor() {
-    let w = listeners(|l| l.wake);
+    signal(listeners(|l| l.wake));
+}
+
+/// Wakes the acceptor that sleeps on eventfd `w` (none if `w` < 0).
+fn signal(w: RawFd) {
     if w >= 0 {
         let one = 1u64;
         // SAFETY: writes 8 bytes from a local.
@@ -808,11 +812,7 @@ pub fn credentials_changed() {
         l.acceptor_gen += 1;
         (old, pending, w)
     });
-    if old_wake >= 0 {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a local to the old acceptor's eventfd.
-        unsafe { real::write(old_wake, &one as *const u64 as *const _, 8) };
-    }
+    signal(old_wake);
     let previous = ACCEPTOR.lock().take();
     match previous {
         Some((pid, Some(h)))

@@ -131,24 +131,17 @@ static CURRENT: Mutex<Option<&'static Service>> = Mutex::new(None);
 /// that changed them (started lazily, from whichever thread adds the next job, it could be an
 /// old one).
 pub fn restart() {
-    let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-    let first = cur.is_none();
-    if let Some(s) = start(std::process::id()) {
-        *cur = Some(s);
-        if first {
-            run_at_exit(at_exit);
-        }
-    }
+    let _ = start(&mut CURRENT.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
 fn current() -> Option<&'static Service> {
     *CURRENT.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A new service and its thread (None: it could not start).
-fn start(pid: u32) -> Option<&'static Service> {
+/// A new service and its thread, made the current one (None: it could not start).
+fn start(cur: &mut Option<&'static Service>) -> Option<&'static Service> {
     let s: &'static Service = Box::leak(Box::new(Service {
-        pid,
+        pid: std::process::id(),
         entries: Mutex::new(Vec::new()),
         left: Condvar::new(),
         wake: Waker::new().ok()?,
@@ -157,26 +150,22 @@ fn start(pid: u32) -> Option<&'static Service> {
         .name("rsocket-service".into())
         .spawn(move || run(s))
         .ok()?;
+    if cur.replace(s).is_none() {
+        // Registered once: atexit handlers survive fork, and it serves whichever is current.
+        run_at_exit(at_exit);
+    }
     Some(s)
 }
 
 /// The service of this process, started if needed (None: it could not start).
 fn service() -> Option<&'static Service> {
-    let pid = std::process::id();
     let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(s) = *cur
-        && s.pid == pid
+        && s.pid == std::process::id()
     {
         return Some(s);
     }
-    let first = cur.is_none();
-    let s = start(pid)?;
-    *cur = Some(s);
-    if first {
-        // Registered once: atexit handlers survive fork, and it serves whichever is current.
-        run_at_exit(at_exit);
-    }
-    Some(s)
+    start(&mut cur)
 }
 
 /// Adds `jobs` to the socket's jobs with the service. Returns false if the service could not
