@@ -15,6 +15,7 @@ use libc::{
 use rsocket_rs as rs;
 
 use crate::convert;
+use crate::hook;
 use crate::policy;
 use crate::real;
 use crate::table::{self, Slot};
@@ -272,6 +273,7 @@ pub extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 fn forget(fd: RawFd) {
     let s = table::slot(fd);
     if s == Slot::Kernel {
+        hook::set_closing(fd);
         return;
     }
     table::set_slot(fd, Slot::Kernel);
@@ -293,6 +295,7 @@ fn forget(fd: RawFd) {
                 }
             });
             if last && ours {
+                hook::closing(r);
                 rs::rclose(r);
             }
         }
@@ -338,6 +341,7 @@ fn alias(from: RawFd, to: RawFd) {
 pub extern "C" fn close(fd: c_int) -> c_int {
     guard!(-1, {
         if table::slot(fd) == Slot::Kernel {
+            hook::set_closing(fd);
             // SAFETY: close has no memory arguments.
             return unsafe { real::close(fd) };
         }
@@ -349,7 +353,8 @@ pub extern "C" fn close(fd: c_int) -> c_int {
 }
 
 /// epoll_ctl(2): passed on; for a listener, mirrored on its private token route in this
-/// process (see `convert::epoll_mirror`).
+/// process (see `convert::epoll_mirror`); for an rsocket, its completion channel joins or leaves
+/// the set too (see `hook`).
 ///
 /// # Safety
 /// `ev` as epoll_ctl(2) takes it.
@@ -363,15 +368,261 @@ pub unsafe extern "C" fn epoll_ctl(
     guard!(-1, {
         // SAFETY: C contract.
         let r = unsafe { real::epoll_ctl(epfd, op, fd, ev) };
-        if r == 0
-            && let Slot::Listener { id } = table::slot(fd)
-        {
-            let e = errno();
-            // SAFETY: C contract (ev valid for ADD and MOD).
-            unsafe { convert::epoll_mirror(epfd, op, id, ev) };
-            set_errno(e);
+        if r == 0 {
+            match table::slot(fd) {
+                Slot::Listener { id } => {
+                    let e = errno();
+                    // SAFETY: C contract (ev valid for ADD and MOD).
+                    unsafe { convert::epoll_mirror(epfd, op, id, ev) };
+                    set_errno(e);
+                }
+                Slot::Rsocket { rs: r, ours: true } => {
+                    let e = errno();
+                    let app = if op == libc::EPOLL_CTL_DEL {
+                        None
+                    } else {
+                        // SAFETY: C contract: ev is valid for ADD and MOD (checked by the
+                        // kernel, which took it).
+                        unsafe { ev.as_ref() }.map(|e| (e.events, e.u64))
+                    };
+                    hook::registered(epfd, op, fd, r, app);
+                    set_errno(e);
+                }
+                _ => {}
+            }
         }
         r
+    })
+}
+
+/// The descriptors of a poll(2) array (none if it is null).
+///
+/// # Safety
+/// `fds` is null or points to `n` pollfds.
+unsafe fn poll_fds(fds: *const libc::pollfd, n: libc::nfds_t) -> impl Iterator<Item = RawFd> {
+    let n = if fds.is_null() { 0 } else { n as usize };
+    // SAFETY: the caller's contract: n pollfds at fds.
+    (0..n).map(move |i| unsafe { (*fds.add(i)).fd })
+}
+
+/// The descriptors below `n` set in any of select(2)'s three sets (null ones skipped).
+///
+/// # Safety
+/// Each set is null or a valid fd_set.
+unsafe fn select_fds(n: c_int, sets: [*const libc::fd_set; 3]) -> impl Iterator<Item = RawFd> {
+    let n = n.clamp(0, libc::FD_SETSIZE as c_int);
+    (0..n).filter(move |&fd| {
+        sets.iter()
+            // SAFETY: the caller's contract: each set null or valid; fd < FD_SETSIZE.
+            .any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) })
+    })
+}
+
+/// poll(2): passed on; a hooked rsocket in it is watched by the service thread while it sleeps
+/// (see `hook::hold`).
+///
+/// # Safety
+/// As poll(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, ms: c_int) -> c_int {
+    guard!(-1, {
+        // SAFETY: C contract.
+        let _held = hook::hold(unsafe { poll_fds(fds, n) });
+        // SAFETY: C contract.
+        unsafe { real::poll(fds, n, ms) }
+    })
+}
+
+/// The fortified poll (`_FORTIFY_SOURCE`): as [`poll`], once the array fits its buffer.
+///
+/// # Safety
+/// As poll(2); `len` is the size of the buffer at `fds`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut libc::pollfd,
+    n: libc::nfds_t,
+    ms: c_int,
+    len: libc::size_t,
+) -> c_int {
+    if (len / std::mem::size_of::<libc::pollfd>()) < n as usize {
+        // SAFETY: what the C library's check does on overflow.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: C contract.
+    unsafe { poll(fds, n, ms) }
+}
+
+/// ppoll(2): as [`poll`].
+///
+/// # Safety
+/// As ppoll(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut libc::pollfd,
+    n: libc::nfds_t,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: C contract.
+        let _held = hook::hold(unsafe { poll_fds(fds, n) });
+        // SAFETY: C contract.
+        unsafe { real::ppoll(fds, n, ts, mask) }
+    })
+}
+
+/// The fortified ppoll: as [`ppoll`], once the array fits its buffer.
+///
+/// # Safety
+/// As ppoll(2); `len` is the size of the buffer at `fds`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __ppoll_chk(
+    fds: *mut libc::pollfd,
+    n: libc::nfds_t,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+    len: libc::size_t,
+) -> c_int {
+    if (len / std::mem::size_of::<libc::pollfd>()) < n as usize {
+        // SAFETY: what the C library's check does on overflow.
+        unsafe { libc::abort() };
+    }
+    // SAFETY: C contract.
+    unsafe { ppoll(fds, n, ts, mask) }
+}
+
+/// select(2): as [`poll`].
+///
+/// # Safety
+/// As select(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn select(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    tv: *mut libc::timeval,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: C contract.
+        let _held = hook::hold(unsafe { select_fds(n, [r, w, e].map(|p| p as *const _)) });
+        // SAFETY: C contract.
+        unsafe { real::select(n, r, w, e, tv) }
+    })
+}
+
+/// pselect(2): as [`poll`].
+///
+/// # Safety
+/// As pselect(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pselect(
+    n: c_int,
+    r: *mut libc::fd_set,
+    w: *mut libc::fd_set,
+    e: *mut libc::fd_set,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: C contract.
+        let _held = hook::hold(unsafe { select_fds(n, [r, w, e].map(|p| p as *const _)) });
+        // SAFETY: C contract.
+        unsafe { real::pselect(n, r, w, e, ts, mask) }
+    })
+}
+
+/// A C timeout in milliseconds (negative: none) as the hook's wait takes it.
+fn ms_timeout(ms: c_int) -> Option<std::time::Duration> {
+    u64::try_from(ms).ok().map(std::time::Duration::from_millis)
+}
+
+/// The hook's remaining timeout as milliseconds, rounded up (a wait never ends early).
+fn ms_of(t: Option<std::time::Duration>) -> c_int {
+    t.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(c_int::MAX as u128) as c_int
+    })
+}
+
+/// epoll_wait(2): an rsocket's completion channel in the set wakes it directly (see `hook`).
+///
+/// # Safety
+/// As epoll_wait(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    ev: *mut libc::epoll_event,
+    max: c_int,
+    ms: c_int,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: C contract; the closure calls the C library's wait on the same set.
+        unsafe {
+            hook::wait(epfd, ev, max, ms_timeout(ms), |e, n, t| {
+                real::epoll_wait(epfd, e, n, ms_of(t))
+            })
+        }
+    })
+}
+
+/// epoll_pwait(2): as [`epoll_wait`], with the signal mask.
+///
+/// # Safety
+/// As epoll_pwait(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    ev: *mut libc::epoll_event,
+    max: c_int,
+    ms: c_int,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: as epoll_wait.
+        unsafe {
+            hook::wait(epfd, ev, max, ms_timeout(ms), |e, n, t| {
+                real::epoll_pwait(epfd, e, n, ms_of(t), mask)
+            })
+        }
+    })
+}
+
+/// epoll_pwait2(2): as [`epoll_wait`], with a timespec timeout and the signal mask.
+///
+/// # Safety
+/// As epoll_pwait2(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    ev: *mut libc::epoll_event,
+    max: c_int,
+    ts: *const libc::timespec,
+    mask: *const libc::sigset_t,
+) -> c_int {
+    guard!(-1, {
+        // SAFETY: ts is null or a valid timespec (C contract).
+        let timeout = unsafe { ts.as_ref() }.map(|t| {
+            std::time::Duration::new(
+                t.tv_sec.max(0) as u64,
+                t.tv_nsec.clamp(0, 999_999_999) as u32,
+            )
+        });
+        // SAFETY: as epoll_wait.
+        unsafe {
+            hook::wait(epfd, ev, max, timeout, |e, n, t| {
+                let spec = t.map(|t| libc::timespec {
+                    tv_sec: t.as_secs() as libc::time_t,
+                    tv_nsec: t.subsec_nanos() as libc::c_long,
+                });
+                real::epoll_pwait2(
+                    epfd,
+                    e,
+                    n,
+                    spec.as_ref().map_or(std::ptr::null(), |s| s as *const _),
+                    mask,
+                )
+            })
+        }
     })
 }
 

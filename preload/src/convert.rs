@@ -1394,6 +1394,7 @@ pub fn fork_child() {
     LISTENERS.force_unlock();
     IN_FORK.store(false, Ordering::Relaxed);
     table::forked();
+    table::with(crate::hook::forked);
     let hand = std::mem::take(&mut *HANDING_OVER.lock());
     let (tokens, routes): (Vec<RawFd>, Vec<RawFd>) = listeners(|l| {
         for li in l.by_id.values_mut() {

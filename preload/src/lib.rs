@@ -6,8 +6,10 @@
 //! rules: connects that fall back to kernel TCP, listeners that take RDMA and TCP clients at
 //! once, fork). A converted socket's descriptor is a real descriptor that shows the rsocket's
 //! readiness, so the kernel's own poll, select and epoll (level and edge triggered, ONESHOT,
-//! nested sets, kernel descriptors in the same set) serve it, with no monitor thread: those
-//! calls are not interposed at all. `dup`, `fcntl(F_DUPFD)`, `close` and `exec` keep the
+//! nested sets, kernel descriptors in the same set) serve it, with no monitor thread. The
+//! epoll calls are interposed for speed only: a set that holds an rsocket also sleeps on its
+//! completion channel, so that a message wakes the program once (see `hook`); poll and select
+//! are interposed to keep that right. `dup`, `fcntl(F_DUPFD)`, `close` and `exec` keep the
 //! table right. Anything that is not a converted socket goes to the C library unchanged.
 //!
 //! Every exported function catches panics (errno EIO, the C error value).
@@ -16,6 +18,7 @@
 
 mod calls;
 mod convert;
+mod hook;
 mod policy;
 mod real;
 mod table;

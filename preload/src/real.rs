@@ -60,6 +60,43 @@ real! {
     fn shutdown(fd: c_int, how: c_int) -> c_int;
     fn close(fd: c_int) -> c_int;
     fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, ev: *mut libc::epoll_event) -> c_int;
+    fn poll(fds: *mut libc::pollfd, n: libc::nfds_t, ms: c_int) -> c_int;
+    fn ppoll(
+        fds: *mut libc::pollfd,
+        n: libc::nfds_t,
+        ts: *const libc::timespec,
+        mask: *const libc::sigset_t
+    ) -> c_int;
+    fn select(
+        n: c_int,
+        r: *mut libc::fd_set,
+        w: *mut libc::fd_set,
+        e: *mut libc::fd_set,
+        tv: *mut libc::timeval
+    ) -> c_int;
+    fn pselect(
+        n: c_int,
+        r: *mut libc::fd_set,
+        w: *mut libc::fd_set,
+        e: *mut libc::fd_set,
+        ts: *const libc::timespec,
+        mask: *const libc::sigset_t
+    ) -> c_int;
+    fn epoll_wait(epfd: c_int, ev: *mut libc::epoll_event, max: c_int, ms: c_int) -> c_int;
+    fn epoll_pwait(
+        epfd: c_int,
+        ev: *mut libc::epoll_event,
+        max: c_int,
+        ms: c_int,
+        mask: *const libc::sigset_t
+    ) -> c_int;
+    fn epoll_pwait2(
+        epfd: c_int,
+        ev: *mut libc::epoll_event,
+        max: c_int,
+        ts: *const libc::timespec,
+        mask: *const libc::sigset_t
+    ) -> c_int;
     fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t;
     fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t;
     fn readv(fd: c_int, iov: *const iovec, n: c_int) -> ssize_t;

@@ -203,6 +203,8 @@ pub struct Details {
     pub listener_refs: HashMap<u32, u32>,
     /// SO_RCVTIMEO and SO_SNDTIMEO of each rsocket that has one, by rsocket number.
     pub timeouts: HashMap<RawFd, Timeouts>,
+    /// Completion channels in the program's epoll sets (see `hook`).
+    pub hooks: crate::hook::Hooks,
 }
 
 /// An rsocket's SO_RCVTIMEO and SO_SNDTIMEO (the rsocket core has neither): the preload waits

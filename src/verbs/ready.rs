@@ -115,7 +115,9 @@ fn send(fd: RawFd, b: &[u8]) -> io::Result<usize> {
     })
 }
 
-/// Reads and drops everything queued at `fd` (non-blocking).
+/// Reads and drops everything queued at `fd` (non-blocking). A receive on a stream socket
+/// takes all that is queued up to its length, so one that returns less than the buffer emptied
+/// it: no second call to find EAGAIN (this is on the data path of every message shown).
 fn drain(fd: RawFd) -> io::Result<()> {
     let mut b = [0u8; 4096];
     loop {
@@ -129,6 +131,9 @@ fn drain(fd: RawFd) -> io::Result<()> {
             )
         };
         if r > 0 {
+            if (r as usize) < b.len() {
+                return Ok(());
+            }
             continue;
         }
         if r == 0 {

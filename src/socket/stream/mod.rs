@@ -108,6 +108,12 @@ pub struct StreamSocket {
     last_exit: std::sync::atomic::AtomicU64,
     /// The descriptor is not kept up to date by every call (see `ready`).
     self_driven: std::sync::atomic::AtomicBool,
+    /// Wait sets of the application that sleep on the completion channel themselves (see
+    /// `ready`, [`StreamSocket::hook`]): the service thread leaves the channel to them.
+    hooked: AtomicU32,
+    /// Other waits on a hooked socket's descriptor in progress (poll, select): the service
+    /// thread watches the completion channel for them (see [`StreamSocket::hold_watch`]).
+    guests: AtomicU32,
     // Declared last: dropped after the CM id that uses it.
     channel: EventChannel,
 }
@@ -154,6 +160,8 @@ impl StreamSocket {
             in_call: AtomicU32::new(0),
             last_exit: std::sync::atomic::AtomicU64::new(0),
             self_driven: std::sync::atomic::AtomicBool::new(false),
+            hooked: AtomicU32::new(0),
+            guests: AtomicU32::new(0),
             inner: Mutex::new(Inner {
                 state,
                 opts,

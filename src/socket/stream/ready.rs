@@ -25,6 +25,13 @@
 //!   thread looks every [`TICK`]: a socket whose application made no call for [`IDLE`] is
 //!   watched again (its descriptor brought up to date at once). A program that busy-polls and
 //!   then sleeps on the descriptor waits at most about `TICK + IDLE` for its first wake-up.
+//!
+//! A watched socket can also be *hooked* ([`StreamSocket::hook`]): a wait set of the application
+//! (the preload puts the completion channel in the program's epoll sets) sleeps on the
+//! completion channel itself and calls [`StreamSocket::hook_event`] when it becomes readable.
+//! The service thread then leaves the channel to it (it still watches the CM channel), so a
+//! message to a program asleep in epoll_wait costs one wake-up, the program's, instead of two
+//! (the service thread's, then the program's).
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
@@ -195,6 +202,88 @@ impl StreamSocket {
         }
     }
 
+    /// Hooks the socket to a wait set of the application: it sleeps on the returned completion
+    /// channel itself and calls [`StreamSocket::hook_event`] whenever it is readable, and the
+    /// service thread stops sleeping on that channel while any hook lasts. None (nothing
+    /// hooked) unless the socket is connected. Each hook is ended by one [`StreamSocket::unhook`].
+    pub fn hook(&self) -> Option<RawFd> {
+        let g = self.lock();
+        let State::Connected(c) = &g.state else {
+            return None;
+        };
+        if !c.link.core.flags().connected {
+            return None;
+        }
+        let fd = c.link.t.comp_fd();
+        drop(g);
+        if self.hooked.fetch_add(1, Ordering::AcqRel) == 0 {
+            // The service thread looks again: it sleeps on the channel no more.
+            self.start_watch();
+        }
+        Some(fd)
+    }
+
+    /// Ends one [`StreamSocket::hook`]: with the last, the service thread watches the completion
+    /// channel again.
+    pub fn unhook(&self) {
+        let was = self
+            .hooked
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if was == Ok(1) {
+            self.start_watch();
+        }
+    }
+
+    /// The completion channel of a hooked socket was found readable: takes its event (passed
+    /// on to a thread asleep in a call, as the service thread would), processes what came, shows
+    /// it on the descriptor and arms the CQ again, from the caller's thread. Returns the POLL
+    /// bits the descriptor began to show (what a wait on it would be woken for).
+    pub fn hook_event(&self) -> i16 {
+        let (comp, before) = {
+            let g = self.lock();
+            let shown = g.ready.as_ref().map_or(0, |r| r.shown());
+            match &g.state {
+                State::Connected(c) => (c.link.t.comp_fd(), shown),
+                _ => return 0,
+            }
+        };
+        let inside = self.in_call.load(Ordering::Acquire) > 0;
+        if self.woke(false, &[comp]).is_err() {
+            return 0;
+        }
+        // A call's end shows the state and arms the CQ again (driving after the arming).
+        drop(self.call());
+        if inside {
+            // Another thread may sleep in rpoll on the channel whose event was taken here.
+            self.waker.wake();
+        }
+        let after = self.lock().ready.as_ref().map_or(0, |r| r.shown());
+        after & !before
+    }
+
+    /// Whether a wait set of the application sleeps on the completion channel (see
+    /// [`StreamSocket::hook`]).
+    pub fn is_hooked(&self) -> bool {
+        self.hooked.load(Ordering::Acquire) > 0
+    }
+
+    /// A wait on a hooked socket's descriptor that does not take its completion events itself
+    /// (poll, select) begins: the service thread watches the completion channel again until the
+    /// matching [`StreamSocket::release_watch`], so that what arrives is shown to it.
+    pub fn hold_watch(&self) {
+        if self.guests.fetch_add(1, Ordering::AcqRel) == 0 && self.is_hooked() {
+            self.start_watch();
+        }
+    }
+
+    /// Ends a [`StreamSocket::hold_watch`] (the service thread leaves the channel to the hooks
+    /// again the next time it looks at the socket).
+    pub fn release_watch(&self) {
+        let _ = self
+            .guests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
     /// Starts watching the socket's descriptors in the service thread (a listener, a connect
     /// in progress, a connection).
     pub(super) fn start_watch(&self) {
@@ -293,8 +382,13 @@ impl StreamSocket {
         }
         self.arm_watch(&mut g);
         let mut fds = vec![self.channel.fd()];
+        // A hooked socket's application sleeps on the completion channel itself.
+        let mine = !self.is_hooked() || self.guests.load(Ordering::Acquire) > 0;
         match &g.state {
-            State::Connected(c) if c.link.core.flags().connected => fds.push(c.link.t.comp_fd()),
+            State::Connected(c) if c.link.core.flags().connected && mine => {
+                fds.push(c.link.t.comp_fd())
+            }
+            State::Connected(c) if c.link.core.flags().connected => {}
             // Nothing arrives any more: what the descriptor shows changes only with the calls.
             State::Connected(_) | State::Idle { .. } | State::Failed => return None,
             _ => {}
