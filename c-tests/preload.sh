@@ -112,6 +112,10 @@ app "python asyncio echo" 1000 "$RUN $PY echo-server $S @PORT@" "$RUN $PY echo-c
 # SO_RCVTIMEO (the rsocket core has none): the preload bounds a blocking receive, as the kernel.
 app "SO_RCVTIMEO on a preloaded client" 4 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY timeout-check $S @PORT@ 3"
 app "epoll echo server idles without spinning" 500 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY idle-check $S @PORT@ 5"
+# A program asleep in epoll is woken by its rsockets' completion channels directly (the preload
+# puts them in its epoll sets): the service threads sleep through the messages. poll and select
+# on a socket that is in an epoll set still see everything.
+app "epoll wakes the program directly; poll and select too" 700 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY hook-check $S @PORT@ 7"
 
 # redis-server: redis-benchmark (PING, SET, GET, LPUSH, LRANGE) and a verifying client.
 app "redis-server + redis-benchmark" 1000 \

@@ -15,6 +15,12 @@
   idle-check HOST PORT SEED              against an echo server: 500 verified 64 B ping-pongs, then
                                          3 s idle, during which the server (found by its port)
                                          must not spin: under 1 s of CPU; then one more echo
+  hook-check HOST PORT SEED              against an epoll echo server: verified echoes of random
+                                         sizes waited for in epoll (the socket's completion
+                                         channel in the set), then in poll and select with the
+                                         socket still in the epoll set, then in epoll again; the
+                                         rsocket service threads of both ends must sleep through
+                                         the epoll rounds (under one wake-up per 4 echoes)
 """
 import asyncio, os, random, socket, sys
 
@@ -254,6 +260,78 @@ def idle_check(host, port, seed):
     print(f"idle check: 500 echoes verified; server CPU while idle {used:.2f} s of 3 s")
 
 
+def service_wakeups(pid):
+    """Voluntary context switches of process pid's rsocket service threads."""
+    n = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            if open(f"/proc/{pid}/task/{t}/comm").read().strip() != "rsocket-service":
+                continue
+            for l in open(f"/proc/{pid}/task/{t}/status"):
+                if l.startswith("voluntary_ctxt_switches"):
+                    n += int(l.split()[1])
+        except OSError:
+            pass
+    return n
+
+
+def hook_check(host, port, seed):
+    import re, select, selectors, subprocess
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+    m = re.search(r"pid=(\d+)", out)
+    if not m:
+        fail(f"no server found on port {port}: {out!r}")
+    pid = int(m.group(1))
+    rng = random.Random(seed)
+    s = socket.create_connection((host, port))
+    s.setblocking(False)
+    sel = selectors.EpollSelector()
+    sel.register(s, selectors.EVENT_READ)
+
+    def wait(how):
+        if how == "epoll":
+            return bool(sel.select(10))
+        if how == "poll":
+            p = select.poll()
+            p.register(s, select.POLLIN)
+            return bool(p.poll(10000))
+        return bool(select.select([s], [], [], 10)[0])
+
+    def echoes(n, how):
+        for i in range(n):
+            d = rng.randbytes(rng.randint(1, 3000))
+            s.setblocking(True)
+            s.sendall(d)
+            s.setblocking(False)
+            got = b""
+            while len(got) < len(d):
+                if not wait(how):
+                    fail(f"{how}: echo {i}: no readiness in 10 s ({len(got)} of {len(d)} bytes)")
+                try:
+                    b = s.recv(len(d) - len(got))
+                except BlockingIOError:
+                    continue
+                if not b:
+                    fail(f"{how}: echo {i}: connection closed")
+                got += b
+            if got != d:
+                fail(f"{how}: echo {i}: bytes differ")
+
+    echoes(20, "epoll")
+    w0 = (service_wakeups(pid), service_wakeups(os.getpid()))
+    echoes(400, "epoll")
+    w1 = (service_wakeups(pid), service_wakeups(os.getpid()))
+    woke = (w1[0] - w0[0], w1[1] - w0[1])
+    if max(woke) >= 100:
+        fail(f"service threads woke {woke[0]} (server) and {woke[1]} (client) times for 400 epoll echoes")
+    echoes(100, "poll")
+    echoes(100, "select")
+    echoes(100, "epoll")
+    s.close()
+    print(f"hook check: 720 echoes verified (epoll, poll, select, epoll); service wake-ups "
+          f"for 400 epoll echoes: server {woke[0]}, client {woke[1]}")
+
+
 def main():
     mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     seed = int(sys.argv[4]) if len(sys.argv) > 4 else 1
@@ -273,6 +351,8 @@ def main():
         timeout_check(host, port, seed)
     elif mode == "idle-check":
         idle_check(host, port, seed)
+    elif mode == "hook-check":
+        hook_check(host, port, seed)
     else:
         fail(f"unknown mode {mode}")
 

@@ -423,8 +423,16 @@ impl<T: Transport> Driver<T> {
             let max = left.min(*olen);
             #[cfg(test)]
             let had_pending = self.core.has_pending();
-            let plan = if coalesce {
+            // Only a send's start gathers (or what joins bytes gathered already): the rest of
+            // one send is one message's, which the peer waits for whole, so it leaves at once
+            // rather than with the next flush (a 3000-byte message would otherwise leave its
+            // last 952 bytes to the flush job, a wake-up of the service thread per message).
+            let plan = if coalesce && (sent == 0 || self.core.has_pending()) {
                 self.core.plan_send(max)
+            } else if coalesce {
+                self.core
+                    .plan_write_counted(max)
+                    .map(|write| SendPlan::Post { write, fresh: true })
             } else {
                 self.core
                     .plan_write(max)

@@ -546,6 +546,14 @@ impl Stream {
         self.plan_write_from(max, false)
     }
 
+    /// Like [`Stream::plan_write`] for a write that counts as in flight for
+    /// [`Stream::plan_send`]'s gathering (the rest of a send whose start went through it).
+    pub fn plan_write_counted(&mut self, max: u32) -> Option<DataWrite> {
+        let w = self.plan_write(max)?;
+        self.inflight += 1;
+        Some(w)
+    }
+
     /// Like [`Stream::plan_write`] for data sent straight from the application's registered
     /// memory (MSG_ZEROCOPY): no ring bytes, never inline; post it with wr_id
     /// `msg | WR_ID_NO_RING`. Gathered sends must be flushed first (the order is the caller's).

@@ -859,6 +859,33 @@ fn large_sends_are_not_held_back_behind_a_pending_write() {
     assert_eq!(lens[2..].iter().sum::<usize>(), 5000);
 }
 
+#[test]
+fn the_rest_of_one_send_leaves_at_once_not_with_the_next_flush() {
+    let c = cfg(64, 64, 64, 65536, 65536, false);
+    let (mut a, mut b) = connected(c, c);
+    // 3000 bytes: a first write of OLAP_START_SIZE, then the rest of the same message, which
+    // is smaller than that and finds the first in flight: it still leaves now, as its own
+    // write (the peer waits for the whole message; nothing would come to gather with it).
+    a.to_send = pattern(3000, 5);
+    let mut sizes: VecDeque<usize> = [3000].into();
+    assert_eq!(a.send_coalesced(&mut sizes, &mut 0), 2);
+    assert_eq!(
+        a.d.t.data_writes,
+        [OLAP_START_SIZE as usize, 3000 - OLAP_START_SIZE as usize]
+    );
+    assert!(!a.s().has_pending(), "nothing left for a flush");
+    // A small message that follows while both are in flight still gathers.
+    a.to_send.extend(pattern(64, 6));
+    let mut sizes: VecDeque<usize> = [64].into();
+    assert_eq!(a.send_coalesced(&mut sizes, &mut 0), 0);
+    assert!(a.s().has_pending());
+    deliver_all(&mut a, &mut b);
+    a.poll();
+    deliver_all(&mut a, &mut b);
+    b.read(1 << 20);
+    assert_eq!(b.received, a.to_send);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
     /// Coalescing keeps the byte stream intact under random small message sizes, window sizes
