@@ -190,7 +190,7 @@ impl Conn {
 
 /// A connection's busy-poll policy, in [`crate::verbs::ticks`]: from `polling_time`, adaptive
 /// up to [`crate::socket::spin::CAP_US`] unless `polling_time` is configured.
-pub(crate) fn new_spin() -> Spin {
+pub fn new_spin() -> Spin {
     let c = Config::get();
     let tpu = crate::verbs::ticks_per_us();
     let cap = if c.adaptive_spin {

@@ -26,7 +26,7 @@ mod wait;
 mod zerocopy;
 
 use conn::Conn;
-pub(crate) use conn::new_spin;
+pub use conn::new_spin;
 pub use settings::Options;
 pub use zerocopy::ZeroCopyNotice;
 

@@ -261,6 +261,22 @@ impl StreamSocket {
         after & !before
     }
 
+    /// A hooked socket's wait set busy-polls before it sleeps: processes what came without
+    /// a completion event (no syscall) and shows it. Returns the POLL bits the descriptor began
+    /// to show, as [`StreamSocket::hook_event`].
+    pub fn hook_poll(&self) -> i16 {
+        let mut g = self.lock();
+        let before = g.ready.as_ref().map_or(0, |r| r.shown());
+        let State::Connected(c) = &mut g.state else {
+            return 0;
+        };
+        if !matches!(self.drive(c), Ok(true)) {
+            return 0;
+        }
+        self.publish(&mut g);
+        g.ready.as_ref().map_or(0, |r| r.shown()) & !before
+    }
+
     /// Whether a wait set of the application sleeps on the completion channel (see
     /// [`StreamSocket::hook`]).
     pub fn is_hooked(&self) -> bool {
