@@ -560,14 +560,12 @@ unsafe fn spin(
     let t0 = ticks();
     // SAFETY: the caller's contract: room for max events.
     let evs = unsafe { std::slice::from_raw_parts_mut(ev, max as usize) };
-    let mut rounds = 0u32;
+    // The kernel's side first: what is ready there already (room to write, say) returns at
+    // once, and teaches the window nothing.
+    let mut rounds = KERNEL_EVERY - 1;
     loop {
         let mut kept = 0;
-        for (rs, s) in &socks {
-            let new = s.hook_poll();
-            show_new(epfd, *rs, new, evs, &mut kept);
-        }
-        if kept == 0 && rounds % KERNEL_EVERY == KERNEL_EVERY - 1 {
+        if rounds % KERNEL_EVERY == KERNEL_EVERY - 1 {
             let n = call(ev, max, Some(Duration::ZERO));
             if n < 0 {
                 return Ok(n);
@@ -576,10 +574,17 @@ unsafe fn spin(
                 // SAFETY: the kernel filled n events.
                 kept = unsafe { filter(epfd, ev, 0, n as usize, max as usize).0 };
             }
+            if kept > 0 {
+                return Ok(kept as c_int);
+            }
+        }
+        for (rs, s) in &socks {
+            let new = s.hook_poll();
+            show_new(epfd, *rs, new, evs, &mut kept);
         }
         let spent = ticks().wrapping_sub(t0);
         if kept > 0 {
-            policy.record(spent, false);
+            policy.record_caught_decaying(spent);
             save_spin(epfd, policy);
             return Ok(kept as c_int);
         }

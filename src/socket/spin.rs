@@ -50,6 +50,22 @@ impl Spin {
         self.window
     }
 
+    /// A spin caught what it waited for after `waited` ticks, in a place whose waits differ in
+    /// kind (an epoll set: a reply, then room to write, then the next request): the window
+    /// covers twice this wait but shrinks by a quarter at most, so that one short wait does
+    /// not cut the spin for the long ones that follow it.
+    pub fn record_caught_decaying(&mut self, waited: u64) {
+        if self.cap == self.min {
+            return;
+        }
+        let floor = self.window - self.window / 4;
+        self.window = waited
+            .saturating_mul(2)
+            .max(floor)
+            .clamp(self.min, self.cap);
+        self.misses = 0;
+    }
+
     /// A wait ended after `waited` ticks; `slept` says whether it went to sleep first.
     pub fn record(&mut self, waited: u64, slept: bool) {
         if self.cap == self.min {
@@ -88,6 +104,22 @@ impl Spin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_short_catch_shrinks_the_window_by_a_quarter_at_most() {
+        let mut s = Spin::new(10, 500);
+        s.record_caught_decaying(200);
+        assert_eq!(s.window(), 400);
+        s.record_caught_decaying(1);
+        assert_eq!(s.window(), 300);
+        s.record_caught_decaying(1);
+        assert_eq!(s.window(), 225);
+        s.record_caught_decaying(400);
+        assert_eq!(s.window(), 500, "never above the cap");
+        let mut fixed = Spin::new(10, 0);
+        fixed.record_caught_decaying(300);
+        assert_eq!(fixed.window(), 10);
+    }
 
     #[test]
     fn fixed_window_never_moves() {
