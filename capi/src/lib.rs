@@ -231,8 +231,28 @@ fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error
 }
 
 /// Sends from several buffers in order.
+/// Vectored sends up to this size leave as one send of their bytes gathered (see `send_iov`).
+const GATHER_IOV_MAX: usize = 64 * 1024;
+
 fn send_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error> {
     let s = socket::lookup(socket)?;
+    // A message made of several buffers (a header, a value, a trailer: memcached's replies) is
+    // one message: sent buffer by buffer, the later ones are small sends right after a write,
+    // which the library gathers for the service thread to post once that write completes, a
+    // wake-up and a delay on every reply. Up to GATHER_IOV_MAX the bytes are copied together
+    // and sent at once (MSG_ZEROCOPY sends from the caller's memory, so not those).
+    let len = iov
+        .iter()
+        .try_fold(0usize, |a, v| a.checked_add(v.iov_len))
+        .unwrap_or(usize::MAX);
+    if iov.len() > 1 && len <= GATHER_IOV_MAX && flags & libc::MSG_ZEROCOPY == 0 {
+        let mut all = Vec::with_capacity(len);
+        for v in iov {
+            // SAFETY: C contract: each iovec describes readable memory.
+            all.extend_from_slice(unsafe { buf(v.iov_base, v.iov_len) }?);
+        }
+        return Ok(s.send(&all, flags)? as ssize_t);
+    }
     let mut total = 0usize;
     for v in iov {
         // SAFETY: C contract: each iovec describes readable memory.
