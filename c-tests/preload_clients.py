@@ -16,7 +16,8 @@
                                          3 s idle, during which the server (found by its port)
                                          must not spin: under 1 s of CPU; then one more echo
   hook-check HOST PORT SEED              against an epoll echo server: verified echoes of random
-                                         sizes waited for in epoll (the socket's completion
+                                         sizes (every other one sent by sendmsg in three
+                                         buffers) waited for in epoll (the socket's completion
                                          channel in the set), then in poll and select with the
                                          socket still in the epoll set, then in epoll again; the
                                          rsocket service threads of both ends must sleep through
@@ -301,7 +302,14 @@ def hook_check(host, port, seed):
         for i in range(n):
             d = rng.randbytes(rng.randint(1, 3000))
             s.setblocking(True)
-            s.sendall(d)
+            if i % 2:
+                # One message in three buffers (a header, a value, a trailer).
+                a = rng.randint(0, len(d))
+                b = rng.randint(a, len(d))
+                if s.sendmsg([d[:a], d[a:b], d[b:]]) != len(d):
+                    fail(f"{how}: echo {i}: short sendmsg")
+            else:
+                s.sendall(d)
             s.setblocking(False)
             got = b""
             while len(got) < len(d):
