@@ -229,13 +229,19 @@ def server_cpu(pid):
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def idle_check(host, port, seed):
-    import re, subprocess, time
+def server_pid(port):
+    """The pid of the process listening on port (found with ss)."""
+    import re, subprocess
     out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
     m = re.search(r"pid=(\d+)", out)
     if not m:
         fail(f"no server found on port {port}: {out!r}")
-    pid = int(m.group(1))
+    return int(m.group(1))
+
+
+def idle_check(host, port, seed):
+    import time
+    pid = server_pid(port)
     rng = random.Random(seed)
     s = socket.create_connection((host, port))
     for i in range(500):
@@ -277,12 +283,8 @@ def service_wakeups(pid):
 
 
 def hook_check(host, port, seed):
-    import re, select, selectors, subprocess
-    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
-    m = re.search(r"pid=(\d+)", out)
-    if not m:
-        fail(f"no server found on port {port}: {out!r}")
-    pid = int(m.group(1))
+    import select, selectors
+    pid = server_pid(port)
     rng = random.Random(seed)
     s = socket.create_connection((host, port))
     s.setblocking(False)
