@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dgram;
 pub mod driver;
 pub mod iomap;
 #[cfg(test)]
