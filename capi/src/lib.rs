@@ -14,7 +14,8 @@ use libc::{
     fd_set, iovec, msghdr, nfds_t, off_t, pollfd, size_t, sockaddr, socklen_t, ssize_t, timeval,
 };
 use rsocket::Error;
-use rsocket::socket::{self, options};
+use rsocket::socket::{self, DgramSocket, Socket, options};
+use std::sync::Arc;
 use rsocket::verbs::{SockAddr, UserMemory};
 
 mod errno;
@@ -89,7 +90,16 @@ unsafe fn iovecs<'a>(iov: *const iovec, n: c_int) -> Result<&'a [iovec], Error> 
     Ok(unsafe { std::slice::from_raw_parts(iov, n as usize) })
 }
 
-/// Creates an rsocket. See rsocket(7); AF_INET/AF_INET6 SOCK_STREAM.
+/// The datagram socket behind `socket`, if it names one (None for a stream socket; EBADF for
+/// no socket).
+fn dgram(socket: c_int) -> Result<Option<Arc<DgramSocket>>, Error> {
+    Ok(match socket::lookup_any(socket)? {
+        Socket::Dgram(d) => Some(d),
+        Socket::Stream(_) => None,
+    })
+}
+
+/// Creates an rsocket. See rsocket(7); AF_INET/AF_INET6, SOCK_STREAM or SOCK_DGRAM.
 #[unsafe(no_mangle)]
 pub extern "C" fn rsocket(domain: c_int, r#type: c_int, protocol: c_int) -> c_int {
     ffi!(-1, socket::socket(domain, r#type, protocol))
@@ -99,10 +109,13 @@ pub extern "C" fn rsocket(domain: c_int, r#type: c_int, protocol: c_int) -> c_in
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rbind(socket: c_int, addr: *const sockaddr, addrlen: socklen_t) -> c_int {
     ffi!(-1, {
-        let s = socket::lookup(socket)?;
         // SAFETY: C contract: addr points to addrlen bytes.
         let a = unsafe { SockAddr::from_raw(addr, addrlen) }?;
-        s.bind(&a).map(|()| 0)
+        match socket::lookup_any(socket)? {
+            Socket::Stream(s) => s.bind(&a),
+            Socket::Dgram(d) => d.bind(&a),
+        }
+        .map(|()| 0)
     })
 }
 
@@ -137,6 +150,12 @@ pub unsafe extern "C" fn rconnect(
     addrlen: socklen_t,
 ) -> c_int {
     ffi!(-1, {
+        if let Some(d) = dgram(socket)? {
+            // AF_UNSPEC (dissolving a datagram socket's association) may be short.
+            // SAFETY: C contract: addr points to addrlen bytes.
+            let a = unsafe { dgram_addr(addr, addrlen) }?;
+            return d.connect(&a).map(|()| 0);
+        }
         let s = socket::lookup(socket)?;
         // SAFETY: C contract: addr points to addrlen bytes.
         let a = unsafe { SockAddr::from_raw(addr, addrlen) }?;
@@ -144,10 +163,40 @@ pub unsafe extern "C" fn rconnect(
     })
 }
 
+/// A datagram socket's connect address: AF_UNSPEC as the kernel takes it (any length of at
+/// least the family), anything else as for a stream.
+///
+/// # Safety
+/// `addr` points to `len` readable bytes.
+unsafe fn dgram_addr(addr: *const sockaddr, len: socklen_t) -> Result<SockAddr, Error> {
+    null_check(addr)?;
+    if len as usize >= std::mem::size_of::<libc::sa_family_t>() {
+        // SAFETY: at least the family is readable.
+        let family = unsafe { std::ptr::read_unaligned(addr as *const libc::sa_family_t) };
+        if family as c_int == libc::AF_UNSPEC {
+            // SAFETY: zeroed storage is a valid AF_UNSPEC address.
+            let storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            return Ok(SockAddr {
+                storage,
+                len: std::mem::size_of::<libc::sa_family_t>() as socklen_t,
+            });
+        }
+    }
+    // SAFETY: the caller's contract.
+    Ok(unsafe { SockAddr::from_raw(addr, len) }?)
+}
+
 /// Shuts down part of a connection (SHUT_RD, SHUT_WR, SHUT_RDWR).
 #[unsafe(no_mangle)]
 pub extern "C" fn rshutdown(socket: c_int, how: c_int) -> c_int {
-    ffi!(-1, socket::lookup(socket)?.shutdown(how).map(|()| 0))
+    ffi!(
+        -1,
+        match socket::lookup_any(socket)? {
+            Socket::Stream(s) => s.shutdown(how),
+            Socket::Dgram(d) => d.shutdown(how),
+        }
+        .map(|()| 0)
+    )
 }
 
 /// Closes an rsocket. Unlike librdmacm (which returns EBADF), an unknown descriptor gives -1
@@ -166,9 +215,12 @@ pub unsafe extern "C" fn rrecv(
     flags: c_int,
 ) -> ssize_t {
     ffi!(-1, {
-        let s = socket::lookup(socket)?;
         // SAFETY: C contract.
         let b = unsafe { buf_mut(buf, len) }?;
+        if let Some(d) = dgram(socket)? {
+            return dgram_recv(&d, b, flags).map(|(n, _)| n);
+        }
+        let s = socket::lookup(socket)?;
         s.recv(b, flags).map(|n| n as ssize_t)
     })
 }
@@ -184,9 +236,17 @@ pub unsafe extern "C" fn rrecvfrom(
     addrlen: *mut socklen_t,
 ) -> ssize_t {
     ffi!(-1, {
-        let s = socket::lookup(socket)?;
         // SAFETY: C contract.
         let b = unsafe { buf_mut(buf, len) }?;
+        if let Some(d) = dgram(socket)? {
+            let (n, r) = dgram_recv(&d, b, flags)?;
+            if !src_addr.is_null() && !addrlen.is_null() {
+                // SAFETY: C contract: src_addr has *addrlen writable bytes.
+                unsafe { SockAddr::from(r.src).copy_out(src_addr, addrlen) };
+            }
+            return Ok(n);
+        }
+        let s = socket::lookup(socket)?;
         let n = s.recv(b, flags)?;
         if !src_addr.is_null() && !addrlen.is_null() {
             // SAFETY: C contract: src_addr has *addrlen writable bytes.
@@ -198,6 +258,9 @@ pub unsafe extern "C" fn rrecvfrom(
 
 /// Receives into several buffers, filling each in turn.
 fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error> {
+    if let Some(d) = dgram(socket)? {
+        return dgram_recv_iov(&d, iov, flags).map(|(n, _)| n);
+    }
     let s = socket::lookup(socket)?;
     let mut total = 0usize;
     for v in iov {
@@ -235,6 +298,65 @@ fn recv_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error
 const GATHER_IOV_MAX: usize = 64 * 1024;
 
 fn send_iov(socket: c_int, iov: &[iovec], flags: c_int) -> Result<ssize_t, Error> {
+    send_iov_to(socket, iov, flags, None)
+}
+
+/// A datagram socket's receive: one datagram; MSG_TRUNC returns its full length.
+fn dgram_recv(
+    d: &DgramSocket,
+    b: &mut [u8],
+    flags: c_int,
+) -> Result<(ssize_t, socket::dgram::Received), Error> {
+    let r = d.recv_from(b, flags)?;
+    let n = if flags & libc::MSG_TRUNC != 0 {
+        r.len
+    } else {
+        r.copied
+    };
+    Ok((n as ssize_t, r))
+}
+
+/// A datagram socket's vectored receive: one datagram spread over the buffers.
+fn dgram_recv_iov(
+    d: &DgramSocket,
+    iov: &[iovec],
+    flags: c_int,
+) -> Result<(ssize_t, socket::dgram::Received), Error> {
+    let cap = iov.iter().map(|v| v.iov_len).sum::<usize>().min(1 << 16);
+    let mut all = vec![0u8; cap];
+    let (n, r) = dgram_recv(d, &mut all, flags)?;
+    let mut at = 0;
+    for v in iov {
+        if at >= r.copied {
+            break;
+        }
+        // SAFETY: C contract: each iovec describes writable memory.
+        let b = unsafe { buf_mut(v.iov_base, v.iov_len) }?;
+        let k = b.len().min(r.copied - at);
+        b[..k].copy_from_slice(&all[at..at + k]);
+        at += k;
+    }
+    Ok((n, r))
+}
+
+/// Sends from several buffers in order (one datagram, to `to` if given, on a datagram socket).
+fn send_iov_to(
+    socket: c_int,
+    iov: &[iovec],
+    flags: c_int,
+    to: Option<&SockAddr>,
+) -> Result<ssize_t, Error> {
+    if let Some(d) = dgram(socket)? {
+        let mut all = Vec::new();
+        for v in iov {
+            // SAFETY: C contract: each iovec describes readable memory.
+            all.extend_from_slice(unsafe { buf(v.iov_base, v.iov_len) }?);
+            if all.len() > 1 << 16 {
+                return Err(Error::Os(std::io::Error::from_raw_os_error(libc::EMSGSIZE)));
+            }
+        }
+        return Ok(d.send_to(&all, flags, to)? as ssize_t);
+    }
     let s = socket::lookup(socket)?;
     // A message made of several buffers (a header, a value, a trailer: memcached's replies) is
     // one message: sent buffer by buffer, the later ones are small sends right after a write,
@@ -287,6 +409,18 @@ pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int)
         }
         // SAFETY: C contract.
         let iov = unsafe { iovecs(m.msg_iov, m.msg_iovlen as c_int) }?;
+        if let Some(d) = dgram(socket)? {
+            let (n, r) = dgram_recv_iov(&d, iov, flags)?;
+            m.msg_flags = if r.copied < r.len { libc::MSG_TRUNC } else { 0 };
+            m.msg_controllen = 0;
+            if !m.msg_name.is_null() {
+                let mut len = m.msg_namelen;
+                // SAFETY: C contract: msg_name has msg_namelen writable bytes.
+                unsafe { SockAddr::from(r.src).copy_out(m.msg_name as *mut sockaddr, &mut len) };
+                m.msg_namelen = len;
+            }
+            return Ok(n);
+        }
         let n = recv_iov(socket, iov, flags)?;
         m.msg_flags = 0;
         m.msg_controllen = 0;
@@ -361,14 +495,18 @@ pub unsafe extern "C" fn rsend(
     flags: c_int,
 ) -> ssize_t {
     ffi!(-1, {
-        let s = socket::lookup(socket)?;
         // SAFETY: C contract.
         let b = unsafe { self::buf(buf, len) }?;
+        if let Some(d) = dgram(socket)? {
+            return d.send_to(b, flags, None).map(|n| n as ssize_t);
+        }
+        let s = socket::lookup(socket)?;
         s.send(b, flags).map(|n| n as ssize_t)
     })
 }
 
-/// Sends data; on a connected stream the destination must be NULL (or is ignored, as upstream).
+/// Sends data: one datagram to `dest_addr` on a datagram socket (NULL: to its peer); on a
+/// stream the destination is ignored, as upstream.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn rsendto(
     socket: c_int,
@@ -378,9 +516,21 @@ pub unsafe extern "C" fn rsendto(
     dest_addr: *const sockaddr,
     addrlen: socklen_t,
 ) -> ssize_t {
-    let _ = (dest_addr, addrlen);
-    // SAFETY: same contract as rsend.
-    unsafe { rsend(socket, buf, len, flags) }
+    ffi!(-1, {
+        let Some(d) = dgram(socket)? else {
+            // SAFETY: same contract as rsend.
+            return Ok(unsafe { rsend(socket, buf, len, flags) });
+        };
+        // SAFETY: C contract.
+        let b = unsafe { self::buf(buf, len) }?;
+        let to = if dest_addr.is_null() {
+            None
+        } else {
+            // SAFETY: C contract: dest_addr points to addrlen bytes.
+            Some(unsafe { SockAddr::from_raw(dest_addr, addrlen) }?)
+        };
+        d.send_to(b, flags, to.as_ref()).map(|n| n as ssize_t)
+    })
 }
 
 /// Sends the message's iovecs in order.
@@ -392,7 +542,14 @@ pub unsafe extern "C" fn rsendmsg(socket: c_int, msg: *const msghdr, flags: c_in
         let m = unsafe { &*msg };
         // SAFETY: C contract.
         let iov = unsafe { iovecs(m.msg_iov, m.msg_iovlen as c_int) }?;
-        send_iov(socket, iov, flags)
+        // The destination counts on a datagram socket only (a stream ignores it).
+        let to = if m.msg_name.is_null() || m.msg_namelen == 0 || dgram(socket)?.is_none() {
+            None
+        } else {
+            // SAFETY: C contract: msg_name points to msg_namelen bytes.
+            Some(unsafe { SockAddr::from_raw(m.msg_name as *const sockaddr, m.msg_namelen) }?)
+        };
+        send_iov_to(socket, iov, flags, to.as_ref())
     })
 }
 
@@ -535,11 +692,11 @@ unsafe fn address_out(
     socket: c_int,
     addr: *mut sockaddr,
     addrlen: *mut socklen_t,
-    which: fn(&socket::StreamSocket) -> Result<SockAddr, Error>,
+    which: fn(&Socket) -> Result<SockAddr, Error>,
 ) -> Result<c_int, Error> {
     null_check(addr)?;
     null_check(addrlen)?;
-    let a = which(&*socket::lookup(socket)?)?;
+    let a = which(&socket::lookup_any(socket)?)?;
     // SAFETY: C contract: addr has *addrlen writable bytes.
     unsafe { a.copy_out(addr, addrlen) };
     Ok(0)
@@ -554,7 +711,10 @@ pub unsafe extern "C" fn rgetpeername(
 ) -> c_int {
     // SAFETY: same contract as getpeername(2).
     ffi!(-1, unsafe {
-        address_out(socket, addr, addrlen, |s| s.peer_addr())
+        address_out(socket, addr, addrlen, |s| match s {
+            Socket::Stream(s) => s.peer_addr(),
+            Socket::Dgram(d) => d.peer_addr(),
+        })
     })
 }
 
@@ -567,7 +727,10 @@ pub unsafe extern "C" fn rgetsockname(
 ) -> c_int {
     // SAFETY: same contract as getsockname(2).
     ffi!(-1, unsafe {
-        address_out(socket, addr, addrlen, |s| s.local_addr())
+        address_out(socket, addr, addrlen, |s| match s {
+            Socket::Stream(s) => s.local_addr(),
+            Socket::Dgram(d) => d.local_addr(),
+        })
     })
 }
 
@@ -581,9 +744,12 @@ pub unsafe extern "C" fn rsetsockopt(
     optlen: socklen_t,
 ) -> c_int {
     ffi!(-1, {
-        let s = socket::lookup(socket)?;
         // SAFETY: C contract: optval has optlen bytes.
         let b = unsafe { buf(optval, optlen as size_t) }?;
+        if let Some(d) = dgram(socket)? {
+            return d.set_option(level, optname, b).map(|()| 0);
+        }
+        let s = socket::lookup(socket)?;
         options::set(&s, level, optname, b).map(|()| 0)
     })
 }
@@ -600,10 +766,12 @@ pub unsafe extern "C" fn rgetsockopt(
     ffi!(-1, {
         null_check(optval)?;
         null_check(optlen)?;
-        let s = socket::lookup(socket)?;
         // SAFETY: non-null, caller-owned; optval has *optlen writable bytes.
         let out = unsafe { buf_mut(optval, *optlen as size_t) }?;
-        let n = options::get(&s, level, optname, out)?;
+        let n = match socket::lookup_any(socket)? {
+            Socket::Stream(s) => options::get(&s, level, optname, out)?,
+            Socket::Dgram(d) => d.get_option(level, optname, out)?,
+        };
         // SAFETY: non-null, caller-owned.
         unsafe { *optlen = n as socklen_t };
         Ok(0)
@@ -618,10 +786,13 @@ pub unsafe extern "C" fn rgetsockopt(
 #[unsafe(no_mangle)]
 pub extern "C" fn rfcntl(socket: c_int, cmd: c_int, arg: c_long) -> c_int {
     ffi!(-1, {
-        let s = socket::lookup(socket)?;
         // c_long is i32 on 32-bit targets: the cast is needed there.
         #[allow(clippy::unnecessary_cast)]
-        options::fcntl(&s, cmd, arg as i64)
+        let arg = arg as i64;
+        match socket::lookup_any(socket)? {
+            Socket::Stream(s) => options::fcntl(&s, cmd, arg),
+            Socket::Dgram(d) => d.fcntl(cmd, arg),
+        }
     })
 }
 

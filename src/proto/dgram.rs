@@ -79,9 +79,8 @@ impl DsHeader {
             }
             SocketAddr::V6(a) => {
                 out[0] = 6;
-                // sin6_flowinfo travels as the socket address holds it (librdmacm copies the
-                // field's bytes; the standard library keeps the field's value as is).
-                out[4..8].copy_from_slice(&a.flowinfo().to_ne_bytes());
+                // sin6_flowinfo travels as the socket address holds it: network order.
+                out[4..8].copy_from_slice(&a.flowinfo().to_be_bytes());
                 out[8..24].copy_from_slice(&a.ip().octets());
                 24
             }
@@ -110,7 +109,7 @@ impl DsHeader {
                 (SocketAddr::V4(SocketAddrV4::new(ip, port)), DS_V4_LEN)
             }
             (6, DS_V6_LEN) | (6, 28) => {
-                let flow = u32::from_ne_bytes(msg[4..8].try_into().ok()?);
+                let flow = u32::from_be_bytes(msg[4..8].try_into().ok()?);
                 let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&msg[8..24]).ok()?);
                 (SocketAddr::V6(SocketAddrV6::new(ip, port, flow, 0)), DS_V6_LEN)
             }
@@ -265,7 +264,7 @@ mod tests {
         assert_eq!(h.encode(&mut b), 24);
         assert_eq!(
             &b[..24],
-            &hex("06 18 0009 34120000 fe800000000000000000000000000001")[..]
+            &hex("06 18 0009 00001234 fe800000000000000000000000000001")[..]
         );
         assert_eq!(DsHeader::decode(&b[..24]), Some(h));
     }

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod dgram;
 pub mod options;
 pub mod poll;
 pub mod service;
@@ -17,13 +18,16 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use crate::error::{Error, Result};
+pub use dgram::DgramSocket;
 pub use stream::StreamSocket;
 
-/// The kinds of sockets a descriptor can name (a closed set: datagram sockets come next).
+/// The kinds of sockets a descriptor can name.
 #[derive(Debug, Clone)]
 pub enum Socket {
     /// SOCK_STREAM.
     Stream(Arc<StreamSocket>),
+    /// SOCK_DGRAM.
+    Dgram(Arc<DgramSocket>),
 }
 
 /// The descriptor table, indexed by descriptor number (descriptors are small integers, and a
@@ -75,7 +79,25 @@ pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<RawFd> {
                 return Err(Error::Unsupported(libc::EPROTONOSUPPORT));
             }
         }
-        libc::SOCK_DGRAM => return Err(Error::NotImplemented),
+        libc::SOCK_DGRAM => {
+            if protocol != 0 && protocol != libc::IPPROTO_UDP {
+                return Err(Error::Unsupported(libc::EPROTONOSUPPORT));
+            }
+            if domain == libc::AF_IB {
+                return Err(Error::Unsupported(libc::EAFNOSUPPORT));
+            }
+            let s = DgramSocket::new(
+                domain,
+                ty & libc::SOCK_NONBLOCK != 0,
+                ty & libc::SOCK_CLOEXEC != 0,
+            )?;
+            let fd = s.fd();
+            table()
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(fd, Socket::Dgram(s));
+            return Ok(fd);
+        }
         _ => return Err(Error::Unsupported(libc::ESOCKTNOSUPPORT)),
     }
     let s = StreamSocket::new(domain, ty & libc::SOCK_NONBLOCK != 0)?;
@@ -110,6 +132,7 @@ pub fn lookup_any(fd: RawFd) -> Result<Socket> {
 pub fn lookup(fd: RawFd) -> Result<Arc<StreamSocket>> {
     match lookup_any(fd)? {
         Socket::Stream(s) => Ok(s),
+        Socket::Dgram(_) => Err(Error::OpNotSupported),
     }
 }
 
@@ -122,5 +145,6 @@ pub fn close(fd: RawFd) -> Result<()> {
         .ok_or(Error::BadDescriptor)?;
     match s {
         Socket::Stream(s) => s.close(),
+        Socket::Dgram(s) => s.close(),
     }
 }

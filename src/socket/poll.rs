@@ -5,13 +5,12 @@
 //! on the completion channels, the CM channels and the caller's regular descriptors.
 
 use std::os::fd::RawFd;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
 use crate::socket::spin::Spin;
 use crate::socket::stream::new_spin;
-use crate::socket::{StreamSocket, lookup};
+use crate::socket::{Socket, lookup_any};
 use crate::verbs::{poll_fds, ticks};
 
 thread_local! {
@@ -23,8 +22,24 @@ fn mask(events: i16) -> i16 {
     events | libc::POLLERR | libc::POLLHUP | libc::POLLNVAL
 }
 
+/// The readiness of an rsocket now (`arm`: also the descriptors to sleep on, CQs armed).
+fn state(s: &Socket, events: Option<i16>, wait: &mut Vec<RawFd>) -> Result<i16> {
+    match s {
+        Socket::Stream(s) => {
+            let ps = s.poll_state(events)?;
+            wait.extend_from_slice(&ps.wait_fds[..ps.n_wait]);
+            Ok(ps.revents)
+        }
+        Socket::Dgram(d) => {
+            let (revents, fds) = d.poll_state(events.is_some())?;
+            wait.extend(fds);
+            Ok(revents)
+        }
+    }
+}
+
 /// One pass without sleeping: fills `revents`, returns how many entries are ready.
-fn check(fds: &mut [libc::pollfd], socks: &[Option<Arc<StreamSocket>>]) -> Result<usize> {
+fn check(fds: &mut [libc::pollfd], socks: &[Option<Socket>]) -> Result<usize> {
     let mut real: Vec<libc::pollfd> = Vec::new();
     let mut real_idx = Vec::new();
     let mut n = 0;
@@ -35,7 +50,7 @@ fn check(fds: &mut [libc::pollfd], socks: &[Option<Arc<StreamSocket>>]) -> Resul
         }
         match &socks[i] {
             Some(s) => {
-                p.revents = s.poll_state(None)?.revents & mask(p.events);
+                p.revents = state(s, None, &mut Vec::new())? & mask(p.events);
                 n += (p.revents != 0) as usize;
             }
             None => {
@@ -60,13 +75,26 @@ fn check(fds: &mut [libc::pollfd], socks: &[Option<Arc<StreamSocket>>]) -> Resul
 /// poll(2) semantics over a mix of rsockets and regular descriptors. `timeout_ms` < 0 waits
 /// forever, 0 checks once.
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
-    let socks: Vec<Option<Arc<StreamSocket>>> = fds
+    let socks: Vec<Option<Socket>> = fds
         .iter()
-        .map(|p| if p.fd >= 0 { lookup(p.fd).ok() } else { None })
+        .map(|p| {
+            if p.fd >= 0 {
+                lookup_any(p.fd).ok()
+            } else {
+                None
+            }
+        })
         .collect();
     // The caller waits in here: the service thread leaves these sockets to it (see
     // `stream::ready`), and their descriptors are brought up to date when it returns.
-    let _calls: Vec<_> = socks.iter().flatten().map(|s| s.call()).collect();
+    let _calls: Vec<_> = socks
+        .iter()
+        .flatten()
+        .filter_map(|s| match s {
+            Socket::Stream(s) => Some(s.call()),
+            Socket::Dgram(_) => None,
+        })
+        .collect();
     // The busy-poll is timed with the tick counter, and the clock is read only when there is
     // a timeout to keep (a clock read can cost a syscall).
     let mut start = None;
@@ -105,9 +133,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
             }
             match &socks[i] {
                 Some(s) => {
-                    let ps = s.poll_state(Some(p.events))?;
-                    ready |= ps.revents & mask(p.events) != 0;
-                    for &fd in &ps.wait_fds[..ps.n_wait] {
+                    let mut wait = Vec::new();
+                    ready |= state(s, Some(p.events), &mut wait)? & mask(p.events) != 0;
+                    for fd in wait {
                         sleep.push(libc::pollfd {
                             fd,
                             events: libc::POLLIN,
@@ -152,7 +180,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
             .collect();
         if !ready.is_empty() {
             for s in socks.iter().flatten() {
-                s.poll_woke(&ready)?;
+                if let Socket::Stream(s) = s {
+                    s.poll_woke(&ready)?;
+                }
             }
         }
     }

@@ -50,7 +50,7 @@ impl EventChannel {
         Ok(CmEvent(non_null(ev)?))
     }
 
-    fn as_ptr(&self) -> *mut sys::rdma_event_channel {
+    pub(super) fn as_ptr(&self) -> *mut sys::rdma_event_channel {
         self.0.as_ptr()
     }
 }
@@ -94,7 +94,7 @@ pub enum CmEventKind {
 pub struct CmEvent(NonNull<sys::rdma_cm_event>);
 
 impl CmEvent {
-    fn raw(&self) -> &sys::rdma_cm_event {
+    pub(super) fn raw(&self) -> &sys::rdma_cm_event {
         // SAFETY: valid until acked in drop.
         unsafe { self.0.as_ref() }
     }
@@ -189,8 +189,8 @@ pub struct ConnParam {
 /// An rdma_cm identifier (the RDMA analogue of a socket).
 #[derive(Debug)]
 pub struct CmId {
-    id: NonNull<sys::rdma_cm_id>,
-    has_qp: bool,
+    pub(super) id: NonNull<sys::rdma_cm_id>,
+    pub(super) has_qp: bool,
 }
 
 // SAFETY: rdma_cm ids are used under the owning socket's lock; librdmacm is thread-safe.
@@ -217,7 +217,7 @@ impl CmId {
         })
     }
 
-    fn raw(&self) -> &sys::rdma_cm_id {
+    pub(super) fn raw(&self) -> &sys::rdma_cm_id {
         // SAFETY: valid while self lives.
         unsafe { self.id.as_ref() }
     }
@@ -349,7 +349,7 @@ impl CmId {
     /// opened under other credentials, whose commands the kernel refuses (see `contexts`); the
     /// id then takes this process's own context of the same device, on which librdmacm
     /// creates and moves its QP as on its own.
-    fn context(&mut self) -> io::Result<*mut sys::ibv_context> {
+    pub(super) fn context(&mut self) -> io::Result<*mut sys::ibv_context> {
         let ctx = self.raw().verbs;
         if ctx.is_null() {
             return Err(io::Error::from_raw_os_error(libc::ENODEV));
@@ -365,7 +365,7 @@ impl CmId {
     }
 
     /// Whether the id's device is an iWARP device (the id must be bound to one).
-    fn is_iwarp(&self) -> bool {
+    pub(super) fn is_iwarp(&self) -> bool {
         let ctx = self.raw().verbs;
         // SAFETY: callers checked ctx is a live device context; ctx->device is valid for the
         // context's lifetime.

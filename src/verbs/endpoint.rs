@@ -51,10 +51,10 @@ impl Drop for CompletionQueue {
 /// time, so it is only ever accessed through raw copies, never through references.
 #[derive(Debug)]
 pub struct MemoryRegion {
-    mr: NonNull<sys::ibv_mr>,
+    pub(super) mr: NonNull<sys::ibv_mr>,
     /// The buffer (unmapped after the MR is deregistered: fields drop after `drop`).
-    mem: Guarded,
-    len: usize,
+    pub(super) mem: Guarded,
+    pub(super) len: usize,
 }
 
 /// Handle to a region of an [`Endpoint`].
@@ -149,7 +149,7 @@ impl Drop for MemoryRegion {
 /// the registered buffers. Field order is drop order.
 #[derive(Debug)]
 pub struct Endpoint {
-    qp: *mut sys::ibv_qp,
+    pub(super) qp: *mut sys::ibv_qp,
     sq_inline: u32,
     /// The device mistransmits short transfers that cross a page (see [`short_page_split`]).
     split_short: bool,
@@ -159,7 +159,7 @@ pub struct Endpoint {
     armed: std::cell::Cell<bool>,
     cq: CompletionQueue,
     comp: CompChannel,
-    pd: ProtectionDomain,
+    pub(super) pd: ProtectionDomain,
 }
 
 // SAFETY: used only under the owning socket's mutex; verbs objects are thread-safe.
@@ -406,7 +406,7 @@ impl Endpoint {
         Ok(())
     }
 
-    fn mr(&self, id: MrId) -> &MemoryRegion {
+    pub(super) fn mr(&self, id: MrId) -> &MemoryRegion {
         &self.mrs[id.0]
     }
 

@@ -42,6 +42,8 @@ mod addr;
 mod cm;
 mod endpoint;
 mod guarded;
+mod ud;
+mod udp;
 pub mod os;
 pub mod ready;
 
@@ -51,3 +53,5 @@ pub use cm::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, DeviceInfo, EventC
 pub use endpoint::*;
 pub use os::{Waker, poll_fds, raise_sigpipe, run_at_exit, set_nonblocking, ticks, ticks_per_us};
 pub use ready::ReadyFd;
+pub use ud::{Ah, AhAttr, PortInfo, resolve_ah_attr, ud_device_present, wait_event};
+pub use udp::{UdpSock, source_for};
