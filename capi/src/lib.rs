@@ -15,8 +15,8 @@ use libc::{
 };
 use rsocket::Error;
 use rsocket::socket::{self, DgramSocket, Socket, options};
-use std::sync::Arc;
 use rsocket::verbs::{SockAddr, UserMemory};
+use std::sync::Arc;
 
 mod errno;
 

@@ -56,7 +56,12 @@ impl DsHeader {
         } else {
             DS_V6_LEN
         };
-        (base + if self.mcast_port.is_some() { DS_MCAST_EXTRA } else { 0 }) as usize
+        (base
+            + if self.mcast_port.is_some() {
+                DS_MCAST_EXTRA
+            } else {
+                0
+            }) as usize
     }
 
     /// Never empty (for clippy's `len` rule).
@@ -111,7 +116,10 @@ impl DsHeader {
             (6, DS_V6_LEN) | (6, 28) => {
                 let flow = u32::from_be_bytes(msg[4..8].try_into().ok()?);
                 let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&msg[8..24]).ok()?);
-                (SocketAddr::V6(SocketAddrV6::new(ip, port, flow, 0)), DS_V6_LEN)
+                (
+                    SocketAddr::V6(SocketAddrV6::new(ip, port, flow, 0)),
+                    DS_V6_LEN,
+                )
             }
             _ => return None,
         };

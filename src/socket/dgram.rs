@@ -30,8 +30,8 @@ use crate::socket::options::{RDMA_INLINE, RDMA_RQSIZE, RDMA_SQSIZE, SOL_RDMA};
 use crate::socket::service::{self, Jobs, Serviced, Wait};
 use crate::trace::trace;
 use crate::verbs::{
-    Access, Ah, CmId, CmOption, Endpoint, EventChannel, MrId, PortInfo, ReadyFd, SockAddr,
-    UdpSock, poll_fds, resolve_ah_attr, source_for, ticks, ticks_per_us, wait_event,
+    Access, Ah, CmId, CmOption, Endpoint, EventChannel, MrId, PortInfo, ReadyFd, SockAddr, UdpSock,
+    poll_fds, resolve_ah_attr, source_for, ticks, ticks_per_us, wait_event,
 };
 
 /// Bytes of a receive slot: the GRH, then one message.
@@ -407,7 +407,7 @@ impl DgramSocket {
                 g.send_unicast(data, dst, nonblocking)
             }
         });
-        g.publish();
+        g.finish();
         let grew = g.qps.len() != before;
         drop(g);
         if grew {
@@ -424,28 +424,37 @@ impl DgramSocket {
         let tpu = ticks_per_us();
         let spin = Config::get().polling_time.max(20) as u64 * tpu;
         let mut t0 = None;
+        let mut woke = false;
         loop {
             if g.closed {
                 return Err(Error::BadDescriptor);
             }
             g.take_events();
             g.poll_cqs();
-            if g.rx.is_empty() {
+            if g.rx.is_empty() && woke {
+                // Introductions are the service thread's, and ours after a sleep (which the
+                // UDP socket may have ended): not a syscall on every poll.
                 g.process_udp();
             }
+            woke = false;
             if let Some(r) = g.take(buf, flags & libc::MSG_PEEK != 0) {
-                g.publish();
+                g.finish();
                 return Ok(r);
             }
             if g.shut_rd {
                 return Ok(Received {
                     copied: 0,
                     len: 0,
-                    src: g.peer.unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+                    src: g
+                        .peer
+                        .unwrap_or(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
                 });
             }
             if nonblocking {
-                g.publish();
+                g.finish();
+                if !g.rx.is_empty() {
+                    continue;
+                }
                 return Err(Error::WouldBlock);
             }
             let now = ticks();
@@ -454,6 +463,7 @@ impl DgramSocket {
                 continue;
             }
             g = self.sleep(g, -1)?;
+            woke = true;
         }
     }
 
@@ -489,14 +499,14 @@ impl DgramSocket {
         }
         g.take_events();
         g.poll_cqs();
-        if g.rx.is_empty() {
+        if arm && g.rx.is_empty() {
             g.process_udp();
         }
         if arm && g.rx.is_empty() {
             g.arm();
             g.poll_cqs();
         }
-        g.publish();
+        g.finish();
         let fds = if arm {
             g.wait_fds().iter().map(|p| p.fd).collect()
         } else {
@@ -682,7 +692,11 @@ impl Inner {
             return Err(Error::InvalidArgument);
         }
         self.udp()?.bind(&a.into())?;
-        let b = self.udp()?.local_addr()?.to_std().ok_or(Error::InvalidArgument)?;
+        let b = self
+            .udp()?
+            .local_addr()?
+            .to_std()
+            .ok_or(Error::InvalidArgument)?;
         self.bound = Some(b);
         if !b.ip().is_unspecified() && !b.ip().is_multicast() {
             // A specific address: its queue pair now, so that an address without an RDMA
@@ -808,12 +822,7 @@ impl Inner {
         Ok(qp.ep.create_ah(&attr)?)
     }
 
-    fn send_unicast(
-        &mut self,
-        data: &[u8],
-        dst: SocketAddr,
-        nonblocking: bool,
-    ) -> Result<usize> {
+    fn send_unicast(&mut self, data: &[u8], dst: SocketAddr, nonblocking: bool) -> Result<usize> {
         let qi = self.dest(dst)?.qp;
         let max = wire::max_payload(self.qps[qi].port.mtu, dst.is_ipv4(), false);
         if data.len() > max {
@@ -841,12 +850,7 @@ impl Inner {
         Ok(data.len())
     }
 
-    fn send_mcast(
-        &mut self,
-        data: &[u8],
-        dst: SocketAddr,
-        nonblocking: bool,
-    ) -> Result<usize> {
+    fn send_mcast(&mut self, data: &[u8], dst: SocketAddr, nonblocking: bool) -> Result<usize> {
         let group = dst.ip();
         if !self.groups.contains_key(&group) {
             let ip = self.src_ip_for(dst)?;
@@ -913,7 +917,10 @@ impl Inner {
                 return Err(e.into());
             }
         };
-        trace!("joined {group} on {} (send only: {send_only}, qpn {qpn:#x})", qp.src);
+        trace!(
+            "joined {group} on {} (send only: {send_only}, qpn {qpn:#x})",
+            qp.src
+        );
         Ok(Group {
             qp: qi,
             ah,
@@ -964,7 +971,8 @@ impl Inner {
     /// Takes the completion channels' events (each acknowledged; the CQs are disarmed).
     fn take_events(&mut self) {
         for q in &self.qps {
-            while q.ep.take_cq_event() {}
+            // An event can be pending only on an armed CQ (no read(2) otherwise).
+            while q.ep.is_armed() && q.ep.take_cq_event() {}
         }
     }
 
@@ -1000,6 +1008,17 @@ impl Inner {
             r |= libc::POLLIN;
         }
         r
+    }
+
+    /// Ends a call: the CQs armed again if the call took their events (the service thread
+    /// sleeps on the channels: a disarmed CQ would never wake it), then the readiness shown.
+    fn finish(&mut self) {
+        if self.qps.iter().any(|q| !q.ep.is_armed()) {
+            self.arm();
+            // What completed before the arming raises no event: look once more.
+            self.poll_cqs();
+        }
+        self.publish();
     }
 
     /// Shows the readiness on the socket's number.
@@ -1198,8 +1217,15 @@ fn post(
     let hl = hdr.encode(&mut h);
     qp.ep.write(qp.mr, off, &h[..hl]);
     qp.ep.write(qp.mr, off + hl, data);
-    qp.ep
-        .post_ud_send(SEND_BIT | slot as u64, qp.mr, off, hl + data.len(), ah, qpn, qkey)?;
+    qp.ep.post_ud_send(
+        SEND_BIT | slot as u64,
+        qp.mr,
+        off,
+        hl + data.len(),
+        ah,
+        qpn,
+        qkey,
+    )?;
     Ok(())
 }
 

@@ -42,10 +42,10 @@ mod addr;
 mod cm;
 mod endpoint;
 mod guarded;
-mod ud;
-mod udp;
 pub mod os;
 pub mod ready;
+mod ud;
+mod udp;
 
 pub use addr::SockAddr;
 pub use cm::contexts::credentials_changed;

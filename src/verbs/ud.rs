@@ -113,13 +113,25 @@ pub fn wait_event(ch: &EventChannel, timeout: Duration) -> io::Result<CmEvent> {
 /// The address handle attributes for `dst`, seen from the device that `src` (an IP address,
 /// port 0) is on: a route resolved through the connection manager. Also returns the device
 /// it resolved on (compare with the endpoint's before using the attributes there).
-pub fn resolve_ah_attr(src: &SockAddr, dst: &SockAddr, timeout_ms: i32) -> io::Result<(AhAttr, usize)> {
+pub fn resolve_ah_attr(
+    src: &SockAddr,
+    dst: &SockAddr,
+    timeout_ms: i32,
+) -> io::Result<(AhAttr, usize)> {
     let ch = EventChannel::new()?;
     let mut id = CmId::new_udp(&ch)?;
     id.resolve_addr(Some(src), dst, timeout_ms)?;
-    expect(&ch, sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, timeout_ms)?;
+    expect(
+        &ch,
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED,
+        timeout_ms,
+    )?;
     id.resolve_route(timeout_ms)?;
-    expect(&ch, sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED, timeout_ms)?;
+    expect(
+        &ch,
+        sys::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED,
+        timeout_ms,
+    )?;
     let attr = id.route_ah_attr()?;
     let dev = id.device();
     Ok((attr, dev))
@@ -253,7 +265,11 @@ impl CmId {
             a.grh.dgid = path.dgid;
             a.grh.flow_label = u32::from_be(path.flow_label);
             a.grh.sgid_index = gid_index(ctx, r.port_num, &path.sgid)?;
-            a.grh.hop_limit = if path.hop_limit > 1 { path.hop_limit } else { 64 };
+            a.grh.hop_limit = if path.hop_limit > 1 {
+                path.hop_limit
+            } else {
+                64
+            };
             a.grh.traffic_class = path.traffic_class;
         }
         a.dlid = u16::from_be(path.dlid);
@@ -321,9 +337,13 @@ impl CmEvent {
                 let ud = unsafe { r.param.ud };
                 Some(Ok((AhAttr(ud.ah_attr), ud.qp_num, ud.qkey)))
             }
-            RDMA_CM_EVENT_MULTICAST_JOIN | RDMA_CM_EVENT_MULTICAST_ERROR => Some(Err(
-                io::Error::from_raw_os_error(if r.status < 0 { -r.status } else { libc::EADDRNOTAVAIL }),
-            )),
+            RDMA_CM_EVENT_MULTICAST_JOIN | RDMA_CM_EVENT_MULTICAST_ERROR => {
+                Some(Err(io::Error::from_raw_os_error(if r.status < 0 {
+                    -r.status
+                } else {
+                    libc::EADDRNOTAVAIL
+                })))
+            }
             _ => None,
         }
     }

@@ -85,7 +85,11 @@ impl UdpSock {
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: storage and its length are valid output.
         check(unsafe {
-            libc::getsockname(self.fd(), &mut st as *mut _ as *mut libc::sockaddr, &mut len)
+            libc::getsockname(
+                self.fd(),
+                &mut st as *mut _ as *mut libc::sockaddr,
+                &mut len,
+            )
         })?;
         Ok(SockAddr::from_storage(st))
     }
