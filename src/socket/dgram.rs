@@ -20,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,10 +29,11 @@ use crate::proto::dgram::{self as wire, DsHeader, GRH_LEN, SLOT, UDP_QKEY, UdpHe
 use crate::socket::config::Config;
 use crate::socket::options::{RDMA_INLINE, RDMA_RQSIZE, RDMA_SQSIZE, SOL_RDMA};
 use crate::socket::service::{self, Jobs, Serviced, Wait};
+use crate::socket::spin::Spin;
 use crate::trace::trace;
 use crate::verbs::{
     Access, Ah, CmId, CmOption, Endpoint, EventChannel, MrId, PortInfo, ReadyFd, SockAddr, UdpSock,
-    poll_fds, resolve_ah_attr, source_for, ticks, ticks_per_us, wait_event,
+    poll_fds, resolve_ah_attr, source_for, ticks, wait_event,
 };
 
 /// Bytes of a receive slot: the GRH, then one message.
@@ -46,6 +48,11 @@ const QUEUE_MIN: u32 = 16;
 const QUEUE_MAX: u32 = 4096;
 /// How long a route resolution or a multicast join may take.
 const CM_TIMEOUT_MS: i32 = 2000;
+
+/// Wasted service wake-ups (less twice the useful ones) after which a socket is self-driven.
+const WASTED_MAX: u8 = 16;
+/// How often the service thread looks at a self-driven socket.
+const TICK: Duration = Duration::from_millis(10);
 
 /// The watch job alone.
 const WATCH: Jobs = Jobs {
@@ -146,6 +153,14 @@ struct Inner {
     shut_rd: bool,
     shut_wr: bool,
     closed: bool,
+    /// The service thread no longer arms the CQs (see [`DgramSocket::serve`]).
+    self_driven: bool,
+    /// Wasted service wake-ups, less twice the useful ones.
+    wasted: u8,
+    /// `DgramSocket::calls` when the service thread last looked.
+    last_calls: u64,
+    /// How long a blocking receive busy-polls before sleeping (adaptive, as a stream's).
+    spin: Spin,
 }
 
 /// A datagram rsocket.
@@ -154,6 +169,8 @@ pub struct DgramSocket {
     number: RawFd,
     /// This socket, for the service thread's registry.
     me: Weak<DgramSocket>,
+    /// Calls the application made (the service thread's measure of a self-driven socket).
+    calls: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -195,6 +212,7 @@ impl DgramSocket {
             domain,
             number,
             me: me.clone(),
+            calls: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 dests: HashMap::new(),
                 groups: HashMap::new(),
@@ -220,6 +238,10 @@ impl DgramSocket {
                 shut_rd: false,
                 shut_wr: false,
                 closed: false,
+                self_driven: false,
+                wasted: 0,
+                last_calls: 0,
+                spin: crate::socket::stream::new_spin(),
             }),
         });
         s.watch();
@@ -260,6 +282,12 @@ impl DgramSocket {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The lock, for a call of the application (counted).
+    fn call(&self) -> MutexGuard<'_, Inner> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.lock()
     }
 
     fn addr(&self, a: &SockAddr) -> Result<SocketAddr> {
@@ -384,7 +412,7 @@ impl DgramSocket {
             None => None,
         };
         let nonblocking = flags & libc::MSG_DONTWAIT != 0;
-        let mut g = self.lock();
+        let mut g = self.call();
         if g.closed {
             return Err(Error::BadDescriptor);
         }
@@ -419,11 +447,10 @@ impl DgramSocket {
     /// recvfrom(2): the next datagram into `buf` (the rest of a longer one is discarded unless
     /// MSG_PEEK); MSG_DONTWAIT, MSG_PEEK; the caller reports MSG_TRUNC from the lengths.
     pub fn recv_from(&self, buf: &mut [u8], flags: i32) -> Result<Received> {
-        let mut g = self.lock();
+        let mut g = self.call();
         let nonblocking = flags & libc::MSG_DONTWAIT != 0 || g.nonblocking;
-        let tpu = ticks_per_us();
-        let spin = Config::get().polling_time.max(20) as u64 * tpu;
         let mut t0 = None;
+        let mut slept = false;
         let mut woke = false;
         loop {
             if g.closed {
@@ -438,6 +465,9 @@ impl DgramSocket {
             }
             woke = false;
             if let Some(r) = g.take(buf, flags & libc::MSG_PEEK != 0) {
+                if let Some(t0) = t0 {
+                    g.spin.record(ticks().wrapping_sub(t0), slept);
+                }
                 g.finish();
                 return Ok(r);
             }
@@ -459,11 +489,12 @@ impl DgramSocket {
             }
             let now = ticks();
             let start = *t0.get_or_insert(now);
-            if now.wrapping_sub(start) < spin {
+            if now.wrapping_sub(start) < g.spin.window() {
                 continue;
             }
             g = self.sleep(g, -1)?;
             woke = true;
+            slept = true;
         }
     }
 
@@ -493,7 +524,7 @@ impl DgramSocket {
     /// For rpoll: the readiness now (POLLIN when a datagram waits, POLLOUT), and with
     /// `arm`, the CQs armed and the descriptors to sleep on.
     pub fn poll_state(&self, arm: bool) -> Result<(i16, Vec<RawFd>)> {
-        let mut g = self.lock();
+        let mut g = self.call();
         if g.closed {
             return Ok((libc::POLLNVAL, Vec::new()));
         }
@@ -1013,12 +1044,28 @@ impl Inner {
     /// Ends a call: the CQs armed again if the call took their events (the service thread
     /// sleeps on the channels: a disarmed CQ would never wake it), then the readiness shown.
     fn finish(&mut self) {
-        if self.qps.iter().any(|q| !q.ep.is_armed()) {
+        if !self.self_driven && self.qps.iter().any(|q| !q.ep.is_armed()) {
             self.arm();
             // What completed before the arming raises no event: look once more.
             self.poll_cqs();
         }
         self.publish();
+    }
+
+    /// Whether the number shows POLLIN.
+    fn shown_in(&self) -> bool {
+        self.ready
+            .as_ref()
+            .is_some_and(|r| r.shown() & libc::POLLIN != 0)
+    }
+
+    /// A self-driven socket's watch: the UDP socket, and a look one tick on.
+    fn tick_wait(&self, now: Instant) -> Wait {
+        Wait {
+            jobs: WATCH,
+            fds: self.udp.iter().map(|u| u.fd()).collect(),
+            deadline: Some(now + TICK),
+        }
     }
 
     /// Shows the readiness on the socket's number.
@@ -1230,17 +1277,48 @@ fn post(
 }
 
 impl Serviced for DgramSocket {
-    fn serve(&self, _jobs: Jobs, _now: Instant, _ready: &[RawFd]) -> Wait {
+    /// The watch job (as a stream socket's, `stream::ready`): shows what arrives while the
+    /// application is outside a call. An application that keeps calling finds its datagrams
+    /// before the service thread could show them; after [`WASTED_MAX`] such wake-ups more than
+    /// twice the useful ones the socket is *self-driven*: its CQs are no longer armed for the
+    /// service thread, which looks every [`TICK`] and watches again once a tick passed with no
+    /// call (the application may be asleep on the descriptor).
+    fn serve(&self, _jobs: Jobs, now: Instant, _ready: &[RawFd]) -> Wait {
+        let calls = self.calls.load(Ordering::Relaxed);
         let mut g = self.lock();
         if g.closed {
             return Wait::default();
         }
+        let active = calls != g.last_calls;
+        g.last_calls = calls;
+        if g.self_driven {
+            g.process_udp();
+            if active {
+                g.publish();
+                return g.tick_wait(now);
+            }
+            trace!("{self:?}: no call for a tick: watched again");
+            g.self_driven = false;
+            g.wasted = 0;
+        }
+        let before = g.shown_in();
         g.take_events();
         g.poll_cqs();
         g.process_udp();
         g.arm();
         g.poll_cqs();
         g.publish();
+        if !active && g.shown_in() && !before {
+            // Shown to an application outside a call: what the watch is for.
+            g.wasted = g.wasted.saturating_sub(2);
+        } else if active {
+            g.wasted = g.wasted.saturating_add(1);
+            if g.wasted > WASTED_MAX {
+                trace!("{self:?}: self-driven (its calls find what arrives)");
+                g.self_driven = true;
+                return g.tick_wait(now);
+            }
+        }
         Wait {
             jobs: WATCH,
             fds: g.wait_fds().iter().map(|p| p.fd).collect(),
