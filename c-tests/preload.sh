@@ -29,7 +29,8 @@ app() {
   timeout 150 bash -c "exec $srv" >"$log/srv" 2>&1 &
   local spid=$! i
   # Until the server listens (python takes seconds to start in the emulated VM).
-  for i in $(seq 100); do ss -Hltn "sport = :$PORT" | grep -q . && break; sleep 0.2; done
+  local l=t; [[ $name == *UDP* ]] && l=u # a UDP server is ready once its socket is bound
+  for i in $(seq 100); do ss -Hl${l}n "sport = :$PORT" | grep -q . && break; sleep 0.2; done
   timeout 120 bash -c "$cli" >"$log/cli" 2>&1
   local crc=$?
   if [ -z "${SERVER_EXITS:-}" ]; then
@@ -66,7 +67,8 @@ app_killed() {
   # No timeout wrapper: $! must be the server itself (bash and rsocket-run exec it).
   bash -c "exec $srv" >"$log/srv" 2>&1 &
   local spid=$! i
-  for i in $(seq 100); do ss -Hltn "sport = :$PORT" | grep -q . && break; sleep 0.2; done
+  local l=t; [[ $name == *UDP* ]] && l=u # a UDP server is ready once its socket is bound
+  for i in $(seq 100); do ss -Hl${l}n "sport = :$PORT" | grep -q . && break; sleep 0.2; done
   timeout 90 bash -c "$cli" >"$log/cli" 2>&1 &
   local cpid=$!
   for i in $(seq 150); do [ $(( $(pkts) - before )) -ge "$min" ] && break; sleep 0.2; done
@@ -130,6 +132,13 @@ app "iperf3" 1000 "$RUN iperf3 -s -1 -B $S -p @PORT@" "$RUN iperf3 -c $S -B $RS_
 
 # sockperf TCP ping-pong.
 app "sockperf ping-pong" 1000 "$RUN sockperf sr --tcp -i $S -p @PORT@" "$RUN sockperf pp --tcp -i $S -p @PORT@ -t 3"
+
+# UDP: sockperf's default (UDP) ping-pong; both ends' sockets become datagram rsockets (the
+# server's at bind, the client's at its first send), and the rxe counters show RDMA carried it.
+app "sockperf UDP ping-pong (datagram rsockets)" 1000 "$RUN sockperf sr -i $S -p @PORT@" "$RUN sockperf pp -i $S -p @PORT@ -t 3"
+# iperf3 -u: its TCP control connection and its UDP data stream (1000-byte datagrams).
+app "iperf3 UDP (-u, control over RDMA streams, data over datagram rsockets)" 1000 \
+  "$RUN iperf3 -s -1 -B $S -p @PORT@" "$RUN iperf3 -c $S -B $RS_CLIENT -p @PORT@ -u -b 20M -l 1000 -n 4M"
 
 # nginx, two workers, sendfile: large files fetched by curl, checked by checksum.
 www=$(mktemp -d); chmod 755 "$www"; mkdir -m 777 "$www/tmp"

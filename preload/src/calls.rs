@@ -182,6 +182,7 @@ pub extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
                     fd,
                     table::Candidate {
                         domain,
+                        dgram: ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) == libc::SOCK_DGRAM,
                         options: Vec::new(),
                     },
                 )
@@ -192,6 +193,25 @@ pub extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
         }
         fd
     })
+}
+
+/// bind(2): a UDP candidate converts here (see `convert::bind_dgram`); a TCP candidate binds
+/// its kernel socket (the rsocket takes the address at connect or listen).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    guard!(
+        -1,
+        match table::slot(fd) {
+            // SAFETY: C contract of bind.
+            Slot::Candidate if convert::is_dgram_candidate(fd) => unsafe {
+                convert::bind_dgram(fd, addr, len)
+            },
+            // SAFETY: C contract of bind.
+            Slot::Rsocket { rs: r, ours: true } => unsafe { rs::rbind(r, addr, len) },
+            // SAFETY: C contract of bind.
+            _ => unsafe { real::bind(fd, addr, len) },
+        }
+    )
 }
 
 #[unsafe(no_mangle)]
@@ -931,6 +951,20 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     len: socklen_t,
 ) -> ssize_t {
+    if table::slot(fd) == Slot::Candidate && convert::is_dgram_candidate(fd) {
+        return guard!(-1, {
+            // SAFETY: C contract of sendto.
+            unsafe {
+                convert::send_dgram(
+                    fd,
+                    addr,
+                    len,
+                    |r| rs::rsendto(r, buf, n, flags, addr, len),
+                    || real::sendto(fd, buf, n, flags, addr, len),
+                )
+            }
+        });
+    }
     route_io!(
         fd,
         libc::POLLOUT,
@@ -956,6 +990,22 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if !msg.is_null() && table::slot(fd) == Slot::Candidate && convert::is_dgram_candidate(fd) {
+        // SAFETY: non-null msghdr of the caller.
+        let (addr, len) = unsafe { ((*msg).msg_name as *const sockaddr, (*msg).msg_namelen) };
+        return guard!(-1, {
+            // SAFETY: C contract of sendmsg.
+            unsafe {
+                convert::send_dgram(
+                    fd,
+                    addr,
+                    len,
+                    |r| rs::rsendmsg(r, msg, flags),
+                    || real::sendmsg(fd, msg, flags),
+                )
+            }
+        });
+    }
     // SAFETY: C contract of sendmsg.
     route_io!(
         fd,
@@ -1140,6 +1190,12 @@ fn getsockopt_rs(
     len: *mut socklen_t,
 ) -> c_int {
     match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_TYPE) if convert::is_dgram_rsocket(r) => {
+            return put_int(v, len, libc::SOCK_DGRAM);
+        }
+        (libc::SOL_SOCKET, libc::SO_PROTOCOL) if convert::is_dgram_rsocket(r) => {
+            return put_int(v, len, libc::IPPROTO_UDP);
+        }
         (libc::SOL_SOCKET, libc::SO_TYPE) => return put_int(v, len, libc::SOCK_STREAM),
         (libc::SOL_SOCKET, libc::SO_PROTOCOL) => return put_int(v, len, libc::IPPROTO_TCP),
         (libc::SOL_SOCKET, libc::SO_ACCEPTCONN) => return put_int(v, len, 0),

@@ -323,6 +323,10 @@ fn wait_connected(r: RawFd, ms: c_int) -> Option<c_int> {
 /// # Safety
 /// `addr` points to `len` readable bytes.
 pub unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -> c_int {
+    if is_dgram_candidate(fd) {
+        // SAFETY: C contract.
+        return unsafe { connect_dgram(fd, addr, len) };
+    }
     // SAFETY: C contract.
     if unsafe { place(addr, len) } != Place::Other {
         give_up(fd);
@@ -393,6 +397,190 @@ fn try_connect(fd: RawFd, cand: &table::Candidate, dst: &Addr) -> Result<(), c_i
         dst.port()
     );
     Ok(())
+}
+
+/// Whether candidate `fd` is a UDP socket.
+pub fn is_dgram_candidate(fd: RawFd) -> bool {
+    table::with(|d| d.candidates.get(&fd).is_some_and(|c| c.dgram))
+}
+
+/// Whether rsocket `r` is a datagram rsocket.
+pub fn is_dgram_rsocket(r: RawFd) -> bool {
+    matches!(
+        rs_core::socket::lookup_any(r),
+        Ok(rs_core::socket::Socket::Dgram(_))
+    )
+}
+
+/// Errors that say RDMA cannot carry a UDP socket's traffic there (no RDMA device on that
+/// address or route, or one without unreliable datagrams: iWARP): the kernel socket goes on.
+fn not_rdma(e: c_int) -> bool {
+    matches!(
+        e,
+        libc::EADDRNOTAVAIL
+            | libc::ENODEV
+            | libc::ESOCKTNOSUPPORT
+            | libc::EHOSTUNREACH
+            | libc::ENETUNREACH
+            | libc::EAFNOSUPPORT
+            | libc::EPROTONOSUPPORT
+            | libc::ENOSYS
+    )
+}
+
+/// A datagram rsocket for UDP candidate `fd`, with its saved options.
+fn new_dgram(cand: &table::Candidate) -> Result<RawFd, c_int> {
+    let r = rs::rsocket(
+        cand.domain,
+        libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        0,
+    );
+    if r < 0 {
+        return Err(errno());
+    }
+    configure(r, cand);
+    Ok(r)
+}
+
+/// bind(2) of a UDP candidate: to the wildcard or an address of an RDMA device with
+/// unreliable datagrams, the socket becomes a datagram rsocket bound there (its peers reached
+/// over RDMA where they are rsockets on such a route, by plain UDP elsewhere); to loopback or
+/// an address of another device, it stays a kernel socket.
+///
+/// # Safety
+/// `addr` points to `len` readable bytes (C contract of bind).
+pub unsafe fn bind_dgram(fd: RawFd, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let cand = table::with(|d| d.candidates.get(&fd).cloned());
+    // SAFETY: C contract.
+    let place = unsafe { place(addr, len) };
+    let Some(cand) = cand.filter(|_| matches!(place, Place::Other | Place::Wildcard)) else {
+        give_up(fd);
+        // SAFETY: C contract.
+        return unsafe { real::bind(fd, addr, len) };
+    };
+    let r = match new_dgram(&cand) {
+        Ok(r) => r,
+        Err(e) => {
+            trace!("fd {fd}: no datagram rsocket (errno {e}): kernel UDP");
+            give_up(fd);
+            // SAFETY: C contract.
+            return unsafe { real::bind(fd, addr, len) };
+        }
+    };
+    // SAFETY: C contract.
+    if unsafe { rs::rbind(r, addr, len) } != 0 {
+        let e = errno();
+        rs::rclose(r);
+        if not_rdma(e) {
+            trace!("fd {fd}: UDP bind not on an RDMA device (errno {e}): kernel UDP");
+            give_up(fd);
+            // SAFETY: C contract.
+            return unsafe { real::bind(fd, addr, len) };
+        }
+        set_errno(e);
+        return -1;
+    }
+    let (nonblocking, cloexec) = fd_flags(fd);
+    match adopt(fd, r, cand.domain, nonblocking, cloexec) {
+        Ok(()) => {
+            trace!("fd {fd}: UDP socket bound as datagram rsocket {r}");
+            0
+        }
+        Err(e) => {
+            set_errno(e);
+            -1
+        }
+    }
+}
+
+/// connect(2) of an unbound UDP candidate: a datagram rsocket if the route to `addr` leads to
+/// an RDMA device with unreliable datagrams, else the kernel socket.
+///
+/// # Safety
+/// `addr` points to `len` readable bytes (C contract of connect).
+pub unsafe fn connect_dgram(fd: RawFd, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let cand = table::with(|d| d.candidates.get(&fd).cloned());
+    // SAFETY: C contract.
+    let Some(cand) = cand.filter(|_| unsafe { place(addr, len) } == Place::Other) else {
+        give_up(fd);
+        // SAFETY: C contract.
+        return unsafe { real::connect(fd, addr, len) };
+    };
+    let r = match new_dgram(&cand) {
+        Ok(r) => r,
+        Err(_) => {
+            give_up(fd);
+            // SAFETY: C contract.
+            return unsafe { real::connect(fd, addr, len) };
+        }
+    };
+    // SAFETY: C contract.
+    if unsafe { rs::rconnect(r, addr, len) } != 0 {
+        let e = errno();
+        rs::rclose(r);
+        if not_rdma(e) {
+            trace!("fd {fd}: UDP connect not routed to an RDMA device (errno {e}): kernel UDP");
+            give_up(fd);
+            // SAFETY: C contract.
+            return unsafe { real::connect(fd, addr, len) };
+        }
+        set_errno(e);
+        return -1;
+    }
+    let (nonblocking, cloexec) = fd_flags(fd);
+    match adopt(fd, r, cand.domain, nonblocking, cloexec) {
+        Ok(()) => {
+            trace!("fd {fd}: UDP socket connected as datagram rsocket {r}");
+            0
+        }
+        Err(e) => {
+            set_errno(e);
+            -1
+        }
+    }
+}
+
+/// The first send of an unbound UDP candidate to `addr`: as [`connect_dgram`] decides, the
+/// datagram leaves by the rsocket (`send`) or the kernel socket (`kernel`).
+///
+/// # Safety
+/// `addr` is NULL or points to `len` readable bytes.
+pub unsafe fn send_dgram(
+    fd: RawFd,
+    addr: *const sockaddr,
+    len: socklen_t,
+    send: impl FnOnce(RawFd) -> isize,
+    kernel: impl FnOnce() -> isize,
+) -> isize {
+    let cand = table::with(|d| d.candidates.get(&fd).cloned());
+    // SAFETY: the caller's contract.
+    let Some(cand) = cand.filter(|_| unsafe { place(addr, len) } == Place::Other) else {
+        if !addr.is_null() {
+            give_up(fd);
+        }
+        return kernel();
+    };
+    let Ok(r) = new_dgram(&cand) else {
+        give_up(fd);
+        return kernel();
+    };
+    let n = send(r);
+    if n < 0 {
+        let e = errno();
+        rs::rclose(r);
+        if not_rdma(e) {
+            trace!("fd {fd}: UDP destination not routed to an RDMA device (errno {e}): kernel UDP");
+            give_up(fd);
+            return kernel();
+        }
+        set_errno(e);
+        return -1;
+    }
+    let (nonblocking, cloexec) = fd_flags(fd);
+    if adopt(fd, r, cand.domain, nonblocking, cloexec).is_ok() {
+        trace!("fd {fd}: UDP socket sends as datagram rsocket {r}");
+    }
+    n
 }
 
 /// A listener's RDMA side.

@@ -30,6 +30,8 @@ pub struct Policy {
     pub inline: Option<i32>,
     /// RSOCKET_PRELOAD_CONNECT_MS.
     pub connect_ms: i32,
+    /// UDP sockets convert too (`RSOCKET_PRELOAD_UDP`, on unless `0`).
+    pub udp: bool,
 }
 
 #[derive(Debug)]
@@ -121,6 +123,7 @@ pub fn get() -> &'static Policy {
             rq_size: env_int("RS_RQ_SIZE"),
             inline: env_int("RS_INLINE"),
             connect_ms: env_int("RSOCKET_PRELOAD_CONNECT_MS").unwrap_or(10000),
+            udp: std::env::var("RSOCKET_PRELOAD_UDP").map_or(true, |v| v.trim() != "0"),
         }
     })
 }
@@ -129,17 +132,22 @@ impl Policy {
     /// Whether a socket(domain, type, protocol) call makes a candidate.
     pub fn intercepts(&self, domain: i32, ty: i32, protocol: i32) -> bool {
         let base = ty & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC);
+        let stream = base == libc::SOCK_STREAM && matches!(protocol, 0 | libc::IPPROTO_TCP);
+        let dgram = base == libc::SOCK_DGRAM && matches!(protocol, 0 | libc::IPPROTO_UDP);
         if !self.enabled
             || !matches!(domain, libc::AF_INET | libc::AF_INET6)
-            || base != libc::SOCK_STREAM
-            || !matches!(protocol, 0 | libc::IPPROTO_TCP)
+            || !(stream || dgram && self.udp)
         {
             return false;
         }
         if self.entries.is_empty() {
             return true;
         }
-        let protocol = libc::IPPROTO_TCP;
+        let protocol = if stream {
+            libc::IPPROTO_TCP
+        } else {
+            libc::IPPROTO_UDP
+        };
         let prog = program_name();
         self.entries.iter().any(|e| {
             e.program
@@ -235,7 +243,7 @@ mod tests {
     }
 
     #[test]
-    fn only_tcp_sockets_are_candidates() {
+    fn only_tcp_and_udp_sockets_are_candidates() {
         let p = Policy {
             enabled: true,
             entries: Vec::new(),
@@ -243,10 +251,13 @@ mod tests {
             rq_size: None,
             inline: None,
             connect_ms: 0,
+            udp: true,
         };
         assert!(p.intercepts(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0));
         assert!(p.intercepts(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP));
-        assert!(!p.intercepts(libc::AF_INET, libc::SOCK_DGRAM, 0));
+        assert!(p.intercepts(libc::AF_INET, libc::SOCK_DGRAM, 0));
+        assert!(p.intercepts(libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_UDP));
+        assert!(!p.intercepts(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP));
         assert!(!p.intercepts(libc::AF_UNIX, libc::SOCK_STREAM, 0));
         assert!(!p.intercepts(libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP));
         let off = Policy {
@@ -254,6 +265,13 @@ mod tests {
             ..p
         };
         assert!(!off.intercepts(libc::AF_INET, libc::SOCK_STREAM, 0));
+        let tcp_only = Policy { udp: false, ..off };
+        let tcp_only = Policy {
+            enabled: true,
+            ..tcp_only
+        };
+        assert!(!tcp_only.intercepts(libc::AF_INET, libc::SOCK_DGRAM, 0));
+        assert!(tcp_only.intercepts(libc::AF_INET, libc::SOCK_STREAM, 0));
     }
 
     #[test]

@@ -186,6 +186,8 @@ pub struct SavedOption {
 pub struct Candidate {
     /// AF_INET or AF_INET6.
     pub domain: i32,
+    /// A UDP socket (converted at bind, connect or its first send; see `convert::dgram`).
+    pub dgram: bool,
     /// Options set so far, in order.
     pub options: Vec<SavedOption>,
 }

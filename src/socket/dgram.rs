@@ -46,6 +46,8 @@ const RESERVE: usize = 4;
 /// Smallest and largest queue sizes.
 const QUEUE_MIN: u32 = 16;
 const QUEUE_MAX: u32 = 4096;
+/// The largest datagram to a plain UDP destination (IPv4's).
+const PLAIN_MAX: usize = 65507;
 /// How long a route resolution or a multicast join may take.
 const CM_TIMEOUT_MS: i32 = 2000;
 
@@ -112,6 +114,10 @@ struct Dest {
     qp: usize,
     ah: Option<Ah>,
     qpn: u32,
+    /// Reached by plain UDP: a loopback address, or a kernel UDP socket that sent us a
+    /// datagram without the rsocket header (under the preload, a converted server keeps its
+    /// plain clients).
+    plain: bool,
 }
 
 /// A multicast group: joined as a member (receiving), or for sending only.
@@ -828,18 +834,35 @@ impl Inner {
     /// The destination `dst` (made on first use, with the queue pair it is reached from).
     fn dest(&mut self, dst: SocketAddr) -> Result<&mut Dest> {
         if !self.dests.contains_key(&dst) {
-            let ip = self.src_ip_for(dst)?;
-            let qp = self.qp_for(ip)?;
+            let plain = dst.ip().is_loopback();
+            let qp = if plain {
+                usize::MAX
+            } else {
+                let ip = self.src_ip_for(dst)?;
+                self.qp_for(ip)?
+            };
             self.dests.insert(
                 dst,
                 Dest {
                     qp,
                     ah: None,
                     qpn: 0,
+                    plain,
                 },
             );
         }
         Ok(self.dests.get_mut(&dst).expect("inserted"))
+    }
+
+    /// `src` sent a datagram without the rsocket header: a kernel UDP socket, answered the
+    /// same way.
+    fn learn_plain(&mut self, src: SocketAddr) {
+        self.dests.entry(src).or_insert(Dest {
+            qp: usize::MAX,
+            ah: None,
+            qpn: 0,
+            plain: true,
+        });
     }
 
     /// An address handle from queue pair `qi` to `dst`, through a resolved route.
@@ -854,7 +877,15 @@ impl Inner {
     }
 
     fn send_unicast(&mut self, data: &[u8], dst: SocketAddr, nonblocking: bool) -> Result<usize> {
-        let qi = self.dest(dst)?.qp;
+        let d = self.dest(dst)?;
+        if d.plain {
+            if data.len() > PLAIN_MAX {
+                return Err(os(libc::EMSGSIZE));
+            }
+            self.udp()?.send_to(&[data], &dst.into())?;
+            return Ok(data.len());
+        }
+        let qi = d.qp;
         let max = wire::max_payload(self.qps[qi].port.mtu, dst.is_ipv4(), false);
         if data.len() > max {
             return Err(os(libc::EMSGSIZE));
@@ -1199,7 +1230,7 @@ impl Inner {
     /// Serves the UDP socket: introductions are answered and give destinations their
     /// address handles; the datagrams they carry are queued.
     fn process_udp(&mut self) {
-        let mut buf = vec![0u8; SLOT + 64];
+        let mut buf = vec![0u8; PLAIN_MAX + 64];
         loop {
             let Some(udp) = &self.udp else { return };
             let (n, from) = match udp.recv_from(&mut buf) {
@@ -1208,7 +1239,14 @@ impl Inner {
             };
             let Some(src) = from.to_std() else { continue };
             let Some((h, at)) = UdpHeader::decode(&buf[..n], src.is_ipv4()) else {
-                trace!("UDP datagram from {src} without an rsocket header ignored");
+                // A kernel UDP socket's datagram: delivered as it is.
+                self.learn_plain(src);
+                if self.admit(src) {
+                    self.rx.push_back(Rx {
+                        src,
+                        body: Body::Owned(buf[..n].to_vec()),
+                    });
+                }
                 continue;
             };
             if let Err(e) = self.introduced(src, h) {
@@ -1227,7 +1265,14 @@ impl Inner {
     /// `src` introduced its queue pair: answer a data introduction with ours, and make (or
     /// remake, for a new queue pair) its address handle.
     fn introduced(&mut self, src: SocketAddr, h: UdpHeader) -> Result<()> {
+        if self.dests.get(&src).is_some_and(|d| d.plain) {
+            // An rsocket after all (it spoke plain UDP first): over RDMA from now on.
+            self.dests.remove(&src);
+        }
         let qi = self.dest(src)?.qp;
+        if qi == usize::MAX {
+            return Err(os(libc::EADDRNOTAVAIL));
+        }
         if h.op == UdpOp::Data {
             let ctrl = UdpHeader {
                 op: UdpOp::Ctrl,

@@ -1,6 +1,10 @@
 //! The kernel UDP socket a datagram rsocket owns: it holds the socket's port, carries the
 //! introductions between queue pairs (`proto::dgram::UdpHeader`), and finds which local
 //! address routes to a destination.
+//!
+//! Every call here is a raw system call, not the C library's function: under a preload that
+//! interposes `socket`, `bind` and the rest (ours converts UDP sockets into datagram
+//! rsockets), the library's own socket must stay a kernel socket.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -11,15 +15,15 @@ use super::addr::SockAddr;
 #[derive(Debug)]
 pub struct UdpSock(OwnedFd);
 
-fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+fn check(r: libc::c_long) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(r)
+        Ok(r as libc::c_int)
     }
 }
 
-fn check_len(r: libc::ssize_t) -> io::Result<usize> {
+fn check_len(r: libc::c_long) -> io::Result<usize> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -32,7 +36,8 @@ impl UdpSock {
     pub fn new(domain: i32) -> io::Result<Self> {
         // SAFETY: socket(2) has no memory arguments.
         let fd = check(unsafe {
-            libc::socket(
+            libc::syscall(
+                libc::SYS_socket,
                 domain,
                 libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
                 0,
@@ -51,7 +56,8 @@ impl UdpSock {
     pub fn set_int(&self, level: i32, name: i32, v: i32) -> io::Result<()> {
         // SAFETY: the option value is a local int of the length passed.
         check(unsafe {
-            libc::setsockopt(
+            libc::syscall(
+                libc::SYS_setsockopt,
                 self.fd(),
                 level,
                 name,
@@ -67,7 +73,7 @@ impl UdpSock {
         let mut a = *addr;
         let len = a.len;
         // SAFETY: a is a valid socket address of len bytes.
-        check(unsafe { libc::bind(self.fd(), a.as_mut_ptr(), len) }).map(drop)
+        check(unsafe { libc::syscall(libc::SYS_bind, self.fd(), a.as_mut_ptr(), len) }).map(drop)
     }
 
     /// connect(2) (AF_UNSPEC dissolves the association).
@@ -75,7 +81,7 @@ impl UdpSock {
         let mut a = *addr;
         let len = a.len;
         // SAFETY: as for bind.
-        check(unsafe { libc::connect(self.fd(), a.as_mut_ptr(), len) }).map(drop)
+        check(unsafe { libc::syscall(libc::SYS_connect, self.fd(), a.as_mut_ptr(), len) }).map(drop)
     }
 
     /// getsockname(2).
@@ -85,10 +91,11 @@ impl UdpSock {
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: storage and its length are valid output.
         check(unsafe {
-            libc::getsockname(
+            libc::syscall(
+                libc::SYS_getsockname,
                 self.fd(),
                 &mut st as *mut _ as *mut libc::sockaddr,
-                &mut len,
+                &mut len as *mut libc::socklen_t,
             )
         })?;
         Ok(SockAddr::from_storage(st))
@@ -111,7 +118,14 @@ impl UdpSock {
         m.msg_iov = iov.as_mut_ptr();
         m.msg_iovlen = iov.len() as _;
         // SAFETY: the msghdr points to live iovecs and address for the call.
-        check_len(unsafe { libc::sendmsg(self.fd(), &m, libc::MSG_NOSIGNAL) })
+        check_len(unsafe {
+            libc::syscall(
+                libc::SYS_sendmsg,
+                self.fd(),
+                &m as *const libc::msghdr,
+                libc::MSG_NOSIGNAL,
+            )
+        })
     }
 
     /// Receives one datagram (non-blocking: WouldBlock when none is queued) and its source.
@@ -121,13 +135,14 @@ impl UdpSock {
         let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: buffer and address storage are valid for their lengths.
         let n = check_len(unsafe {
-            libc::recvfrom(
+            libc::syscall(
+                libc::SYS_recvfrom,
                 self.fd(),
                 buf.as_mut_ptr() as *mut libc::c_void,
                 buf.len(),
                 libc::MSG_DONTWAIT,
                 &mut st as *mut _ as *mut libc::sockaddr,
-                &mut len,
+                &mut len as *mut libc::socklen_t,
             )
         })?;
         Ok((n, SockAddr::from_storage(st)))
