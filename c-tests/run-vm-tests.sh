@@ -345,6 +345,20 @@ dgram_tests() {
     fail=$((fail + 1)); echo "FAIL librdmacm udpong, default run (client rc $uc)"
     sed 's/^/  cli| /' "$log/cli"; sed 's/^/  srv| /' "$log/srv"
   fi
+  # The control: librdmacm on both ends, same MTU, fails (rconnect: its address handle has no
+  # GRH). If it ever passes, the claim above is stale.
+  PORT=$((PORT + 1))
+  timeout 20 udpong -b $RS_SERVER -p $PORT >"$log/srv" 2>&1 &
+  us=$!
+  sleep 1.5
+  timeout 15 udpong -s $RS_SERVER -b $RS_CLIENT -p $PORT -S 64 -C 10 >"$log/cli" 2>&1
+  uc=$?
+  kill $us 2>/dev/null; wait $us 2>/dev/null
+  if [ $uc -ne 0 ]; then
+    pass=$((pass + 1)); echo "ok   control: librdmacm's udpong alone fails on $dev (rc $uc: $(head -1 "$log/cli"))"
+  else
+    fail=$((fail + 1)); echo "FAIL control: librdmacm's udpong alone passed on $dev"; sed 's/^/  cli| /' "$log/cli"
+  fi
   ip link set $RS_SERVER_DEV mtu 1500 && ip link set $RS_CLIENT_DEV mtu 1500
 }
 dgram_tests

@@ -80,7 +80,7 @@ extern "C" {
 #endif // __cplusplus
 
 /*
- Creates an rsocket. See rsocket(7); AF_INET/AF_INET6 SOCK_STREAM.
+ Creates an rsocket. See rsocket(7); AF_INET/AF_INET6, SOCK_STREAM or SOCK_DGRAM.
  */
 int rsocket(int domain, int type, int protocol);
 
@@ -141,7 +141,8 @@ ssize_t rrecvmsg(int socket, struct msghdr *msg, int flags);
 ssize_t rsend(int socket, const void *buf, size_t len, int flags);
 
 /*
- Sends data; on a connected stream the destination must be NULL (or is ignored, as upstream).
+ Sends data: one datagram to `dest_addr` on a datagram socket (NULL: to its peer); on a
+ stream the destination is ignored, as upstream.
  */
 ssize_t rsendto(int socket,
                 const void *buf,
