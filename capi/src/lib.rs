@@ -412,7 +412,8 @@ pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int)
         if let Some(d) = dgram(socket)? {
             let (n, r) = dgram_recv_iov(&d, iov, flags)?;
             m.msg_flags = if r.copied < r.len { libc::MSG_TRUNC } else { 0 };
-            m.msg_controllen = 0;
+            // SAFETY: the caller's msghdr and its control buffer.
+            unsafe { drops_notice(m, r.drops) };
             if !m.msg_name.is_null() {
                 let mut len = m.msg_namelen;
                 // SAFETY: C contract: msg_name has msg_namelen writable bytes.
@@ -426,6 +427,38 @@ pub unsafe extern "C" fn rrecvmsg(socket: c_int, msg: *mut msghdr, flags: c_int)
         m.msg_controllen = 0;
         Ok(n)
     })
+}
+
+/// SO_RXQ_OVFL's control message (SOL_SOCKET, SO_RXQ_OVFL, a u32: the datagrams the socket
+/// dropped so far), as a kernel UDP socket gives it; MSG_CTRUNC when it does not fit.
+///
+/// # Safety
+/// `m` is the caller's msghdr; its control buffer is `msg_controllen` writable bytes.
+unsafe fn drops_notice(m: &mut msghdr, drops: Option<u32>) {
+    let Some(count) = drops else {
+        m.msg_controllen = 0;
+        return;
+    };
+    let len = std::mem::size_of::<u32>() as u32;
+    // SAFETY: pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(len) } as usize;
+    // msg_controllen is usize in glibc, u32 elsewhere: the cast is needed there.
+    #[allow(clippy::unnecessary_cast)]
+    let controllen = m.msg_controllen as usize;
+    if m.msg_control.is_null() || controllen < space {
+        m.msg_flags |= libc::MSG_CTRUNC;
+        m.msg_controllen = 0;
+        return;
+    }
+    // SAFETY: the control buffer holds one cmsg of `space` bytes (checked above).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(m);
+        (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SO_RXQ_OVFL;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u32, count);
+    }
+    m.msg_controllen = space as _;
 }
 
 /// `<linux/errqueue.h>`: the notice comes from MSG_ZEROCOPY.

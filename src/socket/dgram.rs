@@ -167,6 +167,8 @@ struct Inner {
     last_calls: u64,
     /// How long a blocking receive busy-polls before sleeping (adaptive, as a stream's).
     spin: Spin,
+    /// SO_RXQ_OVFL: receives report the drop count.
+    rxq_ovfl: bool,
 }
 
 /// A datagram rsocket.
@@ -195,6 +197,9 @@ pub struct Received {
     pub len: usize,
     /// Its source.
     pub src: SocketAddr,
+    /// With SO_RXQ_OVFL on: the datagrams this socket dropped so far (a full receive queue,
+    /// or a header that was not valid), as the kernel reports them in a control message.
+    pub drops: Option<u32>,
 }
 
 fn queue_size(bytes: u32) -> u32 {
@@ -248,6 +253,7 @@ impl DgramSocket {
                 wasted: 0,
                 last_calls: 0,
                 spin: crate::socket::stream::new_spin(),
+                rxq_ovfl: false,
             }),
         });
         s.watch();
@@ -479,6 +485,7 @@ impl DgramSocket {
             }
             if g.shut_rd {
                 return Ok(Received {
+                    drops: None,
                     copied: 0,
                     len: 0,
                     src: g
@@ -599,6 +606,7 @@ impl DgramSocket {
                 // No broadcast over UD: accepted, as the flag alone changes nothing.
                 int(v)?;
             }
+            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => g.rxq_ovfl = int(v)? != 0,
             (libc::IPPROTO_IP, libc::IP_TOS) | (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
                 g.tos = int(v)? as u8
             }
@@ -674,6 +682,7 @@ impl DgramSocket {
             (libc::SOL_SOCKET, libc::SO_RCVBUF) => (g.rq_size as usize * SLOT) as i32,
             (libc::SOL_SOCKET, libc::SO_SNDBUF) => (g.sq_size as usize * SLOT) as i32,
             (libc::SOL_SOCKET, libc::SO_BROADCAST) => 0,
+            (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => g.rxq_ovfl as i32,
             (libc::IPPROTO_IP, libc::IP_TOS) | (libc::IPPROTO_IPV6, libc::IPV6_TCLASS) => {
                 g.tos as i32
             }
@@ -1224,7 +1233,13 @@ impl Inner {
                 self.repost(qp, slot);
             }
         }
-        Some(Received { copied, len, src })
+        let drops = self.rxq_ovfl.then_some(self.drops as u32);
+        Some(Received {
+            copied,
+            len,
+            src,
+            drops,
+        })
     }
 
     /// Serves the UDP socket: introductions are answered and give destinations their
