@@ -53,6 +53,9 @@ const CM_TIMEOUT_MS: i32 = 2000;
 
 /// Wasted service wake-ups (less twice the useful ones) after which a socket is self-driven.
 const WASTED_MAX: u8 = 16;
+/// Calls that found nothing, between two looks of the service thread, above which the
+/// application polls by itself.
+const POLLING_CALLS: u64 = 2;
 /// How often the service thread looks at a self-driven socket.
 const TICK: Duration = Duration::from_millis(10);
 
@@ -163,8 +166,8 @@ struct Inner {
     self_driven: bool,
     /// Wasted service wake-ups, less twice the useful ones.
     wasted: u8,
-    /// `DgramSocket::calls` when the service thread last looked.
-    last_calls: u64,
+    /// `DgramSocket::idle_polls` when the service thread last looked.
+    last_idle_polls: u64,
     /// How long a blocking receive busy-polls before sleeping (adaptive, as a stream's).
     spin: Spin,
     /// SO_RXQ_OVFL: receives report the drop count.
@@ -177,8 +180,10 @@ pub struct DgramSocket {
     number: RawFd,
     /// This socket, for the service thread's registry.
     me: Weak<DgramSocket>,
-    /// Calls the application made (the service thread's measure of a self-driven socket).
-    calls: AtomicU64,
+    /// Calls that found nothing to receive and returned (EAGAIN, or rpoll's look without
+    /// POLLIN): an application that makes many polls by itself (the service thread's measure
+    /// of a self-driven socket; one asleep on the descriptor makes at most one per wake-up).
+    idle_polls: AtomicU64,
     inner: Mutex<Inner>,
 }
 
@@ -223,7 +228,7 @@ impl DgramSocket {
             domain,
             number,
             me: me.clone(),
-            calls: AtomicU64::new(0),
+            idle_polls: AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 dests: HashMap::new(),
                 groups: HashMap::new(),
@@ -251,7 +256,7 @@ impl DgramSocket {
                 closed: false,
                 self_driven: false,
                 wasted: 0,
-                last_calls: 0,
+                last_idle_polls: 0,
                 spin: crate::socket::stream::new_spin(),
                 rxq_ovfl: false,
             }),
@@ -296,10 +301,14 @@ impl DgramSocket {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The lock, for a call of the application (counted).
+    /// The lock, for a call of the application.
     fn call(&self) -> MutexGuard<'_, Inner> {
-        self.calls.fetch_add(1, Ordering::Relaxed);
         self.lock()
+    }
+
+    /// A call found nothing and returns (see `idle_polls`).
+    fn idle_poll(&self) {
+        self.idle_polls.fetch_add(1, Ordering::Relaxed);
     }
 
     fn addr(&self, a: &SockAddr) -> Result<SocketAddr> {
@@ -498,6 +507,8 @@ impl DgramSocket {
                 if !g.rx.is_empty() {
                     continue;
                 }
+                drop(g);
+                self.idle_poll();
                 return Err(Error::WouldBlock);
             }
             let now = ticks();
@@ -556,7 +567,13 @@ impl DgramSocket {
         } else {
             Vec::new()
         };
-        Ok((g.revents(), fds))
+        let revents = g.revents();
+        drop(g);
+        if !arm && revents & libc::POLLIN == 0 {
+            // rpoll's busy-poll found nothing: the application polls by itself.
+            self.idle_poll();
+        }
+        Ok((revents, fds))
     }
 
     /// Sets the blocking mode (O_NONBLOCK).
@@ -1125,6 +1142,7 @@ impl Inner {
     /// peer's); counts a drop when the queue is full.
     fn admit(&mut self, src: SocketAddr) -> bool {
         if self.peer.is_some_and(|p| p != src) {
+            trace!("datagram from {src} dropped: connected to {:?}", self.peer);
             return false;
         }
         let limit = self
@@ -1255,6 +1273,7 @@ impl Inner {
             let Some(src) = from.to_std() else { continue };
             let Some((h, at)) = UdpHeader::decode(&buf[..n], src.is_ipv4()) else {
                 // A kernel UDP socket's datagram: delivered as it is.
+                trace!("plain UDP datagram of {n} bytes from {src}");
                 self.learn_plain(src);
                 if self.admit(src) {
                     self.rx.push_back(Rx {
@@ -1338,26 +1357,28 @@ fn post(
 
 impl Serviced for DgramSocket {
     /// The watch job (as a stream socket's, `stream::ready`): shows what arrives while the
-    /// application is outside a call. An application that keeps calling finds its datagrams
+    /// application is outside a call. An application that polls by itself (more than
+    /// [`POLLING_CALLS`] calls that found nothing since the last look) finds its datagrams
     /// before the service thread could show them; after [`WASTED_MAX`] such wake-ups more than
     /// twice the useful ones the socket is *self-driven*: its CQs are no longer armed for the
-    /// service thread, which looks every [`TICK`] and watches again once a tick passed with no
-    /// call (the application may be asleep on the descriptor).
+    /// service thread, which looks every [`TICK`] and watches again once a tick passed without
+    /// such polling (the application may be asleep on the descriptor: a datagram socket that
+    /// is not watched then loses datagrams, not only time).
     fn serve(&self, _jobs: Jobs, now: Instant, _ready: &[RawFd]) -> Wait {
-        let calls = self.calls.load(Ordering::Relaxed);
+        let idle = self.idle_polls.load(Ordering::Relaxed);
         let mut g = self.lock();
         if g.closed {
             return Wait::default();
         }
-        let active = calls != g.last_calls;
-        g.last_calls = calls;
+        let active = idle.wrapping_sub(g.last_idle_polls) > POLLING_CALLS;
+        g.last_idle_polls = idle;
         if g.self_driven {
             g.process_udp();
             if active {
                 g.publish();
                 return g.tick_wait(now);
             }
-            trace!("{self:?}: no call for a tick: watched again");
+            trace!("{self:?}: no polling for a tick: watched again");
             g.self_driven = false;
             g.wasted = 0;
         }
