@@ -346,13 +346,22 @@ dgram_tests() {
   # fails here (its address handles lack the GRH RoCE needs).
   ip link set $RS_SERVER_DEV mtu 4200 && ip link set $RS_CLIENT_DEV mtu 4200
   sleep 1
-  PORT=$((PORT + 1))
-  LD_PRELOAD=$LIB timeout 200 udpong -b $RS_SERVER -p $PORT >"$log/srv" 2>&1 &
-  local us=$!
-  sleep 1.5
-  LD_PRELOAD=$LIB timeout 180 udpong -s $RS_SERVER -b $RS_CLIENT -p $PORT >"$log/cli" 2>&1
-  local uc=$?
-  kill $us 2>/dev/null; wait $us 2>/dev/null
+  # udpong's client sends again when a reply takes over 1 ms, and again for every stale reply:
+  # one stall of the emulated VM (raw UD verbs see 2.4 ms now and then: ib_send_lat's maximum)
+  # can start duplicates that feed themselves and slow a run past its bound, with librdmacm's
+  # logic, not ours. A run that ran out of time is retried once and reported as FLAKY.
+  local us uc try
+  for try in 1 2; do
+    PORT=$((PORT + 1))
+    LD_PRELOAD=$LIB timeout 250 udpong -b $RS_SERVER -p $PORT >"$log/srv" 2>&1 &
+    us=$!
+    sleep 1.5
+    LD_PRELOAD=$LIB timeout 240 stdbuf -oL udpong -s $RS_SERVER -b $RS_CLIENT -p $PORT >"$log/cli" 2>&1
+    uc=$?
+    kill $us 2>/dev/null; wait $us 2>/dev/null
+    [ $uc -ne 124 ] && break
+    [ $try -eq 1 ] && { flaky=$((flaky + 1)); echo "FLAKY (udpong ran out of time: $(tail -n 1 "$log/cli"); retrying once)"; }
+  done
   # udpong exits 0 after its last test; every size must have a line.
   if [ $uc -eq 0 ] && [ "$(grep -cE '^[0-9.]+k?_(lat|bw) ' "$log/cli")" -eq 18 ]; then
     pass=$((pass + 1)); echo "ok   librdmacm udpong, default run (18 tests, 64-1536 B), rsocket-rs on both ends"
