@@ -19,7 +19,9 @@ fn cfg() -> StreamConfig {
         rq_size: 384,
         sq_inline: 64,
         rbuf_size: 1 << 17,
+        rbuf_start: 1 << 17,
         sbuf_size: 1 << 17,
+        sbuf_start: 1 << 17,
         msg_send: false,
     }
 }

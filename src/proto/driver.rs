@@ -20,12 +20,14 @@ use crate::trace::trace;
 /// The registered buffers of one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Buffers<M> {
-    /// Send ring, then the control slots.
+    /// Send ring, then the control slots (the registration of its current size).
     pub sbuf: M,
-    /// Receive buffer, then (iWARP) the 4-byte message slots.
+    /// Receive buffer (the registration of its current size).
     pub rbuf: M,
     /// Target SGL (the peer writes its windows here), then our target iomap.
     pub tsgl: M,
+    /// iWARP: the 4-byte message slots the posted receives fill.
+    pub msgs: Option<M>,
 }
 
 /// Counts of the driver's decisions, for the coverage checks of the host tests.
@@ -52,6 +54,16 @@ pub struct Seen {
     pub ring_wrap_at: std::collections::BTreeSet<u32>,
     /// Ring writes ending exactly at the ring's end.
     pub ring_exact_end: u64,
+    /// Send rings grown, and of those, grown with bytes in flight up to the old ring's end.
+    pub sbuf_grown: u64,
+    /// Send rings grown with bytes in flight that end at the old ring's end.
+    pub sbuf_grown_at_end: u64,
+    /// Send ring registrations released after growing.
+    pub sbuf_released: u64,
+    /// Receive buffers registered whole.
+    pub rbuf_grown: u64,
+    /// Receive buffer registrations released after growing.
+    pub rbuf_released: u64,
 }
 
 /// Work requests of one connection, driven by its protocol core.
@@ -75,6 +87,12 @@ pub struct Driver<T: Transport> {
     comps: Vec<Completion>,
     sends_posted: u64,
     sends_completed: u64,
+    /// The send ring's registration before it grew, until the sends posted before then (the
+    /// count) completed.
+    sbuf_old: Option<(T::Mr, u64)>,
+    /// The receive buffer's registration before it grew, until the peer filled the windows
+    /// given under it.
+    rbuf_old: Option<T::Mr>,
     /// What the driver decided so far (test builds).
     #[cfg(test)]
     pub seen: Seen,
@@ -84,10 +102,14 @@ impl<T: Transport> Driver<T> {
     /// Registers the connection's buffers on `t`, posts `rq_posted` receives, and offers
     /// `iomap` entries of our target iomap. The core is a placeholder until [`Driver::start`].
     pub fn new(mut t: T, cfg: StreamConfig, rq_posted: u32, iomap: u16) -> io::Result<Self> {
-        let sbuf = t.register(cfg.send_buffer_len(), false)?;
+        let sbuf = t.reserve(cfg.send_buffer_start(), cfg.send_buffer_len(), false)?;
         let tsgl = t.register(StreamConfig::target_sgl_len(iomap), true)?;
-        let rbuf = t.register(cfg.recv_buffer_len(rq_posted), true)?;
+        let rbuf = t.reserve(cfg.rbuf_start as usize, cfg.rbuf_size as usize, true)?;
         let slots = cfg.msg_slots(rq_posted);
+        let msgs = match slots {
+            0 => None,
+            n => Some(t.register(n as usize * wire::MSG_SIZE, false)?),
+        };
         let (taddr, tkey) = t.remote_handle(tsgl);
         let (raddr, rkey) = t.remote_handle(rbuf);
         let local = LocalBuffers {
@@ -114,15 +136,22 @@ impl<T: Transport> Driver<T> {
         let mut d = Driver {
             core: Stream::new(cfg, local, &placeholder),
             t,
-            bufs: Buffers { sbuf, rbuf, tsgl },
+            bufs: Buffers {
+                sbuf,
+                rbuf,
+                tsgl,
+                msgs,
+            },
             cfg,
             local,
-            msg_slots: (slots > 0).then_some((cfg.rbuf_size as usize, slots)),
+            msg_slots: (slots > 0).then_some((0, slots)),
             recv_slot: 0,
             iomap_stage: None,
             comps: Vec::with_capacity(32),
             sends_posted: 0,
             sends_completed: 0,
+            sbuf_old: None,
+            rbuf_old: None,
             #[cfg(test)]
             seen: Seen::default(),
         };
@@ -173,11 +202,11 @@ impl<T: Transport> Driver<T> {
                 self.recv_slot = (slot + 1) % slots;
                 (slot, base + slot as usize * wire::MSG_SIZE)
             });
-            match into {
-                Some((slot, off)) => self
+            match (into, self.bufs.msgs) {
+                (Some((slot, off)), Some(msgs)) => self
                     .t
-                    .post_recv(core::recv_wr_id(slot), Some((self.bufs.rbuf, off)))?,
-                None => self.t.post_recv(core::recv_wr_id(0), None)?,
+                    .post_recv(core::recv_wr_id(slot), Some((msgs, off)))?,
+                _ => self.t.post_recv(core::recv_wr_id(0), None)?,
             }
         }
         Ok(())
@@ -228,13 +257,12 @@ impl<T: Transport> Driver<T> {
                 let raw = match c.imm {
                     Some(v) => v,
                     None => {
-                        let Some((base, _)) = self.msg_slots else {
+                        let (Some((base, _)), Some(msgs)) = (self.msg_slots, self.bufs.msgs) else {
                             continue;
                         };
                         let slot = core::recv_slot(c.wr_id) as usize;
                         let mut b = [0u8; wire::MSG_SIZE];
-                        self.t
-                            .read(self.bufs.rbuf, base + slot * wire::MSG_SIZE, &mut b);
+                        self.t.read(msgs, base + slot * wire::MSG_SIZE, &mut b);
                         u32::from_ne_bytes(b)
                     }
                 };
@@ -255,9 +283,79 @@ impl<T: Transport> Driver<T> {
                 self.post_recvs(reposts)?;
             }
         }
+        self.grow_rings();
         self.flush_due()?;
         self.send_credits()?;
         Ok(any)
+    }
+
+    /// Grows the rings the core asks to grow (registering the rest of their allocation) and
+    /// releases the registrations they outgrew once nothing uses them. A registration that
+    /// fails (RLIMIT_MEMLOCK, say) leaves the ring at its size: slower, never wrong.
+    fn grow_rings(&mut self) {
+        if let Some((old, posted)) = self.sbuf_old
+            && self.sends_completed >= posted
+        {
+            self.t.release(old);
+            self.sbuf_old = None;
+            #[cfg(test)]
+            {
+                self.seen.sbuf_released += 1;
+            }
+        }
+        if self.sbuf_old.is_none() && self.core.sbuf_grow_due() {
+            match self.t.extend(self.bufs.sbuf) {
+                Ok(m) => {
+                    #[cfg(test)]
+                    {
+                        self.seen.sbuf_grown += 1;
+                        if self.core.send_ring_head() == 0
+                            && self.sends_completed < self.sends_posted
+                        {
+                            self.seen.sbuf_grown_at_end += 1;
+                        }
+                    }
+                    self.sbuf_old = Some((self.bufs.sbuf, self.sends_posted));
+                    self.bufs.sbuf = m;
+                    self.core.on_sbuf_grown();
+                    trace!("send ring grown to {} bytes", self.core.send_ring_len());
+                }
+                Err(e) => {
+                    trace!("send ring stays small: {e}");
+                    self.core.sbuf_growth_failed();
+                }
+            }
+        }
+        if self.rbuf_old.is_none() && self.core.rbuf_grow_wanted() {
+            match self.t.extend(self.bufs.rbuf) {
+                Ok(m) => {
+                    #[cfg(test)]
+                    {
+                        self.seen.rbuf_grown += 1;
+                    }
+                    self.rbuf_old = Some(self.bufs.rbuf);
+                    self.bufs.rbuf = m;
+                    self.core.on_rbuf_grown(self.t.remote_handle(m).1);
+                    trace!(
+                        "receive buffer registered whole ({} bytes)",
+                        self.cfg.rbuf_size
+                    );
+                }
+                Err(e) => {
+                    trace!("receive ring stays small: {e}");
+                    self.core.rbuf_growth_failed();
+                }
+            }
+        }
+        if self.core.take_rbuf_retired()
+            && let Some(old) = self.rbuf_old.take()
+        {
+            self.t.release(old);
+            #[cfg(test)]
+            {
+                self.seen.rbuf_released += 1;
+            }
+        }
     }
 
     fn refresh_target_sgl(&mut self) {
@@ -417,6 +515,7 @@ impl<T: Transport> Driver<T> {
     /// call has reached (doubled per write up to [`core::MAX_TRANSFER`]); `coalesce` lets small
     /// sends gather while writes are in flight ([`Stream::plan_send`]).
     pub fn send_some(&mut self, buf: &[u8], olen: &mut u32, coalesce: bool) -> io::Result<usize> {
+        self.grow_rings();
         let mut sent = 0;
         while sent < buf.len() {
             let left = (buf.len() - sent).min(u32::MAX as usize) as u32;
@@ -513,7 +612,7 @@ impl<T: Transport> Driver<T> {
             self.seen.inline_writes += 1;
         } else if w.ring_segs == 2 {
             self.seen.ring_wrap_at.insert(w.ring[0].1);
-        } else if w.ring[0].0 + w.ring[0].1 == self.cfg.sbuf_size {
+        } else if w.ring[0].0 + w.ring[0].1 == self.core.send_ring_len() {
             self.seen.ring_exact_end += 1;
         }
         let payload = match src {

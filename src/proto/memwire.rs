@@ -18,13 +18,22 @@ use std::io;
 
 use super::transport::{Completion, Source, Transport};
 
-/// One registered buffer.
+/// One registration of a buffer. A buffer's bytes live in its first registration (the owner);
+/// [`Transport::extend`] adds registrations of the same bytes with other keys.
 #[derive(Debug)]
 struct Region {
     base: u64,
     rkey: u32,
     remote_write: bool,
+    /// The whole allocation (owner only; empty in later registrations).
     bytes: Vec<u8>,
+    /// Index of the registration that holds the bytes.
+    owner: usize,
+    /// Bytes registered (from `base`).
+    len: usize,
+    /// Not released yet: a work request or a peer's write under a released key breaks the
+    /// test, as a device would fail it.
+    live: bool,
 }
 
 /// Where a posted work request's bytes come from.
@@ -118,14 +127,41 @@ impl MemEnd {
         }
     }
 
-    /// The bytes of one of our buffers.
+    /// The bytes of one of our buffers (as registered by `mr`).
     pub fn region(&self, mr: usize) -> &[u8] {
-        &self.regions[mr].bytes
+        let r = &self.regions[mr];
+        assert!(
+            r.live,
+            "end {}: region {mr} used after its release",
+            self.id
+        );
+        &self.regions[r.owner].bytes[..r.len]
     }
 
-    /// Fills bytes of one of our buffers (with garbage, say, that no test may receive).
+    fn region_mut(&mut self, mr: usize) -> &mut [u8] {
+        let (owner, len, live) = {
+            let r = &self.regions[mr];
+            (r.owner, r.len, r.live)
+        };
+        assert!(live, "end {}: region {mr} used after its release", self.id);
+        &mut self.regions[owner].bytes[..len]
+    }
+
+    /// Registrations of ours that are live (a released one is gone, as on a device).
+    pub fn live_regions(&self) -> usize {
+        self.regions.iter().filter(|r| r.live).count()
+    }
+
+    /// Bytes of ours registered (all live registrations).
+    pub fn registered_bytes(&self) -> usize {
+        self.regions.iter().filter(|r| r.live).map(|r| r.len).sum()
+    }
+
+    /// Fills bytes of one of our buffers, anywhere in its allocation (with garbage, say, that
+    /// no test may receive).
     pub fn fill(&mut self, mr: usize, range: std::ops::Range<usize>, byte: u8) {
-        self.regions[mr].bytes[range].fill(byte);
+        let owner = self.regions[mr].owner;
+        self.regions[owner].bytes[range].fill(byte);
     }
 
     /// Posted sends not completed yet.
@@ -149,7 +185,7 @@ impl MemEnd {
             Src::Ring(mr, segs, n) => {
                 let mut v = Vec::new();
                 for &(o, l) in &segs[..*n] {
-                    v.extend_from_slice(&self.regions[*mr].bytes[o as usize..(o + l) as usize]);
+                    v.extend_from_slice(&self.region(*mr)[o as usize..(o + l) as usize]);
                 }
                 v
             }
@@ -183,27 +219,29 @@ impl MemEnd {
         if let Op::Write((addr, rkey), _) = wr.op
             && !data.is_empty()
         {
-            let r = to
+            let i = to
                 .regions
-                .iter_mut()
-                .find(|r| r.rkey == rkey)
+                .iter()
+                .position(|r| r.rkey == rkey)
                 .unwrap_or_else(|| panic!("write with rkey {rkey:#x}, never granted"));
+            let r = &to.regions[i];
+            assert!(r.live, "write with rkey {rkey:#x}, released");
             assert!(r.remote_write, "write into a region not remote-writable");
             let off = addr.checked_sub(r.base).expect("write below the region") as usize;
             assert!(
-                off + data.len() <= r.bytes.len(),
+                off + data.len() <= r.len,
                 "write past the region's end ({} bytes at offset {off} of {})",
                 data.len(),
-                r.bytes.len()
+                r.len
             );
-            r.bytes[off..off + data.len()].copy_from_slice(data);
+            to.region_mut(i)[off..off + data.len()].copy_from_slice(data);
         }
         if let Some((imm, bytes)) = msg {
             let (wr_id, into) = to.recvs.pop_front().expect("checked");
             let imm = match (bytes, into) {
                 (Some(b), Some((mr, off))) => {
                     assert!(b.len() <= 4, "SEND longer than its receive");
-                    to.regions[mr].bytes[off..off + b.len()].copy_from_slice(&b);
+                    to.region_mut(mr)[off..off + b.len()].copy_from_slice(&b);
                     None
                 }
                 (Some(_), None) => panic!("SEND into a receive without buffer"),
@@ -307,14 +345,46 @@ impl Transport for MemEnd {
     type Seg = Infallible;
 
     fn register(&mut self, len: usize, remote_write: bool) -> io::Result<usize> {
+        self.reserve(len, len, remote_write)
+    }
+
+    fn reserve(&mut self, len: usize, cap: usize, remote_write: bool) -> io::Result<usize> {
+        assert!(len <= cap, "registration beyond the allocation");
         let i = self.regions.len();
         self.regions.push(Region {
             base: (self.id as u64) << 40 | (i as u64 + 1) << 32,
             rkey: self.id << 8 | i as u32,
             remote_write,
-            bytes: vec![0; len],
+            bytes: vec![0; cap],
+            owner: i,
+            len,
+            live: true,
         });
         Ok(i)
+    }
+
+    fn extend(&mut self, mr: usize) -> io::Result<usize> {
+        let r = &self.regions[mr];
+        assert!(r.live, "extending a released region");
+        let (base, remote_write, owner) = (r.base, r.remote_write, r.owner);
+        let i = self.regions.len();
+        let len = self.regions[owner].bytes.len();
+        self.regions.push(Region {
+            base,
+            rkey: self.id << 8 | i as u32,
+            remote_write,
+            bytes: Vec::new(),
+            owner,
+            len,
+            live: true,
+        });
+        Ok(i)
+    }
+
+    fn release(&mut self, mr: usize) {
+        let r = &mut self.regions[mr];
+        assert!(r.live, "region {mr} released twice");
+        r.live = false;
     }
 
     fn remote_handle(&self, mr: usize) -> (u64, u32) {
@@ -322,11 +392,11 @@ impl Transport for MemEnd {
     }
 
     fn read(&self, mr: usize, offset: usize, out: &mut [u8]) {
-        out.copy_from_slice(&self.regions[mr].bytes[offset..offset + out.len()]);
+        out.copy_from_slice(&self.region(mr)[offset..offset + out.len()]);
     }
 
     fn write(&mut self, mr: usize, offset: usize, data: &[u8]) {
-        self.regions[mr].bytes[offset..offset + data.len()].copy_from_slice(data);
+        self.region_mut(mr)[offset..offset + data.len()].copy_from_slice(data);
     }
 
     fn inline_size(&self) -> u32 {
@@ -352,7 +422,7 @@ impl Transport for MemEnd {
             Source::Region(mr, segs, n) => {
                 for &(o, l) in &segs[..n] {
                     assert!(
-                        (o + l) as usize <= self.regions[mr].bytes.len(),
+                        (o + l) as usize <= self.region(mr).len(),
                         "send outside region"
                     );
                 }

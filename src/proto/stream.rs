@@ -70,10 +70,16 @@ pub struct StreamConfig {
     pub rq_size: u16,
     /// Largest inline send the QP accepts.
     pub sq_inline: u32,
-    /// Receive buffer bytes (two halves).
+    /// Receive buffer bytes (two halves) the ring may grow to.
     pub rbuf_size: u32,
-    /// Send ring bytes.
+    /// Receive ring bytes registered at connect (≤ `rbuf_size`, even). The ring grows to
+    /// `rbuf_size` once the peer used up every window we gave it (see [`Stream::rbuf_grow_wanted`]).
+    pub rbuf_start: u32,
+    /// Send ring bytes the ring may grow to.
     pub sbuf_size: u32,
+    /// Send ring bytes registered at connect (≤ `sbuf_size`). The ring grows to `sbuf_size`
+    /// once a send found it full (see [`Stream::sbuf_grow_due`]).
+    pub sbuf_start: u32,
     /// iWARP mode: no immediate data; messages travel as 4-byte SENDs after the write.
     pub msg_send: bool,
 }
@@ -88,15 +94,19 @@ impl StreamConfig {
         }
     }
 
-    /// Bytes of the send buffer to register: the ring and the control slots.
+    /// Bytes of the send buffer to allocate: the ring at its largest, then the control slots
+    /// (which only a ring that never grows has: see [`QueueSizes::config`]).
     pub fn send_buffer_len(&self) -> usize {
         (self.sbuf_size + self.ctrl_area()) as usize
     }
 
-    /// Bytes of the receive buffer to register: the two halves, then on iWARP one 4-byte
-    /// message slot per posted receive.
-    pub fn recv_buffer_len(&self, rq_posted: u32) -> usize {
-        self.rbuf_size as usize + self.msg_slots(rq_posted) as usize * wire::MSG_SIZE
+    /// Bytes of the send buffer registered at connect.
+    pub fn send_buffer_start(&self) -> usize {
+        if self.sbuf_start == self.sbuf_size {
+            self.send_buffer_len()
+        } else {
+            self.sbuf_start as usize
+        }
     }
 
     /// Message slots after the receive buffer (iWARP: one per posted receive; else none).
@@ -281,6 +291,17 @@ pub struct Flags {
     pub connected: bool,
 }
 
+/// A window of our receive buffer the peer may still write into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Granted {
+    /// Offset in the receive buffer of its next byte.
+    at: u32,
+    /// Bytes not yet written.
+    left: u32,
+    /// The rkey it was given under.
+    key: u32,
+}
+
 /// The connected-stream state machine.
 #[derive(Debug)]
 pub struct Stream {
@@ -302,6 +323,12 @@ pub struct Stream {
     sqe_avail: u32,
     sbuf_bytes_avail: u32,
     sbuf_head: u32,
+    /// Send ring bytes now (grows from `cfg.sbuf_start` to `sbuf_cap`).
+    sbuf_cur: u32,
+    /// Largest the send ring may grow to (`cfg.sbuf_size`, or `sbuf_cur` once growing failed).
+    sbuf_cap: u32,
+    /// A send found the ring too small: grow it at the next moment the layout allows.
+    sbuf_grow_wanted: bool,
     /// Data writes posted and not completed.
     inflight: u32,
     /// Small sends gathered while earlier writes are in flight: one planned write that grows
@@ -312,12 +339,29 @@ pub struct Stream {
     ctrl_seqno: u32,
     ctrl_max_seqno: u32,
     // receive side
-    rmsg: VecDeque<u32>,
+    /// Messages received and not yet consumed: (offset in the receive buffer, length). Each
+    /// lies in one window, so it is contiguous; consecutive ones usually are too, but not
+    /// across the ring's end or where it grew.
+    rmsg: VecDeque<(u32, u32)>,
     rbuf_offset: u32,
     rbuf_bytes_avail: u32,
     rbuf_free_offset: u32,
     rseq_no: u16,
     rseq_comp: u16,
+    /// Receive ring bytes now (grows from `cfg.rbuf_start` to `rbuf_cap`).
+    rbuf_cur: u32,
+    /// Largest the receive ring may grow to (`cfg.rbuf_size`, or `rbuf_cur` once growing failed).
+    rbuf_cap: u32,
+    /// The windows we gave the peer that it has not filled yet, oldest first (at most one per
+    /// entry of its target SGL): the peer's data must land in them, in order.
+    granted: VecDeque<Granted>,
+    /// The peer used up every window we gave it: grow the ring.
+    rbuf_grow_wanted: bool,
+    /// The rkey of the whole (grown) receive buffer, registered and not yet given out: the ring
+    /// switches to it at the next window that may start its second half.
+    rbuf_grown_key: Option<u32>,
+    /// The rkey the ring had before it grew, while a window under it is still unfilled.
+    rbuf_old_key: Option<u32>,
     /// The peer is rsocket-rs.
     peer_ext: bool,
     /// The peer's target iomap: address, rkey, entry count.
@@ -361,7 +405,7 @@ impl Stream {
             data_buf: RemoteSge {
                 addr: local.rbuf.addr,
                 key: local.rbuf.key,
-                length: cfg.rbuf_size / 2,
+                length: cfg.rbuf_start / 2,
             },
         }
     }
@@ -386,8 +430,11 @@ impl Stream {
             peer_credits: peer.credits,
             credit_reserve: credit_reserve(cfg.msg_send, peer.credits),
             sqe_avail: cfg.sq_size as u32 - ctrl_max,
-            sbuf_bytes_avail: cfg.sbuf_size,
+            sbuf_bytes_avail: cfg.sbuf_start,
             sbuf_head: 0,
+            sbuf_cur: cfg.sbuf_start,
+            sbuf_cap: cfg.sbuf_size,
+            sbuf_grow_wanted: false,
             inflight: 0,
             pending: None,
             target_sgl: [peer.data_buf, RemoteSge::default()],
@@ -396,10 +443,25 @@ impl Stream {
             ctrl_max_seqno: ctrl_max,
             rmsg: VecDeque::with_capacity(cfg.rq_size as usize + 1),
             rbuf_offset: 0,
-            rbuf_bytes_avail: cfg.rbuf_size / 2,
-            rbuf_free_offset: cfg.rbuf_size / 2,
+            rbuf_bytes_avail: cfg.rbuf_start / 2,
+            rbuf_free_offset: cfg.rbuf_start / 2,
             rseq_no: 0,
             rseq_comp: cfg.rq_size / 2,
+            rbuf_cur: cfg.rbuf_start,
+            // The grown ring's first window runs from the small ring's end to its middle.
+            rbuf_cap: if cfg.rbuf_start < cfg.rbuf_size / 2 {
+                cfg.rbuf_size
+            } else {
+                cfg.rbuf_start
+            },
+            granted: VecDeque::from([Granted {
+                at: 0,
+                left: cfg.rbuf_start / 2,
+                key: local.rbuf.key,
+            }]),
+            rbuf_grow_wanted: false,
+            rbuf_grown_key: None,
+            rbuf_old_key: None,
             held: false,
             peer_done: false,
             ctrl_owed: None,
@@ -517,7 +579,7 @@ impl Stream {
         self.flags.writable
             && !self.held
             && self.sqe_avail >= need_sqe
-            && self.sbuf_bytes_avail >= SNDLOWAT.min(self.cfg.sbuf_size)
+            && self.sbuf_bytes_avail >= SNDLOWAT.min(self.sbuf_cur)
             && self.credit_left()
             && self.target_sgl[self.target_sge].length != 0
     }
@@ -564,6 +626,9 @@ impl Stream {
     }
 
     fn plan_write_from(&mut self, max: u32, zero_copy: bool) -> Option<DataWrite> {
+        if !zero_copy && max > self.sbuf_bytes_avail {
+            self.want_sbuf_growth();
+        }
         if max == 0 || !self.can_send() {
             return None;
         }
@@ -610,7 +675,7 @@ impl Stream {
     /// `sbuf_bytes_avail`): one or two (offset, len) segments.
     fn take_ring(&mut self, len: u32) -> ([(u32, u32); 2], usize) {
         let mut ring = [(0, 0); 2];
-        let to_end = self.cfg.sbuf_size - self.sbuf_head;
+        let to_end = self.sbuf_cur - self.sbuf_head;
         if len <= to_end {
             ring[0] = (self.sbuf_head, len);
             self.sbuf_head = if len == to_end {
@@ -683,7 +748,10 @@ impl Stream {
         // Copied bytes (inline ones too, like plan_write) are counted out of the ring's free
         // space until they complete: never more than it has.
         if copy {
-            if self.sbuf_bytes_avail < SNDLOWAT.min(self.cfg.sbuf_size).min(len) {
+            if len > self.sbuf_bytes_avail {
+                self.want_sbuf_growth();
+            }
+            if self.sbuf_bytes_avail < SNDLOWAT.min(self.sbuf_cur).min(len) {
                 return None;
             }
             len = len.min(self.sbuf_bytes_avail);
@@ -715,6 +783,58 @@ impl Stream {
             ring,
             ring_segs,
         })
+    }
+
+    fn want_sbuf_growth(&mut self) {
+        if self.sbuf_cur < self.sbuf_cap {
+            self.sbuf_grow_wanted = true;
+        }
+    }
+
+    /// Whether the send ring should grow now: a send found it too small, and the bytes in
+    /// flight lie in one piece that ends at the ring's head (or at its end), so the larger
+    /// ring keeps them where they are. Then register the whole send buffer and call
+    /// [`Stream::on_sbuf_grown`].
+    pub fn sbuf_grow_due(&self) -> bool {
+        // Inline bytes in flight count too (see plan_direct), so `used` may exceed the ring's
+        // occupied bytes: the test errs on the side of waiting.
+        let used = self.sbuf_cur - self.sbuf_bytes_avail;
+        self.sbuf_grow_wanted
+            && self.pending.is_none()
+            && (used <= self.sbuf_head || self.sbuf_head == 0)
+    }
+
+    /// The whole send buffer is registered: the ring has its full size from now on. Bytes in
+    /// flight stay in place; a head at the old end moves past them rather than wrapping.
+    pub fn on_sbuf_grown(&mut self) {
+        if self.sbuf_head == 0 && self.sbuf_bytes_avail < self.sbuf_cur {
+            self.sbuf_head = self.sbuf_cur;
+        }
+        self.sbuf_bytes_avail += self.sbuf_cap - self.sbuf_cur;
+        self.sbuf_cur = self.sbuf_cap;
+        self.sbuf_grow_wanted = false;
+    }
+
+    /// Registering the larger send buffer failed: the ring keeps its size.
+    pub fn sbuf_growth_failed(&mut self) {
+        self.sbuf_cap = self.sbuf_cur;
+        self.sbuf_grow_wanted = false;
+    }
+
+    /// Send ring bytes now.
+    pub fn send_ring_len(&self) -> u32 {
+        self.sbuf_cur
+    }
+
+    /// Offset in the send ring of the next write (test coverage).
+    #[cfg(test)]
+    pub(crate) fn send_ring_head(&self) -> u32 {
+        self.sbuf_head
+    }
+
+    /// Receive ring bytes now.
+    pub fn recv_ring_len(&self) -> u32 {
+        self.rbuf_cur
     }
 
     /// Data writes posted and not yet completed.
@@ -762,7 +882,7 @@ impl Stream {
                 self.target_sge = (self.target_sge + 1) % wire::SGL_SIZE as usize;
             }
             self.sbuf_bytes_avail -= n;
-            self.sbuf_head = (at + n) % self.cfg.sbuf_size;
+            self.sbuf_head = (at + n) % self.sbuf_cur;
             return Some(SendPlan::Queued {
                 ring: [(at, n), (0, 0)],
                 ring_segs: 1,
@@ -793,13 +913,13 @@ impl Stream {
         }
         let end = p.ring[0].0 + p.ring[0].1;
         let sge = &self.target_sgl[self.target_sge];
-        if sge.addr != p.remote_addr + p.len as u64 || end % self.cfg.sbuf_size != self.sbuf_head {
+        if sge.addr != p.remote_addr + p.len as u64 || end % self.sbuf_cur != self.sbuf_head {
             return 0;
         }
         max.min(MAX_TRANSFER - p.len.min(MAX_TRANSFER))
             .min(self.sbuf_bytes_avail)
             .min(sge.length)
-            .min(self.cfg.sbuf_size - end)
+            .min(self.sbuf_cur - end)
     }
 
     /// Whether gathered sends wait to leave.
@@ -976,18 +1096,34 @@ impl Stream {
         };
         match msg {
             Msg::Data(len) => {
-                // The peer may not put more in flight than the credits and windows we gave.
-                let queued: u64 = self.rmsg.iter().map(|&l| l as u64).sum();
+                // The peer may not put more in flight than the credits and windows we gave,
+                // and each write lies in the oldest window it has not filled (a write never
+                // spans two windows).
+                let queued: u64 = self.rmsg.iter().map(|&(_, l)| l as u64).sum();
+                let fits = len == 0 || self.granted.front().is_some_and(|g| len <= g.left);
                 if self.rmsg.len() > self.cfg.rq_size as usize
-                    || queued + len as u64 > self.cfg.rbuf_size as u64
+                    || queued + len as u64 > self.rbuf_cur as u64
+                    || !fits
                 {
                     let e = WireError::Invalid("data beyond the granted receive window");
                     self.fail(e.clone().into());
                     return Err(e.into());
                 }
+                let at = self.granted.front().map_or(0, |g| g.at);
+                if let Some(g) = self.granted.front_mut().filter(|_| len > 0) {
+                    g.left -= len;
+                    g.at += len;
+                    if g.left == 0 {
+                        self.granted.pop_front();
+                        if self.granted.is_empty() && self.rbuf_cur < self.rbuf_cap {
+                            // The peer has no room left: its sends wait for our reads.
+                            self.rbuf_grow_wanted = true;
+                        }
+                    }
+                }
                 // Data that arrived is kept even if a disconnect was noticed first (a CM event can
                 // be seen before the CQ is drained): it is read before end of stream.
-                self.rmsg.push_back(len);
+                self.rmsg.push_back((at, len));
             }
             Msg::Credits(limit) => {
                 // The peer's limit is what it has read of ours plus its receive queue: never
@@ -1026,7 +1162,7 @@ impl Stream {
 
     /// Bytes received and not yet consumed.
     pub fn readable_bytes(&self) -> usize {
-        self.rmsg.iter().map(|&l| l as usize).sum()
+        self.rmsg.iter().map(|&(_, l)| l as usize).sum()
     }
 
     /// Whether data is waiting.
@@ -1037,22 +1173,18 @@ impl Stream {
     /// Hands up to `max` received bytes to `copy(offset_in_rbuf, len)` in order, one call per
     /// contiguous range. Unless `peek`, the bytes are consumed. Returns the byte count.
     pub fn consume(&mut self, max: usize, peek: bool, mut copy: impl FnMut(u32, u32)) -> usize {
-        let rbuf_size = self.cfg.rbuf_size;
         let mut offset = self.rbuf_offset;
         let mut left = max;
         let mut msgs_done = 0;
         let mut head_partial = 0u32;
-        for &len in self.rmsg.iter() {
+        for &(at, len) in self.rmsg.iter() {
             if left == 0 {
                 break;
             }
             let take = (len as usize).min(left) as u32;
-            let mut rem = take;
-            while rem > 0 {
-                let chunk = rem.min(rbuf_size - offset);
-                copy(offset, chunk);
-                offset = (offset + chunk) % rbuf_size;
-                rem -= chunk;
+            if take > 0 {
+                copy(at, take);
+                offset = (at + take) % self.rbuf_cur;
             }
             left -= take as usize;
             if take == len {
@@ -1067,7 +1199,8 @@ impl Stream {
             if head_partial > 0
                 && let Some(h) = self.rmsg.front_mut()
             {
-                *h -= head_partial;
+                h.0 += head_partial;
+                h.1 -= head_partial;
             }
             self.rseq_no = self.rseq_no.wrapping_add(msgs_done as u16);
             self.rbuf_offset = offset;
@@ -1076,13 +1209,52 @@ impl Stream {
         n
     }
 
+    /// Whether a window can be given: half the ring is free (or the ring just grew: its first
+    /// window is fresh memory), and the peer's target SGL entry it would go into holds a window
+    /// the peer filled (both halves of a ring are filled in turn, so this only ever waits
+    /// right after the ring grew).
+    fn window_due(&self) -> bool {
+        (self.rbuf_bytes_avail >= self.rbuf_cur / 2 || self.rbuf_grown_key.is_some())
+            && self.granted.len() < wire::SGL_SIZE as usize
+    }
+
     /// Whether we owe the peer a credit update and can send one.
     pub fn credit_update_due(&self) -> bool {
         let need = if self.cfg.msg_send { 2 } else { 1 };
-        let half = self.cfg.rbuf_size / 2;
-        (self.rbuf_bytes_avail >= half || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0)
+        (self.window_due() || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0)
             && self.ctrl_avail(need)
             && self.flags.connected
+    }
+
+    /// Whether the receive ring should grow: the peer used up every window we gave it. Then
+    /// register the whole receive buffer and call [`Stream::on_rbuf_grown`] with its rkey.
+    pub fn rbuf_grow_wanted(&self) -> bool {
+        self.rbuf_grow_wanted && self.rbuf_grown_key.is_none() && self.rbuf_cur < self.rbuf_cap
+    }
+
+    /// The whole receive buffer is registered under `rkey`: the ring takes its full size
+    /// with the next window, which needs no byte read (see [`Stream::poll_credit_update`]).
+    pub fn on_rbuf_grown(&mut self, rkey: u32) {
+        self.rbuf_grown_key = Some(rkey);
+        self.rbuf_grow_wanted = false;
+    }
+
+    /// Registering the larger receive buffer failed: the ring keeps its size.
+    pub fn rbuf_growth_failed(&mut self) {
+        self.rbuf_cap = self.rbuf_cur;
+        self.rbuf_grow_wanted = false;
+    }
+
+    /// Whether the receive buffer's registration from before it grew can go: the peer filled
+    /// every window given under it. True once.
+    pub fn take_rbuf_retired(&mut self) -> bool {
+        match self.rbuf_old_key {
+            Some(k) if self.granted.iter().all(|g| g.key != k) => {
+                self.rbuf_old_key = None;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Plans the next credit update, if one is due.
@@ -1094,18 +1266,53 @@ impl Stream {
         self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
         self.rseq_comp = self.rseq_no.wrapping_add(self.cfg.rq_size / 2);
         let msg = Msg::Credits(self.rseq_no.wrapping_add(self.cfg.rq_size)).encode();
-        let half = self.cfg.rbuf_size / 2;
-        if self.rbuf_bytes_avail < half {
+        if !self.window_due() {
             return Some(CreditUpdate { msg, sge: None });
         }
         if self.cfg.msg_send {
             self.ctrl_seqno = self.ctrl_seqno.wrapping_add(1);
         }
-        let window = RemoteSge {
-            addr: self.local.rbuf.addr + self.rbuf_free_offset as u64,
-            key: self.local.rbuf.key,
-            length: half,
+        let half = self.rbuf_cur / 2;
+        let window = match self.rbuf_grown_key.take() {
+            // The ring grows: the peer's next window is fresh memory, from the small ring's
+            // end to the middle of the full one (the small ring is at most half of it), so it
+            // needs no byte read. The small ring's bytes, unread or in a window, stay where
+            // they are and are read first (each message has its offset). Then come the full
+            // ring's halves: the second one is free at once, the first once everything before
+            // its middle is read. The count of free bytes (read, not given again) becomes
+            // that of the small ring plus the full ring's second half: it reaches a half for
+            // the first half exactly when the reader reaches the middle.
+            Some(key) => {
+                let full_half = self.rbuf_cap / 2;
+                let start = self.rbuf_cur;
+                self.rbuf_grow_wanted = false;
+                self.rbuf_old_key = Some(self.local.rbuf.key);
+                self.local.rbuf.key = key;
+                self.rbuf_bytes_avail += full_half;
+                self.rbuf_free_offset = full_half;
+                self.rbuf_cur = self.rbuf_cap;
+                RemoteSge {
+                    addr: self.local.rbuf.addr + start as u64,
+                    key,
+                    length: full_half - start,
+                }
+            }
+            None => {
+                self.rbuf_bytes_avail -= half;
+                let start = self.rbuf_free_offset;
+                self.rbuf_free_offset = (start + half) % self.rbuf_cur;
+                RemoteSge {
+                    addr: self.local.rbuf.addr + start as u64,
+                    key: self.local.rbuf.key,
+                    length: half,
+                }
+            }
         };
+        self.granted.push_back(Granted {
+            at: (window.addr - self.local.rbuf.addr) as u32,
+            left: window.length,
+            key: window.key,
+        });
         let sge = SgeWrite {
             bytes: window.to_peer_bytes(self.peer_big_endian),
             remote_addr: self.remote_sgl.addr + self.remote_sge as u64 * wire::SGE_LEN as u64,
@@ -1113,8 +1320,6 @@ impl Stream {
             inline: self.cfg.sq_inline >= wire::SGE_LEN as u32,
             ctrl_slot_offset: self.cfg.sbuf_size + slot * wire::SGE_LEN as u32,
         };
-        self.rbuf_bytes_avail -= half;
-        self.rbuf_free_offset = (self.rbuf_free_offset + half) % self.cfg.rbuf_size;
         self.remote_sge = (self.remote_sge + 1) % self.remote_sgl.length;
         Some(CreditUpdate {
             msg,

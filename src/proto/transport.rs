@@ -48,6 +48,16 @@ pub trait Transport {
 
     /// Registers a zeroed buffer of `len` bytes, writable by the peer when `remote_write`.
     fn register(&mut self, len: usize, remote_write: bool) -> io::Result<Self::Mr>;
+    /// Allocates a zeroed buffer of `cap` bytes and registers its first `len` (≤ `cap`):
+    /// [`Transport::extend`] registers the rest later, at the same addresses.
+    fn reserve(&mut self, len: usize, cap: usize, remote_write: bool) -> io::Result<Self::Mr>;
+    /// Registers the whole allocation of `mr` (made by [`Transport::reserve`]) as a new
+    /// buffer with its own keys and the same addresses. `mr` stays registered until
+    /// [`Transport::release`]: work requests and windows given under its keys remain valid.
+    fn extend(&mut self, mr: Self::Mr) -> io::Result<Self::Mr>;
+    /// Deregisters `mr`, which [`Transport::extend`] superseded. Its memory stays (the
+    /// registration that superseded it holds it).
+    fn release(&mut self, mr: Self::Mr);
     /// The address and key the peer uses to reach buffer `mr`.
     fn remote_handle(&self, mr: Self::Mr) -> (u64, u32);
     /// Copies bytes out of buffer `mr` (what the peer wrote there, or what we put there).

@@ -77,13 +77,20 @@ pub fn set(s: &Arc<StreamSocket>, level: i32, name: i32, v: &[u8]) -> Result<()>
             let n = size(v)?;
             if !connected {
                 // Like the kernel, the value set is doubled for bookkeeping.
-                s.set_options(|o| o.rbuf_size = n.saturating_mul(2).max(4096));
+                // A size the application chose is registered at once, not grown into.
+                s.set_options(|o| {
+                    o.rbuf_size = n.saturating_mul(2).max(4096);
+                    o.rbuf_start = o.rbuf_size;
+                });
             }
         }
         (libc::SOL_SOCKET, libc::SO_SNDBUF) => {
             let n = size(v)?;
             if !connected {
-                s.set_options(|o| o.sbuf_size = n.saturating_mul(2).max(4096));
+                s.set_options(|o| {
+                    o.sbuf_size = n.saturating_mul(2).max(4096);
+                    o.sbuf_start = o.sbuf_size;
+                });
             }
         }
         (libc::IPPROTO_IP, libc::IP_TOS) => {

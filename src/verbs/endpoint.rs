@@ -51,10 +51,43 @@ impl Drop for CompletionQueue {
 /// time, so it is only ever accessed through raw copies, never through references.
 #[derive(Debug)]
 pub struct MemoryRegion {
-    pub(super) mr: NonNull<sys::ibv_mr>,
-    /// The buffer (unmapped after the MR is deregistered: fields drop after `drop`).
-    pub(super) mem: Guarded,
+    /// The registration; `None` once released ([`Endpoint::release`]).
+    mr: Option<NonNull<sys::ibv_mr>>,
+    /// The buffer's first byte.
+    base: NonNull<u8>,
+    /// Bytes registered from `base`.
     pub(super) len: usize,
+    /// Bytes of the buffer (≥ `len`).
+    cap: usize,
+    /// What the registration grants.
+    access: Access,
+    /// The mapping, held by the newest registration of it (unmapped after the MR is
+    /// deregistered: fields drop after `drop`; an older registration of the same mapping has a
+    /// lower index in the endpoint's list, so it is deregistered first).
+    mem: Option<Guarded>,
+}
+
+impl MemoryRegion {
+    /// The buffer's first byte.
+    pub(super) fn ptr(&self) -> *mut u8 {
+        self.base.as_ptr()
+    }
+
+    fn live(&self) -> &sys::ibv_mr {
+        let mr = self.mr.expect("registered buffer used after its release");
+        // SAFETY: registered and not yet deregistered (released ones are None).
+        unsafe { mr.as_ref() }
+    }
+
+    /// Local key.
+    pub(super) fn lkey(&self) -> u32 {
+        self.live().lkey
+    }
+
+    /// Remote key.
+    pub(super) fn rkey(&self) -> u32 {
+        self.live().rkey
+    }
 }
 
 /// Handle to a region of an [`Endpoint`].
@@ -140,9 +173,24 @@ pub enum Access {
 
 impl Drop for MemoryRegion {
     fn drop(&mut self) {
-        // SAFETY: registered once; the QP that used it is gone (endpoint field order).
-        unsafe { sys::ibv_dereg_mr(self.mr.as_ptr()) };
+        if let Some(mr) = self.mr.take() {
+            // SAFETY: registered once, not released; the QP that used it is gone (endpoint
+            // field order).
+            unsafe { sys::ibv_dereg_mr(mr.as_ptr()) };
+        }
     }
+}
+
+fn access_flags(access: Access) -> i32 {
+    let acc = match access {
+        Access::Local => sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
+        Access::RemoteWrite => {
+            (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+                .0
+        }
+    };
+    acc as i32
 }
 
 /// A connected RC endpoint: QP (owned by the CM id), one CQ with its completion channel, a PD and
@@ -274,24 +322,77 @@ impl Endpoint {
     /// Allocates and registers a zeroed, page-aligned buffer with an inaccessible page on
     /// each side (see [`Guarded`]).
     pub fn register(&mut self, len: usize, access: Access) -> io::Result<MrId> {
-        let mem = Guarded::new(len)?;
-        let acc = match access {
-            Access::Local => sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE.0,
-            Access::RemoteWrite => {
-                (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                    | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
-                    .0
-            }
+        self.reserve(len, len, access)
+    }
+
+    /// Like [`Endpoint::register`] for a buffer of `cap` bytes of which only the first `len`
+    /// are registered now (the pages beyond are never touched until [`Endpoint::extend`]).
+    pub fn reserve(&mut self, len: usize, cap: usize, access: Access) -> io::Result<MrId> {
+        let mem = Guarded::new(cap.max(len))?;
+        let base = mem.ptr();
+        // SAFETY: base is a live mapping of at least len bytes, pd valid.
+        let mr = unsafe {
+            sys::ibv_reg_mr(
+                self.pd.0.as_ptr(),
+                base.as_ptr() as *mut _,
+                len,
+                access_flags(access),
+            )
         };
-        let buf = mem.ptr().as_ptr() as *mut _;
-        // SAFETY: buf is a live mapping of at least len bytes, pd valid.
-        let mr = unsafe { sys::ibv_reg_mr(self.pd.0.as_ptr(), buf, len, acc as i32) };
-        match NonNull::new(mr) {
-            Some(mr) => {
-                self.mrs.push(MemoryRegion { mr, mem, len });
-                Ok(MrId(self.mrs.len() - 1))
-            }
-            None => Err(last_error()),
+        let mr = NonNull::new(mr).ok_or_else(last_error)?;
+        self.mrs.push(MemoryRegion {
+            mr: Some(mr),
+            base,
+            len,
+            cap: cap.max(len),
+            access,
+            mem: Some(mem),
+        });
+        Ok(MrId(self.mrs.len() - 1))
+    }
+
+    /// Registers the whole buffer of `id` (made by [`Endpoint::reserve`], not superseded
+    /// already) again with the same access, as a new region at the same address. `id` stays registered until
+    /// [`Endpoint::release`].
+    pub fn extend(&mut self, id: MrId) -> io::Result<MrId> {
+        let m = &self.mrs[id.0];
+        if m.mem.is_none() || m.mr.is_none() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let (base, cap, access) = (m.base, m.cap, m.access);
+        // SAFETY: the mapping holds at least cap bytes (reserve's); pd valid.
+        let mr = unsafe {
+            sys::ibv_reg_mr(
+                self.pd.0.as_ptr(),
+                base.as_ptr() as *mut _,
+                cap,
+                access_flags(access),
+            )
+        };
+        let mr = NonNull::new(mr).ok_or_else(last_error)?;
+        let mem = self.mrs[id.0].mem.take();
+        self.mrs.push(MemoryRegion {
+            mr: Some(mr),
+            base,
+            len: cap,
+            cap,
+            access,
+            mem,
+        });
+        Ok(MrId(self.mrs.len() - 1))
+    }
+
+    /// Deregisters a region that [`Endpoint::extend`] superseded (its memory stays with the
+    /// newer registration). Work requests posted under it must have completed.
+    pub fn release(&mut self, id: MrId) {
+        let m = &mut self.mrs[id.0];
+        if m.mem.is_some() {
+            // Still the owner of its memory: not superseded, keep it.
+            return;
+        }
+        if let Some(mr) = m.mr.take() {
+            // SAFETY: registered once, deregistered once here (now None).
+            unsafe { sys::ibv_dereg_mr(mr.as_ptr()) };
         }
     }
 
@@ -413,8 +514,7 @@ impl Endpoint {
     /// (address, rkey) of a region, for the peer.
     pub fn remote_handle(&self, id: MrId) -> (u64, u32) {
         let m = self.mr(id);
-        // SAFETY: mr valid while registered.
-        (m.mem.ptr().as_ptr() as u64, unsafe { m.mr.as_ref().rkey })
+        (m.ptr() as u64, m.rkey())
     }
 
     /// Copies region bytes out. Panics on an out-of-range request (a bug, not peer input).
@@ -425,13 +525,7 @@ impl Endpoint {
             "read outside region"
         );
         // SAFETY: range checked against the allocation; raw copy because the NIC may write.
-        unsafe {
-            ptr::copy_nonoverlapping(
-                m.mem.ptr().as_ptr().add(offset),
-                out.as_mut_ptr(),
-                out.len(),
-            )
-        };
+        unsafe { ptr::copy_nonoverlapping(m.ptr().add(offset), out.as_mut_ptr(), out.len()) };
     }
 
     /// Copies bytes into a region. Panics on an out-of-range request.
@@ -442,9 +536,7 @@ impl Endpoint {
             "write outside region"
         );
         // SAFETY: range checked against the allocation.
-        unsafe {
-            ptr::copy_nonoverlapping(data.as_ptr(), m.mem.ptr().as_ptr().add(offset), data.len())
-        };
+        unsafe { ptr::copy_nonoverlapping(data.as_ptr(), m.ptr().add(offset), data.len()) };
     }
 
     /// Posts a receive: zero-SGE (data arrives by RDMA write with immediate), or into the 4
@@ -461,10 +553,9 @@ impl Endpoint {
         if let Some((id, offset)) = into {
             let m = self.mr(id);
             assert!(offset + 4 <= m.len, "receive outside region");
-            sge.addr = m.mem.ptr().as_ptr() as u64 + offset as u64;
+            sge.addr = m.ptr() as u64 + offset as u64;
             sge.length = 4;
-            // SAFETY: mr valid.
-            sge.lkey = unsafe { m.mr.as_ref().lkey };
+            sge.lkey = m.lkey();
             wr.sg_list = &mut sge;
             wr.num_sge = 1;
         }
@@ -507,10 +598,9 @@ impl Endpoint {
                 for (i, &(off, len)) in ranges[..n].iter().enumerate() {
                     assert!(off as usize + len as usize <= m.len, "send outside region");
                     sges[i] = sys::ibv_sge {
-                        addr: m.mem.ptr().as_ptr() as u64 + off as u64,
+                        addr: m.ptr() as u64 + off as u64,
                         length: len,
-                        // SAFETY: mr valid.
-                        lkey: unsafe { m.mr.as_ref().lkey },
+                        lkey: m.lkey(),
                     };
                 }
                 nsge = n;

@@ -370,10 +370,9 @@ impl Endpoint {
         let m = self.mr(mr);
         assert!(offset + len <= m.len, "receive outside region");
         let mut sge = sys::ibv_sge {
-            addr: m.mem.ptr().as_ptr() as u64 + offset as u64,
+            addr: m.ptr() as u64 + offset as u64,
             length: len as u32,
-            // SAFETY: mr valid.
-            lkey: unsafe { m.mr.as_ref().lkey },
+            lkey: m.lkey(),
         };
         // SAFETY: zeroed recv WR is valid; fields set below.
         let mut wr: sys::ibv_recv_wr = unsafe { std::mem::zeroed() };
@@ -401,10 +400,9 @@ impl Endpoint {
         let m = self.mr(mr);
         assert!(offset + len <= m.len, "send outside region");
         let mut sge = sys::ibv_sge {
-            addr: m.mem.ptr().as_ptr() as u64 + offset as u64,
+            addr: m.ptr() as u64 + offset as u64,
             length: len as u32,
-            // SAFETY: mr valid.
-            lkey: unsafe { m.mr.as_ref().lkey },
+            lkey: m.lkey(),
         };
         // SAFETY: zeroed send WR is valid; fields set below.
         let mut wr: sys::ibv_send_wr = unsafe { std::mem::zeroed() };

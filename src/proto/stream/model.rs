@@ -63,6 +63,11 @@ struct Coverage {
     completions_before_placement: u64,
     inline_writes: u64,
     bytes: u64,
+    sbuf_grown: u64,
+    sbuf_grown_at_end: u64,
+    sbuf_released: u64,
+    rbuf_grown: u64,
+    rbuf_released: u64,
 }
 
 impl Coverage {
@@ -79,6 +84,11 @@ impl Coverage {
         self.inline_writes += s.inline_writes;
         self.credit_updates_with_window += s.credit_updates_with_window;
         self.credit_updates_plain += s.credit_updates_plain;
+        self.sbuf_grown += s.sbuf_grown;
+        self.sbuf_grown_at_end += s.sbuf_grown_at_end;
+        self.sbuf_released += s.sbuf_released;
+        self.rbuf_grown += s.rbuf_grown;
+        self.rbuf_released += s.rbuf_released;
         self.completions_before_placement += p.d.t.completed_early;
     }
 }
@@ -177,9 +187,9 @@ impl Side {
         if !s.has_data() {
             return false;
         }
-        let size = self.cfg.rbuf_size;
+        let size = s.recv_ring_len();
         let start = s.rbuf_offset;
-        let head = s.rmsg.front().copied();
+        let head = s.rmsg.front().map(|m| m.1);
         let mut out = vec![0u8; max];
         let n = self.p.d.recv_some(&mut out, peek);
         out.truncate(n);
@@ -233,23 +243,43 @@ fn run(mode_iwarp: bool, seed: u64, cov: &mut Coverage) {
     let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ mode_iwarp as u64);
     // A quarter of the connections use the smallest buffers, where every wrap comes often.
     let tiny = rng.chance(4);
-    let mk = |rng: &mut Rng| {
+    let mut grow_rng = Rng(seed ^ 0x6a09_e667_f3bc_c908);
+    let mut mk = |rng: &mut Rng| {
         let sq = [16u16, 17, 24, 64][rng.below(4) as usize];
         let rq = [16u16, 17, 32, 64][rng.below(4) as usize];
+        let sq_inline =
+            [0u32, 4, 16, 64][rng.below(4) as usize].max(if mode_iwarp { 4 } else { 0 });
+        let rbuf_size = if tiny {
+            4096
+        } else {
+            [4096u32, 8192, 12_000, 65_536][rng.below(4) as usize]
+        };
+        let sbuf_size = if tiny {
+            2048
+        } else {
+            [2048u32, 4096, 5000, 16_384][rng.below(4) as usize]
+        };
+        // Half of the rings start smaller and grow (as QueueSizes::config allows), drawn
+        // from their own generator so that the other choices stay those of each seed.
+        let grow = grow_rng.chance(2);
+        let rbuf_start = if grow {
+            [2048u32, 4096, 6000][grow_rng.below(3) as usize].min(rbuf_size)
+        } else {
+            rbuf_size
+        };
+        let sbuf_start = if grow && sq_inline >= wire::SGE_LEN as u32 {
+            [2048u32, 3000][grow_rng.below(2) as usize].min(sbuf_size)
+        } else {
+            sbuf_size
+        };
         StreamConfig {
             sq_size: sq,
             rq_size: rq,
-            sq_inline: [0u32, 4, 16, 64][rng.below(4) as usize].max(if mode_iwarp { 4 } else { 0 }),
-            rbuf_size: if tiny {
-                4096
-            } else {
-                [4096u32, 8192, 12_000, 65_536][rng.below(4) as usize]
-            },
-            sbuf_size: if tiny {
-                2048
-            } else {
-                [2048u32, 4096, 5000, 16_384][rng.below(4) as usize]
-            },
+            sq_inline,
+            rbuf_size,
+            rbuf_start,
+            sbuf_size,
+            sbuf_start,
             msg_send: mode_iwarp,
         }
     };
@@ -311,6 +341,9 @@ fn run(mode_iwarp: bool, seed: u64, cov: &mut Coverage) {
             cov.add(&b.p);
             return;
         }
+        if idle >= 10_000 {
+            eprintln!("A core {:#?}\nB core {:#?}", a.p.d.core, b.p.d.core);
+        }
         assert!(
             idle < 10_000,
             "seed {seed}: stalled with A {}/{} planned, B got {}; B {}/{} planned, A got {}",
@@ -369,6 +402,14 @@ fn check_coverage(cov: &Coverage, iwarp: bool) {
         ("send queue stalls", cov.sqe_stalls),
         ("send buffer stalls", cov.buffer_stalls),
         ("inline writes", cov.inline_writes),
+        ("send rings grown", cov.sbuf_grown),
+        (
+            "send rings grown with bytes in flight to the end",
+            cov.sbuf_grown_at_end,
+        ),
+        ("outgrown send rings released", cov.sbuf_released),
+        ("receive buffers grown", cov.rbuf_grown),
+        ("outgrown receive buffers released", cov.rbuf_released),
         (
             "completions before placement",
             if iwarp {

@@ -50,23 +50,41 @@ impl QueueSizes {
     }
 
     /// The stream configuration once the device granted `sq_inline`; `None` on iWARP when it
-    /// cannot send a message inline.
+    /// cannot send a message inline. `rbuf` and `sbuf` are (bytes at connect, largest) of each
+    /// ring: the rings start small and grow when the traffic needs them. A send ring whose
+    /// control slots follow it (inline smaller than an SGE) never grows.
     pub fn config(
         &self,
         sq_inline: u32,
-        rbuf: u32,
-        sbuf: u32,
+        rbuf: (u32, u32),
+        sbuf: (u32, u32),
         iwarp: bool,
     ) -> Option<StreamConfig> {
         if iwarp && sq_inline < wire::MSG_SIZE as u32 {
             return None;
         }
+        let rbuf_size = rbuf.1.max(4096) & !1;
+        let sbuf_size = sbuf.1.max(SNDLOWAT);
+        let sbuf_start = if sq_inline < wire::SGE_LEN as u32 {
+            sbuf_size
+        } else {
+            sbuf.0.clamp(SNDLOWAT, sbuf_size)
+        };
+        // A receive ring grows only from at most half its full size (see Stream's growth).
+        let rbuf_start = rbuf.0.clamp(4096, rbuf_size) & !1;
+        let rbuf_start = if rbuf_start < rbuf_size / 2 {
+            rbuf_start
+        } else {
+            rbuf_size
+        };
         Some(StreamConfig {
             sq_size: self.sq as u16,
             rq_size: self.rq as u16,
             sq_inline,
-            rbuf_size: rbuf.max(4096) & !1,
-            sbuf_size: sbuf.max(SNDLOWAT),
+            rbuf_size,
+            rbuf_start,
+            sbuf_size,
+            sbuf_start,
             msg_send: iwarp,
         })
     }

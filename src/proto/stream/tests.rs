@@ -35,7 +35,9 @@ pub(super) fn cfg(
         rq_size: rq,
         sq_inline: inline,
         rbuf_size: rbuf,
+        rbuf_start: rbuf,
         sbuf_size: sbuf,
+        sbuf_start: sbuf,
         msg_send,
     }
 }
@@ -652,9 +654,17 @@ fn malformed_messages_break_the_connection() {
     assert!(!a.s().flags().connected);
 
     let (mut a, _b) = pair(c, c);
-    // More data than the receive buffer we ever granted.
-    a.s().on_recv(Msg::Data(16000).encode()).unwrap();
-    assert!(a.s().on_recv(Msg::Data(1000).encode()).is_err());
+    // Both halves were granted (the first at connect, the second with the first credit
+    // update): more data than that breaks the connection.
+    a.s().on_recv(Msg::Data(8000).encode()).unwrap();
+    a.s().on_recv(Msg::Data(192).encode()).unwrap();
+    a.s().on_recv(Msg::Data(8192).encode()).unwrap();
+    assert!(a.s().on_recv(Msg::Data(1).encode()).is_err());
+
+    // A write never spans two windows: one that would is not where the peer may write.
+    let (mut a, _b) = pair(c, c);
+    a.s().on_recv(Msg::Data(8000).encode()).unwrap();
+    assert!(a.s().on_recv(Msg::Data(193).encode()).is_err());
 }
 
 #[test]
@@ -1099,5 +1109,139 @@ fn iomap_announcements_land_in_the_peers_target_iomap() {
         let (data, bytes) = seen.expect("the announcement's message");
         assert_eq!(Msg::IomapSgl(data).encode(), w.msg, "inline {inline}");
         assert_eq!(bytes, entry, "inline {inline}");
+    }
+}
+
+/// A configuration whose rings start at `start` bytes and may grow to 128 KiB, as the socket
+/// layer's defaults.
+fn growing(start: u32, iwarp: bool) -> StreamConfig {
+    StreamConfig {
+        rbuf_start: start,
+        sbuf_start: start,
+        ..cfg(384, 384, 64, 128 * 1024, 128 * 1024, iwarp)
+    }
+}
+
+/// Streams `n` bytes from `a` to `b` in writes of at most `seg`, reading everything.
+fn stream_through(a: &mut Peer, b: &mut Peer, n: usize, seg: u32) {
+    a.to_send = pattern(n, 7);
+    for _ in 0..100_000 {
+        a.pump(seg);
+        deliver_all(a, b);
+        b.read(1 << 20);
+        deliver_all(b, a);
+        if b.received.len() == n {
+            break;
+        }
+    }
+    assert_eq!(b.received, a.to_send, "every byte, in order");
+}
+
+#[test]
+fn an_idle_connection_registers_only_the_starting_rings() {
+    for iwarp in [false, true] {
+        let c = growing(16 * 1024, iwarp);
+        let (mut a, mut b) = connected(c, c);
+        // A byte each way is no reason to grow.
+        a.to_send = vec![1];
+        b.to_send = vec![2];
+        for _ in 0..4 {
+            a.pump(64);
+            b.pump(64);
+            deliver_all(&mut a, &mut b);
+            deliver_all(&mut b, &mut a);
+            a.read(100);
+            b.read(100);
+        }
+        assert_eq!(
+            (a.received.as_slice(), b.received.as_slice()),
+            (&[2][..], &[1][..])
+        );
+        for p in [&a, &b] {
+            let msgs = if iwarp { rq_posted(c) as usize * 4 } else { 0 };
+            assert_eq!(
+                p.d.t.registered_bytes(),
+                2 * 16 * 1024 + StreamConfig::target_sgl_len(0) + msgs,
+                "iwarp {iwarp}"
+            );
+            assert_eq!(p.d.core.recv_ring_len(), 16 * 1024);
+            assert_eq!(p.d.core.send_ring_len(), 16 * 1024);
+        }
+    }
+}
+
+#[test]
+fn a_stream_grows_both_rings_and_releases_what_they_outgrew() {
+    for iwarp in [false, true] {
+        let c = growing(16 * 1024, iwarp);
+        let (mut a, mut b) = connected(c, c);
+        let regions = a.d.t.live_regions();
+        stream_through(&mut a, &mut b, 1 << 20, 65536);
+        // The sender's ring and the receiver's buffer have their full size, each under one
+        // live registration (the outgrown ones were released once nothing used them).
+        assert_eq!(a.d.core.send_ring_len(), 128 * 1024, "iwarp {iwarp}");
+        assert_eq!(b.d.core.recv_ring_len(), 128 * 1024, "iwarp {iwarp}");
+        assert_eq!(a.d.seen.sbuf_released, 1);
+        assert_eq!(b.d.seen.rbuf_released, 1);
+        assert_eq!(a.d.t.live_regions(), regions);
+        assert_eq!(b.d.t.live_regions(), regions);
+        // The other directions stayed small.
+        assert_eq!(a.d.core.recv_ring_len(), 16 * 1024);
+        assert_eq!(b.d.core.send_ring_len(), 16 * 1024);
+        // Once grown, the receiver's windows are half the full buffer (librdmacm's size):
+        // after the switch, no window the sender got was smaller than that.
+        let w = &a.d.t.data_writes;
+        let late: Vec<usize> = w[w.len() - 9..w.len() - 1].to_vec();
+        assert!(late.iter().all(|&n| n == 65536), "{late:?}");
+    }
+}
+
+#[test]
+fn a_peer_that_writes_with_the_outgrown_key_is_caught() {
+    // After the switch, windows carry the whole buffer's key; the old key covers only the
+    // starting ring and is released once its windows are filled: the memwire panics on a
+    // write under a released key, as a device fails it. This test checks the key change.
+    let c = growing(16 * 1024, false);
+    let (mut a, mut b) = connected(c, c);
+    let before = b.d.local().rbuf.key;
+    stream_through(&mut a, &mut b, 256 * 1024, 65536);
+    let now = b.tsgl_mem();
+    assert!(
+        now.iter().all(|w| w.length == 0 || w.key != before),
+        "{now:?}"
+    );
+}
+
+#[test]
+fn a_ring_stays_small_when_registering_the_rest_fails() {
+    let c = growing(16 * 1024, false);
+    let (mut a, mut b) = connected(c, c);
+    a.d.core.sbuf_growth_failed();
+    b.d.core.rbuf_growth_failed();
+    stream_through(&mut a, &mut b, 300_000, 65536);
+    assert_eq!(a.d.core.send_ring_len(), 16 * 1024);
+    assert_eq!(b.d.core.recv_ring_len(), 16 * 1024);
+}
+
+#[test]
+fn a_receiver_that_does_not_read_grows_to_take_what_its_full_buffer_holds() {
+    // A peer may send up to our full receive buffer before we read a byte (a program that
+    // sends its whole request before reading the answer, on both ends, relies on it): the
+    // ring grows without any read, by the service thread's progress alone.
+    for iwarp in [false, true] {
+        let c = growing(16 * 1024, iwarp);
+        let (mut a, mut b) = connected(c, c);
+        let n = 120_000;
+        a.to_send = pattern(n, 3);
+        for _ in 0..1000 {
+            a.pump(65536);
+            deliver_all(&mut a, &mut b);
+            b.poll();
+            deliver_all(&mut b, &mut a);
+        }
+        assert_eq!(a.sent, n, "iwarp {iwarp}");
+        assert_eq!(b.d.core.readable_bytes(), n);
+        b.read(1 << 20);
+        assert_eq!(b.received, a.to_send);
     }
 }

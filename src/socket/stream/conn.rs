@@ -58,7 +58,12 @@ impl Conn {
         );
         let ep = id.create_endpoint(q.sq, q.rq_posted, q.inline)?;
         let cfg = q
-            .config(ep.sq_inline(), opts.rbuf_size, opts.sbuf_size, dev.iwarp)
+            .config(
+                ep.sq_inline(),
+                (opts.rbuf_start, opts.rbuf_size),
+                (opts.sbuf_start, opts.sbuf_size),
+                dev.iwarp,
+            )
             .ok_or(Error::Unsupported(libc::ENOTSUP))?;
         let link = Driver::new(ep, cfg, q.rq_posted, iomap)?;
         Ok(Conn {

@@ -23,12 +23,24 @@ impl Transport for Endpoint {
     type Seg = UserSeg;
 
     fn register(&mut self, len: usize, remote_write: bool) -> io::Result<MrId> {
+        Transport::reserve(self, len, len, remote_write)
+    }
+
+    fn reserve(&mut self, len: usize, cap: usize, remote_write: bool) -> io::Result<MrId> {
         let access = if remote_write {
             Access::RemoteWrite
         } else {
             Access::Local
         };
-        Endpoint::register(self, len, access)
+        Endpoint::reserve(self, len, cap, access)
+    }
+
+    fn extend(&mut self, mr: MrId) -> io::Result<MrId> {
+        Endpoint::extend(self, mr)
+    }
+
+    fn release(&mut self, mr: MrId) {
+        Endpoint::release(self, mr)
     }
 
     fn remote_handle(&self, mr: MrId) -> (u64, u32) {

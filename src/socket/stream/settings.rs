@@ -11,10 +11,15 @@ pub struct Options {
     pub rq_size: u32,
     /// Inline size requested.
     pub sq_inline: u32,
-    /// Receive buffer bytes (SO_RCVBUF).
+    /// Receive buffer bytes (SO_RCVBUF): the most the receive ring grows to.
     pub rbuf_size: u32,
-    /// Send buffer bytes (SO_SNDBUF).
+    /// Receive ring bytes registered at connect ([`START_RING`], or `rbuf_size` when the
+    /// application set SO_RCVBUF).
+    pub rbuf_start: u32,
+    /// Send buffer bytes (SO_SNDBUF): the most the send ring grows to.
     pub sbuf_size: u32,
+    /// Send ring bytes registered at connect (as `rbuf_start`).
+    pub sbuf_start: u32,
     /// O_NONBLOCK.
     pub nonblocking: bool,
     /// SO_REUSEADDR (accepted for compatibility; rdma_cm ports are not in TIME_WAIT).
@@ -48,6 +53,11 @@ pub struct Options {
     pub cloexec: bool,
 }
 
+/// Bytes of each ring (receive and send) registered at connect: an idle connection pins two of
+/// them, an eighth of librdmacm's 128 KiB + 128 KiB. A ring grows to its full size (SO_RCVBUF,
+/// SO_SNDBUF, or the mem_default and wmem_default configuration) once traffic fills it.
+pub const START_RING: u32 = 16 * 1024;
+
 /// The kernel's TCP keepalive defaults (net.ipv4.tcp_keepalive_time, _intvl, _probes), as a
 /// TCP socket starts with: TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT. Where a file cannot be
 /// read, the kernel's own defaults (7200 s, as librdmacm; 75 s; 9). Read once per process, not
@@ -74,7 +84,9 @@ impl Options {
             rq_size: c.rqsize_default,
             sq_inline: c.inline_default,
             rbuf_size: c.mem_default,
+            rbuf_start: START_RING.min(c.mem_default),
             sbuf_size: c.wmem_default,
+            sbuf_start: START_RING.min(c.wmem_default),
             nonblocking: false,
             reuseaddr: false,
             nodelay: false,

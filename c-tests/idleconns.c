@@ -1,0 +1,212 @@
+/*
+ * idleconns: many idle connections in one process, and the memory they register with the RDMA
+ * device (what an idle connection pins). Built twice: against rsocket-rs (bin/idleconns) and,
+ * with -DUSE_LIBRDMACM, against librdmacm's rsockets (bin/idleconns-rdmacm), so the same run
+ * compares both.
+ *
+ *   server: idleconns -s ADDR -p PORT -n N
+ *           accepts N connections; on each, reads one byte and answers it plus one; then reads
+ *           each connection to its end (the client's close) and exits 0.
+ *   client: idleconns -c ADDR -p PORT -n N
+ *           opens N connections, one byte each way on every one (the answer is checked), then,
+ *           with all N open and idle, reads the device's table of memory regions
+ *           (`rdma resource show mr`) and sums those of this process. Prints
+ *             idleconns IMPL connections N mrs M registered BYTES per_connection BYTES
+ *           and closes everything. Exit 0 only if every connection worked and the table named
+ *           this process.
+ */
+#include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifdef USE_LIBRDMACM
+#include <rdma/rsocket.h>
+#define IMPL "librdmacm"
+#else
+#include <rsocket.h>
+#define IMPL "rsocket-rs"
+#endif
+
+static void die(const char *what)
+{
+	fprintf(stderr, "idleconns %s: %s: %s\n", IMPL, what, strerror(errno));
+	exit(1);
+}
+
+static struct addrinfo *resolve(const char *host, const char *port, int passive)
+{
+	struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM };
+	struct addrinfo *ai;
+	if (passive)
+		hints.ai_flags = AI_PASSIVE;
+	int rc = getaddrinfo(host, port, &hints, &ai);
+	if (rc) {
+		fprintf(stderr, "idleconns: %s: %s\n", host, gai_strerror(rc));
+		exit(1);
+	}
+	return ai;
+}
+
+/* Every descriptor the process may have: a connection holds several. */
+static void raise_fd_limit(void)
+{
+	struct rlimit r;
+	if (getrlimit(RLIMIT_NOFILE, &r) == 0 && r.rlim_cur < r.rlim_max) {
+		r.rlim_cur = r.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &r);
+	}
+}
+
+static int one(int fd, char *b, int send)
+{
+	for (;;) {
+		ssize_t n = send ? rsend(fd, b, 1, 0) : rrecv(fd, b, 1, 0);
+		if (n == 1)
+			return 0;
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n == 0)
+			errno = ECONNRESET;
+		return -1;
+	}
+}
+
+static int server(const char *host, const char *port, int n)
+{
+	struct addrinfo *ai = resolve(host, port, 1);
+	int l = rsocket(AF_INET, SOCK_STREAM, 0);
+	int on = 1;
+	if (l < 0)
+		die("rsocket");
+	rsetsockopt(l, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+	if (rbind(l, ai->ai_addr, ai->ai_addrlen) || rlisten(l, 128))
+		die("rbind/rlisten");
+	int *fds = calloc(n, sizeof *fds);
+	for (int i = 0; i < n; i++) {
+		char b;
+		fds[i] = raccept(l, NULL, NULL);
+		if (fds[i] < 0)
+			die("raccept");
+		if (one(fds[i], &b, 0))
+			die("rrecv");
+		b++;
+		if (one(fds[i], &b, 1))
+			die("rsend");
+	}
+	for (int i = 0; i < n; i++) {
+		char b;
+		ssize_t r;
+		do
+			r = rrecv(fds[i], &b, 1, 0);
+		while (r < 0 && errno == EINTR);
+		if (r != 0) {
+			fprintf(stderr, "idleconns %s: connection %d: %zd at the end, not EOF\n", IMPL, i, r);
+			return 1;
+		}
+		rclose(fds[i]);
+	}
+	rclose(l);
+	printf("idleconns %s server: %d connections served\n", IMPL, n);
+	return 0;
+}
+
+/* Sums the memory regions of this process in `rdma resource show mr`. */
+static int registered(long *mrs, long long *bytes)
+{
+	FILE *f = popen("rdma resource show mr 2>&1", "r");
+	char line[1024];
+	int seen = 0;
+	*mrs = 0;
+	*bytes = 0;
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof line, f)) {
+		long pid = -1;
+		long long len = -1;
+		char *tok, *save = NULL;
+		for (tok = strtok_r(line, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
+			char *v = strtok_r(NULL, " \t\n", &save);
+			if (!v)
+				break;
+			if (!strcmp(tok, "pid"))
+				pid = atol(v);
+			else if (!strcmp(tok, "mrlen"))
+				len = atoll(v);
+		}
+		if (pid == (long)getpid() && len >= 0) {
+			(*mrs)++;
+			*bytes += len;
+			seen = 1;
+		}
+	}
+	pclose(f);
+	return seen ? 0 : -1;
+}
+
+static int client(const char *host, const char *port, int n)
+{
+	struct addrinfo *ai = resolve(host, port, 0);
+	int *fds = calloc(n, sizeof *fds);
+	for (int i = 0; i < n; i++) {
+		fds[i] = rsocket(AF_INET, SOCK_STREAM, 0);
+		if (fds[i] < 0)
+			die("rsocket");
+		int tries = 0;
+		while (rconnect(fds[i], ai->ai_addr, ai->ai_addrlen)) {
+			/* Only the first connect may race the server's start. */
+			if (i > 0 || errno != ECONNREFUSED || ++tries > 100)
+				die("rconnect");
+			rclose(fds[i]);
+			usleep(100000);
+			fds[i] = rsocket(AF_INET, SOCK_STREAM, 0);
+			if (fds[i] < 0)
+				die("rsocket");
+		}
+		char b = (char)i, want = (char)(i + 1);
+		if (one(fds[i], &b, 1) || one(fds[i], &b, 0))
+			die("one byte each way");
+		if (b != want) {
+			fprintf(stderr, "idleconns %s: connection %d answered %d, not %d\n", IMPL, i, b, want);
+			return 1;
+		}
+	}
+	long mrs;
+	long long bytes;
+	if (registered(&mrs, &bytes)) {
+		fprintf(stderr, "idleconns %s: no memory region of pid %d in `rdma resource show mr`\n",
+			IMPL, (int)getpid());
+		return 1;
+	}
+	printf("idleconns %s connections %d mrs %ld registered %lld per_connection %lld\n", IMPL, n,
+	       mrs, bytes, bytes / n);
+	fflush(stdout);
+	for (int i = 0; i < n; i++)
+		rclose(fds[i]);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	const char *host = NULL, *port = "7471";
+	int srv = -1, n = 100, c;
+	while ((c = getopt(argc, argv, "s:c:p:n:")) != -1) {
+		switch (c) {
+		case 's': srv = 1; host = optarg; break;
+		case 'c': srv = 0; host = optarg; break;
+		case 'p': port = optarg; break;
+		case 'n': n = atoi(optarg); break;
+		default: srv = -1; break;
+		}
+	}
+	if (srv < 0 || n < 1) {
+		fprintf(stderr, "usage: idleconns -s|-c ADDR [-p PORT] [-n CONNECTIONS]\n");
+		return 2;
+	}
+	raise_fd_limit();
+	return srv ? server(host, port, n) : client(host, port, n);
+}
