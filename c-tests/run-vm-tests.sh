@@ -272,6 +272,28 @@ for opts in "-S 65536 -C 50 -T v" "-S 1000 -C 200 -T b -T v"; do
   rm -f "$log"/bind-s*
 done
 
+# ---- Registered memory of idle connections (idleconns.c) --------------------------------------
+# N connections in one process, one byte each way on each, then the client's memory regions
+# summed from `rdma resource show mr`: rsocket-rs's rings start small and grow with traffic, so
+# an idle connection must register at most a quarter of what librdmacm's does, measured in the
+# same run.
+idle_tests() {
+  local n=${RS_IDLE_CONNS:-1000} impl per ours=0 theirs=0
+  for impl in idleconns idleconns-rdmacm; do
+    pair "$n idle connections in one process, $impl: every connection answered" \
+      "$BIN/$impl -s $RS_SERVER -p @PORT@ -n $n" "$BIN/$impl -c $RS_SERVER -p @PORT@ -n $n"
+    grep -h '^idleconns' "$log/cli" | sed 's/^/       /'
+    per=$(awk '/per_connection/ {print $NF}' "$log/cli")
+    if [ "$impl" = idleconns ]; then ours=${per:-0}; else theirs=${per:-0}; fi
+  done
+  if [ "$ours" -gt 0 ] && [ "$theirs" -gt 0 ] && [ $((ours * 4)) -le "$theirs" ]; then
+    pass=$((pass + 1)); echo "ok   registered memory per idle connection: rsocket-rs $ours B, librdmacm $theirs B ($(awk "BEGIN {printf \"%.3f\", $ours / $theirs}")x)"
+  else
+    fail=$((fail + 1)); echo "FAIL registered memory per idle connection: rsocket-rs $ours B, librdmacm $theirs B (want at most a quarter)"
+  fi
+}
+idle_tests
+
 asan_tests
 
 # ---- Datagram rsockets (c-tests/dgram.c; librdmacm's udpong) -----------------------------------

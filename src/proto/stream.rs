@@ -1239,6 +1239,13 @@ impl Stream {
         self.rbuf_grow_wanted = false;
     }
 
+    /// Whether the receive ring has not grown yet (and may): completions must then be taken
+    /// even while the application reads nothing, so that a peer that used up the small ring's
+    /// windows gets the larger one's.
+    pub fn recv_ring_may_grow(&self) -> bool {
+        self.rbuf_cur < self.rbuf_cap
+    }
+
     /// Registering the larger receive buffer failed: the ring keeps its size.
     pub fn rbuf_growth_failed(&mut self) {
         self.rbuf_cap = self.rbuf_cur;

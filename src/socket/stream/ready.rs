@@ -187,9 +187,14 @@ impl StreamSocket {
     /// after it, and what that finds shown.
     fn arm_watch(&self, g: &mut Inner) {
         let want = Self::readiness(g);
+        // Armed while the descriptor may still change, and while the receive ring may have to
+        // grow: a peer that used up the small ring's windows waits for the larger one, which
+        // only this thread gives when the application does not read (it may be busy sending
+        // its own request, or accepting the next connection).
         if let State::Connected(c) = &mut g.state
             && c.link.core.flags().connected
-            && want & (libc::POLLIN | libc::POLLOUT) != libc::POLLIN | libc::POLLOUT
+            && (want & (libc::POLLIN | libc::POLLOUT) != libc::POLLIN | libc::POLLOUT
+                || c.link.core.recv_ring_may_grow())
             && !c.link.t.is_armed()
         {
             if let Err(e) = c.link.t.arm() {
