@@ -17,6 +17,8 @@ use crate::verbs::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, EventChannel
 
 /// How long connection setup steps may take before ETIMEDOUT.
 const RESOLVE_TIMEOUT_MS: i32 = 2000;
+/// Other local ports an unbound connect tries when the first is taken (see `connect`).
+const ADDRINUSE_RETRIES: usize = 8;
 
 /// Maps a failed connection-setup event to the errno a TCP socket would give.
 fn cm_failure(ev: &CmEvent) -> Error {
@@ -336,8 +338,8 @@ impl StreamSocket {
         let _call = self.call();
         let mut g = self.lock();
         let st = std::mem::replace(&mut g.state, State::Failed);
-        let id = match st {
-            State::Idle { id, .. } => id,
+        let (id, bound) = match st {
+            State::Idle { id, bound } => (id, bound),
             s @ (State::Connecting(_) | State::Accepting(_)) => {
                 g.state = s;
                 return Err(Error::Already);
@@ -358,18 +360,36 @@ impl StreamSocket {
         let dst = &dst.unmap_v4();
         let opts = g.opts;
         let route = g.route.clone();
-        let started = (|| -> Result<Conn> {
+        let start = |id: CmId| -> Result<Conn> {
             id.resolve_addr(None, dst, RESOLVE_TIMEOUT_MS)?;
             expect_event(&self.channel, CmEventKind::AddrResolved, CM_WAIT)?;
-            match route {
-                Some(r) => id.set_option(CmOption::IbPath, &r)?,
+            match &route {
+                Some(r) => id.set_option(CmOption::IbPath, r)?,
                 None => id.resolve_route(RESOLVE_TIMEOUT_MS)?,
             }
             expect_event(&self.channel, CmEventKind::RouteResolved, CM_WAIT)?;
             let conn = Conn::setup(id, &opts, opts.iomap_size)?;
             conn.id.connect(&conn.conn_data(), &conn.conn_param())?;
             Ok(conn)
-        })();
+        };
+        let mut started = start(id);
+        // On iWARP the connection is a kernel TCP connection from the port the CM picked; that
+        // port may still be taken in TCP (a connection of an earlier socket in TIME_WAIT), and
+        // the connect fails with EADDRINUSE. A socket the application did not bind tries other
+        // ports, as a TCP connect from an ephemeral port would never fail so.
+        for _ in 0..ADDRINUSE_RETRIES {
+            match &started {
+                Err(e) if !bound && e.errno() == libc::EADDRINUSE => {
+                    trace!("{self:?}: connect: local port in use, another one");
+                    let id = CmId::new(&self.channel)?;
+                    if opts.tos != 0 {
+                        id.set_option(CmOption::Tos, &[opts.tos])?;
+                    }
+                    started = start(id);
+                }
+                _ => break,
+            }
+        }
         g.state = State::Connecting(Box::new(started?));
         let deadline = Instant::now() + CM_WAIT;
         loop {
