@@ -46,11 +46,22 @@ fuzz_target!(|data: &[u8]| {
     assert!((QP_MIN_SIZE as u32..=QP_MAX_SIZE as u32).contains(&q.rq));
     assert!(q.rq_posted >= q.rq && q.rq_posted <= QP_MAX_SIZE as u32);
     let granted = q.inline.min(dev[3] as u32 * 4);
-    if let Some(cfg) = q.config(granted, c.mem_default, c.wmem_default, iwarp) {
+    let start = |size: u32| (16 * 1024u32).min(size);
+    if let Some(cfg) = q.config(
+        granted,
+        (start(c.mem_default), c.mem_default),
+        (start(c.wmem_default), c.wmem_default),
+        iwarp,
+    ) {
         assert!(cfg.rbuf_size >= 4096 && cfg.rbuf_size % 2 == 0);
+        // A receive ring grows only from at most half its size; the rings never start
+        // beyond their size.
+        assert!(cfg.rbuf_start == cfg.rbuf_size || cfg.rbuf_start < cfg.rbuf_size / 2);
+        assert!(cfg.rbuf_start % 2 == 0 && cfg.sbuf_start <= cfg.sbuf_size);
         let _ = (
             cfg.send_buffer_len(),
-            cfg.recv_buffer_len(q.rq_posted),
+            cfg.send_buffer_start(),
+            cfg.msg_slots(q.rq_posted),
             cfg.ctrl_area(),
         );
     }

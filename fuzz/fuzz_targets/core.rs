@@ -63,7 +63,15 @@ fuzz_target!(|data: &[u8]| {
     let q = QueueSizes::negotiate(u(1), u(3), setup[5] as u32, u(6).max(1), iwarp);
     let rbuf = u(8) << (setup[10] % 12);
     let sbuf = u(11) << (setup[13] % 12);
-    let Some(cfg) = q.config(q.inline.min(setup[14] as u32 * 4), rbuf, sbuf, iwarp) else {
+    // Rings that start at a fraction of their size (and grow) or at full size.
+    let rstart = rbuf >> (setup[15] >> 3 & 3);
+    let sstart = sbuf >> (setup[15] >> 5 & 3);
+    let Some(cfg) = q.config(
+        q.inline.min(setup[14] as u32 * 4),
+        (rstart, rbuf),
+        (sstart, sbuf),
+        iwarp,
+    ) else {
         return;
     };
     let Some(pd) = i.bytes::<CONN_DATA_LEN>() else {
@@ -179,6 +187,14 @@ fuzz_target!(|data: &[u8]| {
             }
             // Credit updates owed: into the peer's announced target SGL only.
             6 => {
+                // The driver grows the rings the core asks to grow (the whole buffer is
+                // registered under another key) before it posts credit updates.
+                if s.rbuf_grow_wanted() {
+                    s.on_rbuf_grown(0x5eed);
+                }
+                if s.sbuf_grow_due() {
+                    s.on_sbuf_grown();
+                }
                 while let Some(CreditUpdate { msg, sge }) = s.poll_credit_update() {
                     if let Some(w) = sge {
                         assert!(
