@@ -28,6 +28,9 @@
  *             of S pattern bytes (riomap PROT_NONE) and sends slot i % W N times, each slot again
  *             only after the notices (rrecvmsg MSG_ERRQUEUE) of its last send; the server
  *             receives like stream and checks every byte
+ *   calls     what the calls themselves cost (spin mode): M rrecv(MSG_DONTWAIT) calls that find
+ *             nothing (the server waits), then a pingpong of N x S bytes timing, per iteration,
+ *             the rsend and the rrecv that found the reply (TSC, medians); reported in ns
  *   -t takes a list (-t iowrite,ioread); -W sets the slots (default 4 MiB / S, 2 .. 16)
  *
  * Data: byte o of each direction's stream is pat(o) (a pseudo-random table with a prime period);
@@ -682,6 +685,81 @@ static void run_pingpong(int fd, size_t size, uint64_t iters, uint64_t warmup, u
 	fflush(stdout);
 }
 
+#if defined(__x86_64__)
+#include <x86intrin.h>
+static uint64_t tsc(void) { return __rdtsc(); }
+#else
+static uint64_t tsc(void) { return now_ns(); }
+#endif
+
+/* Per-call costs (see "calls" above): the misses first, while the server waits for the first
+ * ping, then the pingpong with the rsend and the hitting rrecv timed. In TSC ticks, converted
+ * with the clock over the whole test. */
+static void run_calls(int fd, size_t size, uint64_t iters, uint8_t *buf, uint64_t *lat)
+{
+	struct hdr h = { MAGIC, CMD_PINGPONG, size, iters, 1 };
+	struct result r;
+	const char *m_env = getenv("RSBENCH_MISSES"); /* for profiling the miss path */
+	const uint64_t misses = m_env ? strtoull(m_env, NULL, 10) : 20000;
+	arm("calls header");
+	send_bytes(fd, &h, sizeof h);
+	arm("calls");
+	uint64_t ns0 = now_ns(), k0 = tsc();
+	for (uint64_t i = 0; i < misses; i++) {
+		ssize_t n = rrecv(fd, buf, size, MSG_DONTWAIT);
+		if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+			die("rrecv on an idle connection");
+	}
+	uint64_t k1 = tsc();
+	send_pattern(fd, size); /* the server's warm-up iteration */
+	recv_pattern(fd, buf, size);
+	uint64_t *snd = malloc(iters * sizeof *snd), *hit = malloc(iters * sizeof *hit), spins = 0;
+	if (!snd || !hit)
+		die("malloc");
+	for (uint64_t i = 0; i < iters; i++) {
+		uint64_t a = tsc();
+		send_pattern(fd, size);
+		uint64_t b = tsc(), c = b;
+		size_t got = 0;
+		while (got < size) {
+			c = tsc();
+			ssize_t n = rrecv(fd, buf + got, size - got, MSG_DONTWAIT);
+			if (n > 0)
+				got += (size_t)n;
+			else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+				die("rrecv");
+			else
+				spins++;
+		}
+		uint64_t d = tsc();
+		check_pattern(buf, size, rx_off, "stream offset", rx_off);
+		rx_off += size;
+		rx_verified += size;
+		snd[i] = b - a;
+		hit[i] = d - c;
+		lat[i] = d - a;
+	}
+	uint64_t k2 = tsc(), ns1 = now_ns();
+	get_result(fd, &r, (iters + 1) * size);
+	double per = (double)(ns1 - ns0) / (double)(k2 - k0); /* ns per tick */
+	qsort(snd, iters, sizeof *snd, cmp_u64);
+	qsort(hit, iters, sizeof *hit, cmp_u64);
+	qsort(lat, iters, sizeof *lat, cmp_u64);
+	double miss_ns = (double)(k1 - k0) / (double)misses * per, send_ns = (double)snd[(iters - 1) / 2] * per,
+	       hit_ns = (double)hit[(iters - 1) / 2] * per, rtt_us = (double)lat[(iters - 1) / 2] * per / 1e3;
+	printf("{\"impl\":\"%s\",\"mode\":\"%s\",\"test\":\"calls\",\"size\":%zu,\"iters\":%llu,"
+	       "\"miss_ns\":%.0f,\"send_ns\":%.0f,\"hit_ns\":%.0f,\"misses_per_iter\":%.1f,\"p50_us\":%.3f,"
+	       "\"verified\":true}\n",
+	       IMPL, mode_names[mode], size, (unsigned long long)iters, miss_ns, send_ns, hit_ns,
+	       (double)spins / (double)iters, rtt_us);
+	printf("# %-10s calls %6zu B: miss %6.0f ns  send %6.0f ns  hit %6.0f ns  (p50; %.1f misses per reply, "
+	       "round trip p50 %.2f us)\n",
+	       IMPL, size, miss_ns, send_ns, hit_ns, (double)spins / (double)iters, rtt_us);
+	fflush(stdout);
+	free(snd);
+	free(hit);
+}
+
 static void run_stream(int fd, size_t size, uint64_t iters)
 {
 	struct hdr h = { MAGIC, CMD_STREAM, size, iters, 0 };
@@ -1051,11 +1129,13 @@ int main(int argc, char **argv)
 
 	/* The list of (test, size) pairs to run. */
 	size_t list[32];
-	int nsizes = 0, do_pp = 0, do_st = 0, do_sweep = 0, do_iow = 0, do_ior = 0, do_zc = 0;
+	int nsizes = 0, do_pp = 0, do_calls = 0, do_st = 0, do_sweep = 0, do_iow = 0, do_ior = 0, do_zc = 0;
 	char *tests = strdup(test);
 	for (char *tok = strtok(tests, ","); tok; tok = strtok(NULL, ",")) {
 		if (!strcmp(tok, "pingpong"))
 			do_pp = 1;
+		else if (!strcmp(tok, "calls"))
+			do_calls = 1;
 		else if (!strcmp(tok, "stream"))
 			do_st = 1;
 		else if (!strcmp(tok, "sweep"))
@@ -1121,6 +1201,8 @@ int main(int argc, char **argv)
 				w = 1;
 			run_pingpong(fd, s, n, w, buf, lat);
 		}
+		if (do_calls)
+			run_calls(fd, s, n, buf, lat);
 		if (do_st)
 			run_stream(fd, s, n);
 #ifdef HAVE_RIOWRITE

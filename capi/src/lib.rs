@@ -217,11 +217,11 @@ pub unsafe extern "C" fn rrecv(
     ffi!(-1, {
         // SAFETY: C contract.
         let b = unsafe { buf_mut(buf, len) }?;
-        if let Some(d) = dgram(socket)? {
-            return dgram_recv(&d, b, flags).map(|(n, _)| n);
+        // One look-up: this is the call a busy-polling program makes most.
+        match socket::lookup_any(socket)? {
+            Socket::Dgram(d) => dgram_recv(&d, b, flags).map(|(n, _)| n),
+            Socket::Stream(s) => s.recv(b, flags).map(|n| n as ssize_t),
         }
-        let s = socket::lookup(socket)?;
-        s.recv(b, flags).map(|n| n as ssize_t)
     })
 }
 
@@ -530,11 +530,10 @@ pub unsafe extern "C" fn rsend(
     ffi!(-1, {
         // SAFETY: C contract.
         let b = unsafe { self::buf(buf, len) }?;
-        if let Some(d) = dgram(socket)? {
-            return d.send_to(b, flags, None).map(|n| n as ssize_t);
+        match socket::lookup_any(socket)? {
+            Socket::Dgram(d) => d.send_to(b, flags, None).map(|n| n as ssize_t),
+            Socket::Stream(s) => s.send(b, flags).map(|n| n as ssize_t),
         }
-        let s = socket::lookup(socket)?;
-        s.send(b, flags).map(|n| n as ssize_t)
     })
 }
 

@@ -84,12 +84,13 @@ fn tick_wait(now: Instant) -> Wait {
     }
 }
 
-/// A call in progress (see [`StreamSocket::call`]).
-pub(crate) struct Call<'a>(&'a StreamSocket);
+/// A call in progress (see [`StreamSocket::call`]). The flag: the descriptor of the
+/// self-driven socket was brought up to date under the lock already ([`StreamSocket::settle`]).
+pub(crate) struct Call<'a>(&'a StreamSocket, bool);
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        self.0.exit_call();
+        self.0.exit_call(self.1);
     }
 }
 
@@ -162,19 +163,42 @@ impl StreamSocket {
     /// so that the service thread leaves a socket in use to its caller.
     pub(crate) fn call(&self) -> Call<'_> {
         self.in_call.fetch_add(1, Ordering::AcqRel);
-        Call(self)
+        Call(self, false)
+    }
+
+    /// A call about to return, under the lock: a self-driven socket's descriptor is brought up
+    /// to date now, so that the call's end (`exit_call`) need not take the lock again (a
+    /// second lock per call is a good part of what a busy-polling call costs).
+    pub(super) fn settle(&self, g: &mut Inner, call: &mut Call<'_>) {
+        if self.self_driven.load(Ordering::Relaxed) {
+            self.publish(g);
+            call.1 = true;
+        }
     }
 
     /// A call ends: the descriptor shows the state the call leaves, and a watched socket's CQ
-    /// stays armed so that the service thread sees what arrives next.
-    fn exit_call(&self) {
-        self.in_call.fetch_sub(1, Ordering::AcqRel);
+    /// stays armed so that the service thread sees what arrives next. `settled`: a self-driven
+    /// socket's descriptor was brought up to date already (`settle`). A socket that became
+    /// watched meanwhile was shown and armed by the service thread when it turned.
+    fn exit_call(&self, settled: bool) {
         self.last_exit.store(ticks(), Ordering::Relaxed);
+        self.in_call.fetch_sub(1, Ordering::AcqRel);
+        if settled && self.self_driven.load(Ordering::Relaxed) {
+            return;
+        }
         let mut g = self.lock();
         self.publish(&mut g);
         if !self.self_driven.load(Ordering::Relaxed) {
             self.arm_watch(&mut g);
         }
+    }
+
+    /// Whether the application is outside every call on the socket and made none for [`IDLE`]
+    /// (a self-driven socket is then watched again).
+    fn idle_or_away(&self) -> bool {
+        self.in_call.load(Ordering::Acquire) == 0
+            && ticks().wrapping_sub(self.last_exit.load(Ordering::Relaxed))
+                >= IDLE.as_micros() as u64 * ticks_per_us()
     }
 
     /// Notes a call that returns without `call` (a staged send): the application is active.
@@ -314,6 +338,12 @@ impl StreamSocket {
     /// The watch job (see the module documentation). `ready`: this socket's descriptors that
     /// woke the service thread (their wake-ups already taken by `woke`).
     pub(super) fn watch_job(&self, now: Instant, ready: &[RawFd]) -> Option<Wait> {
+        // A self-driven socket in use is left alone without its lock: the application holds
+        // that lock for most of its busy-polling, and taking it every TICK would make the
+        // application sleep on the mutex until this thread (sharing its CPU, perhaps) lets go.
+        if ready.is_empty() && self.self_driven.load(Ordering::Relaxed) && !self.idle_or_away() {
+            return Some(tick_wait(now));
+        }
         let mut g = self.lock();
         if matches!(g.state, State::Idle { .. } | State::Failed) {
             self.show(&mut g);
@@ -329,9 +359,7 @@ impl StreamSocket {
             _ => false,
         };
         if self.self_driven.load(Ordering::Relaxed) {
-            let idle = ticks().wrapping_sub(self.last_exit.load(Ordering::Relaxed))
-                >= IDLE.as_micros() as u64 * ticks_per_us();
-            if inside || !idle {
+            if !self.idle_or_away() {
                 return Some(tick_wait(now));
             }
             trace!("{self:?}: idle, watched again");

@@ -161,7 +161,7 @@ impl StreamSocket {
         nonblock: bool,
         mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
     ) -> Result<R> {
-        let _call = self.call();
+        let mut call = self.call();
         let mut g = self.lock();
         // Busy-poll window in ticks, from when the spin started: no clock syscalls.
         let mut spin_start: Option<u64> = None;
@@ -198,6 +198,7 @@ impl StreamSocket {
                         .record(crate::verbs::ticks().wrapping_sub(w0), slept);
                 }
                 self.notify();
+                self.settle(&mut g, &mut call);
                 return Ok(r);
             }
             if nonblock {
@@ -221,6 +222,7 @@ impl StreamSocket {
                         continue;
                     }
                 }
+                self.settle(&mut g, &mut call);
                 return Err(Error::WouldBlock);
             }
             let now = crate::verbs::ticks();
