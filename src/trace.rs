@@ -11,11 +11,25 @@ pub fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("RSOCKET_DEBUG").is_some_and(|v| v != "0"))
 }
 
-/// Writes one diagnostic line to stderr when [`enabled`].
+/// Seconds since the first diagnostic line of the process (to read a trace as a timeline).
+pub fn elapsed() -> f64 {
+    static T0: OnceLock<std::time::Instant> = OnceLock::new();
+    T0.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+}
+
+/// Writes one diagnostic line to stderr when [`enabled`]: the process, the seconds since its
+/// first line, the message.
 macro_rules! trace {
     ($($arg:tt)*) => {
         if $crate::trace::enabled() {
-            eprintln!("rsocket-rs[{}]: {}", std::process::id(), format_args!($($arg)*));
+            eprintln!(
+                "rsocket-rs[{}] {:.6}: {}",
+                std::process::id(),
+                $crate::trace::elapsed(),
+                format_args!($($arg)*)
+            );
         }
     };
 }
