@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
 use crate::trace::trace;
-use crate::verbs::{Waker, poll_fds, run_at_exit};
+use crate::verbs::{Waker, poll_fds_for, run_at_exit};
 
 /// The jobs a socket has with the service (a set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -212,6 +212,9 @@ pub fn jobs_of(s: &Arc<dyn Serviced>) -> Jobs {
         .unwrap_or_default()
 }
 
+/// The shortest timed sleep of the service thread.
+const MIN_SLEEP: std::time::Duration = std::time::Duration::from_micros(100);
+
 fn run(svc: &'static Service) {
     loop {
         let now = Instant::now();
@@ -295,13 +298,11 @@ fn run(svc: &'static Service) {
             svc.left.notify_all();
         }
         drop(work);
-        let ms = next.map_or(-1, |n| {
-            n.saturating_duration_since(Instant::now())
-                .as_millis()
-                .min(i32::MAX as u128) as i32
-                + 1
-        });
-        let _ = poll_fds(&mut fds, ms);
+        // To the microsecond (a flush job's deadline is a post's time away, see
+        // `stream::stage`), but at least MIN_SLEEP: a job whose time keeps being now must not
+        // turn this loop into a busy one.
+        let timeout = next.map(|n| n.saturating_duration_since(Instant::now()).max(MIN_SLEEP));
+        let _ = poll_fds_for(&mut fds, timeout);
         if fds[0].revents != 0 {
             svc.wake.reset();
         }

@@ -74,6 +74,39 @@ pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> 
     Ok(n as usize)
 }
 
+/// poll(2) with a timeout to the microsecond (ppoll): `None` waits forever. EINTR counts as a
+/// wake-up with nothing ready.
+pub fn poll_fds_for(
+    fds: &mut [libc::pollfd],
+    timeout: Option<std::time::Duration>,
+) -> io::Result<usize> {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let tp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: fds is a valid, exclusively borrowed array of fds.len() entries; tp is null or
+    // points to a timespec that outlives the call; no signal mask is passed.
+    let n = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            tp,
+            std::ptr::null(),
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
 /// A cheap tick counter for comparing short intervals with each other (not calibrated to any
 /// unit): the time-stamp counter on x86_64, nanoseconds from a process-wide epoch elsewhere.
 /// The clock syscalls are avoided because where the clock source is not in the vDSO (the test

@@ -42,11 +42,14 @@ impl StreamSocket {
         let mut sent = 0;
         let mut olen = self.stage.first_write_size(t0);
         let mut pending = false;
+        let mut posted = false;
         let r = self.wait_conn(nonblock, |c| {
             if !self.may_post_data(c)? {
                 return Ok(None);
             }
+            let before = c.link.sends_posted();
             sent += c.link.send_some(&buf[sent..], &mut olen, true)?;
+            posted |= c.link.sends_posted() != before;
             pending = c.link.core.has_pending();
             Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
         });
@@ -56,7 +59,7 @@ impl StreamSocket {
             self.add_jobs(FLUSH);
         }
         if r.is_ok() {
-            self.sent_directly(t0, olen);
+            self.sent_directly(t0, olen, posted);
         }
         send_result(r, sent, flags)
     }

@@ -15,6 +15,14 @@ use crate::proto::stream::Keepalive;
 use crate::socket::service::{self, Jobs, Serviced, Wait};
 use crate::trace::trace;
 
+/// What the flush job waits for before it runs again.
+enum FlushWait {
+    /// Writes in flight to complete: the completion channel (the CQ armed).
+    Completions(RawFd),
+    /// The application to stop staging (it posts its stage itself meanwhile).
+    Until(Instant),
+}
+
 impl StreamSocket {
     /// This socket as the service holds it (None before it has a handle, see `set_handle`).
     fn serviced(&self) -> Option<Arc<dyn Serviced>> {
@@ -57,16 +65,24 @@ impl StreamSocket {
         }
     }
 
-    /// Flush job: posts gathered sends that are due. Returns the completion-channel fd to wait
-    /// on (CQ armed) while some are still waiting for writes in flight, or None when done.
-    fn flush_job(&self) -> Result<Option<RawFd>> {
+    /// Flush job: posts gathered sends that are due. Returns what to wait for while some are
+    /// still waiting: the completion channel (CQ armed) for writes in flight, or a time while
+    /// the application still stages (it posts the stage itself then, see `stage`); None when
+    /// done.
+    fn flush_job(&self, now: Instant) -> Result<Option<FlushWait>> {
+        if let Some(ticks) = self.stage.app_still_staging(crate::verbs::ticks()) {
+            let us = ticks / crate::verbs::ticks_per_us();
+            return Ok(Some(FlushWait::Until(now + Duration::from_micros(us + 1))));
+        }
         let mut g = self.lock();
         let State::Connected(conn) = &mut g.state else {
             self.drop_stage();
             self.settle_stage(false);
             return Ok(None);
         };
-        let r = self.flush_round(conn);
+        let r = self
+            .flush_round(conn)
+            .map(|fd| fd.map(FlushWait::Completions));
         self.publish(&mut g);
         if r.is_err() {
             // The connection failed: the job ends, and the next send reports the error.
@@ -192,16 +208,19 @@ impl Serviced for StreamSocket {
         let mut w = Wait::default();
         // Errors show up on the application's next call; the job just ends.
         if jobs.flush
-            && let Ok(Some(fd)) = self.flush_job()
+            && let Ok(Some(f)) = self.flush_job(now)
         {
             w.jobs.flush = true;
-            w.fds.push(fd);
+            match f {
+                FlushWait::Completions(fd) => w.fds.push(fd),
+                FlushWait::Until(at) => w.deadline = Some(at),
+            }
         }
         if jobs.keepalive
             && let Some(at) = self.keepalive_job(now)
         {
             w.jobs.keepalive = true;
-            w.deadline = Some(at);
+            w.deadline = Some(w.deadline.map_or(at, |d| d.min(at)));
         }
         if jobs.watch
             && let Some(wt) = self.watch_job(now, ready)

@@ -11,6 +11,15 @@
 //! or with nothing staged and no send before it posts its own write at once, as before. Staged
 //! bytes keep their order: every call that takes the socket's lock posts the stage first
 //! (`drive`), and a send that does not stage waits until the stage is empty.
+//!
+//! Who posts the stage: while the application keeps staging, the application itself, once
+//! the stage's first byte has waited as long as a post takes (or the stage holds
+//! [`STAGE_POST_AT`] bytes); its next call of any other kind posts it too. The flush job is
+//! the backstop for an application that stops calling: it leaves the stage alone while the
+//! application stages (it would only take the CPU from it: with both ends busy-polling on a
+//! two-CPU machine, a post in the service thread runs instead of the application, not beside
+//! it, and each write then carried one message) and posts it a post's time after the last
+//! staged send.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -26,6 +35,11 @@ use crate::verbs::ticks;
 const STAGE_MAX_MSG: usize = core::OLAP_START_SIZE as usize;
 /// Most bytes staged at once; beyond, sends take the ordinary path (and wait for room there).
 const STAGE_LIMIT: usize = 32 * 1024;
+/// The flush job's longest wait, in posts' time, while the application keeps staging (a
+/// power of two).
+const MAX_DEFER: u32 = 32;
+/// A stage this full is posted by the application's send that filled it.
+const STAGE_POST_AT: usize = STAGE_LIMIT / 2;
 /// Writes the flush job posts in one go while the application keeps staging, before it lets
 /// others have the socket's lock.
 const FLUSH_ROUNDS: usize = 16;
@@ -43,6 +57,10 @@ pub(super) struct Stage {
     post_cost: AtomicU64,
     /// Bytes that went through the stage since the socket was created (diagnostics).
     total: AtomicU64,
+    /// Ticks when the first byte of what is staged now was staged (0: nothing staged).
+    since: AtomicU64,
+    /// Looks of the flush job in a row that found the application staging.
+    defers: AtomicU32,
     /// Write size the last send had reached (a send starts with small writes and doubles
     /// them, so the first bytes leave early); a send that continues a stream goes on from there.
     olen: AtomicU32,
@@ -79,6 +97,26 @@ impl Stage {
         last != 0 && now.wrapping_sub(last) < self.post_cost.load(Ordering::Relaxed)
     }
 
+    /// Flush job: while the application goes on staging (its last send is more recent than a
+    /// post takes), the ticks until the job looks again; None when it should post the stage
+    /// now. The first look is a post's time after that send; each further one that finds the
+    /// application still staging waits twice as long, up to [`MAX_DEFER`] posts' time, so
+    /// that a long stream costs the service thread a few wake-ups, not one per post.
+    pub(super) fn app_still_staging(&self, now: u64) -> Option<u64> {
+        let last = self.last_send.load(Ordering::Relaxed);
+        let cost = self.post_cost.load(Ordering::Relaxed);
+        let waited = now.wrapping_sub(last);
+        if last == 0 || self.len() == 0 || waited >= cost {
+            self.defers.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let n = self
+            .defers
+            .fetch_add(1, Ordering::Relaxed)
+            .min(MAX_DEFER.trailing_zeros());
+        Some(cost.saturating_mul(1 << n) - waited)
+    }
+
     /// The write size a send starts with: where the previous send left off if this one
     /// continues a stream (the pipe is busy already, small writes would only cost more posts,
     /// completions and credits), else small.
@@ -111,6 +149,9 @@ impl StreamSocket {
         if !s.open || s.bytes.len() + buf.len() > STAGE_LIMIT {
             return None;
         }
+        if s.bytes.is_empty() {
+            st.since.store(now, Ordering::Relaxed);
+        }
         s.bytes.extend_from_slice(buf);
         st.len.store(s.bytes.len(), Ordering::Release);
         st.total.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -120,21 +161,40 @@ impl StreamSocket {
             // and its look at the stage (see `settle_stage`).
             self.in_flusher.store(true, Ordering::Release);
         }
+        let post_now = s.bytes.len() >= STAGE_POST_AT
+            || now.wrapping_sub(st.since.load(Ordering::Relaxed))
+                >= st.post_cost.load(Ordering::Relaxed);
         drop(s);
         st.last_send.store(now, Ordering::Relaxed);
         if hand_over {
+            // The backstop, should the application stop calling.
             self.add_jobs(super::FLUSH);
+        }
+        if post_now {
+            self.post_stage();
         }
         Some(buf.len())
     }
 
-    /// After a send that posted its own writes: `t0` is when it started, `olen` the write size
-    /// it reached. Opens the stage.
-    pub(super) fn sent_directly(&self, t0: u64, olen: u32) {
+    /// The application posts its stage itself (see the module comment). Errors are left to
+    /// its next call, which finds the connection failed (the stage is dropped with it).
+    fn post_stage(&self) {
+        let mut g = self.lock();
+        if let super::State::Connected(conn) = &mut g.state {
+            let _ = self.drive(conn);
+        }
+    }
+
+    /// After a send that took the ordinary path: `t0` is when it started, `olen` the write
+    /// size it reached, `posted` whether it posted a write (else its bytes were gathered
+    /// behind writes in flight, which says nothing of what a post costs). Opens the stage.
+    pub(super) fn sent_directly(&self, t0: u64, olen: u32, posted: bool) {
         let st = &self.stage;
         st.olen.store(olen, Ordering::Relaxed);
         let now = ticks();
-        st.post_cost.store(now.wrapping_sub(t0), Ordering::Relaxed);
+        if posted {
+            st.post_cost.store(now.wrapping_sub(t0), Ordering::Relaxed);
+        }
         st.last_send.store(now, Ordering::Relaxed);
         let mut s = st.lock();
         s.open = true;
@@ -179,6 +239,9 @@ impl StreamSocket {
         };
         let mut s = st.lock();
         bytes.drain(..posted);
+        if bytes.is_empty() && s.bytes.is_empty() {
+            st.since.store(0, Ordering::Relaxed);
+        }
         if !bytes.is_empty() {
             // What did not fit goes before anything staged meanwhile.
             bytes.extend_from_slice(&s.bytes);

@@ -159,10 +159,30 @@ impl StreamSocket {
     pub(super) fn wait_conn<R>(
         &self,
         nonblock: bool,
+        step: impl FnMut(&mut Conn) -> Result<Option<R>>,
+    ) -> Result<R> {
+        self.wait_conn_from(nonblock, false, step)
+    }
+
+    /// [`StreamSocket::wait_conn`]; with `step_first`, `step` is tried once before the
+    /// completions are processed (a receive that finds data in hand returns it without a look
+    /// at the completion queue: what is there comes later in the stream anyway).
+    pub(super) fn wait_conn_from<R>(
+        &self,
+        nonblock: bool,
+        step_first: bool,
         mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
     ) -> Result<R> {
         let mut call = self.call();
         let mut g = self.lock();
+        if step_first
+            && self.stage.len() == 0
+            && let State::Connected(conn) = &mut g.state
+            && let Some(r) = step(conn)?
+        {
+            self.settle(&mut g, &mut call);
+            return Ok(r);
+        }
         // Busy-poll window in ticks, from when the spin started: no clock syscalls.
         let mut spin_start: Option<u64> = None;
         // When the wait began and whether it slept, for the adaptive spin.
