@@ -1052,7 +1052,7 @@ static void usage(void)
 		"usage: rsbench -s ADDR [-p PORT] [-m spin|poll|block] [-T SECS]\n"
 		"       rsbench -c SERVER [-b LOCAL] [-p PORT] [-t TEST[,TEST...]] [-S BYTES] [-N ITERS]\n"
 		"               [-z SIZE,SIZE,...] [-B BUDGET_BYTES] [-w WARMUP] [-W SLOTS] [-m spin|poll|block] [-T SECS]\n"
-		"       TEST: pingpong, stream, sweep, iowrite (riowrite; not tcp), ioread (rioread) and zcsend\n"
+		"       TEST: pingpong, calls, stream, sweep, iowrite (riowrite; not tcp), ioread (rioread) and zcsend\n"
 		"             (rsend MSG_ZEROCOPY): the last two rsocket-rs only\n"
 		"       -X OFFSET (either side): fault injection, flip byte OFFSET of what this side sends\n");
 	exit(64);
