@@ -356,9 +356,11 @@ static void serve(struct conn *c, int once)
 	int more = 1;
 	while (more) {
 		more = 0;
+		/* Everything echoed: the buffer starts over (also when the last read filled it to the
+		 * end, else it would never read again). */
+		if (c->boff == c->blen)
+			c->boff = c->blen = 0;
 		if (!c->eof && c->blen < BUFSZ) {
-			if (c->boff == c->blen)
-				c->boff = c->blen = 0;
 			size_t room = BUFSZ - c->blen;
 			size_t want = 1 + rnd() % room;
 			ssize_t n = s_recv(c->fd, c->buf + c->blen, want, 0);
