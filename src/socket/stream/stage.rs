@@ -36,8 +36,13 @@ const STAGE_MAX_MSG: usize = core::OLAP_START_SIZE as usize;
 /// Most bytes staged at once; beyond, sends take the ordinary path (and wait for room there).
 const STAGE_LIMIT: usize = 32 * 1024;
 /// The flush job's longest wait, in posts' time, while the application keeps staging (a
-/// power of two).
+/// power of two), and in microseconds: a staged send waits at most this long for a post when
+/// the application stops calling.
 const MAX_DEFER: u32 = 32;
+const MAX_DEFER_US: u64 = 2_000;
+/// The most a send's post is taken to cost (a send that had to wait for room measures its
+/// wait too), microseconds.
+const MAX_POST_COST_US: u64 = 1_000;
 /// A stage this full is posted by the application's send that filled it.
 const STAGE_POST_AT: usize = STAGE_LIMIT / 2;
 /// Writes the flush job posts in one go while the application keeps staging, before it lets
@@ -100,7 +105,8 @@ impl Stage {
     /// Flush job: while the application goes on staging (its last send is more recent than a
     /// post takes), the ticks until the job looks again; None when it should post the stage
     /// now. The first look is a post's time after that send; each further one that finds the
-    /// application still staging waits twice as long, up to [`MAX_DEFER`] posts' time, so
+    /// application still staging waits twice as long, up to [`MAX_DEFER`] posts' time (and
+    /// [`MAX_DEFER_US`]), so
     /// that a long stream costs the service thread a few wake-ups, not one per post.
     pub(super) fn app_still_staging(&self, now: u64) -> Option<u64> {
         let last = self.last_send.load(Ordering::Relaxed);
@@ -114,7 +120,14 @@ impl Stage {
             .defers
             .fetch_add(1, Ordering::Relaxed)
             .min(MAX_DEFER.trailing_zeros());
-        Some(cost.saturating_mul(1 << n) - waited)
+        let wait = cost
+            .saturating_mul(1 << n)
+            .min(MAX_DEFER_US * crate::verbs::ticks_per_us());
+        if waited >= wait {
+            self.defers.store(0, Ordering::Relaxed);
+            return None;
+        }
+        Some(wait - waited)
     }
 
     /// The write size a send starts with: where the previous send left off if this one
@@ -193,7 +206,12 @@ impl StreamSocket {
         st.olen.store(olen, Ordering::Relaxed);
         let now = ticks();
         if posted {
-            st.post_cost.store(now.wrapping_sub(t0), Ordering::Relaxed);
+            // A send that waited for room counts its wait too: bounded, so that such a wait
+            // does not make every later send look like part of a stream, nor make the flush
+            // job wait that long for the application to post its stage.
+            let cap = MAX_POST_COST_US * crate::verbs::ticks_per_us();
+            st.post_cost
+                .store(now.wrapping_sub(t0).min(cap), Ordering::Relaxed);
         }
         st.last_send.store(now, Ordering::Relaxed);
         let mut s = st.lock();
