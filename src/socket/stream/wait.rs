@@ -2,11 +2,12 @@
 //! CM channel and the waker; readiness for rpoll.
 
 use std::os::fd::RawFd;
+use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::conn::Conn;
-use super::{CM_WAIT, PollState, State, StreamSocket, errno_error};
+use super::{CM_WAIT, Inner, PollState, State, StreamSocket, errno_error};
 use crate::error::{Error, Result};
 use crate::verbs::poll_fds;
 
@@ -54,8 +55,33 @@ impl StreamSocket {
     /// readable on the next change.
     pub fn poll_state(&self, arm: Option<i16>) -> Result<PollState> {
         let mut g = self.lock();
-        self.advance_connect(&mut g);
-        self.collect_requests(&mut g);
+        let ps = self.poll_state_locked(&mut g, arm)?;
+        self.publish(&mut g);
+        Ok(ps)
+    }
+
+    /// One look at the readiness, as a call of its own (rpoll with a single rsocket and no
+    /// wait, as a busy-polling loop calls it): the call ends without a second lock (see
+    /// `settle`). POLL bits as for `poll_state`.
+    pub fn poll_once(&self) -> Result<i16> {
+        let mut call = self.call();
+        let mut g = self.lock();
+        let ps = self.poll_state_locked(&mut g, None)?;
+        if self.self_driven.load(Ordering::Relaxed) {
+            self.settle(&mut g, &mut call);
+        } else {
+            self.publish(&mut g);
+        }
+        Ok(ps.revents)
+    }
+
+    fn poll_state_locked(
+        &self,
+        g: &mut MutexGuard<'_, Inner>,
+        arm: Option<i16>,
+    ) -> Result<PollState> {
+        self.advance_connect(g);
+        self.collect_requests(g);
         let ch = self.channel.fd();
         // The waker too: the service thread may take a CM event (a connect request, a connect's
         // reply) off the channel and passes the wake-up on there.
@@ -97,7 +123,6 @@ impl StreamSocket {
                 ps.n_wait = 3;
             }
         }
-        self.publish(&mut g);
         Ok(ps)
     }
 
