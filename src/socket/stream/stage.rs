@@ -304,3 +304,54 @@ impl StreamSocket {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verbs::ticks_per_us;
+
+    /// A stage with `len` bytes staged, the last send at `last` ticks, posts costing `cost`.
+    fn stage(len: usize, last: u64, cost: u64) -> Stage {
+        let st = Stage::default();
+        st.len.store(len, Ordering::Release);
+        st.last_send.store(last, Ordering::Relaxed);
+        st.post_cost.store(cost, Ordering::Relaxed);
+        st
+    }
+
+    #[test]
+    fn the_flush_job_leaves_the_stage_to_an_application_that_is_still_staging() {
+        let us = ticks_per_us();
+        let (t0, cost) = (1_000_000 * us, 100 * us);
+        let st = stage(64, t0, cost);
+        // Just after a send: the job looks again a post's time after it.
+        assert_eq!(st.app_still_staging(t0 + 10 * us), Some(cost - 10 * us));
+        // The application sent again before that look: the next look is twice as far.
+        st.last_send.store(t0 + 90 * us, Ordering::Relaxed);
+        assert_eq!(
+            st.app_still_staging(t0 + 100 * us),
+            Some(2 * cost - 10 * us)
+        );
+        // And so on, but never further than MAX_DEFER_US.
+        for _ in 0..10 {
+            let w = st.app_still_staging(t0 + 100 * us).expect("still staging");
+            assert!(w <= MAX_DEFER_US * us, "waits {w} ticks");
+        }
+        // The application stopped: a post's time after its last send the job posts, and the
+        // next stream starts with short looks again.
+        assert_eq!(st.app_still_staging(t0 + 90 * us + cost), None);
+        assert_eq!(st.app_still_staging(t0 + 90 * us + 1), Some(cost - 1));
+    }
+
+    #[test]
+    fn the_flush_job_posts_at_once_after_a_receive_or_with_nothing_staged() {
+        let us = ticks_per_us();
+        let t0 = 1_000_000 * us;
+        // A receive came since the last send (last_send 0): the stage is not a stream's.
+        assert_eq!(stage(64, 0, 100 * us).app_still_staging(t0), None);
+        // Nothing staged: nothing to wait for.
+        assert_eq!(stage(0, t0, 100 * us).app_still_staging(t0 + 1), None);
+        // No post measured yet (cost 0): nothing counts as a stream.
+        assert_eq!(stage(64, t0, 0).app_still_staging(t0 + 1), None);
+    }
+}
