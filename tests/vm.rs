@@ -413,8 +413,14 @@ fn descriptor_shows_readiness() {
             "refused: revents {r:#x}"
         );
         // POLLOUT may follow the error by a moment (the kernel wakes pollers before it frees
-        // what kept the descriptor from being writable).
-        let r = kpoll(c.fd(), OUT, 20_000);
+        // what kept the descriptor from being writable). A poll returns at once with the
+        // error shown, so it is asked again until POLLOUT comes (or 20 s pass).
+        let until = Instant::now() + Duration::from_secs(20);
+        let mut r = kpoll(c.fd(), OUT, 0);
+        while r & OUT == 0 && Instant::now() < until {
+            thread::sleep(Duration::from_millis(1));
+            r = kpoll(c.fd(), OUT, 0);
+        }
         assert_ne!(r & OUT, 0, "refused: revents {r:#x}");
         assert_eq!(c.take_error(), libc::ECONNREFUSED);
         assert_eq!(kpoll(c.fd(), OUT, 0) & libc::POLLERR, 0, "SO_ERROR read");
