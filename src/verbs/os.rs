@@ -62,16 +62,10 @@ impl Waker {
 /// poll(2) over `fds` (events and revents as in libc). EINTR counts as a wake-up with no events.
 /// `timeout_ms` < 0 waits forever.
 pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
-    // SAFETY: fds is a valid, exclusively borrowed array of fds.len() entries.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            return Ok(0);
-        }
-        return Err(e);
-    }
-    Ok(n as usize)
+    let timeout = u64::try_from(timeout_ms)
+        .ok()
+        .map(std::time::Duration::from_millis);
+    poll_fds_for(fds, timeout)
 }
 
 /// poll(2) with a timeout to the microsecond (ppoll): `None` waits forever. EINTR counts as a
