@@ -146,6 +146,10 @@ impl StreamSocket {
                         _ => e.into(),
                     })?;
                 *bound = true;
+                g.any_port_bind = addr
+                    .to_std()
+                    .is_some_and(|a| a.port() == 0)
+                    .then(|| addr.unmap_v4());
                 Ok(())
             }
             _ => Err(Error::InvalidArgument),
@@ -375,15 +379,20 @@ impl StreamSocket {
         let mut started = start(id);
         // On iWARP the connection is a kernel TCP connection from the port the CM picked; that
         // port may still be taken in TCP (a connection of an earlier socket in TIME_WAIT), and
-        // the connect fails with EADDRINUSE. A socket the application did not bind tries other
-        // ports, as a TCP connect from an ephemeral port would never fail so.
+        // the connect fails with EADDRINUSE. A socket whose port the application did not choose
+        // (not bound, or bound to port 0) tries other ports, as a TCP connect from an
+        // ephemeral port would never fail so.
+        let any_port = g.any_port_bind;
         for _ in 0..ADDRINUSE_RETRIES {
             match &started {
-                Err(e) if !bound && e.errno() == libc::EADDRINUSE => {
+                Err(e) if (!bound || any_port.is_some()) && e.errno() == libc::EADDRINUSE => {
                     trace!("{self:?}: connect: local port in use, another one");
                     let id = CmId::new(&self.channel)?;
                     if opts.tos != 0 {
                         id.set_option(CmOption::Tos, &[opts.tos])?;
+                    }
+                    if let Some(a) = &any_port {
+                        id.bind(a)?;
                     }
                     started = start(id);
                 }

@@ -74,6 +74,9 @@ struct Inner {
     ready: Option<ReadyFd>,
     /// How the descriptor is kept up to date (see `ready`).
     watch: ready::Watch,
+    /// The address the application bound to, when it let the port be chosen (port 0): a
+    /// connect that finds the chosen port taken may bind there again with another.
+    any_port_bind: Option<crate::verbs::SockAddr>,
 }
 
 /// A stream rsocket.
@@ -170,6 +173,7 @@ impl StreamSocket {
                 route: None,
                 ready: Some(ready),
                 watch: ready::Watch::default(),
+                any_port_bind: None,
             }),
             cv: Condvar::new(),
             waiters: AtomicU32::new(0),
