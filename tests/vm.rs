@@ -753,15 +753,23 @@ fn poll1(fd: i32, events: i16, timeout_ms: i32) -> i16 {
 fn rpoll_pingpong_waits_for_pollin() {
     let port = next_port();
     let l = listener(port);
+    /// rpoll without a timeout, as the test means it; a wait that lasts far beyond any
+    /// round trip is a lost wake-up, reported with the socket's state rather than hung.
+    fn wait_for(s: &StreamSocket, events: i16, v: u8) {
+        if poll1(s.fd(), events, 60_000) == 0 {
+            panic!(
+                "round {v}: rpoll({events:#x}) slept 60 s; socket: {}",
+                s.describe()
+            );
+        }
+    }
     fn send64(s: &StreamSocket, v: u8) {
         let b = [v; 64];
         let mut sent = 0;
         while sent < 64 {
             match s.send(&b[sent..], 0) {
                 Ok(n) => sent += n,
-                Err(Error::WouldBlock) => {
-                    poll1(s.fd(), libc::POLLOUT, -1);
-                }
+                Err(Error::WouldBlock) => wait_for(s, libc::POLLOUT, v),
                 Err(e) => panic!("send: {e}"),
             }
         }
@@ -773,9 +781,7 @@ fn rpoll_pingpong_waits_for_pollin() {
             match s.recv(&mut b[got..], 0) {
                 Ok(0) => panic!("early end of stream"),
                 Ok(n) => got += n,
-                Err(Error::WouldBlock) => {
-                    poll1(s.fd(), libc::POLLIN, -1);
-                }
+                Err(Error::WouldBlock) => wait_for(s, libc::POLLIN, v),
                 Err(e) => panic!("recv: {e}"),
             }
         }
@@ -1430,15 +1436,43 @@ const TESTS: &[Test] = &[
     ),
 ];
 
-/// Prints every thread's stack (gdb, when installed) so that a hang says where it hangs.
+/// Prints every thread's stack (gdb, when installed) so that a hang says where it hangs:
+/// compactly (the innermost frame and this project's frames, a few per thread), so that the
+/// end of a CI log, which is all that may be kept of it, still holds every thread.
 fn dump_threads() {
     let pid = std::process::id().to_string();
-    let r = Command::new("gdb")
+    let out = Command::new("gdb")
         .args(["-p", &pid, "-batch", "-nx", "-ex", "thread apply all bt"])
         .stdin(std::process::Stdio::null())
-        .status();
-    if r.is_err() {
+        .stderr(std::process::Stdio::null())
+        .output();
+    let Ok(out) = out else {
         println!("(no gdb: no stacks)");
+        return;
+    };
+    let mut frames = 0;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with("Thread ") {
+            println!("{line}");
+            frames = 0;
+        } else if line.starts_with('#') {
+            // "#3  0x0000... in rsocket::x::y (args) at src/x.rs:10" (the address and "in"
+            // missing in an inlined frame): the function and place.
+            let f = line.split_once(" in ").map_or_else(
+                || line.split_once("  ").map_or(line, |(_, f)| f),
+                |(_, f)| f,
+            );
+            let name = f.split(" (").next().unwrap_or(f);
+            let ours = name.starts_with("rsocket::") || name.starts_with("vm::");
+            if line.starts_with("#0 ") || (ours && frames < 8) {
+                let at = f.rsplit_once(" at ").map(|(_, a)| a);
+                println!(
+                    "  {name}{}",
+                    at.map(|a| format!(" at {a}")).unwrap_or_default()
+                );
+                frames += 1;
+            }
+        }
     }
 }
 

@@ -297,7 +297,22 @@ impl StreamSocket {
                 pending.len(),
                 if v4.is_some() { ", IPv4 companion" } else { "" }
             ),
-            State::Connected(c) => format!("connected: {:?}", c.link.core),
+            State::Connected(c) => format!(
+                "connected ({}, {} calls in, CQ {}armed, {}sleeping, {} bytes staged, \
+                 shown {:#x}, revents {:#x}): {:?}",
+                if self.self_driven.load(Ordering::Relaxed) {
+                    "self-driven"
+                } else {
+                    "watched"
+                },
+                self.in_call.load(Ordering::Relaxed),
+                if c.link.t.is_armed() { "" } else { "not " },
+                if g.sleeping { "" } else { "not " },
+                self.stage.len(),
+                g.ready.as_ref().map_or(0, |r| r.shown()),
+                c.revents(),
+                c.link.core
+            ),
             State::Failed => format!("failed (so_error {})", g.so_error),
         }
     }
