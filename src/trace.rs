@@ -19,14 +19,15 @@ pub fn elapsed() -> f64 {
         .as_secs_f64()
 }
 
-/// Writes one diagnostic line to stderr when [`enabled`]: the process, the seconds since its
-/// first line, the message.
+/// Writes one diagnostic line to stderr when [`enabled`]: the process and the thread's name
+/// (`main` or `rsocket-service`, say), the seconds since its first line, the message.
 macro_rules! trace {
     ($($arg:tt)*) => {
         if $crate::trace::enabled() {
             eprintln!(
-                "rsocket-rs[{}] {:.6}: {}",
+                "rsocket-rs[{} {}] {:.6}: {}",
                 std::process::id(),
+                std::thread::current().name().unwrap_or("-"),
                 $crate::trace::elapsed(),
                 format_args!($($arg)*)
             );

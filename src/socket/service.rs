@@ -303,6 +303,13 @@ fn run(svc: &'static Service) {
         // turn this loop into a busy one.
         let timeout = next.map(|n| n.saturating_duration_since(Instant::now()).max(MIN_SLEEP));
         let _ = poll_fds_for(&mut fds, timeout);
+        trace!(
+            "service: woke ({}{} of {} descriptors ready, timeout {:?})",
+            if fds[0].revents != 0 { "waker, " } else { "" },
+            fds[1..].iter().filter(|p| p.revents != 0).count(),
+            fds.len() - 1,
+            timeout
+        );
         if fds[0].revents != 0 {
             svc.wake.reset();
         }

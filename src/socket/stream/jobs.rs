@@ -4,7 +4,6 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
-#[cfg(debug_assertions)]
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -70,7 +69,14 @@ impl StreamSocket {
     /// the application still stages (it posts the stage itself then, see `stage`); None when
     /// done.
     fn flush_job(&self, now: Instant) -> Result<Option<FlushWait>> {
-        if let Some(ticks) = self.stage.app_still_staging(crate::verbs::ticks()) {
+        // The application posts what it staged or gathered itself while it goes on calling.
+        let t = crate::verbs::ticks();
+        let wait = self.stage.app_still_calling(
+            t,
+            self.in_call.load(Ordering::Acquire) > 0,
+            self.last_exit.load(Ordering::Relaxed),
+        );
+        if let Some(ticks) = wait {
             let us = ticks / crate::verbs::ticks_per_us();
             return Ok(Some(FlushWait::Until(now + Duration::from_micros(us + 1))));
         }
@@ -80,9 +86,7 @@ impl StreamSocket {
             self.settle_stage(false);
             return Ok(None);
         };
-        let r = self
-            .flush_round(conn)
-            .map(|fd| fd.map(FlushWait::Completions));
+        let r = self.flush_round(conn);
         self.publish(&mut g);
         if r.is_err() {
             // The connection failed: the job ends, and the next send reports the error.
@@ -92,7 +96,7 @@ impl StreamSocket {
         r
     }
 
-    fn flush_round(&self, conn: &mut Conn) -> Result<Option<RawFd>> {
+    fn flush_round(&self, conn: &mut Conn) -> Result<Option<FlushWait>> {
         self.flush_stage(conn)?;
         self.drive(conn)?;
         if self.flush_over(conn) {
@@ -103,7 +107,7 @@ impl StreamSocket {
         self.drive(conn)?;
         // Decided again after that drive: the job must not end while the stage still counts on
         // it (a send that finds the stage handed over does not hand it over again).
-        Ok((!self.flush_over(conn)).then(|| conn.link.t.comp_fd()))
+        Ok((!self.flush_over(conn)).then(|| FlushWait::Completions(conn.link.t.comp_fd())))
     }
 
     /// Whether the flush job is over: nothing staged and no gathered send waiting, or no

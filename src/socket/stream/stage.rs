@@ -15,11 +15,12 @@
 //! Who posts the stage: while the application keeps staging, the application itself, once
 //! the stage's first byte has waited as long as a post takes (or the stage holds
 //! [`STAGE_POST_AT`] bytes); its next call of any other kind posts it too. The flush job is
-//! the backstop for an application that stops calling: it leaves the stage alone while the
-//! application stages (it would only take the CPU from it: with both ends busy-polling on a
-//! two-CPU machine, a post in the service thread runs instead of the application, not beside
-//! it, and each write then carried one message) and posts it a post's time after the last
-//! staged send.
+//! the backstop for an application that stops calling: it leaves the stage (and sends
+//! gathered behind writes in flight) alone while the application goes on calling (it would
+//! only take the CPU from it: with both ends busy-polling on a two-CPU machine, a post in the
+//! service thread runs instead of the application, not beside it, and each write then carried
+//! one message) and posts them a post's time after the application's last call
+//! ([`Stage::app_still_calling`]).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -102,32 +103,43 @@ impl Stage {
         last != 0 && now.wrapping_sub(last) < self.post_cost.load(Ordering::Relaxed)
     }
 
-    /// Flush job: while the application goes on staging (its last send is more recent than a
-    /// post takes), the ticks until the job looks again; None when it should post the stage
-    /// now. The first look is a post's time after that send; each further one that finds the
-    /// application still staging waits twice as long, up to [`MAX_DEFER`] posts' time (and
-    /// [`MAX_DEFER_US`]), so
-    /// that a long stream costs the service thread a few wake-ups, not one per post.
-    pub(super) fn app_still_staging(&self, now: u64) -> Option<u64> {
-        let last = self.last_send.load(Ordering::Relaxed);
+    /// Flush job: while the application goes on calling (it is in a call on the socket, or
+    /// left one less than a post's time ago), the ticks until the job looks again; None when
+    /// it should post what is staged or gathered now. The application's calls post both
+    /// themselves (a send posts the stage once it is a post's time old, and any call drives
+    /// the connection, posting gathered sends as the writes before them complete); a post in
+    /// the service thread would only take the CPU from it: with both ends busy on a two-CPU
+    /// machine it runs instead of the application, not beside it, and each such post carried
+    /// one message.
+    ///
+    /// The first look after the job was handed its work waits a post's time from now: the
+    /// application may not have run since (the service thread's wake-up can take its CPU, and
+    /// under emulation that wake-up alone takes longer than a post). Each further look that
+    /// finds the application still calling waits twice as long, up to [`MAX_DEFER`] posts'
+    /// time and [`MAX_DEFER_US`], so that a long stream costs the service thread a few
+    /// wake-ups, not one per post. A call that lasts (a blocking receive, asleep on the
+    /// completions, which posts them too) is counted on for [`MAX_DEFER_US`] after the
+    /// previous call's end at most, so that the job neither looks again and again while it
+    /// sleeps nor counts on it once it returned.
+    pub(super) fn app_still_calling(&self, now: u64, inside: bool, last_exit: u64) -> Option<u64> {
         let cost = self.post_cost.load(Ordering::Relaxed);
-        let waited = now.wrapping_sub(last);
-        if last == 0 || self.len() == 0 || waited >= cost {
+        let max = MAX_DEFER_US * crate::verbs::ticks_per_us();
+        if cost == 0 {
+            return None;
+        }
+        let n = self.defers.fetch_add(1, Ordering::Relaxed);
+        if n == 0 {
+            return Some(cost);
+        }
+        let waited = now.wrapping_sub(last_exit);
+        if waited >= max || (!inside && waited >= cost) {
             self.defers.store(0, Ordering::Relaxed);
             return None;
         }
-        let n = self
-            .defers
-            .fetch_add(1, Ordering::Relaxed)
-            .min(MAX_DEFER.trailing_zeros());
-        let wait = cost
-            .saturating_mul(1 << n)
-            .min(MAX_DEFER_US * crate::verbs::ticks_per_us());
-        if waited >= wait {
-            self.defers.store(0, Ordering::Relaxed);
-            return None;
-        }
-        Some(wait - waited)
+        Some(
+            cost.saturating_mul(1 << (n - 1).min(MAX_DEFER.trailing_zeros()))
+                .min(max),
+        )
     }
 
     /// The write size a send starts with: where the previous send left off if this one
@@ -320,38 +332,50 @@ mod tests {
     }
 
     #[test]
-    fn the_flush_job_leaves_the_stage_to_an_application_that_is_still_staging() {
+    fn the_flush_job_leaves_its_work_to_an_application_that_is_still_calling() {
         let us = ticks_per_us();
         let (t0, cost) = (1_000_000 * us, 100 * us);
         let st = stage(64, t0, cost);
-        // Just after a send: the job looks again a post's time after it.
-        assert_eq!(st.app_still_staging(t0 + 10 * us), Some(cost - 10 * us));
-        // The application sent again before that look: the next look is twice as far.
-        st.last_send.store(t0 + 90 * us, Ordering::Relaxed);
+        // The first look, however late it comes: a post's time from now (the application
+        // may not have had the CPU since it handed the work over).
+        assert_eq!(st.app_still_calling(t0 + 50 * us, false, t0), Some(cost));
+        // A call since: a post's time, then twice as far, never further than MAX_DEFER_US.
         assert_eq!(
-            st.app_still_staging(t0 + 100 * us),
-            Some(2 * cost - 10 * us)
+            st.app_still_calling(t0 + 200 * us, false, t0 + 190 * us),
+            Some(cost)
         );
-        // And so on, but never further than MAX_DEFER_US.
+        assert_eq!(
+            st.app_still_calling(t0 + 400 * us, false, t0 + 390 * us),
+            Some(2 * cost)
+        );
         for _ in 0..10 {
-            let w = st.app_still_staging(t0 + 100 * us).expect("still staging");
-            assert!(w <= MAX_DEFER_US * us, "waits {w} ticks");
+            let w = st.app_still_calling(t0 + 400 * us, false, t0 + 390 * us);
+            assert!(w.expect("still calling") <= MAX_DEFER_US * us);
         }
-        // The application stopped: a post's time after its last send the job posts, and the
-        // next stream starts with short looks again.
-        assert_eq!(st.app_still_staging(t0 + 90 * us + cost), None);
-        assert_eq!(st.app_still_staging(t0 + 90 * us + 1), Some(cost - 1));
+        // No call for a post's time: the job posts, and its next look waits a post's time
+        // again, after which it posts if there was still no call.
+        assert_eq!(
+            st.app_still_calling(t0 + 490 * us, false, t0 + 390 * us),
+            None
+        );
+        assert_eq!(st.app_still_calling(t0 + 5000 * us, false, t0), Some(cost));
+        assert_eq!(st.app_still_calling(t0 + 5100 * us, false, t0), None);
     }
 
     #[test]
-    fn the_flush_job_posts_at_once_after_a_receive_or_with_nothing_staged() {
+    fn a_call_that_lasts_is_counted_on_for_a_bounded_time() {
+        let us = ticks_per_us();
+        let (t0, cost) = (1_000_000 * us, 100 * us);
+        let st = stage(64, t0, cost);
+        assert_eq!(st.app_still_calling(t0 + 10 * us, true, t0), Some(cost));
+        assert_eq!(st.app_still_calling(t0 + 900 * us, true, t0), Some(cost));
+        assert_eq!(st.app_still_calling(t0 + MAX_DEFER_US * us, true, t0), None);
+    }
+
+    #[test]
+    fn the_flush_job_posts_at_once_without_a_measured_post() {
         let us = ticks_per_us();
         let t0 = 1_000_000 * us;
-        // A receive came since the last send (last_send 0): the stage is not a stream's.
-        assert_eq!(stage(64, 0, 100 * us).app_still_staging(t0), None);
-        // Nothing staged: nothing to wait for.
-        assert_eq!(stage(0, t0, 100 * us).app_still_staging(t0 + 1), None);
-        // No post measured yet (cost 0): nothing counts as a stream.
-        assert_eq!(stage(64, t0, 0).app_still_staging(t0 + 1), None);
+        assert_eq!(stage(64, t0, 0).app_still_calling(t0 + 1, true, t0), None);
     }
 }
