@@ -757,8 +757,13 @@ fn rpoll_pingpong_waits_for_pollin() {
     /// round trip is a lost wake-up, reported with the socket's state rather than hung.
     fn wait_for(s: &StreamSocket, events: i16, v: u8) {
         if poll1(s.fd(), events, 60_000) == 0 {
+            // Whether what it waits for was there without a wake-up (the completion queue
+            // holds it: a lost completion event) or never came at all.
+            let before = s.describe();
+            let again = poll1(s.fd(), events, 0);
             panic!(
-                "round {v}: rpoll({events:#x}) slept 60 s; socket: {}",
+                "round {v}: rpoll({events:#x}) slept 60 s; socket: {before}; a look at the \
+                 completion queue then: revents {again:#x}, socket: {}",
                 s.describe()
             );
         }
