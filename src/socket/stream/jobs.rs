@@ -18,7 +18,7 @@ use crate::trace::trace;
 enum FlushWait {
     /// Writes in flight to complete: the completion channel (the CQ armed).
     Completions(RawFd),
-    /// The application to stop staging (it posts its stage itself meanwhile).
+    /// The application to stop calling (its calls post what is staged or gathered meanwhile).
     Until(Instant),
 }
 
@@ -64,10 +64,10 @@ impl StreamSocket {
         }
     }
 
-    /// Flush job: posts gathered sends that are due. Returns what to wait for while some are
-    /// still waiting: the completion channel (CQ armed) for writes in flight, or a time while
-    /// the application still stages (it posts the stage itself then, see `stage`); None when
-    /// done.
+    /// Flush job: posts staged and gathered sends that are due. Returns what to wait for while
+    /// some are still waiting: the completion channel (CQ armed) for writes in flight, or a
+    /// time while the application still calls (its calls post them then, see
+    /// `Stage::app_still_calling`); None when done.
     fn flush_job(&self, now: Instant) -> Result<Option<FlushWait>> {
         // The application posts what it staged or gathered itself while it goes on calling.
         let t = crate::verbs::ticks();

@@ -65,7 +65,7 @@ pub(super) struct Stage {
     total: AtomicU64,
     /// Ticks when the first byte of what is staged now was staged (0: nothing staged).
     since: AtomicU64,
-    /// Looks of the flush job in a row that found the application staging.
+    /// Looks of the flush job in a row that found the application still calling.
     defers: AtomicU32,
     /// Write size the last send had reached (a send starts with small writes and doubles
     /// them, so the first bytes leave early); a send that continues a stream goes on from there.
@@ -322,11 +322,10 @@ mod tests {
     use super::*;
     use crate::verbs::ticks_per_us;
 
-    /// A stage with `len` bytes staged, the last send at `last` ticks, posts costing `cost`.
-    fn stage(len: usize, last: u64, cost: u64) -> Stage {
+    /// A stage with `len` bytes staged, posts costing `cost`.
+    fn stage(len: usize, cost: u64) -> Stage {
         let st = Stage::default();
         st.len.store(len, Ordering::Release);
-        st.last_send.store(last, Ordering::Relaxed);
         st.post_cost.store(cost, Ordering::Relaxed);
         st
     }
@@ -335,7 +334,7 @@ mod tests {
     fn the_flush_job_leaves_its_work_to_an_application_that_is_still_calling() {
         let us = ticks_per_us();
         let (t0, cost) = (1_000_000 * us, 100 * us);
-        let st = stage(64, t0, cost);
+        let st = stage(64, cost);
         // The first look, however late it comes: a post's time from now (the application
         // may not have had the CPU since it handed the work over).
         assert_eq!(st.app_still_calling(t0 + 50 * us, false, t0), Some(cost));
@@ -366,7 +365,7 @@ mod tests {
     fn a_call_that_lasts_is_counted_on_for_a_bounded_time() {
         let us = ticks_per_us();
         let (t0, cost) = (1_000_000 * us, 100 * us);
-        let st = stage(64, t0, cost);
+        let st = stage(64, cost);
         assert_eq!(st.app_still_calling(t0 + 10 * us, true, t0), Some(cost));
         assert_eq!(st.app_still_calling(t0 + 900 * us, true, t0), Some(cost));
         assert_eq!(st.app_still_calling(t0 + MAX_DEFER_US * us, true, t0), None);
@@ -376,6 +375,6 @@ mod tests {
     fn the_flush_job_posts_at_once_without_a_measured_post() {
         let us = ticks_per_us();
         let t0 = 1_000_000 * us;
-        assert_eq!(stage(64, t0, 0).app_still_calling(t0 + 1, true, t0), None);
+        assert_eq!(stage(64, 0).app_still_calling(t0 + 1, true, t0), None);
     }
 }
