@@ -114,6 +114,14 @@ app "python asyncio echo" 1000 "$RUN $PY echo-server $S @PORT@" "$RUN $PY echo-c
 # SO_RCVTIMEO (the rsocket core has none): the preload bounds a blocking receive, as the kernel.
 app "SO_RCVTIMEO on a preloaded client" 4 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY timeout-check $S @PORT@ 3"
 app "epoll echo server idles without spinning" 500 "$RUN $PY select-echo-server $S @PORT@" "$RUN $PY idle-check $S @PORT@ 5"
+# A forked worker that changes its credentials three times (setgid, setgroups, setuid, 0.1 s
+# apart) while it claims the RDMA listener handed over at fork, each claim slowed to 0.3 s (a
+# test knob): a claim still under way at the next change left the listener to no acceptor, and
+# RDMA clients waited 10 s for the connect, then went over TCP (nginx's workers, now and then).
+# The client starts once the last claim is done.
+SERVER_EXITS=1 app "credentials changed while the listener handed over at fork is claimed" 500 \
+  "env RSOCKET_PRELOAD_TEST_CLAIM_DELAY_MS=300 $RUN $PY cred-echo-server $S @PORT@" \
+  "sleep 3; $RUN $PY echo-client $S @PORT@ 11"
 # A program asleep in epoll is woken by its rsockets' completion channels directly (the preload
 # puts them in its epoll sets): the service threads sleep through the messages. poll and select
 # on a socket that is in an epoll set still see everything.

@@ -163,13 +163,14 @@ def redis(host, port, seed):
     print("redis: 300 SET/GET and LPUSH, LRANGE verified")
 
 
-def select_echo_server(host, port):
+def select_echo_server(host, port, ls=None):
     import selectors
     sel = selectors.DefaultSelector()
-    ls = socket.socket()
-    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    ls.bind((host, port))
-    ls.listen()
+    if ls is None:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((host, port))
+        ls.listen()
     ls.setblocking(False)
     sel.register(ls, selectors.EVENT_READ)
     while True:
@@ -191,6 +192,28 @@ def select_echo_server(host, port):
             key.fileobj.setblocking(True)
             key.fileobj.sendall(d)
             key.fileobj.setblocking(False)
+
+
+def cred_echo_server(host, port):
+    """A forking server whose worker changes its credentials three times, 0.1 s apart (the
+    same ones: setgid, setgroups, setuid, as a server dropping privileges does), then serves
+    select_echo_server's loop on the listener it inherited. The parent waits for it."""
+    import time
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, port))
+    ls.listen()
+    pid = os.fork()
+    if pid:
+        ls.close()
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    os.setgid(os.getgid())
+    time.sleep(0.1)
+    os.setgroups(os.getgroups())
+    time.sleep(0.1)
+    os.setuid(os.getuid())
+    select_echo_server(host, port, ls)
 
 
 def timeout_check(host, port, seed):
@@ -349,6 +372,8 @@ def main():
         asyncio.run(echo_server(host, port))
     elif mode == "select-echo-server":
         select_echo_server(host, port)
+    elif mode == "cred-echo-server":
+        cred_echo_server(host, port)
     elif mode == "echo-client":
         asyncio.run(echo_client(host, port, seed))
     elif mode == "memcache":

@@ -980,25 +980,15 @@ fn reroute_stale_tokens() -> bool {
 /// server changes its credentials before it serves.
 pub fn credentials_changed() {
     rs_core::socket::credentials_changed();
-    let (old, pending, old_wake) = listeners(|l| {
-        let mut old = Vec::new();
-        for (&id, li) in l.by_id.iter_mut() {
-            let had = li.rs.is_some() || l.to_claim.contains(&id);
-            if let Some(r) = li.rs.take() {
-                old.push(r);
-            }
-            if had && li.failures < LISTEN_FAILURES {
-                li.failures = 0;
-                if !l.to_claim.contains(&id) {
-                    l.to_claim.push(id);
-                }
-            }
-        }
-        let pending: Vec<u32> = l.pending.keys().copied().collect();
-        // The running acceptor ends (its generation is no longer current).
-        let w = std::mem::replace(&mut l.wake, -1);
+    // The running acceptor ends first (its generation is no longer current), and only then
+    // are the listeners looked at: a claim it had under way (a listener handed over at fork,
+    // or one a previous change of credentials let go, as nginx's setgid, setgroups and setuid
+    // come one after the other) would otherwise set a listener opened with the old
+    // credentials after the look, and take it off the list to claim, so that no acceptor
+    // would serve it: RDMA clients waited for the connect timeout, then went over TCP.
+    let old_wake = listeners(|l| {
         l.acceptor_gen += 1;
-        (old, pending, w)
+        std::mem::replace(&mut l.wake, -1)
     });
     signal(old_wake);
     let previous = ACCEPTOR.lock().take();
@@ -1016,6 +1006,23 @@ pub fn credentials_changed() {
         // SAFETY: the old acceptor's eventfd; that thread has ended.
         unsafe { real::close(old_wake) };
     }
+    let (old, pending) = listeners(|l| {
+        let mut old = Vec::new();
+        for (&id, li) in l.by_id.iter_mut() {
+            let had = li.rs.is_some() || l.to_claim.contains(&id);
+            if let Some(r) = li.rs.take() {
+                old.push(r);
+            }
+            if had && li.failures < LISTEN_FAILURES {
+                li.failures = 0;
+                if !l.to_claim.contains(&id) {
+                    l.to_claim.push(id);
+                }
+            }
+        }
+        let pending: Vec<u32> = l.pending.keys().copied().collect();
+        (old, pending)
+    });
     for t in pending {
         drop_pending(t);
     }
@@ -1625,7 +1632,12 @@ fn claim(give_up_now: bool) {
             listeners(|l| l.to_claim.retain(|&x| x != id));
             continue;
         };
-        match rdma_listen(domain, &local, backlog, None) {
+        let listened = rdma_listen(domain, &local, backlog, None);
+        let delay = policy::get().claim_delay_ms;
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
+        match listened {
             Ok(r) => {
                 listeners(|l| {
                     if let Some(li) = l.by_id.get_mut(&id) {

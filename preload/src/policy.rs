@@ -10,6 +10,10 @@
 //!   set on every rsocket the preload makes.
 //! - `RSOCKET_PRELOAD_CONNECT_MS`: how long a connect waits for the RDMA handshake before it
 //!   gives up on RDMA and connects over kernel TCP instead (default 10000).
+//! - `RSOCKET_PRELOAD_TEST_CLAIM_DELAY_MS` (for tests): a listener's RDMA side, listening
+//!   again (after fork or a change of credentials), is taken up only this long after it
+//!   listens, which makes the race of that claim with further changes of credentials
+//!   certain to happen (c-tests/preload.sh).
 //!
 //! Only TCP sockets are candidates, and only connects to and listeners on addresses that are
 //! not loopback (loopback traffic has no RDMA device to take it: it stays in the kernel).
@@ -32,6 +36,8 @@ pub struct Policy {
     pub connect_ms: i32,
     /// UDP sockets convert too (`RSOCKET_PRELOAD_UDP`, on unless `0`).
     pub udp: bool,
+    /// RSOCKET_PRELOAD_TEST_CLAIM_DELAY_MS (0: none).
+    pub claim_delay_ms: u64,
 }
 
 #[derive(Debug)]
@@ -124,6 +130,8 @@ pub fn get() -> &'static Policy {
             inline: env_int("RS_INLINE"),
             connect_ms: env_int("RSOCKET_PRELOAD_CONNECT_MS").unwrap_or(10000),
             udp: std::env::var("RSOCKET_PRELOAD_UDP").map_or(true, |v| v.trim() != "0"),
+            claim_delay_ms: env_int("RSOCKET_PRELOAD_TEST_CLAIM_DELAY_MS")
+                .map_or(0, |v| v.max(0) as u64),
         }
     })
 }
@@ -252,6 +260,7 @@ mod tests {
             inline: None,
             connect_ms: 0,
             udp: true,
+            claim_delay_ms: 0,
         };
         assert!(p.intercepts(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0));
         assert!(p.intercepts(libc::AF_INET6, libc::SOCK_STREAM, libc::IPPROTO_TCP));
