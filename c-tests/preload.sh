@@ -64,12 +64,13 @@ app_killed() {
   [[ $name =~ ${RSOCKET_PRELOAD_ONLY:-.} ]] || return 0
   srv=${srv//@PORT@/$PORT}; cli=${cli//@PORT@/$PORT}
   local before; before=$(pkts)
-  # No timeout wrapper: $! must be the server itself (bash and rsocket-run exec it).
-  bash -c "exec $srv" >"$log/srv" 2>&1 &
+  # No timeout wrapper: $! must be the server itself (bash, env and rsocket-run exec it). The
+  # preload's trace lines (a few per connection) say, on a failure, how each end connected.
+  bash -c "exec env RSOCKET_PRELOAD_DEBUG=1 $srv" >"$log/srv" 2>&1 &
   local spid=$! i
   local l=t; [[ $name == *UDP* ]] && l=u # a UDP server is ready once its socket is bound
   for i in $(seq 100); do ss -Hl${l}n "sport = :$PORT" | grep -q . && break; sleep 0.2; done
-  timeout 90 bash -c "$cli" >"$log/cli" 2>&1 &
+  RSOCKET_PRELOAD_DEBUG=1 timeout 90 bash -c "$cli" >"$log/cli" 2>&1 &
   local cpid=$!
   for i in $(seq 150); do [ $(( $(pkts) - before )) -ge "$min" ] && break; sleep 0.2; done
   sleep 0.5
@@ -77,7 +78,7 @@ app_killed() {
   wait $cpid; local crc=$?
   local moved=$(( $(pkts) - before ))
   if [ $crc -eq 0 ] && [ $moved -ge "$min" ]; then
-    pass=$((pass + 1)); echo "ok   $name ($moved RDMA packets)"; sed 's/^/       /' "$log/cli"
+    pass=$((pass + 1)); echo "ok   $name ($moved RDMA packets)"; grep -v '^rspreload\[' "$log/cli" | sed 's/^/       /'
   else
     fail=$((fail + 1)); echo "FAIL $name (client rc $crc, $moved RDMA packets, wanted $min)"
     tail -30 "$log/srv" | sed 's/^/  srv| /'; tail -30 "$log/cli" | sed 's/^/  cli| /'
