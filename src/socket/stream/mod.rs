@@ -111,6 +111,9 @@ pub struct StreamSocket {
     last_exit: std::sync::atomic::AtomicU64,
     /// The descriptor is not kept up to date by every call (see `ready`).
     self_driven: std::sync::atomic::AtomicBool,
+    /// Looks of the service thread in a row that found the self-driven socket in use (the
+    /// time to the next look doubles with each, see `ready::TICK_MAX`).
+    busy_looks: std::sync::atomic::AtomicU8,
     /// Wait sets of the application that sleep on the completion channel themselves (see
     /// `ready`, [`StreamSocket::hook`]): the service thread leaves the channel to them.
     hooked: AtomicU32,
@@ -163,6 +166,7 @@ impl StreamSocket {
             in_call: AtomicU32::new(0),
             last_exit: std::sync::atomic::AtomicU64::new(0),
             self_driven: std::sync::atomic::AtomicBool::new(false),
+            busy_looks: std::sync::atomic::AtomicU8::new(0),
             hooked: AtomicU32::new(0),
             guests: AtomicU32::new(0),
             inner: Mutex::new(Inner {
