@@ -468,3 +468,23 @@ impl StreamSocket {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_at_a_socket_in_use_come_less_often_up_to_tick_max() {
+        let now = Instant::now();
+        let apart: Vec<Duration> = (0..6)
+            .map(|n| tick_wait(now, n).deadline.unwrap() - now)
+            .collect();
+        let ms = Duration::from_millis;
+        assert_eq!(apart, [ms(10), ms(20), ms(40), ms(80), ms(80), ms(80)]);
+        assert_eq!(tick_wait(now, u8::MAX).deadline, Some(now + TICK_MAX));
+        assert!(
+            tick_wait(now, 0).fds.is_empty(),
+            "a self-driven socket's channels are not slept on"
+        );
+    }
+}
