@@ -393,6 +393,21 @@ impl CmId {
         rq_size: u32,
         sq_inline: u32,
     ) -> io::Result<Endpoint> {
+        self.create_qp_endpoint(sys::ibv_qp_type::IBV_QPT_RC, 2, sq_size, rq_size, sq_inline)
+    }
+
+    /// Creates a queue pair of type `qp_type` on the id with its own PD, completion channel
+    /// and one CQ for both queues (every send signalled; `send_sge` gather entries per send,
+    /// one per receive). On success librdmacm stores the QP in id->qp (and moves a UD QP to
+    /// RTS with the UDP Q_Key).
+    pub(super) fn create_qp_endpoint(
+        &mut self,
+        qp_type: sys::ibv_qp_type::Type,
+        send_sge: u32,
+        sq_size: u32,
+        rq_size: u32,
+        sq_inline: u32,
+    ) -> io::Result<Endpoint> {
         let ctx = self.context()?;
         // SAFETY: ctx is a live device context.
         let pd = ProtectionDomain(non_null(unsafe { sys::ibv_alloc_pd(ctx) })?);
@@ -414,11 +429,11 @@ impl CmId {
         let mut attr: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
         attr.send_cq = cq.0.as_ptr();
         attr.recv_cq = cq.0.as_ptr();
-        attr.qp_type = sys::ibv_qp_type::IBV_QPT_RC;
+        attr.qp_type = qp_type;
         attr.sq_sig_all = 1;
         attr.cap.max_send_wr = sq_size;
         attr.cap.max_recv_wr = rq_size;
-        attr.cap.max_send_sge = 2;
+        attr.cap.max_send_sge = send_sge;
         attr.cap.max_recv_sge = 1;
         attr.cap.max_inline_data = sq_inline;
         // SAFETY: valid id, pd and attr; on success librdmacm stores the QP in id->qp and

@@ -10,8 +10,8 @@ use rdma_sys as sys;
 
 use super::addr::SockAddr;
 use super::cm::{CmEvent, CmId, EventChannel};
-use super::endpoint::{CompChannel, CompletionQueue, Endpoint, MrId, ProtectionDomain};
-use super::os::{poll_fds, set_nonblocking};
+use super::endpoint::{Endpoint, MrId};
+use super::os::poll_fds;
 use super::{cvt, last_error, non_null};
 
 /// How to reach one peer queue pair (or a multicast group): `struct ibv_ah_attr`.
@@ -202,48 +202,10 @@ impl CmId {
         rq_size: u32,
         sq_inline: u32,
     ) -> io::Result<Endpoint> {
-        let ctx = self.context()?;
-        if self.is_iwarp() {
+        if self.on_iwarp() {
             return Err(io::Error::from_raw_os_error(libc::ESOCKTNOSUPPORT));
         }
-        // SAFETY: ctx is a live device context.
-        let pd = ProtectionDomain(non_null(unsafe { sys::ibv_alloc_pd(ctx) })?);
-        // SAFETY: as above.
-        let comp = CompChannel(non_null(unsafe { sys::ibv_create_comp_channel(ctx) })?);
-        set_nonblocking(comp.fd(), true)?;
-        // SAFETY: ctx and channel valid; no cq_context.
-        let cq = unsafe {
-            sys::ibv_create_cq(
-                ctx,
-                (sq_size + rq_size) as i32,
-                ptr::null_mut(),
-                comp.0.as_ptr(),
-                0,
-            )
-        };
-        let cq = CompletionQueue(non_null(cq)?);
-        // SAFETY: zeroed init attr is valid; fields set below.
-        let mut attr: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        attr.send_cq = cq.0.as_ptr();
-        attr.recv_cq = cq.0.as_ptr();
-        attr.qp_type = sys::ibv_qp_type::IBV_QPT_UD;
-        attr.sq_sig_all = 1;
-        attr.cap.max_send_wr = sq_size;
-        attr.cap.max_recv_wr = rq_size;
-        attr.cap.max_send_sge = 1;
-        attr.cap.max_recv_sge = 1;
-        attr.cap.max_inline_data = sq_inline;
-        // SAFETY: valid id, pd and attr; librdmacm stores the QP in id->qp.
-        cvt(unsafe { sys::rdma_create_qp(self.id.as_ptr(), pd.0.as_ptr(), &mut attr) })?;
-        self.has_qp = true;
-        Ok(Endpoint::new(
-            self.raw().qp,
-            attr.cap.max_inline_data,
-            false,
-            cq,
-            comp,
-            pd,
-        ))
+        self.create_qp_endpoint(sys::ibv_qp_type::IBV_QPT_UD, 1, sq_size, rq_size, sq_inline)
     }
 
     /// Address handle attributes from the route this id resolved: with a global route header
