@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::proto::dgram::{self as wire, DsHeader, GRH_LEN, SLOT, UDP_QKEY, UdpHeader, UdpOp};
 use crate::socket::config::Config;
-use crate::socket::options::{RDMA_INLINE, RDMA_RQSIZE, RDMA_SQSIZE, SOL_RDMA};
+use crate::socket::options::{
+    RDMA_INLINE, RDMA_RQSIZE, RDMA_SQSIZE, SOL_RDMA, copy_out, int, size,
+};
 use crate::socket::service::{self, Jobs, Serviced, Wait};
 use crate::socket::spin::Spin;
 use crate::trace::trace;
@@ -713,26 +715,8 @@ impl DgramSocket {
     }
 }
 
-fn int(v: &[u8]) -> Result<i32> {
-    match v.len() {
-        0 => Err(Error::InvalidArgument),
-        1..=3 => Ok(v[0] as i32),
-        _ => Ok(i32::from_ne_bytes(v[..4].try_into().expect("4 bytes"))),
-    }
-}
-
-fn size(v: &[u8]) -> Result<u32> {
-    u32::try_from(int(v)?).map_err(|_| Error::InvalidArgument)
-}
-
 fn ipv4(b: &[u8]) -> Ipv4Addr {
     Ipv4Addr::new(b[0], b[1], b[2], b[3])
-}
-
-fn copy_out(v: &[u8], out: &mut [u8]) -> usize {
-    let n = v.len().min(out.len());
-    out[..n].copy_from_slice(&v[..n]);
-    n
 }
 
 impl Inner {

@@ -30,7 +30,9 @@ fn unsupported() -> Error {
     Error::Unsupported(libc::ENOPROTOOPT)
 }
 
-fn int(v: &[u8]) -> Result<i32> {
+/// An int option's value as the kernel reads it: 4 bytes or more, native order, or the first
+/// byte of a shorter one; EINVAL if empty.
+pub(crate) fn int(v: &[u8]) -> Result<i32> {
     match v.len() {
         0 => Err(Error::InvalidArgument),
         1..=3 => Ok(v[0] as i32),
@@ -38,7 +40,8 @@ fn int(v: &[u8]) -> Result<i32> {
     }
 }
 
-fn size(v: &[u8]) -> Result<u32> {
+/// A size option's value ([`int`]); EINVAL if negative.
+pub(crate) fn size(v: &[u8]) -> Result<u32> {
     let n = int(v)?;
     if n < 0 {
         return Err(Error::InvalidArgument);
@@ -203,7 +206,9 @@ pub fn get(s: &StreamSocket, level: i32, name: i32, out: &mut [u8]) -> Result<us
     Ok(copy_out(&v.to_ne_bytes(), out))
 }
 
-fn copy_out(v: &[u8], out: &mut [u8]) -> usize {
+/// Copies an option's value into the caller's room (cut to fit, as the kernel); returns the
+/// length copied.
+pub(crate) fn copy_out(v: &[u8], out: &mut [u8]) -> usize {
     let n = v.len().min(out.len());
     out[..n].copy_from_slice(&v[..n]);
     n
