@@ -1558,6 +1558,9 @@ fn main() -> ExitCode {
                 while !done.load(std::sync::atomic::Ordering::SeqCst) {
                     if start.elapsed() > watchdog {
                         println!("test {name} ... FAILED (still running after {watchdog:?})");
+                        for line in rsocket::socket::describe_all() {
+                            println!("  socket {line}");
+                        }
                         dump_threads();
                         std::process::exit(1);
                     }

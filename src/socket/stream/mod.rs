@@ -291,7 +291,22 @@ impl StreamSocket {
 
     /// A one-line description of the socket's state, for diagnostics.
     pub fn describe(&self) -> String {
-        let g = self.lock();
+        self.describe_locked(&self.lock())
+    }
+
+    /// [`StreamSocket::describe`] without waiting: None while another thread holds the lock (a
+    /// diagnostic must not hang on the socket it looks at).
+    pub fn try_describe(&self) -> Option<String> {
+        match self.inner.try_lock() {
+            Ok(g) => Some(self.describe_locked(&g)),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                Some(self.describe_locked(&p.into_inner()))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    fn describe_locked(&self, g: &Inner) -> String {
         match &g.state {
             State::Idle { bound, .. } => format!("idle (bound {bound})"),
             State::Connecting(_) => "connecting".into(),
