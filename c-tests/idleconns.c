@@ -17,6 +17,7 @@
  */
 #include <errno.h>
 #include <netdb.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,10 +33,26 @@
 #define IMPL "rsocket-rs"
 #endif
 
+/* Where this side is, for a failure's message and for SIGTERM (the suite's timeout): the
+ * connection it works on and the call it is in. */
+static volatile sig_atomic_t at_conn = -1;
+static const char *volatile at_call = "start";
+
 static void die(const char *what)
 {
-	fprintf(stderr, "idleconns %s: %s: %s\n", IMPL, what, strerror(errno));
+	fprintf(stderr, "idleconns %s: connection %d: %s: %s\n", IMPL, (int)at_conn, what,
+		strerror(errno));
 	exit(1);
+}
+
+static void on_term(int sig)
+{
+	char msg[160];
+	int n = snprintf(msg, sizeof msg, "idleconns %s: terminated at connection %d, in %s\n", IMPL,
+			 (int)at_conn, at_call);
+	if (n > 0 && write(2, msg, (size_t)n) < 0)
+		_exit(128 + sig);
+	_exit(128 + sig);
 }
 
 static struct addrinfo *resolve(const char *host, const char *port, int passive)
@@ -98,18 +115,24 @@ static int server(const char *host, const char *port, int n)
 	int *fds = calloc(n, sizeof *fds);
 	for (int i = 0; i < n; i++) {
 		char b;
+		at_conn = i;
+		at_call = "raccept";
 		fds[i] = raccept(l, NULL, NULL);
 		if (fds[i] < 0)
 			die("raccept");
+		at_call = "rrecv";
 		if (one(fds[i], &b, 0))
 			die("rrecv");
 		b++;
+		at_call = "rsend";
 		if (one(fds[i], &b, 1))
 			die("rsend");
 	}
+	at_call = "rrecv (end of stream)";
 	for (int i = 0; i < n; i++) {
 		char b;
 		ssize_t r;
+		at_conn = i;
 		do
 			r = rrecv(fds[i], &b, 1, 0);
 		while (r < 0 && errno == EINTR);
@@ -162,6 +185,8 @@ static int client(const char *host, const char *port, int n)
 	struct addrinfo *ai = resolve(host, port, 0);
 	int *fds = calloc(n, sizeof *fds);
 	for (int i = 0; i < n; i++) {
+		at_conn = i;
+		at_call = "rconnect";
 		fds[i] = rsocket(AF_INET, SOCK_STREAM, 0);
 		if (fds[i] < 0)
 			die("rsocket");
@@ -180,8 +205,12 @@ static int client(const char *host, const char *port, int n)
 				die("rsocket");
 		}
 		char b = (char)i, want = (char)(i + 1);
-		if (one(fds[i], &b, 1) || one(fds[i], &b, 0))
-			die("one byte each way");
+		at_call = "rsend";
+		if (one(fds[i], &b, 1))
+			die("rsend");
+		at_call = "rrecv";
+		if (one(fds[i], &b, 0))
+			die("rrecv");
 		if ((i + 1) % 100 == 0 || getenv("IDLE_VERBOSE"))
 			fprintf(stderr, "idleconns %s: %d connections\n", IMPL, i + 1);
 		if (b != want) {
@@ -191,6 +220,8 @@ static int client(const char *host, const char *port, int n)
 	}
 	long mrs;
 	long long bytes;
+	at_conn = -1;
+	at_call = "rdma resource show mr";
 	if (registered(&mrs, &bytes)) {
 		fprintf(stderr, "idleconns %s: no memory region of pid %d in `rdma resource show mr`\n",
 			IMPL, (int)getpid());
@@ -222,5 +253,6 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	raise_fd_limit(n);
+	signal(SIGTERM, on_term);
 	return srv ? server(host, port, n) : client(host, port, n);
 }

@@ -282,8 +282,21 @@ done
 idle_tests() {
   local n=${RS_IDLE_CONNS:-1000} impl per ours=0 theirs=0
   for impl in idleconns idleconns-rdmacm; do
+    # Our ends trace their connection setup and teardown (RSOCKET_DEBUG, to a file of their
+    # own): a failure shows the events and errors that led to it, not the thousands of lines.
+    local before=$fail
+    rm -f "$log"/trace-*
     pair "$n idle connections in one process, $impl client: every connection answered" \
-      "$BIN/idleconns -s $RS_SERVER -p @PORT@ -n $n" "$BIN/$impl -c $RS_SERVER -p @PORT@ -n $n"
+      "RSOCKET_DEBUG=1 $BIN/idleconns -s $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-srv" \
+      "RSOCKET_DEBUG=1 $BIN/$impl -c $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-cli"
+    if [ "$fail" -gt "$before" ]; then
+      for side in srv cli; do
+        grep -vE '^rsocket-rs\[' "$log/trace-$side" | sed "s/^/  $side| /"
+        grep -iE 'fail|in use|reject|error|unreach|status -[1-9]' "$log/trace-$side" | tail -40 |
+          sed "s/^/  $side trace| /"
+        echo "  $side trace| (last lines)"; grep -E '^rsocket-rs\[' "$log/trace-$side" | tail -15 | sed "s/^/  $side trace| /"
+      done
+    fi
     grep -h 'per_connection' "$log/cli" | sed 's/^/       /'
     per=$(awk '/per_connection/ {print $NF}' "$log/cli")
     if [ "$impl" = idleconns ]; then ours=${per:-0}; else theirs=${per:-0}; fi
