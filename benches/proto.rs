@@ -23,6 +23,7 @@ fn cfg() -> StreamConfig {
         sbuf_size: 1 << 17,
         sbuf_start: 1 << 17,
         msg_send: false,
+        recv_payload: 0,
     }
 }
 

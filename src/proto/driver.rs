@@ -64,6 +64,10 @@ pub struct Seen {
     pub rbuf_grown: u64,
     /// Receive buffer registrations released after growing.
     pub rbuf_released: u64,
+    /// Data messages sent with their bytes in the message SEND (iWARP, a peer with room).
+    pub carried_sends: u64,
+    /// Data messages received with their bytes in the message SEND.
+    pub carried_recvs: u64,
 }
 
 /// Work requests of one connection, driven by its protocol core.
@@ -108,7 +112,7 @@ impl<T: Transport> Driver<T> {
         let slots = cfg.msg_slots(rq_posted);
         let msgs = match slots {
             0 => None,
-            n => Some(t.register(n as usize * wire::MSG_SIZE, false)?),
+            n => Some(t.register(n as usize * cfg.msg_slot_len(), false)?),
         };
         let (taddr, tkey) = t.remote_handle(tsgl);
         let (raddr, rkey) = t.remote_handle(rbuf);
@@ -132,6 +136,7 @@ impl<T: Transport> Driver<T> {
             target_iomap_size: 0,
             target_sgl: RemoteSge::default(),
             data_buf: RemoteSge::default(),
+            send_room: 0,
         };
         let mut d = Driver {
             core: Stream::new(cfg, local, &placeholder),
@@ -196,16 +201,17 @@ impl<T: Transport> Driver<T> {
     }
 
     fn post_recvs(&mut self, n: u32) -> io::Result<()> {
+        let slot_len = self.cfg.msg_slot_len();
         for _ in 0..n {
             let into = self.msg_slots.map(|(base, slots)| {
                 let slot = self.recv_slot;
                 self.recv_slot = (slot + 1) % slots;
-                (slot, base + slot as usize * wire::MSG_SIZE)
+                (slot, base + slot as usize * slot_len)
             });
             match (into, self.bufs.msgs) {
                 (Some((slot, off)), Some(msgs)) => self
                     .t
-                    .post_recv(core::recv_wr_id(slot), Some((msgs, off)))?,
+                    .post_recv(core::recv_wr_id(slot), Some((msgs, off, slot_len)))?,
                 _ => self.t.post_recv(core::recv_wr_id(0), None)?,
             }
         }
@@ -245,7 +251,15 @@ impl<T: Transport> Driver<T> {
                     if !c.ok && c.status == STATUS_RETRY_EXCEEDED {
                         self.core.on_retries_exceeded();
                     }
-                    self.core.on_send_completion(c.wr_id, c.ok);
+                    if c.wr_id & core::WR_ID_CARRIED != 0 {
+                        // One SEND did the work of the write and its message SEND.
+                        let msg = c.wr_id as u32;
+                        self.core.on_send_completion(msg as u64, c.ok);
+                        self.core
+                            .on_send_completion(core::msg_send_wr_id(msg), c.ok);
+                    } else {
+                        self.core.on_send_completion(c.wr_id, c.ok);
+                    }
                     continue;
                 }
                 if !c.ok {
@@ -261,9 +275,15 @@ impl<T: Transport> Driver<T> {
                             continue;
                         };
                         let slot = core::recv_slot(c.wr_id) as usize;
+                        let at = base + slot * self.cfg.msg_slot_len();
                         let mut b = [0u8; wire::MSG_SIZE];
-                        self.t.read(msgs, base + slot * wire::MSG_SIZE, &mut b);
-                        u32::from_ne_bytes(b)
+                        self.t.read(msgs, at, &mut b);
+                        let raw = u32::from_ne_bytes(b);
+                        if c.len as usize > wire::MSG_SIZE {
+                            self.take_carried(raw, msgs, at, c.len);
+                            continue;
+                        }
+                        raw
                     }
                 };
                 match self.core.on_recv(raw) {
@@ -287,6 +307,24 @@ impl<T: Transport> Driver<T> {
         self.flush_due()?;
         self.send_credits()?;
         Ok(any)
+    }
+
+    /// A message SEND that carried its DATA bytes (`len` in all, the message first, in the
+    /// slot at `at` of `msgs`): the core checks it and says where the bytes belong in the
+    /// receive buffer, and they are copied there (before anything can read them).
+    fn take_carried(&mut self, raw: u32, msgs: T::Mr, at: usize, len: u32) {
+        let payload = len - wire::MSG_SIZE as u32;
+        let Ok(to) = self.core.on_recv_carrying(raw, payload) else {
+            return;
+        };
+        #[cfg(test)]
+        {
+            self.seen.carried_recvs += 1;
+        }
+        let mut b = [0u8; wire::SEND_PAYLOAD_MAX];
+        let b = &mut b[..payload as usize];
+        self.t.read(msgs, at + wire::MSG_SIZE, b);
+        self.t.write(self.bufs.rbuf, to as usize, b);
     }
 
     /// Grows the rings the core asks to grow (registering the rest of their allocation) and
@@ -614,6 +652,28 @@ impl<T: Transport> Driver<T> {
             self.seen.ring_wrap_at.insert(w.ring[0].1);
         } else if w.ring[0].0 + w.ring[0].1 == self.core.send_ring_len() {
             self.seen.ring_exact_end += 1;
+        }
+        if let Some(data) = src
+            && w.inline
+            && !data.is_empty()
+            && data.len() as u32 <= self.core.peer_payload_room()
+            && wire::MSG_SIZE + data.len() <= self.t.inline_size() as usize
+        {
+            // An rsocket-rs peer on iWARP takes a small message's bytes in its SEND: one work
+            // request instead of an RDMA write and a SEND.
+            #[cfg(test)]
+            {
+                self.seen.carried_sends += 1;
+            }
+            let mut b = [0u8; wire::MSG_SIZE + wire::SEND_PAYLOAD_MAX];
+            b[..wire::MSG_SIZE].copy_from_slice(&w.msg.to_ne_bytes());
+            b[wire::MSG_SIZE..wire::MSG_SIZE + data.len()].copy_from_slice(data);
+            self.t.post_send(
+                w.msg as u64 | core::WR_ID_CARRIED,
+                &b[..wire::MSG_SIZE + data.len()],
+            )?;
+            self.sends_posted += 1;
+            return Ok(());
         }
         let payload = match src {
             Some(data) if w.inline => Source::Inline(data),

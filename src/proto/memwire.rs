@@ -85,6 +85,9 @@ impl Wr {
     }
 }
 
+/// Where a posted receive puts a SEND's bytes: buffer, offset, length.
+type RecvInto = (usize, usize, usize);
+
 /// One end of the wire.
 #[derive(Debug)]
 pub struct MemEnd {
@@ -98,7 +101,7 @@ pub struct MemEnd {
     read: usize,
     placed: usize,
     completed: usize,
-    recvs: VecDeque<(u64, Option<(usize, usize)>)>,
+    recvs: VecDeque<(u64, Option<RecvInto>)>,
     cq: VecDeque<Completion>,
     /// Sends whose completion came before the peer had them (iWARP).
     pub completed_early: u64,
@@ -238,20 +241,21 @@ impl MemEnd {
         }
         if let Some((imm, bytes)) = msg {
             let (wr_id, into) = to.recvs.pop_front().expect("checked");
-            let imm = match (bytes, into) {
-                (Some(b), Some((mr, off))) => {
-                    assert!(b.len() <= 4, "SEND longer than its receive");
+            let (imm, len) = match (bytes, into) {
+                (Some(b), Some((mr, off, len))) => {
+                    assert!(b.len() <= len, "SEND longer than its receive");
                     to.region_mut(mr)[off..off + b.len()].copy_from_slice(&b);
-                    None
+                    (None, b.len() as u32)
                 }
                 (Some(_), None) => panic!("SEND into a receive without buffer"),
-                (None, _) => Some(imm),
+                (None, _) => (Some(imm), 0),
             };
             to.cq.push_back(Completion {
                 wr_id,
                 ok: true,
                 status: 0,
                 imm,
+                len,
             });
         }
         self.placed += 1;
@@ -284,6 +288,7 @@ impl MemEnd {
             ok: true,
             status: 0,
             imm: None,
+            len: 0,
         });
         self.completed += 1;
         self.retire();
@@ -452,7 +457,7 @@ impl Transport for MemEnd {
         Ok(())
     }
 
-    fn post_recv(&mut self, wr_id: u64, into: Option<(usize, usize)>) -> io::Result<()> {
+    fn post_recv(&mut self, wr_id: u64, into: Option<RecvInto>) -> io::Result<()> {
         self.recvs.push_back((wr_id, into));
         Ok(())
     }

@@ -35,6 +35,10 @@ pub const WR_ID_MSG_SEND: u64 = 1 << 62;
 /// ring (its completion gives no ring bytes back).
 pub const WR_ID_NO_RING: u64 = 1 << 61;
 
+/// wr_id flag of a SEND that carried a DATA message and its bytes (iWARP, rsocket-rs peer):
+/// its completion stands for the write's and the message SEND's.
+pub const WR_ID_CARRIED: u64 = 1 << 60;
+
 /// The wr_id of a receive; `slot` names its 4-byte message slot on iWARP (0 otherwise).
 pub fn recv_wr_id(slot: u32) -> u64 {
     WR_ID_RECV | slot as u64
@@ -82,6 +86,9 @@ pub struct StreamConfig {
     pub sbuf_start: u32,
     /// iWARP mode: no immediate data; messages travel as 4-byte SENDs after the write.
     pub msg_send: bool,
+    /// iWARP: data bytes each posted receive holds after its message, offered to rsocket-rs
+    /// peers ([`ConnData::send_room`]); 0 otherwise.
+    pub recv_payload: u32,
 }
 
 impl StreamConfig {
@@ -112,6 +119,12 @@ impl StreamConfig {
     /// Message slots after the receive buffer (iWARP: one per posted receive; else none).
     pub fn msg_slots(&self, rq_posted: u32) -> u32 {
         if self.msg_send { rq_posted } else { 0 }
+    }
+
+    /// Bytes of one message slot: the message, then room for [`StreamConfig::recv_payload`]
+    /// data bytes.
+    pub fn msg_slot_len(&self) -> usize {
+        wire::MSG_SIZE + self.recv_payload as usize
     }
 
     /// Bytes of the target SGL buffer: the SGL, then `iomap` iomap entries.
@@ -364,6 +377,8 @@ pub struct Stream {
     rbuf_old_key: Option<u32>,
     /// The peer is rsocket-rs.
     peer_ext: bool,
+    /// Data bytes a message SEND to the peer may carry (iWARP, rsocket-rs peer; else 0).
+    peer_payload: u32,
     /// The peer's target iomap: address, rkey, entry count.
     remote_iomap: RemoteSge,
     /// Nothing may be posted until the peer's first message arrives (see
@@ -407,6 +422,7 @@ impl Stream {
                 key: local.rbuf.key,
                 length: cfg.rbuf_start / 2,
             },
+            send_room: cfg.recv_payload.min(wire::SEND_PAYLOAD_MAX as u32) as u8,
         }
     }
 
@@ -470,6 +486,7 @@ impl Stream {
             activity: 0,
             timers: None,
             peer_ext: peer.is_rsocket_rs(),
+            peer_payload: if cfg.msg_send { peer.payload_room() } else { 0 },
             remote_iomap: RemoteSge {
                 addr: peer.target_sgl.addr + wire::SGE_LEN as u64 * wire::SGL_SIZE as u64,
                 key: peer.target_sgl.key,
@@ -709,6 +726,28 @@ impl Stream {
     /// The peer is rsocket-rs (its iomap announcements carry permissions; rioread possible).
     pub fn peer_is_rsocket_rs(&self) -> bool {
         self.peer_ext
+    }
+
+    /// Data bytes a message SEND to the peer may carry after the message (iWARP, rsocket-rs
+    /// peer: [`ConnData::send_room`]); 0 when messages travel alone, after their write.
+    pub fn peer_payload_room(&self) -> u32 {
+        self.peer_payload
+    }
+
+    /// Feeds back a received message SEND that carried `payload` data bytes after the message:
+    /// a DATA message of exactly that many bytes, at most what our receives hold
+    /// ([`StreamConfig::recv_payload`]), else the connection fails. Returns where in the
+    /// receive buffer the bytes belong (where the peer's RDMA write would have put them); the
+    /// caller copies them there before anything reads the buffer.
+    pub fn on_recv_carrying(&mut self, raw: u32, payload: u32) -> Result<u32, StreamError> {
+        let carried = matches!(Msg::decode(raw), Ok(Msg::Data(len)) if len == payload && len > 0);
+        if !carried || payload > self.cfg.recv_payload {
+            let e = WireError::Invalid("data carried by a message SEND");
+            self.fail(e.clone().into());
+            return Err(e.into());
+        }
+        self.on_recv(raw)?;
+        Ok(self.rmsg.back().map_or(0, |&(at, _)| at))
     }
 
     /// Entries of the peer's target iomap (windows we may announce to it).

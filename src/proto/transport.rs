@@ -37,6 +37,8 @@ pub struct Completion {
     pub status: u32,
     /// Immediate data (host order), when the completion of a receive carried one.
     pub imm: Option<u32>,
+    /// Bytes a receive got (a SEND's length; 0 for a write with immediate data and for sends).
+    pub len: u32,
 }
 
 /// A reliable connected queue pair with its completion queue and registered buffers.
@@ -83,8 +85,9 @@ pub trait Transport {
     /// peer's device sent its read response.
     fn post_read_probe(&mut self, wr_id: u64) -> io::Result<()>;
     /// Posts a receive: without buffer (data arrives by RDMA write with immediate), or into
-    /// the 4 bytes at `offset` of buffer `mr` (a SEND's message).
-    fn post_recv(&mut self, wr_id: u64, into: Option<(Self::Mr, usize)>) -> io::Result<()>;
+    /// `(mr, offset, len)`: the `len` bytes at `offset` of buffer `mr` (a SEND's message, and
+    /// the data it may carry).
+    fn post_recv(&mut self, wr_id: u64, into: Option<(Self::Mr, usize, usize)>) -> io::Result<()>;
     /// Appends up to `max` completions to `out`.
     fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<()>;
 }

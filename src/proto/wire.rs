@@ -24,6 +24,10 @@ pub fn iomap_entry_offset(index: usize) -> usize {
 pub const SGL_SIZE: u32 = 2;
 /// Size of a message when it travels as a SEND (iWARP) instead of immediate data.
 pub const MSG_SIZE: usize = 4;
+/// Most data bytes a message SEND carries after its message (rsocket-rs peers on iWARP, see
+/// [`ConnData::send_room`]): small messages then travel as one SEND instead of an RDMA write
+/// plus a SEND.
+pub const SEND_PAYLOAD_MAX: usize = 64;
 
 /// Connect flag: the sender is a big-endian host.
 pub const CONN_FLAG_NET: u8 = 1 << 0;
@@ -147,6 +151,11 @@ pub struct ConnData {
     pub target_sgl: RemoteSge,
     /// The first half of the sender's receive buffer.
     pub data_buf: RemoteSge,
+    /// rsocket-rs on iWARP (byte 4, reserved and zero in librdmacm's): data bytes each receive
+    /// the sender posted holds after its 4-byte message. A peer may then send a DATA message
+    /// of up to that many bytes as one SEND of the message followed by the data, which the
+    /// sender of this value copies to where the RDMA write would have put it. 0: none.
+    pub send_room: u8,
 }
 
 impl ConnData {
@@ -156,6 +165,7 @@ impl ConnData {
         b[0] = VERSION;
         b[1] = self.flags;
         b[2..4].copy_from_slice(&self.credits.to_be_bytes());
+        b[4] = self.send_room;
         b[7] = iomap_size_to_scale(self.target_iomap_size);
         b[8..24].copy_from_slice(&self.target_sgl.to_be_bytes());
         b[24..40].copy_from_slice(&self.data_buf.to_be_bytes());
@@ -182,6 +192,7 @@ impl ConnData {
             target_iomap_size: iomap_scale_to_size(b[7]),
             target_sgl: sge(8),
             data_buf: sge(24),
+            send_room: b[4],
         };
         if cd.credits == 0 {
             return Err(WireError::Invalid("credits (0)"));
@@ -216,6 +227,16 @@ impl ConnData {
     /// Whether the sender is rsocket-rs (speaks our extensions).
     pub fn is_rsocket_rs(&self) -> bool {
         self.flags & CONN_FLAG_RSRS != 0
+    }
+
+    /// Data bytes a message SEND to the sender may carry ([`ConnData::send_room`]; 0 unless
+    /// the sender is rsocket-rs).
+    pub fn payload_room(&self) -> u32 {
+        if self.is_rsocket_rs() {
+            (self.send_room as usize).min(SEND_PAYLOAD_MAX) as u32
+        } else {
+            0
+        }
     }
 }
 
@@ -369,6 +390,24 @@ mod tests {
         let mut b = good;
         b[8..16].copy_from_slice(&(u64::MAX - 16).to_be_bytes());
         assert!(matches!(ConnData::decode(&b), Err(WireError::Invalid(_))));
+    }
+
+    #[test]
+    fn send_room_travels_in_byte_4_and_counts_only_from_rsocket_rs() {
+        let mut cd = ConnData::decode(&hex(TRACE_REQ)).unwrap();
+        assert_eq!(cd.send_room, 0, "librdmacm leaves byte 4 zero");
+        cd.send_room = 64;
+        let b = cd.encode();
+        assert_eq!(b[4], 64);
+        let back = ConnData::decode(&b).unwrap();
+        assert_eq!(back.send_room, 64);
+        // Not flagged as rsocket-rs: the byte means nothing.
+        assert_eq!(back.payload_room(), 0);
+        cd.flags |= CONN_FLAG_RSRS;
+        assert_eq!(cd.payload_room(), 64);
+        // More than we ever carry is capped.
+        cd.send_room = 255;
+        assert_eq!(cd.payload_room(), SEND_PAYLOAD_MAX as u32);
     }
 
     #[test]

@@ -539,9 +539,10 @@ impl Endpoint {
         unsafe { ptr::copy_nonoverlapping(data.as_ptr(), m.ptr().add(offset), data.len()) };
     }
 
-    /// Posts a receive: zero-SGE (data arrives by RDMA write with immediate), or into the 4
-    /// bytes at `offset` of region `into` (a SEND's message).
-    pub fn post_recv(&self, wr_id: u64, into: Option<(MrId, usize)>) -> io::Result<()> {
+    /// Posts a receive: zero-SGE (data arrives by RDMA write with immediate), or into
+    /// `(region, offset, len)`: `len` bytes at `offset` of the region (a SEND's message and
+    /// the data it may carry).
+    pub fn post_recv(&self, wr_id: u64, into: Option<(MrId, usize, usize)>) -> io::Result<()> {
         let mut sge = sys::ibv_sge {
             addr: 0,
             length: 0,
@@ -550,11 +551,11 @@ impl Endpoint {
         // SAFETY: zeroed recv WR is valid; fields set below.
         let mut wr: sys::ibv_recv_wr = unsafe { std::mem::zeroed() };
         wr.wr_id = wr_id;
-        if let Some((id, offset)) = into {
+        if let Some((id, offset, len)) = into {
             let m = self.mr(id);
-            assert!(offset + 4 <= m.len, "receive outside region");
+            assert!(offset + len <= m.len, "receive outside region");
             sge.addr = m.ptr() as u64 + offset as u64;
-            sge.length = 4;
+            sge.length = len as u32;
             sge.lkey = m.lkey();
             wr.sg_list = &mut sge;
             wr.num_sge = 1;

@@ -74,7 +74,7 @@ impl Raw {
         let mut ep = ep;
         let rx = ep.register(4096, Access::Local).expect("mr");
         for i in 0..32 {
-            ep.post_recv(i, Some((rx, i as usize * 4)))
+            ep.post_recv(i, Some((rx, i as usize * 4, 4)))
                 .expect("post_recv");
         }
         let region = |ep: &mut Endpoint, len: usize, count: u32| {
@@ -250,6 +250,7 @@ fn conn_data(credits: u16, target_sgl: RemoteSge, data_buf: RemoteSge) -> ConnDa
         target_iomap_size: 0,
         target_sgl,
         data_buf,
+        send_room: 0,
     }
 }
 

@@ -14,7 +14,8 @@
 //! Each mode runs a fixed set of seeds (deterministic, so a failure names its seed) and must
 //! reach every coverage point: ring wraps at every position near the ring's end, receive-buffer
 //! wraps, windows used up by direct, pending and appended writes, credit and send-queue stalls,
-//! completions before placement (iWARP).
+//! completions before placement (iWARP), small messages carried in their message SEND (iWARP,
+//! where the receiving end drew receives with room for them).
 
 use std::collections::BTreeSet;
 
@@ -68,6 +69,8 @@ struct Coverage {
     sbuf_released: u64,
     rbuf_grown: u64,
     rbuf_released: u64,
+    carried_sends: u64,
+    carried_recvs: u64,
 }
 
 impl Coverage {
@@ -89,6 +92,8 @@ impl Coverage {
         self.sbuf_released += s.sbuf_released;
         self.rbuf_grown += s.rbuf_grown;
         self.rbuf_released += s.rbuf_released;
+        self.carried_sends += s.carried_sends;
+        self.carried_recvs += s.carried_recvs;
         self.completions_before_placement += p.d.t.completed_early;
     }
 }
@@ -272,6 +277,13 @@ fn run(mode_iwarp: bool, seed: u64, cov: &mut Coverage) {
         } else {
             sbuf_size
         };
+        // iWARP: receives with room for a small message's bytes, or none (each end draws its
+        // own, so a peer may carry its data in SENDs one way only).
+        let recv_payload = if mode_iwarp {
+            [0u32, 1, 17, wire::SEND_PAYLOAD_MAX as u32][grow_rng.below(4) as usize]
+        } else {
+            0
+        };
         StreamConfig {
             sq_size: sq,
             rq_size: rq,
@@ -281,6 +293,7 @@ fn run(mode_iwarp: bool, seed: u64, cov: &mut Coverage) {
             sbuf_size,
             sbuf_start,
             msg_send: mode_iwarp,
+            recv_payload,
         }
     };
     let (ca, cb) = (mk(&mut rng), mk(&mut rng));
@@ -423,11 +436,20 @@ fn check_coverage(cov: &Coverage, iwarp: bool) {
             missing.push(name.to_string());
         }
     }
-    if !iwarp {
+    if iwarp {
+        if cov.carried_sends == 0 {
+            missing.push("data carried in message SENDs".to_string());
+        }
+        assert_eq!(
+            cov.carried_sends, cov.carried_recvs,
+            "every carried SEND taken"
+        );
+    } else {
         assert_eq!(
             cov.completions_before_placement, 0,
             "RoCE completes after placement"
         );
+        assert_eq!(cov.carried_sends, 0, "RoCE carries no data in SENDs");
     }
     assert!(missing.is_empty(), "never reached: {}", missing.join("; "));
 }

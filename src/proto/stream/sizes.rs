@@ -39,7 +39,8 @@ impl QueueSizes {
                 .min(max.saturating_sub(RECV_SLACK))
                 .max(QP_MIN_SIZE as u32);
             rq_posted = (rq + RECV_SLACK).min(max);
-            inline = inline.max(wire::MSG_SIZE as u32);
+            // Room for a message SEND that carries its data (see StreamConfig::recv_payload).
+            inline = inline.max((wire::MSG_SIZE + wire::SEND_PAYLOAD_MAX) as u32);
         }
         QueueSizes {
             sq,
@@ -86,6 +87,11 @@ impl QueueSizes {
             sbuf_size,
             sbuf_start,
             msg_send: iwarp,
+            recv_payload: if iwarp {
+                wire::SEND_PAYLOAD_MAX as u32
+            } else {
+                0
+            },
         })
     }
 }

@@ -39,6 +39,11 @@ pub(super) fn cfg(
         sbuf_size: sbuf,
         sbuf_start: sbuf,
         msg_send,
+        recv_payload: if msg_send {
+            wire::SEND_PAYLOAD_MAX as u32
+        } else {
+            0
+        },
     }
 }
 
@@ -1158,7 +1163,12 @@ fn an_idle_connection_registers_only_the_starting_rings() {
             (&[2][..], &[1][..])
         );
         for p in [&a, &b] {
-            let msgs = if iwarp { rq_posted(c) as usize * 4 } else { 0 };
+            // iWARP: a message slot per posted receive, with room for a small message's bytes.
+            let msgs = if iwarp {
+                rq_posted(c) as usize * (4 + wire::SEND_PAYLOAD_MAX)
+            } else {
+                0
+            };
             assert_eq!(
                 p.d.t.registered_bytes(),
                 2 * 16 * 1024 + StreamConfig::target_sgl_len(0) + msgs,
@@ -1244,4 +1254,71 @@ fn a_receiver_that_does_not_read_grows_to_take_what_its_full_buffer_holds() {
         b.read(1 << 20);
         assert_eq!(b.received, a.to_send);
     }
+}
+
+#[test]
+fn small_messages_travel_in_one_send_between_rsocket_rs_peers_on_iwarp() {
+    // Inline room for the message and 64 bytes (as QueueSizes asks on iWARP).
+    let c = cfg(64, 64, 68, 64 * 1024, 64 * 1024, true);
+    let (mut a, mut b) = connected(c, c);
+    let sizes = [1usize, 63, 64, 65, 2000, 7, 64];
+    let mut want = Vec::new();
+    for (i, &n) in sizes.iter().enumerate() {
+        let m = pattern(n, i as u8 + 3);
+        want.extend_from_slice(&m);
+        a.to_send.extend_from_slice(&m);
+        let writes = a.d.t.data_writes();
+        let carried = a.d.seen.carried_sends;
+        a.pump(1 << 20);
+        // Up to 64 bytes: no RDMA write, one SEND carrying them.
+        if n <= 64 {
+            assert_eq!(
+                (a.d.t.data_writes(), a.d.seen.carried_sends),
+                (writes, carried + 1)
+            );
+        } else {
+            assert_eq!(a.d.seen.carried_sends, carried);
+        }
+        deliver_all(&mut a, &mut b);
+        b.read(1 << 20);
+        deliver_all(&mut b, &mut a);
+        a.poll();
+    }
+    assert_eq!(b.received, want);
+    let small = sizes.iter().filter(|&&n| n <= 64).count() as u64;
+    assert_eq!(b.d.seen.carried_recvs, small);
+    // Every completion accounted for: the send ring is whole again.
+    assert_eq!(a.d.t.uncompleted(), 0);
+    assert_eq!(a.d.core.send_ring_len(), a.d.core.sbuf_bytes_avail);
+
+    // A peer whose receives hold no data (librdmacm's, or rsocket-rs's with none offered):
+    // the message travels after its write, as before.
+    let plain = StreamConfig {
+        recv_payload: 0,
+        ..c
+    };
+    let (mut a, mut b) = connected(c, plain);
+    a.to_send = vec![9; 10];
+    a.pump(64);
+    deliver_all(&mut a, &mut b);
+    b.read(64);
+    assert_eq!(b.received, vec![9; 10]);
+    assert_eq!((a.d.seen.carried_sends, a.d.t.data_writes()), (0, 1));
+}
+
+#[test]
+fn a_carried_message_must_be_data_of_its_length_within_our_room() {
+    let c = cfg(64, 64, 68, 64 * 1024, 64 * 1024, true);
+    let bad = |raw: u32, payload: u32| {
+        let (_, mut b) = connected(c, c);
+        assert!(b.d.core.on_recv_carrying(raw, payload).is_err());
+        assert!(b.d.core.error().is_some(), "the connection fails");
+    };
+    bad(Msg::Data(10).encode(), 11); // length mismatch
+    bad(Msg::Data(65).encode(), 65); // beyond the room of our receives
+    bad(Msg::Credits(5).encode(), 4); // not data
+    bad(Msg::Data(0).encode(), 0); // nothing carried
+    let (_, mut b) = connected(c, c);
+    assert_eq!(b.d.core.on_recv_carrying(Msg::Data(10).encode(), 10), Ok(0));
+    assert_eq!(b.d.core.on_recv_carrying(Msg::Data(5).encode(), 5), Ok(10));
 }

@@ -56,7 +56,16 @@ impl Conn {
             dev.max_qp_wr,
             dev.iwarp,
         );
-        let ep = id.create_endpoint(q.sq, q.rq_posted, q.inline)?;
+        // On iWARP the inline size asked for has room for a small message's bytes after the
+        // message; a device that refuses it gets the size the application asked for (small
+        // messages then travel after their write).
+        let ep = match id.create_endpoint(q.sq, q.rq_posted, q.inline) {
+            Err(e) if q.inline > opts.sq_inline => {
+                trace!("queue pair with {} bytes inline refused ({e})", q.inline);
+                id.create_endpoint(q.sq, q.rq_posted, opts.sq_inline.max(4))?
+            }
+            r => r?,
+        };
         let cfg = q
             .config(
                 ep.sq_inline(),

@@ -81,7 +81,7 @@ impl Transport for Endpoint {
         Endpoint::post_read_probe(self, wr_id)
     }
 
-    fn post_recv(&mut self, wr_id: u64, into: Option<(MrId, usize)>) -> io::Result<()> {
+    fn post_recv(&mut self, wr_id: u64, into: Option<(MrId, usize, usize)>) -> io::Result<()> {
         Endpoint::post_recv(self, wr_id, into)
     }
 
@@ -92,6 +92,7 @@ impl Transport for Endpoint {
                 ok: c.ok,
                 status: c.status,
                 imm: c.imm,
+                len: c.byte_len,
             })
         })
     }
