@@ -127,27 +127,18 @@ pub fn lookup_any(fd: RawFd) -> Result<Socket> {
         .ok_or(Error::BadDescriptor)
 }
 
-/// One line per open stream socket: its descriptor and state (`StreamSocket::describe`), or
-/// that another thread holds its lock (not waited for). For diagnostics: a test's watchdog
-/// prints them when a test hangs.
+/// One line per live stream socket (those of the descriptor table and the safe API's
+/// accepted ones alike): its descriptor and state (`StreamSocket::describe`), or that another
+/// thread holds its lock (not waited for). For diagnostics: a test's watchdog prints them when
+/// a test hangs.
 pub fn describe_all() -> Vec<String> {
-    let sockets: Vec<(usize, Arc<StreamSocket>)> = table()
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .0
-        .iter()
-        .enumerate()
-        .filter_map(|(fd, s)| match s {
-            Some(Socket::Stream(s)) => Some((fd, s.clone())),
-            _ => None,
-        })
-        .collect();
-    sockets
+    StreamSocket::live()
         .into_iter()
-        .map(|(fd, s)| {
+        .map(|s| {
             let d = s.try_describe();
             format!(
-                "fd {fd}: {}",
+                "fd {}: {}",
+                s.fd(),
                 d.as_deref().unwrap_or("(locked by another thread)")
             )
         })

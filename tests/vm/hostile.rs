@@ -142,6 +142,16 @@ impl Raw {
         }
     }
 
+    /// Sends `msg` followed by `bytes` in one SEND (the form of a small DATA message between
+    /// rsocket-rs peers on iWARP).
+    fn send_carried(&self, msg: u32, bytes: &[u8]) {
+        let mut b = msg.to_ne_bytes().to_vec();
+        b.extend_from_slice(bytes);
+        let ep = self.ep.as_ref().unwrap();
+        ep.post_send(1, Payload::Inline(&b), None, None)
+            .expect("send");
+    }
+
     /// Our side's target SGL (address, rkey), where the peer's SGL entries go; its target
     /// iomap follows the two entries.
     fn our_tsgl(&self) -> RemoteSge {
@@ -350,7 +360,16 @@ pub(super) fn hostile_peer_ends_only_its_own_connection() {
 
     // Valid private data (huge credits and window too), then one hostile act each: the
     // accepted socket's receive ends with an error, not data.
-    let acts: [(&str, Act); 5] = [
+    let acts: [(&str, Act); 7] = [
+        // A message SEND carrying data (rsocket-rs peers on iWARP; on RoCE our receives hold
+        // nothing and the SEND itself fails): its length must be the message's, and only data
+        // may be carried.
+        ("a carried SEND shorter than its message says", |r| {
+            r.send_carried(Msg::Data(10).encode(), &[7; 5])
+        }),
+        ("a credit update carrying bytes", |r| {
+            r.send_carried(Msg::Credits(5).encode(), &[7; 8])
+        }),
         ("an unknown opcode", |r| r.send_msg(0x2000_0000)),
         ("a local-only opcode", |r| r.send_msg(0x4000_0000)),
         ("an unknown control message", |r| r.send_msg(0xe000_0009)),

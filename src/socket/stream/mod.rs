@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -26,6 +26,10 @@ mod wait;
 mod zerocopy;
 
 use conn::Conn;
+
+/// Every stream socket created (weak references, pruned as they die): what
+/// [`StreamSocket::live`] lists.
+static LIVE: Mutex<Vec<Weak<StreamSocket>>> = Mutex::new(Vec::new());
 pub use conn::new_spin;
 pub use settings::Options;
 pub use zerocopy::ZeroCopyNotice;
@@ -192,6 +196,11 @@ impl StreamSocket {
             channel,
         });
         s.set_handle(Arc::downgrade(&s));
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        if live.len() >= 64 && live.len().is_power_of_two() {
+            live.retain(|w| w.strong_count() > 0);
+        }
+        live.push(Arc::downgrade(&s));
         Ok(s)
     }
 
@@ -292,6 +301,14 @@ impl StreamSocket {
     /// A one-line description of the socket's state, for diagnostics.
     pub fn describe(&self) -> String {
         self.describe_locked(&self.lock())
+    }
+
+    /// Every stream socket still alive, the safe API's accepted ones (which no descriptor
+    /// table names) included. For diagnostics (`socket::describe_all`).
+    pub fn live() -> Vec<Arc<StreamSocket>> {
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        live.retain(|w| w.strong_count() > 0);
+        live.iter().filter_map(Weak::upgrade).collect()
     }
 
     /// [`StreamSocket::describe`] without waiting: None while another thread holds the lock (a
