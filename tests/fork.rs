@@ -34,6 +34,7 @@ const KEEPALIVE: Jobs = Jobs {
     keepalive: true,
     linger: false,
     watch: false,
+    nudge: false,
 };
 
 fn served_again(m: &Mock, rounds: u32) -> bool {

@@ -1441,6 +1441,31 @@ const TESTS: &[Test] = &[
     ),
 ];
 
+/// Prints the kernel TCP sockets with bytes queued (`ss -tn`): on iWARP each connection is one
+/// (Soft-iWARP's), and bytes a peer sent that wait in a receive queue nobody reads say that
+/// the device never took them.
+fn tcp_queues() {
+    let Ok(out) = Command::new("ss").args(["-tna"]).output() else {
+        println!("(no ss: no TCP queues)");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let queued: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && (f[1] != "0" || f[2] != "0") && f[1].parse::<u64>().is_ok()
+        })
+        .collect();
+    println!(
+        "  TCP sockets with bytes queued (state, recv-q, send-q, local, peer): {}",
+        queued.len()
+    );
+    for l in queued {
+        println!("  tcp {l}");
+    }
+}
+
 /// Prints every thread's stack (gdb, when installed) so that a hang says where it hangs:
 /// compactly (the innermost frame and this project's frames, a few per thread), so that the
 /// end of a CI log, which is all that may be kept of it, still holds every thread.
@@ -1561,6 +1586,7 @@ fn main() -> ExitCode {
                         for line in rsocket::socket::describe_all() {
                             println!("  socket {line}");
                         }
+                        tcp_queues();
                         dump_threads();
                         std::process::exit(1);
                     }

@@ -384,6 +384,8 @@ pub struct Stream {
     /// Nothing may be posted until the peer's first message arrives (see
     /// [`Stream::hold_sends_until_peer_speaks`]).
     held: bool,
+    /// A message of the peer has arrived since the connection was set up.
+    heard: bool,
     /// The peer's DISCONNECT arrived: it sends nothing more.
     peer_done: bool,
     /// The SHUTDOWN or DISCONNECT that `shutdown` owes the peer, until posted. Still owed when
@@ -479,6 +481,7 @@ impl Stream {
             rbuf_grown_key: None,
             rbuf_old_key: None,
             held: false,
+            heard: false,
             peer_done: false,
             ctrl_owed: None,
             lost: false,
@@ -530,6 +533,11 @@ impl Stream {
     /// hold is short; a peer that disconnects instead releases it (nothing is owed then).
     pub fn hold_sends_until_peer_speaks(&mut self) {
         self.held = true;
+    }
+
+    /// Whether a message of the peer has arrived since the connection was set up.
+    pub fn peer_heard(&self) -> bool {
+        self.heard
     }
 
     /// Whether sends wait for the peer's first message.
@@ -1126,6 +1134,7 @@ impl Stream {
     pub fn on_recv(&mut self, raw: u32) -> Result<Msg, StreamError> {
         self.activity = self.activity.wrapping_add(1);
         self.held = false;
+        self.heard = true;
         let msg = match Msg::decode(raw) {
             Ok(m) => m,
             Err(e) => {

@@ -68,6 +68,7 @@ const WATCH: Jobs = Jobs {
     keepalive: false,
     linger: false,
     watch: true,
+    nudge: false,
 };
 
 fn os(errno: i32) -> Error {

@@ -34,12 +34,14 @@ pub struct Jobs {
     /// Its descriptor shows its readiness: what arrives while the application is outside a
     /// call is shown by the service thread.
     pub watch: bool,
+    /// A new iWARP connection we initiated, not yet heard from: see `StreamSocket::nudge_job`.
+    pub nudge: bool,
 }
 
 impl Jobs {
     /// No job at all.
     pub fn is_empty(&self) -> bool {
-        !(self.flush || self.keepalive || self.linger || self.watch)
+        !(self.flush || self.keepalive || self.linger || self.watch || self.nudge)
     }
 
     fn union(self, o: Jobs) -> Jobs {
@@ -48,6 +50,7 @@ impl Jobs {
             keepalive: self.keepalive || o.keepalive,
             linger: self.linger || o.linger,
             watch: self.watch || o.watch,
+            nudge: self.nudge || o.nudge,
         }
     }
 }

@@ -1322,3 +1322,20 @@ fn a_carried_message_must_be_data_of_its_length_within_our_room() {
     assert_eq!(b.d.core.on_recv_carrying(Msg::Data(10).encode(), 10), Ok(0));
     assert_eq!(b.d.core.on_recv_carrying(Msg::Data(5).encode(), 5), Ok(10));
 }
+
+#[test]
+fn each_end_knows_whether_the_peer_has_spoken_since_the_connection() {
+    for iwarp in [false, true] {
+        let c = cfg(64, 64, 68, 64 * 1024, 64 * 1024, iwarp);
+        let (mut a, mut b) = pair(c, c);
+        assert!(!a.d.core.peer_heard() && !b.d.core.peer_heard());
+        // The initiator's first credit update reaches the acceptor.
+        deliver_all(&mut a, &mut b);
+        b.poll();
+        assert!(b.d.core.peer_heard() && !a.d.core.peer_heard());
+        // The acceptor answers (its own credit update, once released on iWARP).
+        deliver_all(&mut b, &mut a);
+        a.poll();
+        assert!(a.d.core.peer_heard(), "iwarp {iwarp}");
+    }
+}

@@ -36,6 +36,9 @@ pub(super) struct Conn {
     pub(super) cm_gone: bool,
     /// iWARP: our DISCONNECT went, rdma_disconnect is left for the lingering close (see `close`).
     pub(super) disconnect_owed: bool,
+    /// iWARP initiator: when the nudge job sends its next READ, and how many it sent (see
+    /// `StreamSocket::nudge_job`).
+    pub(super) nudge: Option<(std::time::Instant, u32)>,
 }
 
 impl Drop for Conn {
@@ -86,6 +89,7 @@ impl Conn {
             zc: zerocopy::ZeroCopy::default(),
             cm_gone: false,
             disconnect_owed: false,
+            nudge: None,
         })
     }
 

@@ -456,6 +456,7 @@ impl StreamSocket {
                 continue;
             }
             let st = std::mem::replace(&mut g.state, State::Failed);
+            let was_accepting = matches!(st, State::Accepting(_));
             let next: Result<State> = match (st, kind) {
                 (State::Connecting(mut conn), CmEventKind::Established) => {
                     let peer = ConnData::decode(&ev.private_data())
@@ -481,9 +482,21 @@ impl StreamSocket {
                     Err(e)
                 }
             };
+            let initiated = matches!(kind, CmEventKind::Established) && !was_accepting;
             match next {
                 Ok(s) => {
                     g.state = s;
+                    if initiated
+                        && let State::Connected(c) = &g.state
+                        && c.link.config().msg_send
+                    {
+                        // iWARP: the peer waits for our first message, which Soft-iWARP may
+                        // leave unread at first (see `nudge_job`).
+                        self.add_jobs(Jobs {
+                            nudge: true,
+                            ..Jobs::default()
+                        });
+                    }
                     if g.opts.keepalive && matches!(g.state, State::Connected(_)) {
                         // SO_KEEPALIVE set before the connection existed (or inherited from
                         // the listener): its timer starts now.

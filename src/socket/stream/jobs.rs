@@ -14,6 +14,12 @@ use crate::proto::stream::Keepalive;
 use crate::socket::service::{self, Jobs, Serviced, Wait};
 use crate::trace::trace;
 
+/// How long an iWARP connection we initiated may stay silent before the nudge job's first
+/// READ (see `StreamSocket::nudge_job`); each next one waits twice as long.
+pub(super) const NUDGE_FIRST: Duration = Duration::from_millis(50);
+/// READs the nudge job sends at most.
+pub(super) const NUDGE_TRIES: u32 = 5;
+
 /// What the flush job waits for before it runs again.
 enum FlushWait {
     /// Writes in flight to complete: the completion channel (the CQ armed).
@@ -166,6 +172,45 @@ impl StreamSocket {
         conn.link.core.poll_timeout()
     }
 
+    /// Nudge job, for an iWARP connection we initiated: while the peer has sent nothing since
+    /// the connection was set up, a 0-byte RDMA READ goes after [`NUDGE_FIRST`], then after
+    /// twice that, [`NUDGE_TRIES`] times in all. The accepting side sends nothing before our
+    /// first message has arrived (see `Stream::hold_sends_until_peer_speaks`), and Soft-iWARP
+    /// may leave that message unread in the accepting side's TCP socket: when it arrives while
+    /// the socket is still being handed from the connection manager to the queue pair, no
+    /// receive processing follows until more bytes arrive. Both ends then wait for ever (seen
+    /// in tests/vm on siw: the initiator asleep with its credit updates sent, the acceptor
+    /// asleep with nothing received). The READ is such bytes; its response is all the peer's
+    /// device sends back. Returns when to look again, None when the job is over.
+    fn nudge_job(&self, now: Instant) -> Option<Instant> {
+        let mut g = self.lock();
+        let State::Connected(conn) = &mut g.state else {
+            return None;
+        };
+        if self.drive(conn).is_err()
+            || conn.link.core.peer_heard()
+            || !conn.link.core.flags().connected
+        {
+            return None;
+        }
+        let (at, tries) = conn.nudge.get_or_insert((now + NUDGE_FIRST, 0));
+        if now < *at {
+            return Some(*at);
+        }
+        if *tries >= NUDGE_TRIES {
+            return None;
+        }
+        if let Some(wr_id) = conn.link.core.post_keepalive() {
+            trace!("{self:?}: peer silent since the connection: a READ to nudge it");
+            if conn.link.post_probe(wr_id).is_err() {
+                return None;
+            }
+        }
+        *tries += 1;
+        *at = now + NUDGE_FIRST * (1 << *tries);
+        Some(*at)
+    }
+
     /// Linger job: takes what arrived (the peer's DISCONNECT, its CM disconnect) and ends the
     /// close once the connection may go or its time is up; until then returns the descriptors
     /// to sleep on (the CQ armed) and the deadline.
@@ -224,6 +269,12 @@ impl Serviced for StreamSocket {
             && let Some(at) = self.keepalive_job(now)
         {
             w.jobs.keepalive = true;
+            w.deadline = Some(w.deadline.map_or(at, |d| d.min(at)));
+        }
+        if jobs.nudge
+            && let Some(at) = self.nudge_job(now)
+        {
+            w.jobs.nudge = true;
             w.deadline = Some(w.deadline.map_or(at, |d| d.min(at)));
         }
         if jobs.watch

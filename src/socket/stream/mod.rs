@@ -42,6 +42,7 @@ const FLUSH: crate::socket::service::Jobs = crate::socket::service::Jobs {
     keepalive: false,
     linger: false,
     watch: false,
+    nudge: false,
 };
 
 enum State {

@@ -64,6 +64,7 @@ pub(super) const WATCH: Jobs = Jobs {
     keepalive: false,
     linger: false,
     watch: true,
+    nudge: false,
 };
 
 /// How a socket's descriptor is kept up to date (see the module documentation); the mode
