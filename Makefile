@@ -60,18 +60,20 @@ demo: vm-setup stage
 	$(MAKE) --no-print-directory -C bench
 	bench/compare
 
+# Each step's time is printed ([timed] lines: scripts/timed).
+TIMED := scripts/timed
 test: deps vm-setup
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(MAKE) --no-print-directory test-host
-	$(MAKE) --no-print-directory test-fuzz
-	$(MAKE) --no-print-directory stage
-	$(MAKE) --no-print-directory test-c
-	$(MAKE) --no-print-directory test-vm
-	$(MAKE) --no-print-directory test-preload
-	$(MAKE) --no-print-directory test-stress
-	$(MAKE) --no-print-directory test-bench
+	$(TIMED) $(CARGO) clippy --all-targets -- -D warnings
+	$(TIMED) $(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(TIMED) $(MAKE) --no-print-directory test-host
+	$(TIMED) $(MAKE) --no-print-directory test-fuzz
+	$(TIMED) $(MAKE) --no-print-directory stage
+	$(TIMED) $(MAKE) --no-print-directory test-c
+	$(TIMED) $(MAKE) --no-print-directory test-vm
+	$(TIMED) $(MAKE) --no-print-directory test-preload
+	$(TIMED) $(MAKE) --no-print-directory test-stress
+	$(TIMED) $(MAKE) --no-print-directory test-bench
 	@echo "make test: all passed"
 
 test-host:
@@ -104,8 +106,8 @@ test-c:
 # the VM itself, once on Soft-RoCE and once on Soft-iWARP. Here: the C and interop suite, on both,
 # ending with the C programs' AddressSanitizer builds (LeakSanitizer at exit).
 test-vm:
-	vm/run-in-vm -- c-tests/run-vm-tests.sh
-	vm/run-in-vm --siw -- c-tests/run-vm-tests.sh
+	$(TIMED) vm/run-in-vm -- c-tests/run-vm-tests.sh
+	$(TIMED) vm/run-in-vm --siw -- c-tests/run-vm-tests.sh
 
 # The preload (librspreload-rs.so via bin/rsocket-run) with unmodified Debian programs on rxe:
 # redis, memcached, iperf3, sockperf, python asyncio, nginx + curl; data verified, the rxe
@@ -118,8 +120,8 @@ test-preload: stage
 # issue's uneven stream; every byte checked. Longer runs with fresh seeds: scripts/stress-long.
 test-stress: stage
 	$(MAKE) --no-print-directory -C c-tests all
-	vm/run-in-vm -- c-tests/stress.sh --uneven
-	vm/run-in-vm --siw -- c-tests/stress.sh --uneven
+	$(TIMED) vm/run-in-vm -- c-tests/stress.sh --uneven
+	$(TIMED) vm/run-in-vm --siw -- c-tests/stress.sh --uneven
 
 # Quick benchmark run in the VM (~30 s): fails unless rsocket-rs, librdmacm and kernel TCP each moved
 # byte-for-byte verified data at every size. No timing is asserted.
