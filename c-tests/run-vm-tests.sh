@@ -284,19 +284,40 @@ idle_tests() {
   for impl in idleconns idleconns-rdmacm; do
     # Our ends trace their connection setup and teardown (RSOCKET_DEBUG, to a file of their
     # own): a failure shows the events and errors that led to it, not the thousands of lines.
-    local before=$fail
-    rm -f "$log"/trace-*
-    pair "$n idle connections in one process, $impl client: every connection answered" \
-      "RSOCKET_DEBUG=1 $BIN/idleconns -s $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-srv" \
-      "RSOCKET_DEBUG=1 $BIN/$impl -c $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-cli"
-    if [ "$fail" -gt "$before" ]; then
-      for side in srv cli; do
-        grep -vE '^rsocket-rs\[' "$log/trace-$side" | sed "s/^/  $side| /"
-        grep -iE 'fail|in use|reject|error|unreach|status -[1-9]' "$log/trace-$side" | tail -40 |
-          sed "s/^/  $side trace| /"
-        echo "  $side trace| (last lines)"; grep -E '^rsocket-rs\[' "$log/trace-$side" | tail -15 | sed "s/^/  $side trace| /"
-      done
-    fi
+    local before=$fail try sspid
+    for try in 1 2; do
+      rm -f "$log"/trace-* "$log/ss"
+      # Soft-iWARP runs over kernel TCP sockets: shortly before the timeout, those holding
+      # bytes not yet read or not yet acknowledged are noted (printed on a failure).
+      (sleep 110; ss -tn | awk 'NR == 1 || $2 > 0 || $3 > 0' >"$log/ss") &
+      sspid=$!
+      pair "$n idle connections in one process, $impl client: every connection answered" \
+        "RSOCKET_DEBUG=1 $BIN/idleconns -s $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-srv" \
+        "RSOCKET_DEBUG=1 $BIN/$impl -c $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-cli"
+      kill $sspid 2>/dev/null; wait $sspid 2>/dev/null
+      if [ "$fail" -gt "$before" ]; then
+        [ -s "$log/ss" ] && sed 's/^/  ss| /' "$log/ss"
+        for side in srv cli; do
+          grep -vE '^rsocket-rs\[' "$log/trace-$side" | sed "s/^/  $side| /"
+          grep -iE 'fail|in use|reject|error|unreach|status -[1-9]' "$log/trace-$side" | tail -40 |
+            sed "s/^/  $side trace| /"
+          echo "  $side trace| (last lines)"; grep -E '^rsocket-rs\[' "$log/trace-$side" | tail -15 | sed "s/^/  $side trace| /"
+        done
+      fi
+      # Soft-iWARP's first-message hang (see nudge_job in src/socket/stream/jobs.rs): the
+      # initiator's first bytes left unread at the acceptor, both ends asleep in rrecv until
+      # the timeout. Our initiator nudges it away; librdmacm's does not, and our acceptor
+      # cannot (a READ, the nudge, is refused by librdmacm's initiator, which grants none).
+      # CI met it once in idleconns-rdmacm. Retried once, reported FLAKY.
+      if [ "$fail" -gt "$before" ] && [ $try -eq 1 ] && [[ "$DEV" == *siw* ]] &&
+        grep -q "terminated at connection .*in rrecv" "$log/srv" &&
+        grep -q "terminated at connection .*in rrecv" "$log/cli"; then
+        fail=$before; flaky=$((flaky + 1))
+        echo "FLAKY (Soft-iWARP first-message hang, both ends in rrecv; retrying once): $impl"
+        continue
+      fi
+      break
+    done
     grep -h 'per_connection' "$log/cli" | sed 's/^/       /'
     per=$(awk '/per_connection/ {print $NF}' "$log/cli")
     if [ "$impl" = idleconns ]; then ours=${per:-0}; else theirs=${per:-0}; fi

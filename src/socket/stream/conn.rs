@@ -65,7 +65,11 @@ impl Conn {
         let ep = match id.create_endpoint(q.sq, q.rq_posted, q.inline) {
             Err(e) if q.inline > opts.sq_inline => {
                 trace!("queue pair with {} bytes inline refused ({e})", q.inline);
-                id.create_endpoint(q.sq, q.rq_posted, opts.sq_inline.max(4))?
+                id.create_endpoint(
+                    q.sq,
+                    q.rq_posted,
+                    opts.sq_inline.max(crate::proto::wire::MSG_SIZE as u32),
+                )?
             }
             r => r?,
         };
