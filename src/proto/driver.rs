@@ -17,6 +17,9 @@ use super::transport::{Completion, STATUS_RETRY_EXCEEDED, Source, Transport};
 use super::wire::{self, ConnData, Msg, RemoteSge};
 use crate::trace::trace;
 
+/// Completions taken per poll of the transport.
+const POLL_BATCH: usize = 32;
+
 /// The registered buffers of one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Buffers<M> {
@@ -229,11 +232,15 @@ impl<T: Transport> Driver<T> {
         let mut any = false;
         loop {
             self.comps.clear();
-            self.t.poll(&mut self.comps, 32)?;
+            self.t.poll(&mut self.comps, POLL_BATCH)?;
             if self.comps.is_empty() {
                 break;
             }
             any = true;
+            // Fewer than asked for: the queue was empty when polled, and what completes later
+            // is for the next look (an arming after this poll raises an event for it). One
+            // poll per look instead of a second that finds nothing: the common case.
+            let drained = self.comps.len() < POLL_BATCH;
             let mut reposts = 0;
             for i in 0..self.comps.len() {
                 let c = self.comps[i];
@@ -301,6 +308,9 @@ impl<T: Transport> Driver<T> {
             }
             if reposts > 0 && self.core.flags().connected {
                 self.post_recvs(reposts)?;
+            }
+            if drained {
+                break;
             }
         }
         self.grow_rings();

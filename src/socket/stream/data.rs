@@ -43,7 +43,13 @@ impl StreamSocket {
         let mut olen = self.stage.first_write_size(t0);
         let mut pending = false;
         let mut posted = false;
-        let r = self.wait_conn(nonblock, |c| {
+        let mut first = true;
+        // Tried before the completions are looked at: a send that fits goes at once, without a
+        // poll of the CQ that would find nothing (librdmacm's rsend polls only when it cannot
+        // send either). A non-blocking send that fits in part is not returned from that try:
+        // the completions may have freed room for the rest.
+        let r = self.wait_conn_from(nonblock, true, |c| {
+            let first_try = std::mem::replace(&mut first, false);
             if !self.may_post_data(c)? {
                 return Ok(None);
             }
@@ -51,7 +57,7 @@ impl StreamSocket {
             sent += c.link.send_some(&buf[sent..], &mut olen, true)?;
             posted |= c.link.sends_posted() != before;
             pending = c.link.core.has_pending();
-            Ok((sent == buf.len() || (nonblock && sent > 0)).then_some(sent))
+            Ok((sent == buf.len() || (nonblock && sent > 0 && !first_try)).then_some(sent))
         });
         if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
