@@ -356,6 +356,8 @@ pub struct Stream {
     /// lies in one window, so it is contiguous; consecutive ones usually are too, but not
     /// across the ring's end or where it grew.
     rmsg: VecDeque<(u32, u32)>,
+    /// The bytes of `rmsg` (kept, so that a message's arrival and a read need not add them up).
+    rmsg_bytes: u64,
     rbuf_offset: u32,
     rbuf_bytes_avail: u32,
     rbuf_free_offset: u32,
@@ -460,6 +462,7 @@ impl Stream {
             ctrl_seqno: 0,
             ctrl_max_seqno: ctrl_max,
             rmsg: VecDeque::with_capacity(cfg.rq_size as usize + 1),
+            rmsg_bytes: 0,
             rbuf_offset: 0,
             rbuf_bytes_avail: cfg.rbuf_start / 2,
             rbuf_free_offset: cfg.rbuf_start / 2,
@@ -1147,7 +1150,7 @@ impl Stream {
                 // The peer may not put more in flight than the credits and windows we gave,
                 // and each write lies in the oldest window it has not filled (a write never
                 // spans two windows).
-                let queued: u64 = self.rmsg.iter().map(|&(_, l)| l as u64).sum();
+                let queued = self.rmsg_bytes;
                 let fits = len == 0 || self.granted.front().is_some_and(|g| len <= g.left);
                 if self.rmsg.len() > self.cfg.rq_size as usize
                     || queued + len as u64 > self.rbuf_cur as u64
@@ -1172,6 +1175,7 @@ impl Stream {
                 // Data that arrived is kept even if a disconnect was noticed first (a CM event can
                 // be seen before the CQ is drained): it is read before end of stream.
                 self.rmsg.push_back((at, len));
+                self.rmsg_bytes += len as u64;
             }
             Msg::Credits(limit) => {
                 // The peer's limit is what it has read of ours plus its receive queue: never
@@ -1210,7 +1214,7 @@ impl Stream {
 
     /// Bytes received and not yet consumed.
     pub fn readable_bytes(&self) -> usize {
-        self.rmsg.iter().map(|&(_, l)| l as usize).sum()
+        self.rmsg_bytes as usize
     }
 
     /// Whether data is waiting.
@@ -1221,6 +1225,32 @@ impl Stream {
     /// Hands up to `max` received bytes to `copy(offset_in_rbuf, len)` in order, one call per
     /// contiguous range. Unless `peek`, the bytes are consumed. Returns the byte count.
     pub fn consume(&mut self, max: usize, peek: bool, mut copy: impl FnMut(u32, u32)) -> usize {
+        debug_assert_eq!(
+            self.rmsg_bytes,
+            self.rmsg.iter().map(|&(_, l)| l as u64).sum::<u64>()
+        );
+        // The oldest message holds all that is asked for (a small read of a larger or
+        // coalesced message, or one message read whole): the loop below, without its setup.
+        if max > 0
+            && let Some(&(at, len)) = self.rmsg.front()
+            && len as usize >= max
+        {
+            let take = max as u32;
+            copy(at, take);
+            if !peek {
+                if take == len {
+                    self.rmsg.pop_front();
+                    self.rseq_no = self.rseq_no.wrapping_add(1);
+                } else if let Some(h) = self.rmsg.front_mut() {
+                    h.0 += take;
+                    h.1 -= take;
+                }
+                self.rmsg_bytes -= take as u64;
+                self.rbuf_offset = (at + take) % self.rbuf_cur;
+                self.rbuf_bytes_avail += take;
+            }
+            return max;
+        }
         let mut offset = self.rbuf_offset;
         let mut left = max;
         let mut msgs_done = 0;
@@ -1251,6 +1281,7 @@ impl Stream {
                 h.1 -= head_partial;
             }
             self.rseq_no = self.rseq_no.wrapping_add(msgs_done as u16);
+            self.rmsg_bytes -= n as u64;
             self.rbuf_offset = offset;
             self.rbuf_bytes_avail += n as u32;
         }
