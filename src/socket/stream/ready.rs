@@ -146,6 +146,20 @@ impl StreamSocket {
             let Some(shown) = g.ready.as_ref().map(|r| r.shown()) else {
                 return;
             };
+            // The common case, every call of a busy-polling program: a connection that has
+            // not ended (none of GONE wanted) whose POLLIN and POLLOUT, where shown, still hold
+            // (`readiness`, in short). Nothing changes.
+            if let State::Connected(c) = &g.state
+                && let core = &c.link.core
+                && let f = core.flags()
+                && f.connected
+                && f.readable
+                && core.error().is_none()
+                && (shown & libc::POLLIN == 0 || core.has_data())
+                && (shown & libc::POLLOUT == 0 || core.can_send())
+            {
+                return;
+            }
             let want = Self::readiness(g);
             let next = (shown & want) | ((shown | want) & GONE);
             if next != shown
