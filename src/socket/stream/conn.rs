@@ -128,6 +128,20 @@ impl Conn {
         self.link.conn_data()
     }
 
+    /// Whether `shown` (the descriptor's POLL bits) is still what a live connection shows: it
+    /// has not ended (none of GONE would be added) and POLLIN and POLLOUT, where shown, still
+    /// hold. A cheap look for every call of a busy-polling program; false means: compute
+    /// [`Conn::revents`]. Kept beside it: each condition here is one of its own.
+    pub(super) fn still_shows(&self, shown: i16) -> bool {
+        let core = &self.link.core;
+        let f = core.flags();
+        f.connected
+            && f.readable
+            && core.error().is_none()
+            && (shown & libc::POLLIN == 0 || core.has_data())
+            && (shown & libc::POLLOUT == 0 || core.can_send())
+    }
+
     /// Readiness as a kernel TCP socket reports it.
     pub(super) fn revents(&self) -> i16 {
         let f = self.link.core.flags();

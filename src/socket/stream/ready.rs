@@ -146,17 +146,9 @@ impl StreamSocket {
             let Some(shown) = g.ready.as_ref().map(|r| r.shown()) else {
                 return;
             };
-            // The common case, every call of a busy-polling program: a connection that has
-            // not ended (none of GONE wanted) whose POLLIN and POLLOUT, where shown, still hold
-            // (`readiness`, in short). Nothing changes.
+            // The common case, every call of a busy-polling program: nothing changes.
             if let State::Connected(c) = &g.state
-                && let core = &c.link.core
-                && let f = core.flags()
-                && f.connected
-                && f.readable
-                && core.error().is_none()
-                && (shown & libc::POLLIN == 0 || core.has_data())
-                && (shown & libc::POLLOUT == 0 || core.can_send())
+                && c.still_shows(shown)
             {
                 return;
             }
