@@ -1238,16 +1238,8 @@ impl Stream {
             let take = max as u32;
             copy(at, take);
             if !peek {
-                if take == len {
-                    self.rmsg.pop_front();
-                    self.rseq_no = self.rseq_no.wrapping_add(1);
-                } else if let Some(h) = self.rmsg.front_mut() {
-                    h.0 += take;
-                    h.1 -= take;
-                }
-                self.rmsg_bytes -= take as u64;
-                self.rbuf_offset = (at + take) % self.rbuf_cur;
-                self.rbuf_bytes_avail += take;
+                let (done, partial) = if take == len { (1, 0) } else { (0, take) };
+                self.commit_read(done, partial, take, (at + take) % self.rbuf_cur);
             }
             return max;
         }
@@ -1273,19 +1265,29 @@ impl Stream {
         }
         let n = max - left;
         if !peek {
-            self.rmsg.drain(..msgs_done);
-            if head_partial > 0
-                && let Some(h) = self.rmsg.front_mut()
-            {
-                h.0 += head_partial;
-                h.1 -= head_partial;
-            }
-            self.rseq_no = self.rseq_no.wrapping_add(msgs_done as u16);
-            self.rmsg_bytes -= n as u64;
-            self.rbuf_offset = offset;
-            self.rbuf_bytes_avail += n as u32;
+            self.commit_read(msgs_done, head_partial, n as u32, offset);
         }
         n
+    }
+
+    /// Takes `n` bytes read by [`Stream::consume`] off the received messages: the oldest
+    /// `done` messages whole, then `partial` bytes of the next one; the ring's read offset
+    /// moves to `offset` and the bytes become free space.
+    #[inline]
+    fn commit_read(&mut self, done: usize, partial: u32, n: u32, offset: u32) {
+        for _ in 0..done {
+            self.rmsg.pop_front();
+        }
+        if partial > 0
+            && let Some(h) = self.rmsg.front_mut()
+        {
+            h.0 += partial;
+            h.1 -= partial;
+        }
+        self.rseq_no = self.rseq_no.wrapping_add(done as u16);
+        self.rmsg_bytes -= n as u64;
+        self.rbuf_offset = offset;
+        self.rbuf_bytes_avail += n;
     }
 
     /// Whether a window can be given: half the ring is free (or the ring just grew: its first
