@@ -11,7 +11,7 @@ RUN=$STAGE/bin/rsocket-run
 PY="python3 $PWD/preload_clients.py"
 S=$RS_SERVER
 PORT=$((RS_PORTS_C + 1500 + RANDOM % 400))
-pass=0; fail=0
+pass=0; fail=0; failed=() # the names of the failed tests, repeated at the end
 log=$(mktemp -d)
 pkts() { cat /sys/class/infiniband/*/ports/1/hw_counters/sent_pkts 2>/dev/null | awk '{s+=$1} END {print s+0}'; }
 
@@ -49,7 +49,8 @@ app() {
     local show=("$log/cli"); [ -n "${SERVER_EXITS:-}" ] && show=("$log/srv" "$log/cli")
     cat "${show[@]}" | tr '\r' '\n' | grep -iE 'verified|requests per second|sender|receiver|latency is|sha256 ok|blocking recv' | head -8 | sed 's/^/       /'
   else
-    fail=$((fail + 1)); echo "FAIL $name (server rc $src, client rc $crc, $moved RDMA packets, wanted ${min:-<100})"
+    fail=$((fail + 1)); failed+=("$name")
+    echo "FAIL $name (server rc $src, client rc $crc, $moved RDMA packets, wanted ${min:-<100})"
     tail -30 "$log/srv" | sed 's/^/  srv| /'; tail -30 "$log/cli" | sed 's/^/  cli| /'
     [ -f "${www:-}/error.log" ] && tail -20 "$www/error.log" | sed 's/^/  nginx| /'
   fi
@@ -80,7 +81,8 @@ app_killed() {
   if [ $crc -eq 0 ] && [ $moved -ge "$min" ]; then
     pass=$((pass + 1)); echo "ok   $name ($moved RDMA packets)"; grep -v '^rspreload\[' "$log/cli" | sed 's/^/       /'
   else
-    fail=$((fail + 1)); echo "FAIL $name (client rc $crc, $moved RDMA packets, wanted $min)"
+    fail=$((fail + 1)); failed+=("$name")
+    echo "FAIL $name (client rc $crc, $moved RDMA packets, wanted $min)"
     tail -30 "$log/srv" | sed 's/^/  srv| /'; tail -30 "$log/cli" | sed 's/^/  cli| /'
   fi
 }
@@ -199,6 +201,8 @@ app "plain curl -> preloaded nginx" 0 "$RUN nginx -c $www/nginx.conf" "fetch '' 
 app "preloaded curl -> plain http.server" 0 "python3 -m http.server --bind $S --directory $www @PORT@" "fetch $RUN @PORT@"
 app "preloaded asyncio client -> plain asyncio server" 0 "$PY echo-server $S @PORT@" "$RUN $PY echo-client $S @PORT@ 9"
 
+# The failures again, by name: their output above can be long enough to be cut from a summary.
+for name in "${failed[@]}"; do echo "failed: $name"; done
 echo "preload: $pass passed, $fail failed"
 rm -rf "$log" "$www"
 [ $fail -eq 0 ]
