@@ -92,15 +92,25 @@ fn pair(cloexec: bool) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((u, l))
 }
 
+/// Whether `fd` is writable now. A poll that waits for nothing still fails with EINTR when it
+/// finds nothing ready and a signal is pending (a program's timer signal without SA_RESTART):
+/// looked at again, since the handler has run by then. (Before, the first rsocket of a
+/// process, whose setup ends on a descriptor that is no longer writable, failed with EINTR
+/// under such a timer, and the preload left that listener to kernel TCP.)
 fn writable(fd: RawFd) -> io::Result<bool> {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLOUT,
         revents: 0,
     };
-    // SAFETY: one valid pollfd.
-    cvt(unsafe { libc::poll(&mut p, 1, 0) } as isize)?;
-    Ok(p.revents & libc::POLLOUT != 0)
+    loop {
+        // SAFETY: one valid pollfd.
+        match cvt(unsafe { libc::poll(&mut p, 1, 0) } as isize) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => r?,
+        };
+        return Ok(p.revents & libc::POLLOUT != 0);
+    }
 }
 
 fn send(fd: RawFd, b: &[u8]) -> io::Result<usize> {
@@ -278,6 +288,55 @@ impl ReadyFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    extern "C" fn on_signal(_: libc::c_int) {}
+
+    /// The look at whether the user end is writable, made when it is not, again and again
+    /// while another thread signals this one (a handler without SA_RESTART, as a program's
+    /// timer has): never an error. (poll with a zero timeout fails with EINTR then, and the
+    /// first rsocket of a process under such a timer failed.)
+    #[test]
+    fn a_signal_does_not_make_the_writable_check_fail() {
+        // SAFETY: sigaction with a handler that does nothing, for SIGURG (which only this test
+        // sends, and only to its own thread); a zeroed sigaction is a valid start.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            assert_eq!(libc::sigaction(libc::SIGURG, &sa, std::ptr::null_mut()), 0);
+        }
+        let (u, _l) = pair(false).unwrap();
+        while writable(u.as_raw_fd()).unwrap() {
+            send(u.as_raw_fd(), &[0u8; 256]).unwrap();
+        }
+        // SAFETY: this thread's own handle.
+        let me = unsafe { libc::pthread_self() };
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let signaller = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // SAFETY: the test thread outlives this loop (joined before it returns).
+                    unsafe { libc::pthread_kill(me, libc::SIGURG) };
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::thread::yield_now();
+                }
+            })
+        };
+        let mut looks = 0;
+        let r = loop {
+            let r = writable(u.as_raw_fd());
+            looks += 1;
+            if r.is_err()
+                || (looks >= 20_000 && sent.load(std::sync::atomic::Ordering::Relaxed) >= 1_000)
+            {
+                break r;
+            }
+        };
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        signaller.join().unwrap();
+        assert!(!r.expect("the look failed while signalled"), "still full");
+    }
 
     fn poll_now(fd: RawFd) -> i16 {
         let mut p = libc::pollfd {
