@@ -814,9 +814,12 @@ fn ensure_acceptor() {
     });
     match start {
         Some(generation) => {
-            let h = std::thread::Builder::new()
-                .name("rspreload-accept".into())
-                .spawn(move || acceptor(generation));
+            // The program's signals are for its own threads (see without_signals).
+            let h = rs_core::verbs::os::without_signals(|| {
+                std::thread::Builder::new()
+                    .name("rspreload-accept".into())
+                    .spawn(move || acceptor(generation))
+            });
             if let Some(old) = ACCEPTOR.lock().replace((pid, h.ok())) {
                 // A forked parent's thread: not ours to join or detach.
                 std::mem::forget(old);

@@ -149,10 +149,13 @@ fn start(cur: &mut Option<&'static Service>) -> Option<&'static Service> {
         left: Condvar::new(),
         wake: Waker::new().ok()?,
     }));
-    std::thread::Builder::new()
-        .name("rsocket-service".into())
-        .spawn(move || run(s))
-        .ok()?;
+    // The thread blocks every signal (see without_signals).
+    crate::verbs::os::without_signals(|| {
+        std::thread::Builder::new()
+            .name("rsocket-service".into())
+            .spawn(move || run(s))
+    })
+    .ok()?;
     if cur.replace(s).is_none() {
         // Registered once: atexit handlers survive fork, and it serves whichever is current.
         run_at_exit(at_exit);

@@ -155,6 +155,12 @@ pub fn run_at_exit(f: extern "C" fn()) -> bool {
 
 /// Runs `f` with every blockable signal blocked in this thread (the mask restored after).
 ///
+/// For starting the library's own threads, which inherit the mask and keep it: a program's
+/// signals then go to its own threads. A process-directed signal (a timer's SIGALRM, say) is
+/// otherwise delivered to whichever thread does not block it, the library's service thread
+/// among them: the program's handler runs there, and the program's blocking call that the
+/// signal was meant to interrupt goes on waiting.
+///
 /// For connection-manager calls that wait inside the kernel: on iWARP, `rdma_listen` and
 /// `rdma_connect` open and connect kernel TCP sockets in the calling thread, and a signal that
 /// lands there (a program's SIGALRM timer, say) can end the listen early with no error told to
