@@ -52,6 +52,9 @@ app() {
     fail=$((fail + 1)); failed+=("$name")
     echo "FAIL $name (server rc $src, client rc $crc, $moved RDMA packets, wanted ${min:-<100})"
     tail -30 "$log/srv" | sed 's/^/  srv| /'; tail -30 "$log/cli" | sed 's/^/  cli| /'
+    # The preload's decisions to leave RDMA (RSOCKET_PRELOAD_DEBUG), wherever they are.
+    grep -hE '^rspreload\[.*(kernel|fail|again)' "$log/srv" | head -20 | sed 's/^/  srv trace| /'
+    grep -hE '^rspreload\[.*(kernel|fail|again)' "$log/cli" | head -20 | sed 's/^/  cli trace| /'
     [ -f "${www:-}/error.log" ] && tail -20 "$www/error.log" | sed 's/^/  nginx| /'
   fi
 }
