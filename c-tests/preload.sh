@@ -11,6 +11,8 @@ RUN=$STAGE/bin/rsocket-run
 PY="python3 $PWD/preload_clients.py"
 S=$RS_SERVER
 PORT=$((RS_PORTS_C + 1500 + RANDOM % 400))
+# The preload says why a socket left RDMA (shown for a failed test, see app).
+export RSOCKET_PRELOAD_DEBUG=${RSOCKET_PRELOAD_DEBUG:-1}
 pass=0; fail=0; failed=() # the names of the failed tests, repeated at the end
 log=$(mktemp -d)
 pkts() { cat /sys/class/infiniband/*/ports/1/hw_counters/sent_pkts 2>/dev/null | awk '{s+=$1} END {print s+0}'; }
