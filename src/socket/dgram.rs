@@ -562,7 +562,12 @@ impl DgramSocket {
         }
         g.finish();
         let fds = if arm {
-            g.wait_fds().iter().map(|p| p.fd).collect()
+            // The socket's number too, as for a blocking receive (`sleep`): the service thread
+            // may take the completion event or the UDP datagram this call would sleep on, and
+            // it then shows what it took only there.
+            let mut fds: Vec<RawFd> = g.wait_fds().iter().map(|p| p.fd).collect();
+            fds.extend(g.ready.as_ref().map(|r| r.fd()));
+            fds
         } else {
             Vec::new()
         };
