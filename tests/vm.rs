@@ -1594,15 +1594,17 @@ fn main() -> ExitCode {
                 }
             })
         };
+        let started = Instant::now();
         let r = catch_unwind(AssertUnwindSafe(f));
+        let took = started.elapsed().as_secs_f64();
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         watch.join().expect("watchdog");
         if r.is_ok() {
             passed += 1;
-            println!("test {name} ... ok");
+            println!("test {name} ... ok ({took:.1} s)");
         } else {
             failed += 1;
-            println!("test {name} ... FAILED");
+            println!("test {name} ... FAILED ({took:.1} s)");
         }
     }
     let verdict = if failed == 0 { "ok" } else { "FAILED" };
