@@ -30,9 +30,10 @@ app() {
   local before; before=$(pkts)
   timeout 150 bash -c "exec $srv" >"$log/srv" 2>&1 &
   local spid=$! i
-  # Until the server listens (python takes seconds to start in the emulated VM).
-  local l=t; [[ $name == *UDP* ]] && l=u # a UDP server is ready once its socket is bound
-  for i in $(seq 100); do ss -Hl${l}n "sport = :$PORT" | grep -q . && break; sleep 0.2; done
+  # Until the server listens on TCP or, a UDP server, has its socket bound (python takes
+  # seconds to start in the emulated VM). Both: iperf3 -u listens on TCP first (its control
+  # connection) and binds its UDP socket only once a client came.
+  for i in $(seq 100); do ss -Hltun "sport = :$PORT" | grep -q . && break; sleep 0.2; done
   timeout 120 bash -c "$cli" >"$log/cli" 2>&1
   local crc=$?
   if [ -z "${SERVER_EXITS:-}" ]; then
@@ -74,8 +75,7 @@ app_killed() {
   # preload's trace lines (a few per connection) say, on a failure, how each end connected.
   bash -c "exec env RSOCKET_PRELOAD_DEBUG=1 $srv" >"$log/srv" 2>&1 &
   local spid=$! i
-  local l=t; [[ $name == *UDP* ]] && l=u # a UDP server is ready once its socket is bound
-  for i in $(seq 100); do ss -Hl${l}n "sport = :$PORT" | grep -q . && break; sleep 0.2; done
+  for i in $(seq 100); do ss -Hltun "sport = :$PORT" | grep -q . && break; sleep 0.2; done
   RSOCKET_PRELOAD_DEBUG=1 timeout 90 bash -c "$cli" >"$log/cli" 2>&1 &
   local cpid=$!
   for i in $(seq 150); do [ $(( $(pkts) - before )) -ge "$min" ] && break; sleep 0.2; done

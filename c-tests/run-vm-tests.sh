@@ -13,14 +13,33 @@ PORT=$((RS_PORTS_C + RANDOM % 1000))
 pass=0; fail=0
 log=$(mktemp -d)
 
-# pair NAME "SERVER CMD" "CLIENT CMD": server first, client ~1.5 s later; both must exit 0.
+# listening PORT: something listens on PORT: a kernel TCP listener, a bound UDP socket, or an
+# RDMA CM listener (rdma_cm's, which ss does not show).
+listening() {
+  ss -Hltun "sport = :$1" | grep -q . ||
+    rdma res show cm_id 2>/dev/null | grep -qE "state LISTEN .*:$1 "
+}
+
+# wait_listen PORT: until the server listens on PORT, at most 1.5 s (a server that listens
+# elsewhere, or never, gets the fixed wait every server once had).
+wait_listen() {
+  local until=$((${EPOCHREALTIME/./} + 1500000))
+  while [ "${EPOCHREALTIME/./}" -lt $until ]; do
+    listening "$1" && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# pair NAME "SERVER CMD" "CLIENT CMD": server first, client once it listens (at most 1.5 s
+# later); both must exit 0.
 pair() {
   local name=$1 srv=$2 cli=$3
   PORT=$((PORT + 1))
   srv=${srv//@PORT@/$PORT}; cli=${cli//@PORT@/$PORT}
   timeout 120 bash -c "$srv" >"$log/srv" 2>&1 &
   local spid=$!
-  sleep 1.5
+  wait_listen $PORT
   timeout 120 bash -c "$cli" >"$log/cli" 2>&1
   local crc=$?
   wait $spid
@@ -50,7 +69,7 @@ kill_peer() {
   srv=${srv//@PORT@/$PORT}; cli=${cli//@PORT@/$PORT}
   $srv >"$log/srv" 2>&1 &
   local spid=$!
-  sleep 1.5
+  wait_listen $PORT
   timeout 60 bash -c "$cli" >"$log/cli" 2>&1 &
   local cpid=$!
   sleep 2
@@ -446,7 +465,7 @@ dgram_tests() {
         PORT=$((PORT + 1))
         LD_PRELOAD=$LIB timeout 60 udpong -b $RS_SERVER -p $PORT >"$log/srv" 2>&1 &
         us=$!
-        sleep 1
+        wait_listen $PORT
         LD_PRELOAD=$LIB timeout 50 udpong -s $RS_SERVER -b $RS_CLIENT -p $PORT -S $size -C $n \
           $([ $mode = lat ] && echo -T e) >"$log/cli" 2>&1
         uc=$?
