@@ -32,9 +32,10 @@ vm-setup: deps
 
 # Builds need libclang (bindgen), the rdma-core headers and pkg-config: `deps` installs them, or
 # stops with a one-line hint when it cannot.
+# One cargo invocation for both libraries: one feature resolution, so nothing is built twice
+# (two invocations resolved features apart and rebuilt rsocket-rs, the C API and rdma-sys).
 build: deps
-	$(CARGO) build --release -p rsocket-capi --all-targets
-	$(CARGO) build --release -p rsocket-preload
+	$(CARGO) build --release -p rsocket-capi -p rsocket-preload
 
 install: build
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(LIBDIR)/pkgconfig $(DESTDIR)$(PREFIX)/bin
