@@ -14,9 +14,14 @@
  *             idleconns IMPL connections N mrs M registered BYTES per_connection BYTES
  *           and closes everything. Exit 0 only if every connection worked and the table named
  *           this process.
+ *
+ * Either side that makes no progress (same connection, same call) for STALL_S seconds says so
+ * on stderr, once ("no progress for ... in rrecv"): the suite ends a run where both sides say
+ * so (a hang: Soft-iWARP's first-message hang) at once, rather than at its timeout.
  */
 #include <errno.h>
 #include <netdb.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +48,30 @@ static void die(const char *what)
 	fprintf(stderr, "idleconns %s: connection %d: %s: %s\n", IMPL, (int)at_conn, what,
 		strerror(errno));
 	exit(1);
+}
+
+/* Seconds without progress after which a side says it is stuck. A connection takes tens of
+ * milliseconds, a connect retried for a busy port at most 10 s. */
+#define STALL_S 30
+
+/* Watches at_conn and at_call; says once when neither changed for STALL_S seconds. */
+static void *watchdog(void *arg)
+{
+	(void)arg;
+	int conn = at_conn, still = 0;
+	const char *call = at_call;
+	for (;;) {
+		sleep(1);
+		if (at_conn != conn || at_call != call) {
+			conn = at_conn;
+			call = at_call;
+			still = 0;
+		} else if (++still == STALL_S) {
+			fprintf(stderr, "idleconns %s: no progress for %d s at connection %d, in %s\n", IMPL,
+				STALL_S, conn, call);
+		}
+	}
+	return NULL;
 }
 
 static void on_term(int sig)
@@ -254,5 +283,8 @@ int main(int argc, char **argv)
 	}
 	raise_fd_limit(n);
 	signal(SIGTERM, on_term);
+	pthread_t w;
+	if (pthread_create(&w, NULL, watchdog, NULL) == 0)
+		pthread_detach(w);
 	return srv ? server(host, port, n) : client(host, port, n);
 }

@@ -332,17 +332,26 @@ idle_tests() {
   for impl in idleconns idleconns-rdmacm; do
     # Our ends trace their connection setup and teardown (RSOCKET_DEBUG, to a file of their
     # own): a failure shows the events and errors that led to it, not the thousands of lines.
-    local before=$fail try sspid
+    local before=$fail try sspid stuckpid
     for try in 1 2; do
       rm -f "$log"/trace-* "$log/ss"
       # Soft-iWARP runs over kernel TCP sockets: shortly before the timeout, those holding
       # bytes not yet read or not yet acknowledged are noted (printed on a failure).
       (sleep 110; ss -tn | awk 'NR == 1 || $2 > 0 || $3 > 0' >"$log/ss") &
       sspid=$!
+      # Both sides stuck (idleconns says "no progress" after 30 s): ended now, as the
+      # timeout would end them (SIGTERM: each says where it was), not 90 s later.
+      (for i in $(seq 120); do
+         sleep 1
+         grep -qs "no progress" "$log/trace-srv" && grep -qs "no progress" "$log/trace-cli" || continue
+         ss -tn | awk 'NR == 1 || $2 > 0 || $3 > 0' >"$log/ss"
+         pkill -TERM -f "^$BIN/idleconns"; break
+       done) &
+      stuckpid=$!
       pair "$n idle connections in one process, $impl client: every connection answered" \
         "RSOCKET_DEBUG=1 $BIN/idleconns -s $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-srv" \
         "RSOCKET_DEBUG=1 $BIN/$impl -c $RS_SERVER -p @PORT@ -n $n 2>>$log/trace-cli"
-      kill $sspid 2>/dev/null; wait $sspid 2>/dev/null
+      kill $sspid $stuckpid 2>/dev/null; wait $sspid $stuckpid 2>/dev/null
       if [ "$fail" -gt "$before" ]; then
         [ -s "$log/ss" ] && sed 's/^/  ss| /' "$log/ss"
         for side in srv cli; do
