@@ -17,6 +17,17 @@ pass=0; fail=0; failed=() # the names of the failed tests, repeated at the end
 log=$(mktemp -d)
 pkts() { cat /sys/class/infiniband/*/ports/1/hw_counters/sent_pkts 2>/dev/null | awk '{s+=$1} END {print s+0}'; }
 
+# show_failure: the last lines of both ends' output, then the preload's decisions to leave RDMA
+# (its RSOCKET_PRELOAD_DEBUG lines naming kernel TCP, failures, listening again), wherever
+# they are in the logs.
+show_failure() {
+  local side
+  for side in srv cli; do tail -30 "$log/$side" | sed "s/^/  $side| /"; done
+  for side in srv cli; do
+    grep -hE '^rspreload\[.*(kernel|fail|again)' "$log/$side" | head -20 | sed "s/^/  $side trace| /"
+  done
+}
+
 # app NAME MIN_PKTS "SERVER CMD" "CLIENT CMD": the server runs until the client is done (then
 # SIGTERM unless it exits by itself); both must succeed; MIN_PKTS: RDMA packets expected (0:
 # the kernel must carry it, so fewer than 100; -1: either may). SERVER_EXITS=1: the server ends
@@ -54,10 +65,7 @@ app() {
   else
     fail=$((fail + 1)); failed+=("$name")
     echo "FAIL $name (server rc $src, client rc $crc, $moved RDMA packets, wanted ${min:-<100})"
-    tail -30 "$log/srv" | sed 's/^/  srv| /'; tail -30 "$log/cli" | sed 's/^/  cli| /'
-    # The preload's decisions to leave RDMA (RSOCKET_PRELOAD_DEBUG), wherever they are.
-    grep -hE '^rspreload\[.*(kernel|fail|again)' "$log/srv" | head -20 | sed 's/^/  srv trace| /'
-    grep -hE '^rspreload\[.*(kernel|fail|again)' "$log/cli" | head -20 | sed 's/^/  cli trace| /'
+    show_failure
     [ -f "${www:-}/error.log" ] && tail -20 "$www/error.log" | sed 's/^/  nginx| /'
   fi
 }
@@ -88,7 +96,7 @@ app_killed() {
   else
     fail=$((fail + 1)); failed+=("$name")
     echo "FAIL $name (client rc $crc, $moved RDMA packets, wanted $min)"
-    tail -30 "$log/srv" | sed 's/^/  srv| /'; tail -30 "$log/cli" | sed 's/^/  cli| /'
+    show_failure
   fi
 }
 
