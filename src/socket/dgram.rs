@@ -531,14 +531,7 @@ impl DgramSocket {
             return Ok(g);
         }
         g.publish();
-        let mut fds = g.wait_fds();
-        if let Some(r) = &g.ready {
-            fds.push(libc::pollfd {
-                fd: r.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
+        let mut fds = g.sleep_fds();
         drop(g);
         poll_fds(&mut fds, ms)?;
         Ok(self.lock())
@@ -562,12 +555,7 @@ impl DgramSocket {
         }
         g.finish();
         let fds = if arm {
-            // The socket's number too, as for a blocking receive (`sleep`): the service thread
-            // may take the completion event or the UDP datagram this call would sleep on, and
-            // it then shows what it took only there.
-            let mut fds: Vec<RawFd> = g.wait_fds().iter().map(|p| p.fd).collect();
-            fds.extend(g.ready.as_ref().map(|r| r.fd()));
-            fds
+            g.sleep_fds().iter().map(|p| p.fd).collect()
         } else {
             Vec::new()
         };
@@ -1063,6 +1051,22 @@ impl Inner {
         if let Some(u) = &self.udp {
             fds.push(libc::pollfd {
                 fd: u.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        fds
+    }
+
+    /// What an application's call sleeps on: [`Inner::wait_fds`] and the socket's number, where
+    /// the service thread shows what it took first (the completion event or the UDP datagram
+    /// the call would have woken for). Not the service thread's own set: it makes the number
+    /// readable itself.
+    fn sleep_fds(&self) -> Vec<libc::pollfd> {
+        let mut fds = self.wait_fds();
+        if let Some(r) = &self.ready {
+            fds.push(libc::pollfd {
+                fd: r.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
