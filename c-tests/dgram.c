@@ -262,7 +262,6 @@ static int client(const char *srv_ip, const char *bind_ip, int port, int n, int 
 		    late_wakes);
 	printf("client: %d datagrams of 1-%d bytes verified (%d peeked, %d truncated, %d by rsendmsg)\n",
 	       n, max, peeks, truncs, msgs);
-
 	return rclose(fd) ? 1 : 0;
 }
 

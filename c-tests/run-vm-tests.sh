@@ -327,6 +327,9 @@ both_in_rrecv() {
   grep -qs "terminated at connection .*in rrecv" "$log/srv" "$log/trace-srv" &&
     grep -qs "terminated at connection .*in rrecv" "$log/cli" "$log/trace-cli"
 }
+# The kernel TCP sockets holding bytes not yet read or not yet acknowledged (and ss's header).
+tcp_queued() { ss -tn | awk 'NR == 1 || $2 > 0 || $3 > 0'; }
+
 idle_tests() {
   local n=${RS_IDLE_CONNS:-1000} impl per ours=0 theirs=0
   for impl in idleconns idleconns-rdmacm; do
@@ -337,14 +340,14 @@ idle_tests() {
       rm -f "$log"/trace-* "$log/ss"
       # Soft-iWARP runs over kernel TCP sockets: shortly before the timeout, those holding
       # bytes not yet read or not yet acknowledged are noted (printed on a failure).
-      (sleep 110; ss -tn | awk 'NR == 1 || $2 > 0 || $3 > 0' >"$log/ss") &
+      (sleep 110; tcp_queued >"$log/ss") &
       sspid=$!
       # Both sides stuck (idleconns says "no progress" after 30 s): ended now, as the
       # timeout would end them (SIGTERM: each says where it was), not 90 s later.
       (for i in $(seq 120); do
          sleep 1
          grep -qs "no progress" "$log/trace-srv" && grep -qs "no progress" "$log/trace-cli" || continue
-         ss -tn | awk 'NR == 1 || $2 > 0 || $3 > 0' >"$log/ss"
+         tcp_queued >"$log/ss"
          pkill -TERM -f "^$BIN/idleconns"; break
        done) &
       stuckpid=$!
