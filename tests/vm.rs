@@ -1562,6 +1562,30 @@ fn main() -> ExitCode {
         };
     }
     println!("vm tests on {}", devices.join(", "));
+    // Every panic's message and place, also those of threads a test joins, so that a failed
+    // test's reasons are repeated at the end: a CI log may keep only its end.
+    let panics: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    {
+        let panics = panics.clone();
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let place = info
+                .location()
+                .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| info.payload().downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            let thread = thread::current().name().unwrap_or("?").to_string();
+            if let Ok(mut p) = panics.lock() {
+                p.push(format!("thread '{thread}' panicked{place}: {msg}"));
+            }
+            default(info);
+        }));
+    }
+    let mut failures = Vec::new();
     let (mut passed, mut failed) = (0, 0);
     let watchdog = Duration::from_secs(
         std::env::var("RSOCKET_TEST_WATCHDOG")
@@ -1595,6 +1619,7 @@ fn main() -> ExitCode {
             })
         };
         let started = Instant::now();
+        panics.lock().map(|mut p| p.clear()).ok();
         let r = catch_unwind(AssertUnwindSafe(f));
         let took = started.elapsed().as_secs_f64();
         done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1605,6 +1630,17 @@ fn main() -> ExitCode {
         } else {
             failed += 1;
             println!("test {name} ... FAILED ({took:.1} s)");
+            let why = panics.lock().map(|p| p.clone()).unwrap_or_default();
+            failures.push((name, why));
+        }
+    }
+    if !failures.is_empty() {
+        println!("\nfailures on {}:", devices.join(", "));
+        for (name, why) in &failures {
+            println!("  {name}:");
+            for line in why {
+                println!("    {line}");
+            }
         }
     }
     let verdict = if failed == 0 { "ok" } else { "FAILED" };
