@@ -35,7 +35,7 @@ use crate::socket::spin::Spin;
 use crate::trace::trace;
 use crate::verbs::{
     Access, Ah, CmId, CmOption, Endpoint, EventChannel, MrId, PortInfo, ReadyFd, SockAddr, UdpSock,
-    poll_fds, resolve_ah_attr, source_for, ticks, wait_event,
+    poll_fds, pollin, resolve_ah_attr, source_for, ticks, wait_event,
 };
 
 /// Bytes of a receive slot: the GRH, then one message.
@@ -1039,21 +1039,9 @@ impl Inner {
     }
 
     fn wait_fds(&self) -> Vec<libc::pollfd> {
-        let mut fds: Vec<libc::pollfd> = self
-            .qps
-            .iter()
-            .map(|q| libc::pollfd {
-                fd: q.ep.comp_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
+        let mut fds: Vec<libc::pollfd> = self.qps.iter().map(|q| pollin(q.ep.comp_fd())).collect();
         if let Some(u) = &self.udp {
-            fds.push(libc::pollfd {
-                fd: u.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(pollin(u.fd()));
         }
         fds
     }
@@ -1065,11 +1053,7 @@ impl Inner {
     fn sleep_fds(&self) -> Vec<libc::pollfd> {
         let mut fds = self.wait_fds();
         if let Some(r) = &self.ready {
-            fds.push(libc::pollfd {
-                fd: r.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            fds.push(pollin(r.fd()));
         }
         fds
     }

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::socket::spin::Spin;
 use crate::socket::stream::new_spin;
 use crate::socket::{Socket, lookup_any};
-use crate::verbs::{poll_fds, ticks};
+use crate::verbs::{poll_fds, pollin, ticks};
 
 thread_local! {
     /// rpoll's busy-poll window: per thread, as a thread tends to wait on the same sockets.
@@ -147,11 +147,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
                     let mut wait = Vec::new();
                     ready |= state(s, Some(p.events), &mut wait)? & mask(p.events) != 0;
                     for fd in wait {
-                        sleep.push(libc::pollfd {
-                            fd,
-                            events: libc::POLLIN,
-                            revents: 0,
-                        });
+                        sleep.push(pollin(fd));
                     }
                 }
                 None => sleep.push(libc::pollfd {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
 use crate::trace::trace;
-use crate::verbs::{Waker, poll_fds_for, run_at_exit};
+use crate::verbs::{Waker, poll_fds_for, pollin, run_at_exit};
 
 /// The jobs a socket has with the service (a set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -246,11 +246,7 @@ fn run(svc: &'static Service) {
                 })
                 .collect()
         };
-        let mut fds = vec![libc::pollfd {
-            fd: svc.wake.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut fds = vec![pollin(svc.wake.fd())];
         let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let mut results = Vec::with_capacity(work.len());
         for (s, jobs, _, ready) in &work {
@@ -264,11 +260,7 @@ fn run(svc: &'static Service) {
                 }
             };
             for &fd in &w.fds {
-                fds.push(libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
+                fds.push(pollin(fd));
                 owners.push(Arc::downgrade(s));
             }
             if let Some(d) = w.deadline {

@@ -68,6 +68,15 @@ pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> 
     poll_fds_for(fds, timeout)
 }
 
+/// A descriptor to wait on for reading (POLLIN), as poll(2) takes it.
+pub fn pollin(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 /// poll(2) with a timeout to the microsecond (ppoll): `None` waits forever. EINTR counts as a
 /// wake-up with nothing ready.
 pub fn poll_fds_for(

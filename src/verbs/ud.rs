@@ -11,7 +11,7 @@ use rdma_sys as sys;
 use super::addr::SockAddr;
 use super::cm::{CmEvent, CmId, EventChannel};
 use super::endpoint::{Endpoint, MrId};
-use super::os::poll_fds;
+use super::os::{poll_fds, pollin};
 use super::{cvt, last_error, non_null};
 
 /// How to reach one peer queue pair (or a multicast group): `struct ibv_ah_attr`.
@@ -101,11 +101,7 @@ pub fn wait_event(ch: &EventChannel, timeout: Duration) -> io::Result<CmEvent> {
         if left.is_zero() {
             return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
         }
-        let mut p = [libc::pollfd {
-            fd: ch.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
+        let mut p = [pollin(ch.fd())];
         poll_fds(&mut p, left.as_millis().clamp(1, i32::MAX as u128) as i32)?;
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::conn::Conn;
 use super::{CM_WAIT, Inner, PollState, State, StreamSocket, errno_error};
 use crate::error::{Error, Result};
-use crate::verbs::poll_fds;
+use crate::verbs::{poll_fds, pollin};
 
 /// A non-blocking call that finds nothing to do looks at the CM channel when this many
 /// microseconds passed since the last look (a vanished peer shows there, not in the CQ).
@@ -19,14 +19,7 @@ const CM_TICK_EVERY: u32 = 64;
 
 /// Waits until `fds` has input or `timeout` passes (None: forever). EINTR counts as a wake-up.
 pub(super) fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| pollin(fd)).collect();
     let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
     Ok(poll_fds(&mut pfds, ms)? > 0)
 }
@@ -303,13 +296,7 @@ impl StreamSocket {
             if self.drive(conn)? {
                 continue;
             }
-            let mut fds = [conn.link.t.comp_fd(), self.channel.fd(), self.waker.fd()].map(|fd| {
-                libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                }
-            });
+            let mut fds = [conn.link.t.comp_fd(), self.channel.fd(), self.waker.fd()].map(pollin);
             g.sleeping = true;
             slept = true;
             drop(g);
