@@ -92,6 +92,9 @@ impl From<io::Error> for Error {
             Some(libc::ECONNRESET) => Error::ConnectionReset,
             Some(libc::ETIMEDOUT) => Error::TimedOut,
             Some(libc::EINVAL) => Error::InvalidArgument,
+            // A connection the library found broken (a post the device refused, see
+            // `proto::driver`): no errno of its own.
+            None if e.kind() == io::ErrorKind::ConnectionReset => Error::ConnectionReset,
             _ => Error::Os(e),
         }
     }

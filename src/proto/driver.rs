@@ -203,6 +203,19 @@ impl<T: Transport> Driver<T> {
         self.sends_completed
     }
 
+    /// Runs one post on the transport. A post the device refuses means its queue pair left the
+    /// connected state (Soft-iWARP refuses one with ENOTCONN once a dead peer reset the TCP
+    /// connection), or that what we planned no longer matches what was posted: either way the
+    /// connection is broken. The core fails (every later call reports it, as ECONNRESET), and
+    /// this call gets a connection reset rather than the device's errno.
+    fn post(&mut self, f: impl FnOnce(&mut T) -> io::Result<()>) -> io::Result<()> {
+        f(&mut self.t).map_err(|e| {
+            trace!("the device refused a post: {e}");
+            self.core.fail_post();
+            io::Error::new(io::ErrorKind::ConnectionReset, e)
+        })
+    }
+
     fn post_recvs(&mut self, n: u32) -> io::Result<()> {
         let slot_len = self.cfg.msg_slot_len();
         for _ in 0..n {
@@ -212,10 +225,10 @@ impl<T: Transport> Driver<T> {
                 (slot, base + slot as usize * slot_len)
             });
             match (into, self.bufs.msgs) {
-                (Some((slot, off)), Some(msgs)) => self
-                    .t
-                    .post_recv(core::recv_wr_id(slot), Some((msgs, off, slot_len)))?,
-                _ => self.t.post_recv(core::recv_wr_id(0), None)?,
+                (Some((slot, off)), Some(msgs)) => {
+                    self.post(|t| t.post_recv(core::recv_wr_id(slot), Some((msgs, off, slot_len))))?
+                }
+                _ => self.post(|t| t.post_recv(core::recv_wr_id(0), None))?,
             }
         }
         Ok(())
@@ -428,7 +441,7 @@ impl<T: Transport> Driver<T> {
         src: Source<'_, T::Mr, T::Seg>,
         remote: (u64, u32),
     ) -> io::Result<()> {
-        self.t.post_write(wr_id, src, remote, None)?;
+        self.post(|t| t.post_write(wr_id, src, remote, None))?;
         self.sends_posted += 1;
         Ok(())
     }
@@ -439,9 +452,9 @@ impl<T: Transport> Driver<T> {
     /// took it, a 0-byte RDMA READ, which the peer's device answers with a read response.
     pub fn post_probe(&mut self, wr_id: u64) -> io::Result<()> {
         if self.cfg.msg_send {
-            self.t.post_read_probe(wr_id)?;
+            self.post(|t| t.post_read_probe(wr_id))?;
         } else {
-            self.t.post_write(wr_id, Source::Empty, (0, 0), None)?;
+            self.post(|t| t.post_write(wr_id, Source::Empty, (0, 0), None))?;
         }
         self.sends_posted += 1;
         Ok(())
@@ -449,7 +462,7 @@ impl<T: Transport> Driver<T> {
 
     /// Posts an RDMA read (a rioread's), counted.
     pub fn post_read(&mut self, wr_id: u64, dst: T::Seg, remote: (u64, u32)) -> io::Result<()> {
-        self.t.post_read(wr_id, dst, remote)?;
+        self.post(|t| t.post_read(wr_id, dst, remote))?;
         self.sends_posted += 1;
         Ok(())
     }
@@ -457,10 +470,9 @@ impl<T: Transport> Driver<T> {
     /// Posts a message alone: a 0-byte write with immediate, or an inline SEND on iWARP.
     pub fn post_msg(&mut self, msg: u32) -> io::Result<()> {
         if self.cfg.msg_send {
-            self.t.post_send(msg as u64, &msg.to_ne_bytes())?;
+            self.post(|t| t.post_send(msg as u64, &msg.to_ne_bytes()))?;
         } else {
-            self.t
-                .post_write(msg as u64, Source::Empty, (0, 0), Some(msg))?;
+            self.post(|t| t.post_write(msg as u64, Source::Empty, (0, 0), Some(msg)))?;
         }
         self.sends_posted += 1;
         Ok(())
@@ -476,12 +488,11 @@ impl<T: Transport> Driver<T> {
         remote: (u64, u32),
     ) -> io::Result<()> {
         if self.cfg.msg_send {
-            self.t.post_write(wr_id, src, remote, None)?;
+            self.post(|t| t.post_write(wr_id, src, remote, None))?;
             self.sends_posted += 1;
-            self.t
-                .post_send(core::msg_send_wr_id(msg), &msg.to_ne_bytes())?;
+            self.post(|t| t.post_send(core::msg_send_wr_id(msg), &msg.to_ne_bytes()))?;
         } else {
-            self.t.post_write(wr_id, src, remote, Some(msg))?;
+            self.post(|t| t.post_write(wr_id, src, remote, Some(msg)))?;
         }
         self.sends_posted += 1;
         Ok(())
@@ -678,10 +689,12 @@ impl<T: Transport> Driver<T> {
             let mut b = [0u8; wire::MSG_SIZE + wire::SEND_PAYLOAD_MAX];
             b[..wire::MSG_SIZE].copy_from_slice(&w.msg.to_ne_bytes());
             b[wire::MSG_SIZE..wire::MSG_SIZE + data.len()].copy_from_slice(data);
-            self.t.post_send(
-                w.msg as u64 | core::WR_ID_CARRIED,
-                &b[..wire::MSG_SIZE + data.len()],
-            )?;
+            self.post(|t| {
+                t.post_send(
+                    w.msg as u64 | core::WR_ID_CARRIED,
+                    &b[..wire::MSG_SIZE + data.len()],
+                )
+            })?;
             self.sends_posted += 1;
             return Ok(());
         }

@@ -107,6 +107,9 @@ pub struct MemEnd {
     pub completed_early: u64,
     /// Byte counts of the data writes posted, in order.
     pub data_writes: Vec<usize>,
+    /// Every post fails (ENOTCONN), as a device refuses posts on a queue pair that left the
+    /// connected state (Soft-iWARP's, once a dead peer reset its TCP connection).
+    pub refuse_posts: bool,
 }
 
 impl MemEnd {
@@ -127,6 +130,7 @@ impl MemEnd {
             cq: VecDeque::new(),
             completed_early: 0,
             data_writes: Vec::new(),
+            refuse_posts: false,
         }
     }
 
@@ -331,6 +335,14 @@ impl MemEnd {
         true
     }
 
+    /// The error of a refused post ([`MemEnd::refuse_posts`]), if posts are refused.
+    fn refused(&self) -> io::Result<()> {
+        if self.refuse_posts {
+            return Err(io::Error::from_raw_os_error(107)); // ENOTCONN
+        }
+        Ok(())
+    }
+
     fn push(&mut self, wr_id: u64, op: Op, src: Src) {
         let wr = Wr {
             wr_id,
@@ -415,6 +427,7 @@ impl Transport for MemEnd {
         remote: (u64, u32),
         imm: Option<u32>,
     ) -> io::Result<()> {
+        self.refused()?;
         let src = match src {
             Source::Empty => Src::Bytes(Vec::new()),
             Source::Inline(b) => {
@@ -440,6 +453,7 @@ impl Transport for MemEnd {
     }
 
     fn post_send(&mut self, wr_id: u64, bytes: &[u8]) -> io::Result<()> {
+        self.refused()?;
         assert!(
             bytes.len() <= self.inline as usize,
             "inline beyond the QP's size"
@@ -453,11 +467,13 @@ impl Transport for MemEnd {
     }
 
     fn post_read_probe(&mut self, wr_id: u64) -> io::Result<()> {
+        self.refused()?;
         self.push(wr_id, Op::ReadProbe, Src::Bytes(Vec::new()));
         Ok(())
     }
 
     fn post_recv(&mut self, wr_id: u64, into: Option<RecvInto>) -> io::Result<()> {
+        self.refused()?;
         self.recvs.push_back((wr_id, into));
         Ok(())
     }

@@ -517,6 +517,12 @@ impl Stream {
         self.pending.is_some_and(|p| p.exhausted_sge.is_some())
     }
 
+    /// Fails the connection because the device refused a post (see `Driver`): a broken
+    /// connection, reported as a failed work request is.
+    pub fn fail_post(&mut self) {
+        self.fail(StreamError::Transport);
+    }
+
     /// Fails the connection because our own background work broke (a bug): every call then
     /// reports an error instead of waiting for that work.
     pub fn fail_internal(&mut self) {

@@ -828,6 +828,27 @@ fn losing_the_connection_without_goodbye_is_a_reset() {
 }
 
 #[test]
+fn a_post_the_device_refuses_breaks_the_connection_as_a_reset() {
+    for iwarp in [false, true] {
+        let c = cfg(64, 16, 64, 16384, 16384, iwarp);
+        let (mut a, mut b) = connected(c, c);
+        a.d.t.refuse_posts = true;
+        let mut olen = OLAP_START_SIZE;
+        let e = a.d.send_some(&[7u8; 1000], &mut olen, false).unwrap_err();
+        // The caller sees a reset (not the device's ENOTCONN), and so does every later call.
+        let e = crate::error::Error::from(e);
+        assert!(matches!(e, crate::error::Error::ConnectionReset), "{e:?}");
+        assert_eq!(a.s().error(), Some(&StreamError::Transport));
+        let f = a.s().flags();
+        assert!(!f.writable && !f.readable && !f.connected);
+        // Nothing half-posted reaches the peer.
+        deliver_all(&mut a, &mut b);
+        b.poll();
+        assert!(!b.d.core.has_data());
+    }
+}
+
+#[test]
 fn a_lone_message_leaves_at_once_and_later_small_ones_gather_into_one_write() {
     let c = cfg(64, 64, 64, 65536, 65536, false);
     let (mut a, mut b) = connected(c, c);
