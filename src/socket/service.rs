@@ -10,7 +10,7 @@
 //! instead of leaving it waiting for ever; the other sockets go on. A forked child does not
 //! inherit the thread: the first job registered in the child starts the child's own, with an
 //! empty registry (the parent's sockets are not the child's to serve). At exit the process
-//! waits for the closes still lingering, each within its bound.
+//! waits for the closes still lingering ([`wait_lingering`]).
 //!
 //! The thread starts with the first job and then stays, blocked in poll(2) when idle.
 
@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
 use crate::trace::trace;
-use crate::verbs::{Waker, poll_fds_for, pollin, run_at_exit};
+use crate::verbs::{Waker, poll_fds_for, pollin};
 
 /// The jobs a socket has with the service (a set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,10 +156,7 @@ fn start(cur: &mut Option<&'static Service>) -> Option<&'static Service> {
             .spawn(move || run(s))
     })
     .ok()?;
-    if cur.replace(s).is_none() {
-        // Registered once: atexit handlers survive fork, and it serves whichever is current.
-        run_at_exit(at_exit);
-    }
+    *cur = Some(s);
     Some(s)
 }
 
@@ -325,14 +322,14 @@ fn run(svc: &'static Service) {
     }
 }
 
-/// At exit: waits for the lingering closes (each within its bound), so that a program that
-/// closes and returns from main does not lose the tail of its data either.
-extern "C" fn at_exit() {
+/// At exit (see `socket::stream::close`): waits until no socket of this process lingers any
+/// more, or until `deadline`, so that a program that closes and returns from main does not
+/// lose the tail of its data either.
+pub(crate) fn wait_lingering(deadline: Instant) {
     let _ = catch_unwind(|| {
         let Some(svc) = current().filter(|s| s.pid == std::process::id()) else {
             return;
         };
-        let deadline = Instant::now() + crate::proto::stream::LINGER;
         let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
         while list.iter().any(|e| e.jobs.linger) {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -8,14 +8,56 @@
 //! for at most [`crate::proto::stream::LINGER`]. `rclose` does not wait for that: the service
 //! thread does (a linger job), as the kernel does for a TCP socket; and at exit the process
 //! waits for the connections still lingering, within their bound.
+//!
+//! Exit. The kernel closes the TCP sockets of a process that exits, and what they still had
+//! to send leaves before the FIN. A connection of ours would go with the process's queue
+//! pairs instead, and with it what was staged, gathered or not yet transmitted (on iWARP also
+//! what TCP had taken but not sent when the peer's next message met the closed socket: the
+//! same reset as above). So at exit ([`at_exit`]) every connection the process still has open
+//! is closed as `rclose` closes it, and the process waits for those that linger: all within
+//! [`LINGER`], after which it exits anyway (a peer that takes nothing more cannot hold it).
 
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use super::{Inner, State, StreamSocket};
 use crate::error::{Error, Result};
+use crate::proto::stream::LINGER;
 use crate::proto::wire::Ctrl;
-use crate::socket::service::Jobs;
+use crate::socket::service::{self, Jobs};
 use crate::trace::trace;
+
+/// At exit (exit(3) or a return from main; registered with the first stream socket): closes
+/// this process's connections still open, then waits for the lingering closes, within
+/// [`LINGER`] in all (see the module documentation). The closes run on a thread of their own,
+/// so that the bound holds even where one would wait (a peer that grants no credit).
+pub(super) extern "C" fn at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let deadline = Instant::now() + LINGER;
+        let pid = std::process::id();
+        let own: Vec<_> = StreamSocket::live()
+            .into_iter()
+            .filter(|s| s.pid == pid)
+            .collect();
+        if !own.is_empty() {
+            let (done, wait) = std::sync::mpsc::channel();
+            let closer = crate::verbs::os::without_signals(|| {
+                std::thread::Builder::new()
+                    .name("rsocket-exit".into())
+                    .spawn(move || {
+                        for s in own {
+                            s.close_at_exit();
+                        }
+                        let _ = done.send(());
+                    })
+            });
+            if closer.is_ok() {
+                let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+            }
+        }
+        service::wait_lingering(deadline);
+    });
+}
 
 impl StreamSocket {
     /// Shuts down one or both directions.
@@ -111,6 +153,21 @@ impl StreamSocket {
         }
         self.finish_close(&mut g);
         Ok(())
+    }
+
+    /// [`at_exit`]: closes the socket as `rclose` does if it is a connection still open (not
+    /// closed already, not lingering, not broken). Listeners and the rest are left to go with
+    /// the process.
+    fn close_at_exit(&self) {
+        let open = {
+            let g = self.lock();
+            g.ready.is_some()
+                && matches!(&g.state, State::Connected(c) if c.link.core.flags().connected)
+        };
+        if open {
+            trace!("{self:?}: closed at exit");
+            let _ = self.close();
+        }
     }
 
     /// Disconnects and lets the connection's resources go with the last handle.

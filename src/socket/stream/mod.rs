@@ -110,6 +110,8 @@ pub struct StreamSocket {
     nonblocking: std::sync::atomic::AtomicBool,
     /// The socket's number: the user end of its readiness descriptor.
     number: RawFd,
+    /// The process that made the socket: a forked child's exit leaves its parent's alone.
+    pid: u32,
     /// Calls in progress (the service thread leaves a socket in use to its caller).
     in_call: AtomicU32,
     /// Ticks when the last call returned.
@@ -168,6 +170,7 @@ impl StreamSocket {
         let s = Arc::new(StreamSocket {
             nonblocking: std::sync::atomic::AtomicBool::new(opts.nonblocking),
             number: ready.fd(),
+            pid: std::process::id(),
             in_call: AtomicU32::new(0),
             last_exit: std::sync::atomic::AtomicU64::new(0),
             self_driven: std::sync::atomic::AtomicBool::new(false),
@@ -202,6 +205,12 @@ impl StreamSocket {
             live.retain(|w| w.strong_count() > 0);
         }
         live.push(Arc::downgrade(&s));
+        drop(live);
+        // Registered once (atexit handlers survive fork, as this flag does).
+        static AT_EXIT: std::sync::Once = std::sync::Once::new();
+        AT_EXIT.call_once(|| {
+            crate::verbs::run_at_exit(close::at_exit);
+        });
         Ok(s)
     }
 
