@@ -111,6 +111,12 @@ struct Entry {
     ready: Vec<RawFd>,
     /// When its jobs are due, if they wait only for a time (no descriptor).
     due: Option<Instant>,
+    /// The descriptors its jobs wait for, if they wait for nothing else (no time): until one
+    /// of them is readable or a job is added, a round has nothing to ask of the socket, and
+    /// only sleeps on them (a listener asked every round would look for connect requests at
+    /// every wake-up of the thread, a syscall; a process's thousand idle connections would be
+    /// locked and looked at a thousand times per wake-up).
+    waits_on: Option<Vec<RawFd>>,
 }
 
 struct Service {
@@ -183,6 +189,7 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
             e.jobs = e.jobs.union(jobs);
             e.generation += 1;
             e.due = None;
+            e.waits_on = None;
             if jobs.linger {
                 e.socket = Handle::Held(s.clone());
             }
@@ -197,6 +204,7 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
             generation: 0,
             ready: Vec::new(),
             due: None,
+            waits_on: None,
         }),
     }
     drop(list);
@@ -224,6 +232,8 @@ fn run(svc: &'static Service) {
         // Take the round's work out, so sockets can register meanwhile.
         type Work = (Arc<dyn Serviced>, Jobs, u64, Vec<RawFd>);
         let mut next: Option<Instant> = None;
+        let mut fds = vec![pollin(svc.wake.fd())];
+        let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let work: Vec<Work> = {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
             list.retain(|e| e.socket.get().is_some());
@@ -238,13 +248,21 @@ fn run(svc: &'static Service) {
                         next = Some(next.map_or(d, |n| n.min(d)));
                         return None;
                     }
+                    if let Some(waits) = &e.waits_on
+                        && e.ready.is_empty()
+                    {
+                        let s = e.socket.get()?;
+                        for &fd in waits {
+                            fds.push(pollin(fd));
+                            owners.push(Arc::downgrade(&s));
+                        }
+                        return None;
+                    }
                     let s = e.socket.get()?;
                     Some((s, e.jobs, e.generation, std::mem::take(&mut e.ready)))
                 })
                 .collect()
         };
-        let mut fds = vec![pollin(svc.wake.fd())];
-        let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let mut results = Vec::with_capacity(work.len());
         for (s, jobs, _, ready) in &work {
             let w = match catch_unwind(AssertUnwindSafe(|| s.serve(*jobs, now, ready))) {
@@ -263,18 +281,24 @@ fn run(svc: &'static Service) {
             if let Some(d) = w.deadline {
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
-            results.push((w.jobs, w.fds.is_empty().then_some(w.deadline).flatten()));
+            let waits_on = (!w.fds.is_empty() && w.deadline.is_none()).then(|| w.fds.clone());
+            results.push((
+                w.jobs,
+                w.fds.is_empty().then_some(w.deadline).flatten(),
+                waits_on,
+            ));
         }
         let mut lingering_left = false;
         {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
-            for ((s, done, generation, _), (left, due)) in work.iter().zip(&results) {
+            for ((s, done, generation, _), (left, due, waits_on)) in work.iter().zip(results) {
                 if let Some(e) = list.iter_mut().find(|e| e.socket.is(s)) {
                     // Jobs added while the round served the socket stay (they are served
                     // again next round); the others are what the round left.
                     let jobs = if e.generation == *generation {
-                        e.due = *due;
-                        *left
+                        e.due = due;
+                        e.waits_on = waits_on;
+                        left
                     } else {
                         left.union(e.jobs)
                     };
