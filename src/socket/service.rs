@@ -417,6 +417,73 @@ mod tests {
             .count()
     }
 
+    /// A socket stand-in whose job waits only for a descriptor (as a listener's or an idle
+    /// connection's watch job does): counts the rounds that served it.
+    struct Waiting {
+        rounds: AtomicU32,
+        rx: std::os::unix::net::UnixStream,
+    }
+
+    impl Serviced for Waiting {
+        fn serve(&self, jobs: Jobs, _: Instant, ready: &[RawFd]) -> Wait {
+            use std::io::Read;
+            use std::os::fd::AsRawFd;
+            self.rounds.fetch_add(1, Ordering::SeqCst);
+            if ready.contains(&self.rx.as_raw_fd()) {
+                let _ = (&self.rx).read(&mut [0u8; 16]);
+            }
+            Wait {
+                jobs,
+                fds: vec![self.rx.as_raw_fd()],
+                deadline: None,
+            }
+        }
+
+        fn job_failed(&self, _: Jobs) {}
+    }
+
+    #[test]
+    fn a_socket_waiting_on_descriptors_is_served_again_only_when_one_is_readable() {
+        use std::io::Write;
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let waiting = Arc::new(Waiting {
+            rounds: AtomicU32::new(0),
+            rx,
+        });
+        // Wakes the thread every 5 ms.
+        let ticking = Arc::new(Mock::default());
+        let w: Arc<dyn Serviced> = waiting.clone();
+        let t: Arc<dyn Serviced> = ticking.clone();
+        let watch = Jobs {
+            watch: true,
+            ..Jobs::default()
+        };
+        assert!(add(&w, watch));
+        assert!(add(&t, watch));
+        wait_for("the first round", || {
+            waiting.rounds.load(Ordering::SeqCst) >= 1
+        });
+        let ticks = ticking.rounds.load(Ordering::SeqCst);
+        wait_for("ten wake-ups", || {
+            ticking.rounds.load(Ordering::SeqCst) >= ticks + 10
+        });
+        assert_eq!(
+            waiting.rounds.load(Ordering::SeqCst),
+            1,
+            "served again with nothing readable"
+        );
+        tx.write_all(b"x").unwrap();
+        wait_for("a round once readable", || {
+            waiting.rounds.load(Ordering::SeqCst) >= 2
+        });
+        // And after a job is added, without anything readable.
+        let r = waiting.rounds.load(Ordering::SeqCst);
+        assert!(add(&w, watch));
+        wait_for("a round for the added job", || {
+            waiting.rounds.load(Ordering::SeqCst) > r
+        });
+    }
+
     #[test]
     fn one_thread_serves_every_socket_and_a_panicking_job_fails_only_its_socket() {
         let mocks: Vec<Arc<Mock>> = (0..8).map(|_| Arc::new(Mock::default())).collect();
