@@ -281,12 +281,9 @@ fn run(svc: &'static Service) {
             if let Some(d) = w.deadline {
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
-            let waits_on = (!w.fds.is_empty() && w.deadline.is_none()).then(|| w.fds.clone());
-            results.push((
-                w.jobs,
-                w.fds.is_empty().then_some(w.deadline).flatten(),
-                waits_on,
-            ));
+            let due = w.fds.is_empty().then_some(w.deadline).flatten();
+            let waits_on = (!w.fds.is_empty() && w.deadline.is_none()).then_some(w.fds);
+            results.push((w.jobs, due, waits_on));
         }
         let mut lingering_left = false;
         {
