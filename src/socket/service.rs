@@ -111,12 +111,6 @@ struct Entry {
     ready: Vec<RawFd>,
     /// When its jobs are due, if they wait only for a time (no descriptor).
     due: Option<Instant>,
-    /// The descriptors its jobs wait for, if they wait for nothing else (no time): until one
-    /// of them is readable or a job is added, a round has nothing to ask of the socket, and
-    /// only sleeps on them (a listener asked every round would look for connect requests at
-    /// every wake-up of the thread, a syscall; a process's thousand idle connections would be
-    /// locked and looked at a thousand times per wake-up).
-    waits_on: Option<Vec<RawFd>>,
 }
 
 struct Service {
@@ -189,7 +183,6 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
             e.jobs = e.jobs.union(jobs);
             e.generation += 1;
             e.due = None;
-            e.waits_on = None;
             if jobs.linger {
                 e.socket = Handle::Held(s.clone());
             }
@@ -204,7 +197,6 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
             generation: 0,
             ready: Vec::new(),
             due: None,
-            waits_on: None,
         }),
     }
     drop(list);
@@ -232,8 +224,6 @@ fn run(svc: &'static Service) {
         // Take the round's work out, so sockets can register meanwhile.
         type Work = (Arc<dyn Serviced>, Jobs, u64, Vec<RawFd>);
         let mut next: Option<Instant> = None;
-        let mut fds = vec![pollin(svc.wake.fd())];
-        let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let work: Vec<Work> = {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
             list.retain(|e| e.socket.get().is_some());
@@ -248,21 +238,13 @@ fn run(svc: &'static Service) {
                         next = Some(next.map_or(d, |n| n.min(d)));
                         return None;
                     }
-                    if let Some(waits) = &e.waits_on
-                        && e.ready.is_empty()
-                    {
-                        let s = e.socket.get()?;
-                        for &fd in waits {
-                            fds.push(pollin(fd));
-                            owners.push(Arc::downgrade(&s));
-                        }
-                        return None;
-                    }
                     let s = e.socket.get()?;
                     Some((s, e.jobs, e.generation, std::mem::take(&mut e.ready)))
                 })
                 .collect()
         };
+        let mut fds = vec![pollin(svc.wake.fd())];
+        let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let mut results = Vec::with_capacity(work.len());
         for (s, jobs, _, ready) in &work {
             let w = match catch_unwind(AssertUnwindSafe(|| s.serve(*jobs, now, ready))) {
@@ -281,21 +263,18 @@ fn run(svc: &'static Service) {
             if let Some(d) = w.deadline {
                 next = Some(next.map_or(d, |n| n.min(d)));
             }
-            let due = w.fds.is_empty().then_some(w.deadline).flatten();
-            let waits_on = (!w.fds.is_empty() && w.deadline.is_none()).then_some(w.fds);
-            results.push((w.jobs, due, waits_on));
+            results.push((w.jobs, w.fds.is_empty().then_some(w.deadline).flatten()));
         }
         let mut lingering_left = false;
         {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
-            for ((s, done, generation, _), (left, due, waits_on)) in work.iter().zip(results) {
+            for ((s, done, generation, _), (left, due)) in work.iter().zip(&results) {
                 if let Some(e) = list.iter_mut().find(|e| e.socket.is(s)) {
                     // Jobs added while the round served the socket stay (they are served
                     // again next round); the others are what the round left.
                     let jobs = if e.generation == *generation {
-                        e.due = due;
-                        e.waits_on = waits_on;
-                        left
+                        e.due = *due;
+                        *left
                     } else {
                         left.union(e.jobs)
                     };
@@ -412,73 +391,6 @@ mod tests {
             .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
             .filter(|n| n.trim() == "rsocket-service")
             .count()
-    }
-
-    /// A socket stand-in whose job waits only for a descriptor (as a listener's or an idle
-    /// connection's watch job does): counts the rounds that served it.
-    struct Waiting {
-        rounds: AtomicU32,
-        rx: std::os::unix::net::UnixStream,
-    }
-
-    impl Serviced for Waiting {
-        fn serve(&self, jobs: Jobs, _: Instant, ready: &[RawFd]) -> Wait {
-            use std::io::Read;
-            use std::os::fd::AsRawFd;
-            self.rounds.fetch_add(1, Ordering::SeqCst);
-            if ready.contains(&self.rx.as_raw_fd()) {
-                let _ = (&self.rx).read(&mut [0u8; 16]);
-            }
-            Wait {
-                jobs,
-                fds: vec![self.rx.as_raw_fd()],
-                deadline: None,
-            }
-        }
-
-        fn job_failed(&self, _: Jobs) {}
-    }
-
-    #[test]
-    fn a_socket_waiting_on_descriptors_is_served_again_only_when_one_is_readable() {
-        use std::io::Write;
-        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
-        let waiting = Arc::new(Waiting {
-            rounds: AtomicU32::new(0),
-            rx,
-        });
-        // Wakes the thread every 5 ms.
-        let ticking = Arc::new(Mock::default());
-        let w: Arc<dyn Serviced> = waiting.clone();
-        let t: Arc<dyn Serviced> = ticking.clone();
-        let watch = Jobs {
-            watch: true,
-            ..Jobs::default()
-        };
-        assert!(add(&w, watch));
-        assert!(add(&t, watch));
-        wait_for("the first round", || {
-            waiting.rounds.load(Ordering::SeqCst) >= 1
-        });
-        let ticks = ticking.rounds.load(Ordering::SeqCst);
-        wait_for("ten wake-ups", || {
-            ticking.rounds.load(Ordering::SeqCst) >= ticks + 10
-        });
-        assert_eq!(
-            waiting.rounds.load(Ordering::SeqCst),
-            1,
-            "served again with nothing readable"
-        );
-        tx.write_all(b"x").unwrap();
-        wait_for("a round once readable", || {
-            waiting.rounds.load(Ordering::SeqCst) >= 2
-        });
-        // And after a job is added, without anything readable.
-        let r = waiting.rounds.load(Ordering::SeqCst);
-        assert!(add(&w, watch));
-        wait_for("a round for the added job", || {
-            waiting.rounds.load(Ordering::SeqCst) > r
-        });
     }
 
     #[test]
