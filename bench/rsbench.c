@@ -28,9 +28,10 @@
  *             of S pattern bytes (riomap PROT_NONE) and sends slot i % W N times, each slot again
  *             only after the notices (rrecvmsg MSG_ERRQUEUE) of its last send; the server
  *             receives like stream and checks every byte
- *   calls     what the calls themselves cost (spin mode): M rrecv(MSG_DONTWAIT) calls that find
- *             nothing (the server waits), then a pingpong of N x S bytes timing, per iteration,
- *             the rsend and the rrecv that found the reply (TSC, medians); reported in ns
+ *   calls     what the calls themselves cost (spin mode): a pingpong of N x S bytes timing, per
+ *             iteration, the rsend and the rrecv that found the reply (TSC, medians), and
+ *             halfway through it M rrecv(MSG_DONTWAIT) calls that find nothing (the server waits
+ *             for the next ping): the state a busy-polling program is in; reported in ns
  *   -t takes a list (-t iowrite,ioread); -W sets the slots (default 4 MiB / S, 2 .. 16)
  *
  * Data: byte o of each direction's stream is pat(o) (a pseudo-random table with a prime period);
@@ -692,9 +693,10 @@ static uint64_t tsc(void) { return __rdtsc(); }
 static uint64_t tsc(void) { return now_ns(); }
 #endif
 
-/* Per-call costs (see "calls" above): the misses first, while the server waits for the first
- * ping, then the pingpong with the rsend and the hitting rrecv timed. In TSC ticks, converted
- * with the clock over the whole test. */
+/* Per-call costs (see "calls" above): the pingpong with the rsend and the hitting rrecv timed,
+ * and halfway through it the misses, while the server waits for the next ping (after N / 2
+ * round trips the connection is in the state a busy-polling program keeps it in). In TSC
+ * ticks, converted with the clock over the whole test. */
 static void run_calls(int fd, size_t size, uint64_t iters, uint8_t *buf, uint64_t *lat)
 {
 	struct hdr h = { MAGIC, CMD_PINGPONG, size, iters, 1 };
@@ -704,19 +706,22 @@ static void run_calls(int fd, size_t size, uint64_t iters, uint8_t *buf, uint64_
 	arm("calls header");
 	send_bytes(fd, &h, sizeof h);
 	arm("calls");
-	uint64_t ns0 = now_ns(), k0 = tsc();
-	for (uint64_t i = 0; i < misses; i++) {
-		ssize_t n = rrecv(fd, buf, size, MSG_DONTWAIT);
-		if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
-			die("rrecv on an idle connection");
-	}
-	uint64_t k1 = tsc();
+	uint64_t ns0 = now_ns(), k0 = tsc(), km0 = 0, km1 = 0;
 	send_pattern(fd, size); /* the server's warm-up iteration */
 	recv_pattern(fd, buf, size);
 	uint64_t *snd = malloc(iters * sizeof *snd), *hit = malloc(iters * sizeof *hit), spins = 0;
 	if (!snd || !hit)
 		die("malloc");
 	for (uint64_t i = 0; i < iters; i++) {
+		if (i == iters / 2) {
+			km0 = tsc();
+			for (uint64_t m = 0; m < misses; m++) {
+				ssize_t n = rrecv(fd, buf, size, MSG_DONTWAIT);
+				if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+					die("rrecv on an idle connection");
+			}
+			km1 = tsc();
+		}
 		uint64_t a = tsc();
 		send_pattern(fd, size);
 		uint64_t b = tsc(), c = b;
@@ -745,7 +750,7 @@ static void run_calls(int fd, size_t size, uint64_t iters, uint8_t *buf, uint64_
 	qsort(snd, iters, sizeof *snd, cmp_u64);
 	qsort(hit, iters, sizeof *hit, cmp_u64);
 	qsort(lat, iters, sizeof *lat, cmp_u64);
-	double miss_ns = (double)(k1 - k0) / (double)misses * per, send_ns = (double)snd[(iters - 1) / 2] * per,
+	double miss_ns = (double)(km1 - km0) / (double)misses * per, send_ns = (double)snd[(iters - 1) / 2] * per,
 	       hit_ns = (double)hit[(iters - 1) / 2] * per, rtt_us = (double)lat[(iters - 1) / 2] * per / 1e3;
 	printf("{\"impl\":\"%s\",\"mode\":\"%s\",\"test\":\"calls\",\"size\":%zu,\"iters\":%llu,"
 	       "\"miss_ns\":%.0f,\"send_ns\":%.0f,\"hit_ns\":%.0f,\"misses_per_iter\":%.1f,\"p50_us\":%.3f,"

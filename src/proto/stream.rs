@@ -560,6 +560,7 @@ impl Stream {
     }
 
     /// Connection state.
+    #[inline]
     pub fn flags(&self) -> Flags {
         self.flags
     }
@@ -851,6 +852,7 @@ impl Stream {
     /// flight lie in one piece that ends at the ring's head (or at its end), so the larger
     /// ring keeps them where they are. Then register the whole send buffer and call
     /// [`Stream::on_sbuf_grown`].
+    #[inline]
     pub fn sbuf_grow_due(&self) -> bool {
         // Inline bytes in flight count too (see plan_direct), so `used` may exceed the ring's
         // occupied bytes: the test errs on the side of waiting.
@@ -979,11 +981,13 @@ impl Stream {
     }
 
     /// Whether gathered sends wait to leave.
+    #[inline]
     pub fn has_pending(&self) -> bool {
         self.pending.is_some()
     }
 
     /// Whether the pending write should leave now (nothing else in flight).
+    #[inline]
     pub fn should_flush(&self) -> bool {
         self.pending.is_some() && self.inflight == 0
     }
@@ -996,6 +1000,7 @@ impl Stream {
     }
 
     /// Whether a control slot is free (two on iWARP when a credit SGE goes with it).
+    #[inline]
     fn ctrl_avail(&self, n: u32) -> bool {
         !self.held && self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) >= n
     }
@@ -1224,6 +1229,7 @@ impl Stream {
     }
 
     /// Whether data is waiting.
+    #[inline]
     pub fn has_data(&self) -> bool {
         !self.rmsg.is_empty()
     }
@@ -1300,12 +1306,14 @@ impl Stream {
     /// window is fresh memory), and the peer's target SGL entry it would go into holds a window
     /// the peer filled (both halves of a ring are filled in turn, so this only ever waits
     /// right after the ring grew).
+    #[inline]
     fn window_due(&self) -> bool {
         (self.rbuf_bytes_avail >= self.rbuf_cur / 2 || self.rbuf_grown_key.is_some())
             && self.granted.len() < wire::SGL_SIZE as usize
     }
 
     /// Whether we owe the peer a credit update and can send one.
+    #[inline]
     pub fn credit_update_due(&self) -> bool {
         let need = if self.cfg.msg_send { 2 } else { 1 };
         (self.window_due() || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0)
@@ -1315,6 +1323,7 @@ impl Stream {
 
     /// Whether the receive ring should grow: the peer used up every window we gave it. Then
     /// register the whole receive buffer and call [`Stream::on_rbuf_grown`] with its rkey.
+    #[inline]
     pub fn rbuf_grow_wanted(&self) -> bool {
         self.rbuf_grow_wanted && self.rbuf_grown_key.is_none() && self.rbuf_cur < self.rbuf_cap
     }
@@ -1337,6 +1346,13 @@ impl Stream {
     pub fn rbuf_growth_failed(&mut self) {
         self.rbuf_cap = self.rbuf_cur;
         self.rbuf_grow_wanted = false;
+    }
+
+    /// Whether [`Stream::take_rbuf_retired`] would say true now (without taking it).
+    #[inline]
+    pub fn rbuf_retired(&self) -> bool {
+        self.rbuf_old_key
+            .is_some_and(|k| self.granted.iter().all(|g| g.key != k))
     }
 
     /// Whether the receive buffer's registration from before it grew can go: the peer filled

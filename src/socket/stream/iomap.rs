@@ -88,7 +88,15 @@ impl IoMaps {
     }
 
     /// Posts the announcements owed, as far as credits and queue entries allow.
+    #[inline]
     pub(super) fn send_announcements(&mut self, link: &mut Driver<Endpoint>) -> Result<()> {
+        if self.announce.is_empty() {
+            return Ok(());
+        }
+        self.post_announcements(link)
+    }
+
+    fn post_announcements(&mut self, link: &mut Driver<Endpoint>) -> Result<()> {
         while let Some(&index) = self.announce.front() {
             let (entry, perms) = match self.maps.iter().find(|m| m.index == Some(index)) {
                 Some(m) => {

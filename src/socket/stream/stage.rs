@@ -254,11 +254,16 @@ impl StreamSocket {
     /// Posts what is staged, as far as credits and buffers allow; returns the bytes posted.
     /// On a connection that can no longer send, staged bytes are dropped (as a TCP socket's
     /// send queue is on a reset) and staging stops.
+    #[inline]
     pub(super) fn drain_stage(&self, conn: &mut Conn) -> Result<usize> {
-        let st = &self.stage;
-        if st.len() == 0 {
+        if self.stage.len() == 0 {
             return Ok(0);
         }
+        self.post_staged(conn)
+    }
+
+    fn post_staged(&self, conn: &mut Conn) -> Result<usize> {
+        let st = &self.stage;
         if !conn.link.core.flags().writable || conn.shut_wr {
             self.drop_stage();
             return Ok(0);

@@ -46,7 +46,14 @@ impl ZeroCopy {
     }
 
     /// Moves the calls whose sends completed (`completed` so far) to the notices.
+    #[inline]
     pub(super) fn reap(&mut self, completed: u64) {
+        if !self.inflight.is_empty() {
+            self.reap_completed(completed);
+        }
+    }
+
+    fn reap_completed(&mut self, completed: u64) {
         while let Some(&(id, seq, copied)) = self.inflight.front() {
             if seq > completed {
                 break;
