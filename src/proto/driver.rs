@@ -91,7 +91,7 @@ pub struct Driver<T: Transport> {
     /// iomap entries for the peer, when they cannot go inline: one slot per entry of its iomap
     /// (registered on first use).
     iomap_stage: Option<T::Mr>,
-    comps: Vec<Completion>,
+    comps: [Completion; POLL_BATCH],
     sends_posted: u64,
     sends_completed: u64,
     /// The send ring's registration before it grew, until the sends posted before then (the
@@ -155,7 +155,7 @@ impl<T: Transport> Driver<T> {
             msg_slots: (slots > 0).then_some((0, slots)),
             recv_slot: 0,
             iomap_stage: None,
-            comps: Vec::with_capacity(32),
+            comps: [Completion::default(); POLL_BATCH],
             sends_posted: 0,
             sends_completed: 0,
             sbuf_old: None,
@@ -244,18 +244,17 @@ impl<T: Transport> Driver<T> {
     ) -> io::Result<bool> {
         let mut any = false;
         loop {
-            self.comps.clear();
-            self.t.poll(&mut self.comps, POLL_BATCH)?;
-            if self.comps.is_empty() {
+            let n = self.t.poll(&mut self.comps)?;
+            if n == 0 {
                 break;
             }
             any = true;
             // Fewer than asked for: the queue was empty when polled, and what completes later
             // is for the next look (an arming after this poll raises an event for it). One
             // poll per look instead of a second that finds nothing: the common case.
-            let drained = self.comps.len() < POLL_BATCH;
+            let drained = n < POLL_BATCH;
             let mut reposts = 0;
-            for i in 0..self.comps.len() {
+            for i in 0..n {
                 let c = self.comps[i];
                 let recv = core::is_recv(c.wr_id);
                 if !c.ok {

@@ -478,13 +478,15 @@ impl Transport for MemEnd {
         Ok(())
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<()> {
-        for _ in 0..max {
+    fn poll(&mut self, out: &mut [Completion]) -> io::Result<usize> {
+        let mut n = 0;
+        while n < out.len() {
             match self.cq.pop_front() {
-                Some(c) => out.push(c),
+                Some(c) => out[n] = c,
                 None => break,
             }
+            n += 1;
         }
-        Ok(())
+        Ok(n)
     }
 }

@@ -27,7 +27,7 @@ pub enum Source<'a, M, S> {
 pub const STATUS_RETRY_EXCEEDED: u32 = 12;
 
 /// A completion of a posted work request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Completion {
     /// The work request's id, as posted.
     pub wr_id: u64,
@@ -88,6 +88,6 @@ pub trait Transport {
     /// `(mr, offset, len)`: the `len` bytes at `offset` of buffer `mr` (a SEND's message, and
     /// the data it may carry).
     fn post_recv(&mut self, wr_id: u64, into: Option<(Self::Mr, usize, usize)>) -> io::Result<()>;
-    /// Appends up to `max` completions to `out`.
-    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<()>;
+    /// Fills `out` with up to `out.len()` completions; returns how many.
+    fn poll(&mut self, out: &mut [Completion]) -> io::Result<usize>;
 }

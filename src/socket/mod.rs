@@ -15,7 +15,7 @@ pub mod spin;
 pub mod stream;
 
 use std::os::fd::RawFd;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 use crate::error::{Error, Result};
 pub use dgram::DgramSocket;
@@ -53,8 +53,9 @@ impl Table {
 }
 
 fn table() -> &'static RwLock<Table> {
-    static TABLE: OnceLock<RwLock<Table>> = OnceLock::new();
-    TABLE.get_or_init(|| RwLock::new(Table(Vec::new())))
+    // A plain static, not a lazily set one: no look at its state per call.
+    static TABLE: RwLock<Table> = RwLock::new(Table(Vec::new()));
+    &TABLE
 }
 
 /// The process's credentials changed (setuid, setgid, setgroups and the like): every thread

@@ -648,6 +648,7 @@ impl Endpoint {
     }
 
     /// Polls up to `max` completions (at most 32), handing each to `f`.
+    #[inline]
     pub fn poll(&self, max: usize, mut f: impl FnMut(Completion)) -> io::Result<()> {
         // Not zeroed: this runs on every call of the fast path, and the CQ writes what it returns.
         let mut wcs: [std::mem::MaybeUninit<sys::ibv_wc>; 32] =

@@ -85,15 +85,18 @@ impl Transport for Endpoint {
         Endpoint::post_recv(self, wr_id, into)
     }
 
-    fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> io::Result<()> {
-        Endpoint::poll(self, max, |c| {
-            out.push(Completion {
+    fn poll(&mut self, out: &mut [Completion]) -> io::Result<usize> {
+        let mut n = 0;
+        Endpoint::poll(self, out.len(), |c| {
+            out[n] = Completion {
                 wr_id: c.wr_id,
                 ok: c.ok,
                 status: c.status,
                 imm: c.imm,
                 len: c.byte_len,
-            })
-        })
+            };
+            n += 1;
+        })?;
+        Ok(n)
     }
 }

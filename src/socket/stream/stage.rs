@@ -23,7 +23,7 @@
 //! ([`Stage::app_still_calling`]).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::StreamSocket;
 use super::conn::Conn;
@@ -77,6 +77,9 @@ pub(super) struct Stage {
     /// Write size the last send had reached (a send starts with small writes and doubles
     /// them, so the first bytes leave early); a send that continues a stream goes on from there.
     olen: AtomicU32,
+    /// `Staged::open`, written with it under the lock: a send that finds it set need not take
+    /// the lock to set it (every send that posts its own write would).
+    opened: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -233,13 +236,19 @@ impl StreamSocket {
                 .store(now.wrapping_sub(t0).min(cap), Ordering::Relaxed);
         }
         st.last_send.store(now, Ordering::Relaxed);
-        let mut s = st.lock();
-        s.open = true;
+        if !st.opened.load(Ordering::Relaxed) {
+            let mut s = st.lock();
+            s.open = true;
+            st.opened.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Stops staging (shutdown): later sends take the ordinary path, which reports the error.
     pub(super) fn close_stage(&self) {
-        self.stage.lock().open = false;
+        let mut s = self.stage.lock();
+        s.open = false;
+        self.stage.opened.store(false, Ordering::Relaxed);
+        drop(s);
         self.stage.last_send.store(0, Ordering::Relaxed);
     }
 
@@ -247,6 +256,7 @@ impl StreamSocket {
     pub(super) fn drop_stage(&self) {
         let mut s = self.stage.lock();
         s.open = false;
+        self.stage.opened.store(false, Ordering::Relaxed);
         s.bytes.clear();
         self.stage.len.store(0, Ordering::Release);
     }
