@@ -924,6 +924,121 @@ fn rpoll_driven_nonblocking_transfers() {
     close(l);
 }
 
+/// Sends all of `b` as a busy-polling program does: MSG_DONTWAIT, retried at once.
+fn spin_send(s: &StreamSocket, mut b: &[u8]) {
+    while !b.is_empty() {
+        match s.send(b, libc::MSG_DONTWAIT) {
+            Ok(n) => b = &b[n..],
+            Err(Error::WouldBlock) => {}
+            Err(e) => panic!("send: {e:?}"),
+        }
+    }
+}
+
+/// Receives exactly `n` bytes as a busy-polling program does (MSG_DONTWAIT, retried at once);
+/// None on end of stream before any byte.
+fn spin_recv(s: &StreamSocket, n: usize) -> Option<Vec<u8>> {
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    let end = Instant::now() + Duration::from_secs(60);
+    while got < n || n == 0 {
+        match s.recv(&mut out[got..], libc::MSG_DONTWAIT) {
+            Ok(0) if got == 0 => return None,
+            Ok(0) => panic!("end of stream after {got} of {n} bytes"),
+            Ok(k) => got += k,
+            Err(Error::WouldBlock) => assert!(Instant::now() < end, "no data for 60 s"),
+            Err(e) => panic!("recv: {e:?}"),
+        }
+    }
+    Some(out)
+}
+
+/// Busy-polling ends (MSG_DONTWAIT retried at once, rstream's default loop) become self-driven,
+/// and their receives that find nothing take a short path (`quick_miss`): a ping-pong of random
+/// sizes and then an uneven one-way stream arrive whole and in order, end of stream is seen
+/// (not EAGAIN for ever), and the other direction still works after it.
+fn busy_polling_ends_get_every_byte() {
+    let (c, s) = connected_pair();
+    let mut seed = 0x2545_f491_4f6c_dd1du64 ^ next_port() as u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    // Ping-pong: sizes 1 B to 3 KiB, then a one-way stream in pieces of 1 B to 128 KiB.
+    let pp: Vec<usize> = (0..400).map(|_| 1 + (rnd() % 3072) as usize).collect();
+    let mut pieces = Vec::new();
+    let mut total = 0;
+    while total < 6 << 20 {
+        let r = rnd();
+        let z = 1 + (r % (1 << (r >> 59).clamp(1, 17))) as usize;
+        pieces.push(z);
+        total += z;
+    }
+    let pp_total: usize = pp.iter().sum();
+    let a = pattern(pp_total + total, 31);
+    let b = pattern(pp_total, 32);
+    let server = {
+        let (s, a, pp) = (s.clone(), a.clone(), pp.clone());
+        let b = b.clone();
+        std::thread::spawn(move || {
+            let mut off = 0;
+            for &z in &pp {
+                let got = spin_recv(&s, z).expect("early end of stream");
+                assert!(got == a[off..off + z], "ping of {z} bytes at {off} differs");
+                spin_send(&s, &b[off..off + z]);
+                off += z;
+            }
+            let driven = s.is_self_driven() && s.quick_misses() > 0;
+            let mut n = 0;
+            let mut buf = vec![0u8; 128 << 10];
+            loop {
+                let k = match s.recv(&mut buf[..1 + n % (128 << 10)], libc::MSG_DONTWAIT) {
+                    Ok(0) => break,
+                    Ok(k) => k,
+                    Err(Error::WouldBlock) => continue,
+                    Err(e) => panic!("recv: {e:?}"),
+                };
+                assert!(
+                    buf[..k] == a[pp_total + n..pp_total + n + k],
+                    "stream bytes at {n} differ"
+                );
+                n += k;
+            }
+            assert_eq!(
+                n,
+                a.len() - pp_total,
+                "end of stream before the whole stream"
+            );
+            spin_send(&s, b"after");
+            (s, driven)
+        })
+    };
+    let mut off = 0;
+    for &z in &pp {
+        spin_send(&c, &a[off..off + z]);
+        let got = spin_recv(&c, z).expect("early end of stream");
+        assert!(got == b[off..off + z], "pong of {z} bytes at {off} differs");
+        off += z;
+    }
+    let driven = c.is_self_driven() && c.quick_misses() > 0;
+    for &z in &pieces {
+        spin_send(&c, &a[off..off + z]);
+        off += z;
+    }
+    c.shutdown(libc::SHUT_WR).unwrap();
+    assert_eq!(spin_recv(&c, 5).as_deref(), Some(&b"after"[..]));
+    let (s, server_driven) = server.join().expect("server end");
+    assert!(
+        driven && server_driven,
+        "busy-polling ends not self-driven or no receive took the short path (client {driven}, \
+         server {server_driven})"
+    );
+    close_plain(&s);
+    close(c);
+}
+
 /// rpoll mixes rsockets and kernel descriptors.
 fn rpoll_with_regular_fds() {
     let port = next_port();
@@ -1382,6 +1497,10 @@ const TESTS: &[Test] = &[
         rpoll_driven_nonblocking_transfers,
     ),
     ("rpoll_with_regular_fds", rpoll_with_regular_fds),
+    (
+        "busy_polling_ends_get_every_byte",
+        busy_polling_ends_get_every_byte,
+    ),
     (
         "rpoll_pingpong_waits_for_pollin",
         rpoll_pingpong_waits_for_pollin,

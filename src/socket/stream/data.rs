@@ -75,6 +75,9 @@ impl StreamSocket {
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
         let peek = flags & libc::MSG_PEEK != 0;
         self.stage.on_recv();
+        if nonblock && self.quick_miss() {
+            return Err(Error::WouldBlock);
+        }
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
         let mut got = 0;
         // Data in hand is returned before the completion queue is looked at: what is there

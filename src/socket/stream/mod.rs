@@ -104,6 +104,9 @@ pub struct StreamSocket {
     /// Test builds: the next service job for this socket panics (see `inject_job_panic`).
     #[cfg(debug_assertions)]
     panic_in_job: std::sync::atomic::AtomicBool,
+    /// Test builds: receives that took the short path of `quick_miss`.
+    #[cfg(debug_assertions)]
+    quick_misses: std::sync::atomic::AtomicU64,
     /// Small sends of a streaming application, for the flush job to post (see `stage`).
     stage: stage::Stage,
     /// `opts.nonblocking`, readable without the lock (every send and receive asks).
@@ -196,6 +199,8 @@ impl StreamSocket {
             in_flusher: std::sync::atomic::AtomicBool::new(false),
             #[cfg(debug_assertions)]
             panic_in_job: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(debug_assertions)]
+            quick_misses: std::sync::atomic::AtomicU64::new(0),
             stage: stage::Stage::default(),
             channel,
         });
@@ -280,6 +285,19 @@ impl StreamSocket {
     /// O_NONBLOCK is set.
     fn is_nonblocking(&self) -> bool {
         self.nonblocking.load(Ordering::Relaxed)
+    }
+
+    /// Whether the socket is self-driven (its application polls by itself, see `ready`), for
+    /// tests and diagnostics.
+    pub fn is_self_driven(&self) -> bool {
+        self.self_driven.load(Ordering::Relaxed)
+    }
+
+    /// Test builds: how many non-blocking receives found nothing by the short path (see
+    /// `quick_miss`).
+    #[cfg(debug_assertions)]
+    pub fn quick_misses(&self) -> u64 {
+        self.quick_misses.load(Ordering::Relaxed)
     }
 
     /// Whether a connection exists (or is being set up).

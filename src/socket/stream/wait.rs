@@ -172,6 +172,49 @@ impl StreamSocket {
         }
     }
 
+    /// A non-blocking receive of a busy-polling program that finds nothing, in short: true
+    /// when it may return EAGAIN now. Under emulation a round trip's cost grows with the
+    /// distinct code run between two posts (see bench/README.md), and such a program runs this
+    /// between every two messages. Only for a self-driven socket (whose descriptor shows no
+    /// data readiness) with nothing staged, no data, nothing at the end of the stream, and no
+    /// look at the CM channel due; it takes the completions like any call, and whatever it
+    /// finds there (or any doubt: the lock taken, an error) leaves the call to the full path.
+    pub(super) fn quick_miss(&self) -> bool {
+        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
+            return false;
+        }
+        let Ok(mut g) = self.inner.try_lock() else {
+            return false;
+        };
+        let State::Connected(conn) = &mut g.state else {
+            return false;
+        };
+        let core = &conn.link.core;
+        if core.has_data()
+            || !core.flags().readable
+            || conn.idle_calls.wrapping_add(1) % CM_TICK_EVERY == 0
+        {
+            return false;
+        }
+        match conn.progress() {
+            Ok(false) => {}
+            Ok(true) => {
+                // What completed may wake a waiter; the full path takes it from here.
+                self.notify();
+                return false;
+            }
+            Err(_) => return false,
+        }
+        conn.idle_calls = conn.idle_calls.wrapping_add(1);
+        drop(g);
+        // As at the end of every call (`exit_call`): the service thread sees the application
+        // still calling.
+        self.touch(crate::verbs::ticks());
+        #[cfg(debug_assertions)]
+        self.quick_misses.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait
     /// into EAGAIN. `step` sees the connection after each round of completion processing.
     pub(super) fn wait_conn<R>(
