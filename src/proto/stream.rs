@@ -1358,13 +1358,11 @@ impl Stream {
     /// Whether the receive buffer's registration from before it grew can go: the peer filled
     /// every window given under it. True once.
     pub fn take_rbuf_retired(&mut self) -> bool {
-        match self.rbuf_old_key {
-            Some(k) if self.granted.iter().all(|g| g.key != k) => {
-                self.rbuf_old_key = None;
-                true
-            }
-            _ => false,
+        let retired = self.rbuf_retired();
+        if retired {
+            self.rbuf_old_key = None;
         }
+        retired
     }
 
     /// Plans the next credit update, if one is due.

@@ -77,16 +77,15 @@ pub(super) struct Stage {
     /// Write size the last send had reached (a send starts with small writes and doubles
     /// them, so the first bytes leave early); a send that continues a stream goes on from there.
     olen: AtomicU32,
-    /// `Staged::open`, written with it under the lock: a send that finds it set need not take
-    /// the lock to set it (every send that posts its own write would).
-    opened: AtomicBool,
+    /// Staging allowed: a send succeeded and no shutdown or error came since. Written under
+    /// the stage's lock (a staging send reads it there); read without it by a send that posts
+    /// its own write, which takes the lock only to set it.
+    open: AtomicBool,
 }
 
 #[derive(Debug, Default)]
 struct Staged {
     bytes: Vec<u8>,
-    /// Staging allowed: a send succeeded and no shutdown or error came since.
-    open: bool,
     /// The flusher was handed the stage and has not found it empty since.
     queued: bool,
 }
@@ -181,7 +180,7 @@ impl StreamSocket {
             return None;
         }
         let mut s = st.lock();
-        if !s.open || s.bytes.len() + buf.len() > STAGE_LIMIT {
+        if !st.open.load(Ordering::Relaxed) || s.bytes.len() + buf.len() > STAGE_LIMIT {
             return None;
         }
         if s.bytes.is_empty() {
@@ -236,18 +235,16 @@ impl StreamSocket {
                 .store(now.wrapping_sub(t0).min(cap), Ordering::Relaxed);
         }
         st.last_send.store(now, Ordering::Relaxed);
-        if !st.opened.load(Ordering::Relaxed) {
-            let mut s = st.lock();
-            s.open = true;
-            st.opened.store(true, Ordering::Relaxed);
+        if !st.open.load(Ordering::Relaxed) {
+            let _s = st.lock();
+            st.open.store(true, Ordering::Relaxed);
         }
     }
 
     /// Stops staging (shutdown): later sends take the ordinary path, which reports the error.
     pub(super) fn close_stage(&self) {
-        let mut s = self.stage.lock();
-        s.open = false;
-        self.stage.opened.store(false, Ordering::Relaxed);
+        let s = self.stage.lock();
+        self.stage.open.store(false, Ordering::Relaxed);
         drop(s);
         self.stage.last_send.store(0, Ordering::Relaxed);
     }
@@ -255,8 +252,7 @@ impl StreamSocket {
     /// Drops what is staged (the connection is gone) and stops staging.
     pub(super) fn drop_stage(&self) {
         let mut s = self.stage.lock();
-        s.open = false;
-        self.stage.opened.store(false, Ordering::Relaxed);
+        self.stage.open.store(false, Ordering::Relaxed);
         s.bytes.clear();
         self.stage.len.store(0, Ordering::Release);
     }
