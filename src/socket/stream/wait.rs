@@ -196,14 +196,9 @@ impl StreamSocket {
         {
             return false;
         }
-        match conn.progress() {
-            Ok(false) => {}
-            Ok(true) => {
-                // What completed may wake a waiter; the full path takes it from here.
-                self.notify();
-                return false;
-            }
-            Err(_) => return false,
+        // Whatever this finds (it wakes the waiters then), the full path takes from here.
+        if !matches!(self.drive(conn), Ok(false)) {
+            return false;
         }
         conn.idle_calls = conn.idle_calls.wrapping_add(1);
         drop(g);
