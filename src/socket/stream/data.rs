@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
+use super::short::ShortSend;
 use super::{FLUSH, StreamSocket, broken};
 use crate::error::{Error, Result};
 use crate::trace::trace;
@@ -39,10 +40,21 @@ impl StreamSocket {
         if buf.is_empty() {
             return self.wait_conn(true, |_| Ok(Some(0)));
         }
-        let mut sent = 0;
         let mut olen = self.stage.first_write_size(t0);
-        let mut pending = false;
+        let mut sent = 0;
         let mut posted = false;
+        match self.send_short(buf, &mut olen) {
+            ShortSend::All { posted } => {
+                self.sent_directly(t0, olen, posted);
+                return Ok(buf.len());
+            }
+            ShortSend::Part { sent: n, posted: p } => {
+                sent = n;
+                posted = p;
+            }
+            ShortSend::No => {}
+        }
+        let mut pending = false;
         let mut first = true;
         // Tried before the completions are looked at: a send that fits goes at once, without a
         // poll of the CQ that would find nothing (librdmacm's rsend polls only when it cannot
@@ -75,8 +87,11 @@ impl StreamSocket {
         let nonblock = flags & libc::MSG_DONTWAIT != 0 || self.is_nonblocking();
         let peek = flags & libc::MSG_PEEK != 0;
         self.stage.on_recv();
-        if nonblock && self.quick_miss() {
-            return Err(Error::WouldBlock);
+        if flags & (libc::MSG_PEEK | libc::MSG_WAITALL) == 0
+            && !buf.is_empty()
+            && let Some(r) = self.recv_short(buf, nonblock)
+        {
+            return r;
         }
         let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
         let mut got = 0;

@@ -21,6 +21,7 @@ mod iomap;
 mod jobs;
 mod ready;
 mod settings;
+mod short;
 mod stage;
 mod wait;
 mod zerocopy;
@@ -104,9 +105,10 @@ pub struct StreamSocket {
     /// Test builds: the next service job for this socket panics (see `inject_job_panic`).
     #[cfg(debug_assertions)]
     panic_in_job: std::sync::atomic::AtomicBool,
-    /// Test builds: receives that took the short path of `quick_miss`.
+    /// Test builds: calls that took a short path (`short`): receives that found nothing,
+    /// receives that found data, sends.
     #[cfg(debug_assertions)]
-    quick_misses: std::sync::atomic::AtomicU64,
+    short_calls: [std::sync::atomic::AtomicU64; 3],
     /// Small sends of a streaming application, for the flush job to post (see `stage`).
     stage: stage::Stage,
     /// `opts.nonblocking`, readable without the lock (every send and receive asks).
@@ -200,7 +202,7 @@ impl StreamSocket {
             #[cfg(debug_assertions)]
             panic_in_job: std::sync::atomic::AtomicBool::new(false),
             #[cfg(debug_assertions)]
-            quick_misses: std::sync::atomic::AtomicU64::new(0),
+            short_calls: Default::default(),
             stage: stage::Stage::default(),
             channel,
         });
@@ -293,11 +295,13 @@ impl StreamSocket {
         self.self_driven.load(Ordering::Relaxed)
     }
 
-    /// Test builds: how many non-blocking receives found nothing by the short path (see
-    /// `quick_miss`).
+    /// Test builds: how many calls took a short path (see `short`): receives that found
+    /// nothing, receives that found data, sends.
     #[cfg(debug_assertions)]
-    pub fn quick_misses(&self) -> u64 {
-        self.quick_misses.load(Ordering::Relaxed)
+    pub fn short_calls(&self) -> [u64; 3] {
+        self.short_calls
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Whether a connection exists (or is being set up).

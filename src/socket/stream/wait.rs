@@ -15,7 +15,7 @@ use crate::verbs::{poll_fds, pollin};
 /// microseconds passed since the last look (a vanished peer shows there, not in the CQ).
 const CM_CHECK_US: u64 = 10_000;
 /// Idle non-blocking calls between two reads of the tick counter for that check.
-const CM_TICK_EVERY: u32 = 64;
+pub(super) const CM_TICK_EVERY: u32 = 64;
 
 /// Waits until `fds` has input or `timeout` passes (None: forever). EINTR counts as a wake-up.
 pub(super) fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) -> Result<bool> {
@@ -170,44 +170,6 @@ impl StreamSocket {
         if self.in_flusher.load(Ordering::Acquire) {
             self.add_jobs(super::FLUSH);
         }
-    }
-
-    /// A non-blocking receive of a busy-polling program that finds nothing, in short: true
-    /// when it may return EAGAIN now. Under emulation a round trip's cost grows with the
-    /// distinct code run between two posts (see bench/README.md), and such a program runs this
-    /// between every two messages. Only for a self-driven socket (whose descriptor shows no
-    /// data readiness) with nothing staged, no data, nothing at the end of the stream, and no
-    /// look at the CM channel due; it takes the completions like any call, and whatever it
-    /// finds there (or any doubt: the lock taken, an error) leaves the call to the full path.
-    pub(super) fn quick_miss(&self) -> bool {
-        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
-            return false;
-        }
-        let Ok(mut g) = self.inner.try_lock() else {
-            return false;
-        };
-        let State::Connected(conn) = &mut g.state else {
-            return false;
-        };
-        let core = &conn.link.core;
-        if core.has_data()
-            || !core.flags().readable
-            || conn.idle_calls.wrapping_add(1) % CM_TICK_EVERY == 0
-        {
-            return false;
-        }
-        // Whatever this finds (it wakes the waiters then), the full path takes from here.
-        if !matches!(self.drive(conn), Ok(false)) {
-            return false;
-        }
-        conn.idle_calls = conn.idle_calls.wrapping_add(1);
-        drop(g);
-        // As at the end of every call (`exit_call`): the service thread sees the application
-        // still calling.
-        self.touch(crate::verbs::ticks());
-        #[cfg(debug_assertions)]
-        self.quick_misses.fetch_add(1, Ordering::Relaxed);
-        true
     }
 
     /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait

@@ -1,0 +1,145 @@
+//! The short paths: a busy-polling program's common calls without the call machinery.
+//!
+//! Under emulation a round trip's cost grows with the distinct code run between two posts,
+//! not with the instructions (bench/README.md, "Where a ping-pong's time goes"), and a
+//! busy-polling program (rstream's default loop, MSG_DONTWAIT retried at once) runs its
+//! receive that finds nothing, its receive that finds a message and its send between every
+//! two messages. So a self-driven socket (its descriptor shows no data readiness, see `ready`)
+//! takes these three in one stretch of code each, under one try of the lock, with the same
+//! protocol steps as the full path (`Conn::progress`, `Driver::recv_some`, `Driver::send_some`)
+//! and none of its waiting, call counting or second look. Anything else (the lock taken, a
+//! stage, an error, the end of the stream, a peek, a look at the CM channel due, a send that
+//! did not fit) leaves the call to the full path, from where the short one stopped.
+
+use std::sync::atomic::Ordering;
+
+use super::wait::CM_TICK_EVERY;
+use super::{FLUSH, State, StreamSocket};
+use crate::error::{Error, Result};
+use crate::trace::trace;
+use crate::verbs::ticks;
+
+/// What the short send did.
+pub(super) enum ShortSend {
+    /// Not taken: the full path sends everything.
+    No,
+    /// Sent `sent` bytes (not all; `posted`: in a write of their own): the full path sends
+    /// the rest.
+    Part { sent: usize, posted: bool },
+    /// Sent everything; whether it posted a write (else its bytes were gathered behind writes
+    /// in flight).
+    All { posted: bool },
+}
+
+/// Which short path a call took (test builds count them, see `StreamSocket::short_calls`).
+#[cfg(debug_assertions)]
+#[derive(Clone, Copy)]
+pub(super) enum Taken {
+    Miss = 0,
+    Hit = 1,
+    Send = 2,
+}
+
+impl StreamSocket {
+    /// Receive, short (see the module comment): `Some` is the call's result (bytes received,
+    /// or EAGAIN for a non-blocking receive that found nothing), `None` leaves the call to
+    /// the full path with nothing taken. Not for MSG_PEEK or MSG_WAITALL.
+    pub(super) fn recv_short(&self, buf: &mut [u8], nonblock: bool) -> Option<Result<usize>> {
+        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
+            return None;
+        }
+        let Ok(mut g) = self.inner.try_lock() else {
+            return None;
+        };
+        let State::Connected(conn) = &mut g.state else {
+            return None;
+        };
+        // Data in hand first, as the full path: what the CQ holds comes later in the stream.
+        if !conn.link.core.has_data() {
+            if !conn.link.core.flags().readable {
+                return None;
+            }
+            let moved = self.drive(conn).ok()?;
+            if !conn.link.core.has_data() {
+                // A non-blocking program that only retries on EAGAIN never sleeps on the CM
+                // channel: the full path looks at it now and then (`wait_conn_from`).
+                if !nonblock
+                    || !conn.link.core.flags().readable
+                    || conn.idle_calls.wrapping_add(1) % CM_TICK_EVERY == 0
+                {
+                    return None;
+                }
+                conn.idle_calls = conn.idle_calls.wrapping_add(1);
+                if moved {
+                    self.publish(&mut g);
+                }
+                drop(g);
+                self.short_exit(
+                    #[cfg(debug_assertions)]
+                    Taken::Miss,
+                );
+                return Some(Err(Error::WouldBlock));
+            }
+        }
+        let n = conn.link.recv_some(buf, false);
+        // As the full path: the bytes are the call's result even if the credit update failed
+        // (the next call finds the connection broken).
+        if let Err(e) = conn.link.send_credits() {
+            trace!("{self:?}: credit update: {e}");
+        }
+        self.publish(&mut g);
+        drop(g);
+        self.short_exit(
+            #[cfg(debug_assertions)]
+            Taken::Hit,
+        );
+        Some(Ok(n))
+    }
+
+    /// Send, short (see the module comment), of a non-empty `buf` that is not staged: the
+    /// bytes go as the full path's first try sends them (`Driver::send_some`, writes from
+    /// `olen` on). Errors are left to the full path, which finds the connection failed.
+    pub(super) fn send_short(&self, buf: &[u8], olen: &mut u32) -> ShortSend {
+        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
+            return ShortSend::No;
+        }
+        let Ok(mut g) = self.inner.try_lock() else {
+            return ShortSend::No;
+        };
+        let State::Connected(conn) = &mut g.state else {
+            return ShortSend::No;
+        };
+        if !conn.link.core.flags().writable || self.stage.len() != 0 {
+            return ShortSend::No;
+        }
+        let before = conn.link.sends_posted();
+        let Ok(sent) = conn.link.send_some(buf, olen, true) else {
+            return ShortSend::No;
+        };
+        let posted = conn.link.sends_posted() != before;
+        let pending = conn.link.core.has_pending();
+        self.publish(&mut g);
+        drop(g);
+        if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
+            // Gathered sends leave when the writes in flight complete, even if we go idle.
+            trace!("fd {}: gathered send, flush job", self.channel.fd());
+            self.add_jobs(FLUSH);
+        }
+        if sent < buf.len() {
+            return ShortSend::Part { sent, posted };
+        }
+        self.short_exit(
+            #[cfg(debug_assertions)]
+            Taken::Send,
+        );
+        ShortSend::All { posted }
+    }
+
+    /// A short path returns: as at the end of every call (`exit_call`), the service thread
+    /// sees the application still calling.
+    fn short_exit(&self, #[cfg(debug_assertions)] taken: Taken) {
+        self.touch(ticks());
+        #[cfg(debug_assertions)]
+        self.short_calls[taken as usize].fetch_add(1, Ordering::Relaxed);
+    }
+}
