@@ -1028,13 +1028,13 @@ impl Inner {
     fn take_events(&mut self) {
         for q in &self.qps {
             // An event can be pending only on an armed CQ (no read(2) otherwise).
-            while q.ep.is_armed() && q.ep.take_cq_event() {}
+            while q.ep.is_armed(true) && q.ep.take_cq_event() {}
         }
     }
 
     fn arm(&mut self) {
         for q in &self.qps {
-            let _ = q.ep.arm();
+            let _ = q.ep.arm(true);
         }
     }
 
@@ -1069,7 +1069,7 @@ impl Inner {
     /// Ends a call: the CQs armed again if the call took their events (the service thread
     /// sleeps on the channels: a disarmed CQ would never wake it), then the readiness shown.
     fn finish(&mut self) {
-        if !self.self_driven && self.qps.iter().any(|q| !q.ep.is_armed()) {
+        if !self.self_driven && self.qps.iter().any(|q| !q.ep.is_armed(true)) {
             self.arm();
             // What completed before the arming raises no event: look once more.
             self.poll_cqs();

@@ -386,7 +386,7 @@ impl CmId {
         })
     }
 
-    /// Creates the RC endpoint (PD, completion channel, one CQ for both queues, QP).
+    /// Creates the RC endpoint (PD, completion channel, a CQ for each queue, QP).
     pub fn create_endpoint(
         &mut self,
         sq_size: u32,
@@ -396,10 +396,11 @@ impl CmId {
         self.create_qp_endpoint(sys::ibv_qp_type::IBV_QPT_RC, 2, sq_size, rq_size, sq_inline)
     }
 
-    /// Creates a queue pair of type `qp_type` on the id with its own PD, completion channel
-    /// and one CQ for both queues (every send signalled; `send_sge` gather entries per send,
-    /// one per receive). On success librdmacm stores the QP in id->qp (and moves a UD QP to
-    /// RTS with the UDP Q_Key).
+    /// Creates a queue pair of type `qp_type` on the id with its own PD and completion channel
+    /// (every send signalled; `send_sge` gather entries per send, one per receive). A connected
+    /// (RC) QP's send queue has a CQ of its own on the channel, armed apart (see
+    /// [`Endpoint::arm`]); a UD QP has one CQ for both queues. On success librdmacm stores the
+    /// QP in id->qp (and moves a UD QP to RTS with the UDP Q_Key).
     pub(super) fn create_qp_endpoint(
         &mut self,
         qp_type: sys::ibv_qp_type::Type,
@@ -414,20 +415,20 @@ impl CmId {
         // SAFETY: as above.
         let comp = CompChannel(non_null(unsafe { sys::ibv_create_comp_channel(ctx) })?);
         set_nonblocking(comp.fd(), true)?;
-        // SAFETY: ctx and channel valid; no cq_context.
-        let cq = unsafe {
-            sys::ibv_create_cq(
-                ctx,
-                (sq_size + rq_size) as i32,
-                ptr::null_mut(),
-                comp.0.as_ptr(),
-                0,
-            )
+        let split = qp_type == sys::ibv_qp_type::IBV_QPT_RC;
+        let recv_entries = if split { rq_size } else { sq_size + rq_size };
+        let new_cq = |entries: u32| -> io::Result<CompletionQueue> {
+            // SAFETY: ctx and channel valid; no cq_context.
+            let cq = unsafe {
+                sys::ibv_create_cq(ctx, entries as i32, ptr::null_mut(), comp.0.as_ptr(), 0)
+            };
+            Ok(CompletionQueue(non_null(cq)?))
         };
-        let cq = CompletionQueue(non_null(cq)?);
+        let cq = new_cq(recv_entries)?;
+        let send_cq = if split { Some(new_cq(sq_size)?) } else { None };
         // SAFETY: zeroed init attr is valid; fields set below.
         let mut attr: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        attr.send_cq = cq.0.as_ptr();
+        attr.send_cq = send_cq.as_ref().unwrap_or(&cq).0.as_ptr();
         attr.recv_cq = cq.0.as_ptr();
         attr.qp_type = qp_type;
         attr.sq_sig_all = 1;
@@ -445,6 +446,7 @@ impl CmId {
             attr.cap.max_inline_data,
             self.is_iwarp(),
             cq,
+            send_cq,
             comp,
             pd,
         ))

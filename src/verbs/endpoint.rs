@@ -193,8 +193,9 @@ fn access_flags(access: Access) -> i32 {
     acc as i32
 }
 
-/// A connected RC endpoint: QP (owned by the CM id), one CQ with its completion channel, a PD and
-/// the registered buffers. Field order is drop order.
+/// A QP's endpoint (owned by the CM id): its CQs (the receive queue's, and on a connected QP the
+/// send queue's) with their completion channel, a PD and the registered buffers. Field order is
+/// drop order.
 #[derive(Debug)]
 pub struct Endpoint {
     pub(super) qp: *mut sys::ibv_qp,
@@ -205,7 +206,18 @@ pub struct Endpoint {
     user_mrs: Vec<Option<UserRegion>>,
     /// The CQ is armed and its event not taken yet (arming again would be a wasted syscall).
     armed: std::cell::Cell<bool>,
+    /// The same for the send CQ.
+    send_armed: std::cell::Cell<bool>,
+    /// With a send CQ: sends posted whose completions were not polled yet (that CQ is polled
+    /// only while there are). Without one, only counted.
+    sends_out: std::cell::Cell<u64>,
+    /// The CQ of the receive queue (and of the send queue when there is no `send_cq`).
     cq: CompletionQueue,
+    /// A CQ of the send queue's own, on the same channel (connected QPs): armed only for a
+    /// waiter that needs our sends' completions (room to send, a flush, a close), so that a
+    /// program asleep until data arrives is not woken by the completion of each of its own
+    /// sends (see [`Endpoint::arm`]).
+    send_cq: Option<CompletionQueue>,
     comp: CompChannel,
     pub(super) pd: ProtectionDomain,
 }
@@ -293,6 +305,7 @@ impl Endpoint {
         sq_inline: u32,
         split_short: bool,
         cq: CompletionQueue,
+        send_cq: Option<CompletionQueue>,
         comp: CompChannel,
         pd: ProtectionDomain,
     ) -> Self {
@@ -303,7 +316,10 @@ impl Endpoint {
             mrs: Vec::new(),
             user_mrs: Vec::new(),
             armed: std::cell::Cell::new(false),
+            send_armed: std::cell::Cell::new(false),
+            sends_out: std::cell::Cell::new(0),
             cq,
+            send_cq,
             comp,
             pd,
         }
@@ -491,6 +507,7 @@ impl Endpoint {
         // SAFETY: valid QP; wr and sge live across the call; dst lies in a registration
         // (UserSeg is only made by user_seg) whose memory the application vouched for.
         cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
+        self.sends_out.set(self.sends_out.get() + 1);
         Ok(())
     }
 
@@ -504,6 +521,7 @@ impl Endpoint {
         let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
         // SAFETY: valid QP; wr lives across the call and names no memory.
         cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
+        self.sends_out.set(self.sends_out.get() + 1);
         Ok(())
     }
 
@@ -644,24 +662,39 @@ impl Endpoint {
         let mut bad: *mut sys::ibv_send_wr = ptr::null_mut();
         // SAFETY: valid QP; wr, sges and inline data live across the call (inline data is copied).
         cvt(unsafe { sys::ibv_post_send(self.qp, &mut wr, &mut bad) })?;
+        self.sends_out.set(self.sends_out.get() + 1);
         Ok(())
     }
 
-    /// Polls up to `max` completions (at most 32), handing each to `f`.
+    /// Polls up to `max` completions (at most 32), handing each to `f`: the receive CQ's,
+    /// then, with room left and sends not completed yet, the send CQ's.
     #[inline]
     pub fn poll(&self, max: usize, mut f: impl FnMut(Completion)) -> io::Result<()> {
+        let n = Self::poll_cq(&self.cq, max, &mut f)?;
+        if let Some(scq) = &self.send_cq
+            && n < max
+            && self.sends_out.get() > 0
+        {
+            let done = Self::poll_cq(scq, max - n, &mut f)?;
+            self.sends_out
+                .set(self.sends_out.get().saturating_sub(done as u64));
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn poll_cq(
+        cq: &CompletionQueue,
+        max: usize,
+        f: &mut impl FnMut(Completion),
+    ) -> io::Result<usize> {
         // Not zeroed: this runs on every call of the fast path, and the CQ writes what it returns.
         let mut wcs: [std::mem::MaybeUninit<sys::ibv_wc>; 32] =
             [const { std::mem::MaybeUninit::uninit() }; 32];
         let want = max.min(32) as i32;
         // SAFETY: valid CQ and output array of `want` entries.
-        let n = unsafe {
-            sys::ibv_poll_cq(
-                self.cq.0.as_ptr(),
-                want,
-                wcs.as_mut_ptr() as *mut sys::ibv_wc,
-            )
-        };
+        let n =
+            unsafe { sys::ibv_poll_cq(cq.0.as_ptr(), want, wcs.as_mut_ptr() as *mut sys::ibv_wc) };
         if n < 0 {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -679,42 +712,70 @@ impl Endpoint {
                 byte_len: wc.byte_len,
             });
         }
-        Ok(())
+        Ok(n as usize)
     }
 
-    /// Whether the CQ is armed (its next completion raises an event), as far as we know.
-    pub fn is_armed(&self) -> bool {
-        self.armed.get()
+    /// Whether the CQs are armed as [`Endpoint::arm`]`(sends)` arms them (their next
+    /// completion raises an event), as far as we know.
+    pub fn is_armed(&self, sends: bool) -> bool {
+        self.armed.get() && (!sends || self.send_cq.is_none() || self.send_armed.get())
     }
 
-    /// Arms the CQ: the completion channel fd becomes readable at the next completion.
-    pub fn arm(&self) -> io::Result<()> {
-        if self.armed.get() {
-            // Still armed: the next completion raises the event (or raised it already and the
-            // channel stays readable until the event is taken).
-            return Ok(());
+    /// Arms the CQs: the completion channel fd becomes readable at the next completion of a
+    /// receive, and with `sends` of a send too. Without `sends` the completions of our own
+    /// sends raise no event (on a connected QP, whose send queue has a CQ of its own): a
+    /// waiter for data, room shown already, is not woken for each send it made.
+    pub fn arm(&self, sends: bool) -> io::Result<()> {
+        // Still armed: the next completion raises the event (or raised it already and the
+        // channel stays readable until the event is taken).
+        if !self.armed.get() {
+            // SAFETY: valid CQ.
+            cvt(unsafe { sys::ibv_req_notify_cq(self.cq.0.as_ptr(), 0) })?;
+            self.armed.set(true);
         }
-        // SAFETY: valid CQ.
-        cvt(unsafe { sys::ibv_req_notify_cq(self.cq.0.as_ptr(), 0) })?;
-        self.armed.set(true);
+        if sends
+            && let Some(scq) = &self.send_cq
+            && !self.send_armed.get()
+        {
+            // SAFETY: valid CQ.
+            cvt(unsafe { sys::ibv_req_notify_cq(scq.0.as_ptr(), 0) })?;
+            self.send_armed.set(true);
+        }
         Ok(())
     }
 
-    /// Consumes a completion-channel event if one is pending (non-blocking). Returns whether
-    /// one was consumed; each is acknowledged at once.
+    /// Consumes the completion-channel events pending (non-blocking): one per armed CQ at
+    /// most. Returns whether one was consumed; each is acknowledged at once.
     pub fn take_cq_event(&self) -> bool {
-        let mut cq: *mut sys::ibv_cq = ptr::null_mut();
-        let mut ctx: *mut libc::c_void = ptr::null_mut();
-        // SAFETY: valid channel; the fd is non-blocking so this never sleeps.
-        let r = unsafe { sys::ibv_get_cq_event(self.comp.0.as_ptr(), &mut cq, &mut ctx) };
-        if r == 0 {
-            // An event disarms the CQ.
-            self.armed.set(false);
+        let mut took = false;
+        loop {
+            let mut cq: *mut sys::ibv_cq = ptr::null_mut();
+            let mut ctx: *mut libc::c_void = ptr::null_mut();
+            // SAFETY: valid channel; the fd is non-blocking so this never sleeps.
+            let r = unsafe { sys::ibv_get_cq_event(self.comp.0.as_ptr(), &mut cq, &mut ctx) };
+            if r != 0 {
+                return took;
+            }
+            took = true;
+            // An event disarms its CQ.
+            let send = self.send_cq.as_ref().is_some_and(|s| s.0.as_ptr() == cq);
+            if send {
+                self.send_armed.set(false);
+            } else {
+                self.armed.set(false);
+            }
             // SAFETY: cq is ours; one event to ack.
             unsafe { sys::ibv_ack_cq_events(cq, 1) };
-            true
-        } else {
-            false
+            // The other CQ may have raised its event too: taken now, or the channel would
+            // stay readable. Only if it is armed (each read that finds nothing is a syscall).
+            let other_armed = if send {
+                self.armed.get()
+            } else {
+                self.send_armed.get()
+            };
+            if !other_armed {
+                return true;
+            }
         }
     }
 }

@@ -142,6 +142,15 @@ impl Conn {
             && (shown & libc::POLLOUT == 0 || core.can_send())
     }
 
+    /// Whether a waiter on this connection must be woken by the completions of our own sends
+    /// (the send CQ armed too, see `Endpoint::arm`): it waits for room to send (`room`), or
+    /// something it waits for comes with them (gathered sends that leave once the writes
+    /// before them complete, MSG_ZEROCOPY notices). A waiter for data only is not: each of
+    /// its own sends would otherwise wake it (or the service thread) for nothing.
+    pub(super) fn wants_send_events(&self, room: bool) -> bool {
+        room || self.link.core.has_pending() || self.zc.in_flight()
+    }
+
     /// Readiness as a kernel TCP socket reports it.
     pub(super) fn revents(&self) -> i16 {
         let f = self.link.core.flags();

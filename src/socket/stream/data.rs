@@ -60,7 +60,7 @@ impl StreamSocket {
         // poll of the CQ that would find nothing (librdmacm's rsend polls only when it cannot
         // send either). A non-blocking send that fits in part is not returned from that try:
         // the completions may have freed room for the rest.
-        let r = self.wait_conn_from(nonblock, true, |c| {
+        let r = self.wait_conn_from(nonblock, true, false, |c| {
             let first_try = std::mem::replace(&mut first, false);
             if !self.may_post_data(c)? {
                 return Ok(None);
@@ -98,7 +98,7 @@ impl StreamSocket {
         // Data in hand is returned before the completion queue is looked at: what is there
         // comes later in the stream anyway (a busy receiver of small messages, many to a
         // write, then pays one look per write instead of one per call).
-        let r = self.wait_conn_from(nonblock, true, |c| {
+        let r = self.wait_conn_from(nonblock, true, true, |c| {
             if c.link.core.has_data() {
                 got += c.link.recv_some(&mut buf[got..], peek);
                 c.link.send_credits()?;

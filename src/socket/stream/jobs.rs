@@ -108,7 +108,8 @@ impl StreamSocket {
         if self.flush_over(conn) {
             return Ok(None);
         }
-        conn.link.t.arm()?;
+        // Gathered and staged sends wait for the completions of the writes in flight.
+        conn.link.t.arm(true)?;
         // A completion that raced with arming is visible now; taking it may post the rest.
         self.drive(conn)?;
         // Decided again after that drive: the job must not end while the stage still counts on
@@ -222,7 +223,7 @@ impl StreamSocket {
         c.link.t.take_cq_event();
         let ok = c.drain_cm_events(&self.channel).is_ok()
             && c.progress().is_ok()
-            && c.link.t.arm().is_ok()
+            && c.link.t.arm(true).is_ok()
             && c.progress().is_ok();
         let over = c.link.core.handle_timeout(now).linger_over;
         if ok && !over && c.must_linger() {

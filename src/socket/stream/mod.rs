@@ -374,7 +374,7 @@ impl StreamSocket {
                     "watched"
                 },
                 self.in_call.load(Ordering::Relaxed),
-                if c.link.t.is_armed() { "" } else { "not " },
+                if c.link.t.is_armed(false) { "" } else { "not " },
                 if g.sleeping { "" } else { "not " },
                 self.stage.len(),
                 g.ready.as_ref().map_or(0, |r| r.shown()),

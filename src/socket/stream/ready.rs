@@ -232,7 +232,9 @@ impl StreamSocket {
 
     /// Arms the CQ of a watched connection that may still change (what is not ready yet). A
     /// completion that came before the arming raises no event: the CQ is looked at once more
-    /// after it, and what that finds shown.
+    /// after it, and what that finds shown. Our own sends' completions raise events only while
+    /// something shown waits for them (room to send, see `Conn::wants_send_events`): a program
+    /// asleep until data arrives is not woken (nor the service thread) for each send it made.
     fn arm_watch(&self, g: &mut Inner) {
         let want = Self::readiness(g);
         // Armed while the descriptor may still change, and while the receive ring may have to
@@ -243,9 +245,12 @@ impl StreamSocket {
             && c.link.core.flags().connected
             && (want & (libc::POLLIN | libc::POLLOUT) != libc::POLLIN | libc::POLLOUT
                 || c.link.core.recv_ring_may_grow())
-            && !c.link.t.is_armed()
         {
-            if let Err(e) = c.link.t.arm() {
+            let sends = c.wants_send_events(want & libc::POLLOUT == 0);
+            if c.link.t.is_armed(sends) {
+                return;
+            }
+            if let Err(e) = c.link.t.arm(sends) {
                 trace!("{self:?}: arming for the watch: {e}");
                 return;
             }

@@ -105,7 +105,8 @@ impl StreamSocket {
                 let wanted =
                     |r: i16| arm.is_some_and(|e| r & (e | libc::POLLERR | libc::POLLHUP) == 0);
                 if wanted(ps.revents) {
-                    conn.link.t.arm()?;
+                    let room = arm.is_some_and(|e| e & libc::POLLOUT != 0);
+                    conn.link.t.arm(conn.wants_send_events(room))?;
                     // A completion that raced with arming is visible now.
                     self.drive(conn)?;
                     ps.revents = conn.revents();
@@ -137,8 +138,8 @@ impl StreamSocket {
         let sleeping = g.sleeping;
         if let State::Connected(conn) = &mut g.state {
             let comp = ready.contains(&conn.link.t.comp_fd());
-            // One arming raises at most one event, and the CQ is armed again only once that
-            // event was taken: there is at most one to take.
+            // One arming raises at most one event per CQ, and a CQ is armed again only once
+            // its event was taken: what there is to take is taken here.
             let took = comp && conn.link.t.take_cq_event();
             if cm {
                 conn.drain_cm_events(&self.channel)?;
@@ -179,16 +180,19 @@ impl StreamSocket {
         nonblock: bool,
         step: impl FnMut(&mut Conn) -> Result<Option<R>>,
     ) -> Result<R> {
-        self.wait_conn_from(nonblock, false, step)
+        self.wait_conn_from(nonblock, false, false, step)
     }
 
     /// [`StreamSocket::wait_conn`]; with `step_first`, `step` is tried once before the
     /// completions are processed (a receive that finds data in hand returns it without a look
-    /// at the completion queue: what is there comes later in the stream anyway).
+    /// at the completion queue: what is there comes later in the stream anyway). `for_data`:
+    /// `step` waits for received data only, so a sleep is not woken by the completions of our
+    /// own sends (see `Conn::wants_send_events`).
     pub(super) fn wait_conn_from<R>(
         &self,
         nonblock: bool,
         step_first: bool,
+        for_data: bool,
         mut step: impl FnMut(&mut Conn) -> Result<Option<R>>,
     ) -> Result<R> {
         let mut call = self.call();
@@ -292,7 +296,9 @@ impl StreamSocket {
             let State::Connected(conn) = &mut g.state else {
                 return Err(Error::NotConnected);
             };
-            conn.link.t.arm()?;
+            conn.link
+                .t
+                .arm(!for_data || conn.wants_send_events(false))?;
             if self.drive(conn)? {
                 continue;
             }

@@ -73,6 +73,11 @@ impl ZeroCopy {
     pub(super) fn has_notice(&self) -> bool {
         !self.ready.is_empty()
     }
+
+    /// Calls whose sends have not all completed (their notices come with send completions).
+    pub(super) fn in_flight(&self) -> bool {
+        !self.inflight.is_empty()
+    }
 }
 
 impl StreamSocket {
