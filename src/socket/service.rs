@@ -224,7 +224,7 @@ fn run(svc: &'static Service) {
         // Take the round's work out, so sockets can register meanwhile.
         type Work = (Arc<dyn Serviced>, Jobs, u64, Vec<RawFd>);
         let mut next: Option<Instant> = None;
-        let work: Vec<Work> = {
+        let mut work: Vec<Work> = {
             let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
             list.retain(|e| e.socket.get().is_some());
             list.iter_mut()
@@ -243,6 +243,9 @@ fn run(svc: &'static Service) {
                 })
                 .collect()
         };
+        // Sockets whose descriptors woke us first: what arrived is shown before the other
+        // sockets' jobs run (a program asleep on the descriptor waits for it).
+        work.sort_by_key(|(_, _, _, ready)| ready.is_empty());
         let mut fds = vec![pollin(svc.wake.fd())];
         let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let mut results = Vec::with_capacity(work.len());

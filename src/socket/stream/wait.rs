@@ -146,7 +146,14 @@ impl StreamSocket {
             }
             // And the other way: a call that took it lets the flush job know.
             pass_on = took && !flusher;
-            if took && (sleeping || flusher) {
+            // Passed on only to who may sleep on the channel: a call asleep in wait_conn, or
+            // (from the service thread) one in rpoll, or a wait set of the application that
+            // is hooked to it. A program asleep in its own poll or epoll on the descriptor is
+            // in no call: the write would be a syscall per message for nobody.
+            if took
+                && (sleeping
+                    || (flusher && (self.in_call.load(Ordering::Acquire) > 0 || self.is_hooked())))
+            {
                 self.waker.wake();
             } else if !flusher && !sleeping && ready.contains(&self.waker.fd()) {
                 // rpoll: a wake-up passed to us is used up (a wait_conn sleeper keeps its own).
