@@ -106,9 +106,9 @@ pub struct StreamSocket {
     #[cfg(debug_assertions)]
     panic_in_job: std::sync::atomic::AtomicBool,
     /// Test builds: calls that took a short path (`short`): receives that found nothing,
-    /// receives that found data, sends.
+    /// receives that found data, sends, looks of rpoll.
     #[cfg(debug_assertions)]
-    short_calls: [std::sync::atomic::AtomicU64; 3],
+    short_calls: [std::sync::atomic::AtomicU64; 4],
     /// Small sends of a streaming application, for the flush job to post (see `stage`).
     stage: stage::Stage,
     /// `opts.nonblocking`, readable without the lock (every send and receive asks).
@@ -296,9 +296,9 @@ impl StreamSocket {
     }
 
     /// Test builds: how many calls took a short path (see `short`): receives that found
-    /// nothing, receives that found data, sends.
+    /// nothing, receives that found data, sends, looks of rpoll.
     #[cfg(debug_assertions)]
-    pub fn short_calls(&self) -> [u64; 3] {
+    pub fn short_calls(&self) -> [u64; 4] {
         self.short_calls
             .each_ref()
             .map(|c| c.load(Ordering::Relaxed))

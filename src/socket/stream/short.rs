@@ -4,8 +4,9 @@
 //! not with the instructions (bench/README.md, "Where a ping-pong's time goes"), and a
 //! busy-polling program (rstream's default loop, MSG_DONTWAIT retried at once) runs its
 //! receive that finds nothing, its receive that finds a message and its send between every
-//! two messages. So a self-driven socket (its descriptor shows no data readiness, see `ready`)
-//! takes these three in one stretch of code each, under one try of the lock, with the same
+//! two messages (and rstream -T a its rpoll that looks without waiting). So a self-driven
+//! socket (its descriptor shows no data readiness, see `ready`) takes these in one stretch of
+//! code each, under one try of the lock, with the same
 //! protocol steps as the full path (`Conn::progress`, `Driver::recv_some`, `Driver::send_some`)
 //! and none of its waiting, call counting or second look. Anything else (the lock taken, a
 //! stage, an error, the end of the stream, a peek, a look at the CM channel due, a send that
@@ -38,6 +39,7 @@ pub(super) enum Taken {
     Miss = 0,
     Hit = 1,
     Send = 2,
+    Poll = 3,
 }
 
 impl StreamSocket {
@@ -133,6 +135,30 @@ impl StreamSocket {
             Taken::Send,
         );
         ShortSend::All { posted }
+    }
+
+    /// rpoll's look at one socket without a wait (rstream -T a busy-polls so), short: the
+    /// connection's readiness after taking the completions, or `None` for the full path
+    /// (`poll_once`).
+    pub(super) fn poll_short(&self) -> Option<i16> {
+        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
+            return None;
+        }
+        let Ok(mut g) = self.inner.try_lock() else {
+            return None;
+        };
+        let State::Connected(conn) = &mut g.state else {
+            return None;
+        };
+        self.drive(conn).ok()?;
+        let revents = conn.revents();
+        self.publish(&mut g);
+        drop(g);
+        self.short_exit(
+            #[cfg(debug_assertions)]
+            Taken::Poll,
+        );
+        Some(revents)
     }
 
     /// A short path returns: as at the end of every call (`exit_call`), the service thread

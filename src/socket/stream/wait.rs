@@ -57,6 +57,9 @@ impl StreamSocket {
     /// wait, as a busy-polling loop calls it): the call ends without a second lock (see
     /// `settle`). POLL bits as for `poll_state`.
     pub fn poll_once(&self) -> Result<i16> {
+        if let Some(revents) = self.poll_short() {
+            return Ok(revents);
+        }
         let mut call = self.call();
         let mut g = self.lock();
         let ps = self.poll_state_locked(&mut g, None)?;
