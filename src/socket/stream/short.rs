@@ -12,10 +12,11 @@
 //! stage, an error, the end of the stream, a peek, a look at the CM channel due, a send that
 //! did not fit) leaves the call to the full path, from where the short one stopped.
 
+use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
 use super::wait::CM_TICK_EVERY;
-use super::{FLUSH, State, StreamSocket};
+use super::{FLUSH, Inner, State, StreamSocket};
 use crate::error::{Error, Result};
 use crate::trace::trace;
 use crate::verbs::ticks;
@@ -43,16 +44,21 @@ pub(super) enum Taken {
 }
 
 impl StreamSocket {
+    /// The lock for a short path: the socket is self-driven, nothing is staged, the lock is
+    /// free and the connection is up; else `None` (the full path).
+    fn short_lock(&self) -> Option<MutexGuard<'_, Inner>> {
+        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
+            return None;
+        }
+        let g = self.inner.try_lock().ok()?;
+        matches!(g.state, State::Connected(_)).then_some(g)
+    }
+
     /// Receive, short (see the module comment): `Some` is the call's result (bytes received,
     /// or EAGAIN for a non-blocking receive that found nothing), `None` leaves the call to
     /// the full path with nothing taken. Not for MSG_PEEK or MSG_WAITALL.
     pub(super) fn recv_short(&self, buf: &mut [u8], nonblock: bool) -> Option<Result<usize>> {
-        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
-            return None;
-        }
-        let Ok(mut g) = self.inner.try_lock() else {
-            return None;
-        };
+        let mut g = self.short_lock()?;
         let State::Connected(conn) = &mut g.state else {
             return None;
         };
@@ -102,10 +108,7 @@ impl StreamSocket {
     /// bytes go as the full path's first try sends them (`Driver::send_some`, writes from
     /// `olen` on). Errors are left to the full path, which finds the connection failed.
     pub(super) fn send_short(&self, buf: &[u8], olen: &mut u32) -> ShortSend {
-        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
-            return ShortSend::No;
-        }
-        let Ok(mut g) = self.inner.try_lock() else {
+        let Some(mut g) = self.short_lock() else {
             return ShortSend::No;
         };
         let State::Connected(conn) = &mut g.state else {
@@ -141,12 +144,7 @@ impl StreamSocket {
     /// connection's readiness after taking the completions, or `None` for the full path
     /// (`poll_once`).
     pub(super) fn poll_short(&self) -> Option<i16> {
-        if !self.self_driven.load(Ordering::Relaxed) || self.stage.len() != 0 {
-            return None;
-        }
-        let Ok(mut g) = self.inner.try_lock() else {
-            return None;
-        };
+        let mut g = self.short_lock()?;
         let State::Connected(conn) = &mut g.state else {
             return None;
         };
