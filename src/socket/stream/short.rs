@@ -6,9 +6,9 @@
 //! receive that finds nothing, its receive that finds a message and its send between every
 //! two messages (and rstream -T a its rpoll that looks without waiting). So a self-driven
 //! socket (its descriptor shows no data readiness, see `ready`) takes these in one stretch of
-//! code each, under one try of the lock, with the same
-//! protocol steps as the full path (`Conn::progress`, `Driver::recv_some`, `Driver::send_some`)
-//! and none of its waiting, call counting or second look. Anything else (the lock taken, a
+//! code each, under one try of the lock, with the same protocol steps as the full path
+//! (`Conn::progress`, `Driver::recv_some`, `Driver::send_some`) and none of its waiting, call
+//! counting or second look. Anything else (the lock taken, a
 //! stage, an error, the end of the stream, a peek, a look at the CM channel due, a send that
 //! did not fit) leaves the call to the full path, from where the short one stopped.
 
@@ -114,7 +114,8 @@ impl StreamSocket {
         let State::Connected(conn) = &mut g.state else {
             return ShortSend::No;
         };
-        if !conn.link.core.flags().writable || self.stage.len() != 0 {
+        // As the full path's first try: the connection can send and nothing staged goes first.
+        if !matches!(self.may_post_data(conn), Ok(true)) {
             return ShortSend::No;
         }
         let before = conn.link.sends_posted();
