@@ -986,6 +986,21 @@ impl Stream {
         self.pending.is_some()
     }
 
+    /// Whether something owed to the peer waits for one of our sends to complete: gathered
+    /// sends (they leave once the writes before them complete), or a credit update or control
+    /// message that has no free control slot (slots come back as control sends complete). A
+    /// waiter for received data must then be woken by our sends' completions too: the peer
+    /// may be waiting, before it sends anything more, for what we owe it.
+    pub fn waits_for_sends(&self) -> bool {
+        if self.pending.is_some() {
+            return true;
+        }
+        let need = if self.cfg.msg_send { 2 } else { 1 };
+        let credits_owed = self.flags.connected
+            && (self.window_due() || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0);
+        (credits_owed || self.ctrl_owed.is_some()) && !self.held && !self.ctrl_avail(need)
+    }
+
     /// Whether the pending write should leave now (nothing else in flight).
     #[inline]
     pub fn should_flush(&self) -> bool {

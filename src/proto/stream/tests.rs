@@ -463,6 +463,47 @@ fn on_iwarp_data_leaves_credits_for_control_messages() {
 }
 
 #[test]
+fn a_credit_update_waiting_for_a_control_slot_waits_for_our_sends() {
+    // A receiver whose control sends have not completed yet has no control slot for the
+    // credit update it owes: until one of its sends completes, the peer gets no credits and
+    // sends nothing more. A waiter for data must then be woken by our sends' completions.
+    for msg_send in [false, true] {
+        let c = cfg(64, 16, 64, 16384, 65536, msg_send);
+        let (mut a, mut b) = connected(c, c);
+        assert!(!b.s().waits_for_sends(), "a quiet connection owes nothing");
+        a.to_send = pattern(1 << 20, 5);
+        let mut stuck = false;
+        for _ in 0..1000 {
+            a.pump(512);
+            deliver_all(&mut a, &mut b);
+            b.read(100_000);
+            // B's credit updates reach A, but B sees none of their completions.
+            while b.d.t.nic_read() {}
+            while b.d.t.place_next(&mut a.d.t) {}
+            a.poll();
+            if b.s().waits_for_sends() {
+                stuck = true;
+                break;
+            }
+        }
+        assert!(stuck, "msg_send {msg_send}: control slots never ran out");
+        assert!(!b.s().credit_update_due(), "no slot, so not due");
+        assert!(
+            !b.s().has_pending(),
+            "nothing gathered: only the update waits"
+        );
+        // The completions come: the update leaves and nothing is owed any more.
+        while b.d.t.complete_next() {}
+        b.read(100_000);
+        assert!(!b.s().waits_for_sends(), "msg_send {msg_send}");
+        let sent = a.sent;
+        deliver_all(&mut b, &mut a);
+        a.pump(512);
+        assert!(a.sent > sent, "msg_send {msg_send}: the peer sends again");
+    }
+}
+
+#[test]
 fn lost_credit_update_never_causes_overrun() {
     let c = cfg(64, 16, 64, 16384, 65536, false);
     let (mut a, mut b) = pair(c, c);

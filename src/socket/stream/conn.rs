@@ -145,10 +145,11 @@ impl Conn {
     /// Whether a waiter on this connection must be woken by the completions of our own sends
     /// (the send CQ armed too, see `Endpoint::arm`): it waits for room to send (`room`), or
     /// something it waits for comes with them (gathered sends that leave once the writes
-    /// before them complete, MSG_ZEROCOPY notices). A waiter for data only is not: each of
+    /// before them complete, a credit update waiting for a control slot, without which the
+    /// peer sends nothing more, MSG_ZEROCOPY notices). A waiter for data only is not: each of
     /// its own sends would otherwise wake it (or the service thread) for nothing.
     pub(super) fn wants_send_events(&self, room: bool) -> bool {
-        room || self.link.core.has_pending() || self.zc.in_flight()
+        room || self.link.core.waits_for_sends() || self.zc.in_flight()
     }
 
     /// Readiness as a kernel TCP socket reports it.
