@@ -87,9 +87,11 @@ run_case() {
   if [ "$NOCONF" = 1 ]; then set_config 0; else set_config "$seed"; fi
   PORT=$((PORT + 1))
   local scmd="$srv -s $RS_SERVER -p $PORT $args -P ${pair%-*}" ccmd="$cli -c $RS_SERVER -b $RS_CLIENT -p $PORT $args -P ${pair#*-}"
-  $scmd >"$log/srv" 2>&1 &
+  # Our ends trace connection events and the first failed completion (RSOCKET_DEBUG=1: a few
+  # lines per connection), which say which end a reset came from; librdmacm ignores it.
+  env RSOCKET_DEBUG=1 $scmd >"$log/srv" 2>&1 &
   local spid=$!
-  $ccmd >"$log/cli" 2>&1
+  env RSOCKET_DEBUG=1 $ccmd >"$log/cli" 2>&1
   local crc=$?
   wait $spid
   local src=$?
@@ -110,7 +112,21 @@ run_case() {
     else
       echo "FAIL $name: server rc $src, client rc $crc"
     fi
-    sed 's/^/  srv| /' "$log/srv" | head -30; sed 's/^/  cli| /' "$log/cli" | head -30
+    local end
+    for end in srv cli; do
+      grep -v '^rsocket-rs\[' "$log/$end" | sed "s/^/  $end| /" | head -30
+      grep '^rsocket-rs\[' "$log/$end" | grep -v 'event \(Established\|ConnectRequest\) ' | tail -6 | sed "s/^/  $end| /"
+    done
+    # Kept for the summary at the end (a log cut to its head and tail still shows it).
+    if [ "$pair" != lib-lib ]; then
+      { echo "$name: server rc $src, client rc $crc"
+        for end in srv cli; do
+          grep -E "MISMATCH|TIMEOUT|errno|completion failed|event [A-Za-z]* status" "$log/$end" |
+            grep -v 'event \(Established\|ConnectRequest\|AddrResolved\|RouteResolved\) ' |
+            head -3 | cut -c1-300 | sed "s/^/$end| /"
+        done
+      } >>"$log/failures"
+    fi
     echo "  rerun: $scmd & $ccmd   (config: $CONFDESC)"
     # A case with librdmacm on one end: if librdmacm on both ends fails the same case too (up
     # to three tries), the failure is librdmacm's and is counted apart; otherwise it is ours.
@@ -121,7 +137,7 @@ run_case() {
     [ "${pair%-*}" = lib ] && lib_rc=$crc
     if [ "$pair" != lib-lib ] && [ "$pair" != rs-rs ] && [ "$lib_rc" -ge 128 ]; then
       lib_fail=$((lib_fail + 1))
-      echo "  -> librdmacm's: its process died of signal $((lib_rc - 128))"
+      echo "  -> librdmacm's: its process died of signal $((lib_rc - 128))" | tee -a "$log/failures"
     elif [ "$pair" != lib-lib ] && [ "$pair" != rs-rs ]; then
       local f0=$ctl_fail t
       for t in 1 2 3; do
@@ -130,10 +146,10 @@ run_case() {
       done
       if [ $ctl_fail -gt $f0 ]; then
         lib_fail=$((lib_fail + 1))
-        echo "  -> librdmacm's: the control (librdmacm on both ends) fails this case too:"
+        echo "  -> librdmacm's: the control (librdmacm on both ends) fails this case too:" | tee -a "$log/failures"
         grep -E "^  (srv|cli)\| (MISMATCH|rsstress .*(TIMEOUT|errno))" "$log/ctl" | head -4
       else
-        fail=$((fail + 1)); echo "  -> ours: the control passes this case"
+        fail=$((fail + 1)); echo "  -> ours: the control passes this case" | tee -a "$log/failures"
       fi
     elif [ "$pair" = rs-rs ]; then
       fail=$((fail + 1))
@@ -170,6 +186,10 @@ else
   done
 fi
 echo
+if [ -s "$log/failures" ]; then
+  echo "failed cases (each followed by what its two ends printed first):"
+  sed 's/^/  /' "$log/failures"
+fi
 echo "stress on $DEV: $pass passed, $fail failed (ours), $lib_fail failed as librdmacm on both ends does;" \
   "control (librdmacm both ends): $ctl_pass passed, $ctl_fail failed;" \
   "$bytes bytes sent and checked, $iow riowrite bytes, $calls calls, $(($(date +%s) - start)) s"

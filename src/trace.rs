@@ -1,14 +1,31 @@
 //! Opt-in diagnostics: with `RSOCKET_DEBUG` set (to anything but `0`), connection setup and
-//! teardown events are written to stderr. Off by default; the check is one load per call.
+//! teardown events and failed completions are written to stderr; with `RSOCKET_DEBUG=2` also
+//! what happens per call or message (gathered sends handed to the flusher, staged sends
+//! posted, a socket's watch mode). Off by default; the check is one load per call.
 
 #![forbid(unsafe_code)]
 
 use std::sync::OnceLock;
 
+/// The level `RSOCKET_DEBUG` asks for: 0 (unset or `0`), 2 (`2`) or 1 (anything else).
+fn level() -> u8 {
+    static LEVEL: OnceLock<u8> = OnceLock::new();
+    *LEVEL.get_or_init(|| match std::env::var_os("RSOCKET_DEBUG") {
+        None => 0,
+        Some(v) if v == "0" => 0,
+        Some(v) if v == "2" => 2,
+        Some(_) => 1,
+    })
+}
+
 /// True when `RSOCKET_DEBUG` asks for diagnostics.
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("RSOCKET_DEBUG").is_some_and(|v| v != "0"))
+    level() >= 1
+}
+
+/// True when `RSOCKET_DEBUG=2` asks for the per-call diagnostics too.
+pub fn verbose() -> bool {
+    level() >= 2
 }
 
 /// Seconds since the first diagnostic line of the process (to read a trace as a timeline).
@@ -35,3 +52,13 @@ macro_rules! trace {
     };
 }
 pub(crate) use trace;
+
+/// [`trace!`] for what happens per call or message: only with `RSOCKET_DEBUG=2`.
+macro_rules! trace_verbose {
+    ($($arg:tt)*) => {
+        if $crate::trace::verbose() {
+            $crate::trace::trace!($($arg)*);
+        }
+    };
+}
+pub(crate) use trace_verbose;

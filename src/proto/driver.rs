@@ -15,7 +15,7 @@ use super::stream::{
 };
 use super::transport::{Completion, STATUS_RETRY_EXCEEDED, Source, Transport};
 use super::wire::{self, ConnData, Msg, RemoteSge};
-use crate::trace::trace;
+use crate::trace::{trace, trace_verbose};
 
 /// Completions taken per poll of the transport.
 const POLL_BATCH: usize = 32;
@@ -257,7 +257,8 @@ impl<T: Transport> Driver<T> {
             for i in 0..n {
                 let c = self.comps[i];
                 let recv = core::is_recv(c.wr_id);
-                if !c.ok {
+                // The first failure only: the flushed work requests after it say nothing more.
+                if !c.ok && self.core.error().is_none() && self.core.flags().connected {
                     trace!(
                         "completion failed: wr_id {:#x} status {} ({})",
                         c.wr_id,
@@ -746,7 +747,7 @@ impl<T: Transport> Driver<T> {
     /// Posts the gathered small sends now (before a shutdown, say).
     pub fn flush_now(&mut self) -> io::Result<()> {
         if let Some(w) = self.core.flush() {
-            trace!("flush {} gathered bytes", w.len);
+            trace_verbose!("flush {} gathered bytes", w.len);
             #[cfg(test)]
             {
                 self.seen.flushes += 1;

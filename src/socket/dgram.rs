@@ -32,7 +32,7 @@ use crate::socket::options::{
 };
 use crate::socket::service::{self, Jobs, Serviced, Wait};
 use crate::socket::spin::Spin;
-use crate::trace::trace;
+use crate::trace::{trace, trace_verbose};
 use crate::verbs::{
     Access, Ah, CmId, CmOption, Endpoint, EventChannel, MrId, PortInfo, ReadyFd, SockAddr, UdpSock,
     poll_fds, pollin, resolve_ah_attr, source_for, ticks, wait_event,
@@ -1110,7 +1110,7 @@ impl Inner {
     /// peer's); counts a drop when the queue is full.
     fn admit(&mut self, src: SocketAddr) -> bool {
         if self.peer.is_some_and(|p| p != src) {
-            trace!("datagram from {src} dropped: connected to {:?}", self.peer);
+            trace_verbose!("datagram from {src} dropped: connected to {:?}", self.peer);
             return false;
         }
         let limit = self
@@ -1167,7 +1167,7 @@ impl Inner {
         self.qps[qi].ep.read(self.qps[qi].mr, off, &mut head[..n]);
         let keep = match DsHeader::decode(&head[..n]) {
             None => {
-                trace!("datagram with an invalid header dropped ({byte_len} bytes)");
+                trace_verbose!("datagram with an invalid header dropped ({byte_len} bytes)");
                 self.drops += 1;
                 None
             }
@@ -1251,7 +1251,7 @@ impl Inner {
             let Some(src) = from.to_std() else { continue };
             let Some((h, at)) = UdpHeader::decode(&buf[..n], src.is_ipv4()) else {
                 // A kernel UDP socket's datagram: delivered as it is.
-                trace!("plain UDP datagram of {n} bytes from {src}");
+                trace_verbose!("plain UDP datagram of {n} bytes from {src}");
                 self.learn_plain(src);
                 if self.admit(src) {
                     self.rx.push_back(Rx {
@@ -1356,7 +1356,7 @@ impl Serviced for DgramSocket {
                 g.publish();
                 return g.tick_wait(now);
             }
-            trace!("{self:?}: no call for a tick: watched again");
+            trace_verbose!("{self:?}: no call for a tick: watched again");
             g.self_driven = false;
             g.wasted = 0;
         }
@@ -1373,7 +1373,7 @@ impl Serviced for DgramSocket {
         } else if active {
             g.wasted = g.wasted.saturating_add(1);
             if g.wasted > WASTED_MAX {
-                trace!("{self:?}: self-driven (its calls find what arrives)");
+                trace_verbose!("{self:?}: self-driven (its calls find what arrives)");
                 g.self_driven = true;
                 return g.tick_wait(now);
             }

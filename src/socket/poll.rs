@@ -170,13 +170,13 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
                 (d - now).as_millis().clamp(1, i32::MAX as u128) as i32
             }
         };
-        crate::trace::trace!(
+        crate::trace::trace_verbose!(
             "rpoll: sleeping on {:?}",
             sleep.iter().map(|p| p.fd).collect::<Vec<_>>()
         );
         slept = true;
         poll_fds(&mut sleep, wait_ms)?;
-        crate::trace::trace!(
+        crate::trace::trace_verbose!(
             "rpoll: woke {:?}",
             sleep.iter().map(|p| (p.fd, p.revents)).collect::<Vec<_>>()
         );

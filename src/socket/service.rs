@@ -19,7 +19,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
-use crate::trace::trace;
+use crate::trace::{trace, trace_verbose};
 use crate::verbs::{Waker, poll_fds_for, pollin};
 
 /// The jobs a socket has with the service (a set).
@@ -301,7 +301,7 @@ fn run(svc: &'static Service) {
         // turn this loop into a busy one.
         let timeout = next.map(|n| n.saturating_duration_since(Instant::now()).max(MIN_SLEEP));
         let _ = poll_fds_for(&mut fds, timeout);
-        trace!(
+        trace_verbose!(
             "service: woke ({}{} of {} descriptors ready, timeout {:?})",
             if fds[0].revents != 0 { "waker, " } else { "" },
             fds[1..].iter().filter(|p| p.revents != 0).count(),

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use super::short::ShortSend;
 use super::{FLUSH, StreamSocket, broken};
 use crate::error::{Error, Result};
-use crate::trace::trace;
+use crate::trace::trace_verbose;
 use crate::verbs::raise_sigpipe;
 
 /// What a send call returns: the bytes sent if any went, else the error, with SIGPIPE for
@@ -73,7 +73,7 @@ impl StreamSocket {
         });
         if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
-            trace!("fd {}: gathered send, flush job", self.channel.fd());
+            trace_verbose!("fd {}: gathered send, flush job", self.channel.fd());
             self.add_jobs(FLUSH);
         }
         if r.is_ok() {

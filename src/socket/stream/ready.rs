@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use super::{Inner, State, StreamSocket};
 use crate::socket::service::{Jobs, Wait};
-use crate::trace::trace;
+use crate::trace::{trace, trace_verbose};
 use crate::verbs::ready::GONE;
 use crate::verbs::{ticks, ticks_per_us};
 
@@ -391,7 +391,7 @@ impl StreamSocket {
             if !self.idle_or_away() {
                 return Some(tick_wait(now, self.busy_look()));
             }
-            trace!("{self:?}: idle, watched again");
+            trace_verbose!("{self:?}: idle, watched again");
             self.busy_looks.store(0, Ordering::Relaxed);
             g.watch.wasted = 0;
             self.self_driven.store(false, Ordering::Relaxed);
@@ -453,7 +453,7 @@ impl StreamSocket {
             } else if driving || (!progressed && after == before && after & libc::POLLIN == 0) {
                 g.watch.wasted = g.watch.wasted.saturating_add(1);
                 if g.watch.wasted >= WASTED_MAX {
-                    trace!("{self:?}: self-driven, not watched");
+                    trace_verbose!("{self:?}: self-driven, not watched");
                     self.self_driven.store(true, Ordering::Relaxed);
                     self.busy_looks.store(0, Ordering::Relaxed);
                     return Some(tick_wait(now, 0));

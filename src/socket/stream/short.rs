@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use super::wait::CM_TICK_EVERY;
 use super::{FLUSH, Inner, State, StreamSocket};
 use crate::error::{Error, Result};
-use crate::trace::trace;
+use crate::trace::{trace, trace_verbose};
 use crate::verbs::ticks;
 
 /// What the short send did.
@@ -128,7 +128,7 @@ impl StreamSocket {
         drop(g);
         if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
-            trace!("fd {}: gathered send, flush job", self.channel.fd());
+            trace_verbose!("fd {}: gathered send, flush job", self.channel.fd());
             self.add_jobs(FLUSH);
         }
         if sent < buf.len() {

@@ -29,7 +29,7 @@ use super::StreamSocket;
 use super::conn::Conn;
 use crate::error::Result;
 use crate::proto::stream as core;
-use crate::trace::trace;
+use crate::trace::trace_verbose;
 use crate::verbs::ticks;
 
 /// Largest send that may be staged (larger ones are worth a write of their own).
@@ -301,7 +301,7 @@ impl StreamSocket {
         st.len.store(s.bytes.len(), Ordering::Release);
         drop(s);
         if posted > 0 {
-            trace!("fd {}: posted {posted} staged bytes", self.channel.fd());
+            trace_verbose!("fd {}: posted {posted} staged bytes", self.channel.fd());
         }
         Ok(posted)
     }
