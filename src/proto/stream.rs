@@ -258,11 +258,15 @@ pub struct Direct {
 /// posts them again. librdmacm's receives are exactly its credits: with its data credits used
 /// up, one credit update from us finds no receive. Over InfiniBand or RoCE the NIC retries
 /// (RNR) until one is posted; iWARP has no such retry, and the peer's NIC ends the connection
-/// (both ends see ECONNRESET). So on iWARP a few credits (CTRL_SLOTS, at most a quarter of the
-/// window, so that the peer's next grant still comes) are left for them.
+/// (both ends see ECONNRESET). So on iWARP a few credits (twice CTRL_SLOTS, at most a quarter
+/// of the window, so that the peer's next grant still comes) are left for them. Not just
+/// CTRL_SLOTS: a control slot comes back when our SEND completes, which on iWARP is when the
+/// peer's TCP took it, not when the peer polled, so more of our control messages than
+/// CTRL_SLOTS may wait unpolled in its receive queue (a credit update per half of its receive
+/// credits we used and per half of our receive ring it filled, both counted across its polls).
 fn credit_reserve(msg_send: bool, credits: u16) -> u16 {
     if msg_send {
-        (CTRL_SLOTS as u16).min(credits / 4)
+        (2 * CTRL_SLOTS as u16).min(credits / 4)
     } else {
         0
     }

@@ -447,9 +447,15 @@ fn credit_starvation_stalls_without_overrun() {
 fn on_iwarp_data_leaves_credits_for_control_messages() {
     // The peer has 16 receives and grants 16 credits. Over RoCE data may take them all (a
     // control message finding no receive is retried); over iWARP it would end the connection,
-    // so a quarter (at most CTRL_SLOTS) stay free for our credit updates.
-    for (msg_send, data_msgs) in [(false, 16), (true, 12)] {
-        let c = cfg(64, 16, 64, 65536, 65536, msg_send);
+    // so a quarter (at most twice CTRL_SLOTS) stay free for our credit updates.
+    // With more credits, twice CTRL_SLOTS: our control slots come back before the peer polls.
+    for (rq, msg_send, data_msgs) in [
+        (16, false, 16),
+        (16, true, 12),
+        (48, false, 48),
+        (48, true, 40),
+    ] {
+        let c = cfg(64, rq, 64, 65536, 65536, msg_send);
         let (mut a, mut b) = pair(c, c);
         a.to_send = pattern(1 << 16, 4);
         for _ in 0..100 {
@@ -457,7 +463,7 @@ fn on_iwarp_data_leaves_credits_for_control_messages() {
             deliver_all(&mut a, &mut b);
         }
         assert!(!a.s().can_send());
-        assert_eq!(b.s().rmsg.len(), data_msgs, "msg_send {msg_send}");
+        assert_eq!(b.s().rmsg.len(), data_msgs, "rq {rq} msg_send {msg_send}");
         assert!(a.s().can_send_ctrl(), "a control message may still go");
     }
 }
