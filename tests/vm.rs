@@ -736,6 +736,51 @@ fn concurrent_send_and_recv() {
     close(c);
 }
 
+/// A send that waits for room while another thread of the same socket sleeps in a receive:
+/// room comes with our sends' completions, which a receive does not sleep for (their CQ is
+/// armed only for who needs them). The send must still be woken: it waited forever (rsstress
+/// thread mode on siw, a 4 KiB send buffer), its writes' completions in a CQ nobody armed.
+fn a_send_waiting_for_room_beside_a_sleeping_receive() {
+    const N: usize = 2 << 20;
+    let c = new_socket();
+    c.set_options(|o| {
+        o.sbuf_size = 4096;
+        o.sbuf_start = 4096;
+    });
+    let (c, s) = connected_pair_from(c);
+    // The receive sleeps until the server has read everything and answers with one byte.
+    let c2 = c.clone();
+    let rx = thread::spawn(move || {
+        let mut b = [0u8; 1];
+        let n = c2.recv(&mut b, 0).expect("recv");
+        (n, b[0])
+    });
+    thread::sleep(Duration::from_millis(200));
+    let (done, finished) = std::sync::mpsc::channel();
+    let c3 = c.clone();
+    let tx = thread::spawn(move || {
+        send_all(&c3, &pattern(N, 9));
+        done.send(()).unwrap();
+    });
+    let srv = thread::spawn(move || {
+        let got = recv_exact(&s, N);
+        assert!(got == pattern(N, 9), "the server got other bytes");
+        send_all(&s, &[42]);
+        s
+    });
+    if finished.recv_timeout(Duration::from_secs(60)).is_err() {
+        panic!(
+            "the send waited 60 s for room while a receive slept; socket: {}",
+            c.describe()
+        );
+    }
+    tx.join().unwrap();
+    let s = srv.join().unwrap();
+    assert_eq!(rx.join().unwrap(), (1, 42));
+    socket::close(socket::insert(s)).expect("close");
+    close(c);
+}
+
 fn poll1(fd: i32, events: i16, timeout_ms: i32) -> i16 {
     let mut p = [libc::pollfd {
         fd,
@@ -1485,6 +1530,10 @@ const TESTS: &[Test] = &[
     (
         "transfer_sizes_both_directions",
         transfer_sizes_both_directions,
+    ),
+    (
+        "a_send_waiting_for_room_beside_a_sleeping_receive",
+        a_send_waiting_for_room_beside_a_sleeping_receive,
     ),
     ("many_small_messages", many_small_messages),
     (

@@ -297,6 +297,20 @@ impl StreamSocket {
                 continue;
             }
             if g.sleeping {
+                // Another thread sleeps on the completion channel, armed for what it waits
+                // for: a receive may have left our sends' CQ unarmed. What we wait for (room
+                // to send, say) comes with our sends' completions, so that CQ is armed now:
+                // its event wakes the sleeper, which wakes us.
+                if !for_data
+                    && let State::Connected(conn) = &mut g.state
+                    && !conn.link.t.is_armed(true)
+                {
+                    conn.link.t.arm(true)?;
+                    // A completion that came before the arming raised no event: looked for now.
+                    if self.drive(conn)? {
+                        continue;
+                    }
+                }
                 // Counted under the lock, so a notifier (also under the lock) cannot miss us.
                 self.waiters.fetch_add(1, Ordering::Relaxed);
                 g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
