@@ -1,5 +1,6 @@
 //! Opt-in diagnostics: with `RSOCKET_DEBUG` set (to anything but `0`), connection setup and
-//! teardown events and failed completions are written to stderr; with `RSOCKET_DEBUG=2` also
+//! teardown events and failed completions (the flushed ones after a connection failed left out)
+//! are written to stderr; with `RSOCKET_DEBUG=2` also
 //! what happens per call or message (gathered sends handed to the flusher, staged sends
 //! posted, a socket's watch mode). Off by default; the check is one load per call.
 

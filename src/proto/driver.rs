@@ -13,7 +13,7 @@ use std::io;
 use super::stream::{
     self as core, CreditUpdate, DataWrite, IomapWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
 };
-use super::transport::{Completion, STATUS_RETRY_EXCEEDED, Source, Transport};
+use super::transport::{Completion, STATUS_FLUSHED, STATUS_RETRY_EXCEEDED, Source, Transport};
 use super::wire::{self, ConnData, Msg, RemoteSge};
 use crate::trace::{trace, trace_verbose};
 
@@ -257,8 +257,13 @@ impl<T: Transport> Driver<T> {
             for i in 0..n {
                 let c = self.comps[i];
                 let recv = core::is_recv(c.wr_id);
-                // The first failure only: the flushed work requests after it say nothing more.
-                if !c.ok && self.core.error().is_none() && self.core.flags().connected {
+                // Every failure but the flushes after the first (they only say that the queue
+                // pair left RTS): a send's own error status, polled after the receives' flushes,
+                // says why.
+                if !c.ok
+                    && (c.status != STATUS_FLUSHED
+                        || (self.core.error().is_none() && self.core.flags().connected))
+                {
                     trace!(
                         "completion failed: wr_id {:#x} status {} ({})",
                         c.wr_id,

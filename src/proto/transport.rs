@@ -25,6 +25,8 @@ pub enum Source<'a, M, S> {
 /// [`Completion::status`] of a send the device gave up retransmitting (the peer did not
 /// answer): verbs' IBV_WC_RETRY_EXC_ERR.
 pub const STATUS_RETRY_EXCEEDED: u32 = 12;
+/// `IBV_WC_WR_FLUSH_ERR`: the work request was flushed, the queue pair having left RTS.
+pub const STATUS_FLUSHED: u32 = 5;
 
 /// A completion of a posted work request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
