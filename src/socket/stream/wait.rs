@@ -297,12 +297,13 @@ impl StreamSocket {
                 continue;
             }
             if g.sleeping {
-                // Another thread sleeps on the completion channel, armed for what it waits
-                // for: a receive may have left our sends' CQ unarmed. What we wait for (room
-                // to send, say) comes with our sends' completions, so that CQ is armed now:
+                // Another thread sleeps on the completion channel, armed for what it waited
+                // for when it went to sleep: a receive may have left our sends' CQ unarmed.
+                // When what we wait for comes with our sends' completions (room to send, say,
+                // or a credit update that waits for a control slot), that CQ is armed now:
                 // its event wakes the sleeper, which wakes us.
-                if !for_data
-                    && let State::Connected(conn) = &mut g.state
+                if let State::Connected(conn) = &mut g.state
+                    && (!for_data || conn.wants_send_events(false))
                     && !conn.link.t.is_armed(true)
                 {
                     conn.link.t.arm(true)?;
