@@ -87,8 +87,8 @@ run_case() {
   if [ "$NOCONF" = 1 ]; then set_config 0; else set_config "$seed"; fi
   PORT=$((PORT + 1))
   local scmd="$srv -s $RS_SERVER -p $PORT $args -P ${pair%-*}" ccmd="$cli -c $RS_SERVER -b $RS_CLIENT -p $PORT $args -P ${pair#*-}"
-  # Our ends trace connection events and the first failed completion (RSOCKET_DEBUG=1: a few
-  # lines per connection), which say which end a reset came from; librdmacm ignores it.
+  # Our ends trace connection events and failed completions (RSOCKET_DEBUG=1: a few lines per
+  # connection), which say which end a reset came from; librdmacm ignores it.
   env RSOCKET_DEBUG=1 $scmd >"$log/srv" 2>&1 &
   local spid=$!
   env RSOCKET_DEBUG=1 $ccmd >"$log/cli" 2>&1

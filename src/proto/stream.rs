@@ -999,10 +999,8 @@ impl Stream {
         if self.pending.is_some() {
             return true;
         }
-        let need = if self.cfg.msg_send { 2 } else { 1 };
-        let credits_owed = self.flags.connected
-            && (self.window_due() || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0);
-        (credits_owed || self.ctrl_owed.is_some()) && !self.held && !self.ctrl_avail(need)
+        let owed = (self.flags.connected && self.credits_owed()) || self.ctrl_owed.is_some();
+        owed && !self.held && !self.ctrl_avail(self.credit_update_slots())
     }
 
     /// Whether the pending write should leave now (nothing else in flight).
@@ -1331,13 +1329,22 @@ impl Stream {
             && self.granted.len() < wire::SGL_SIZE as usize
     }
 
+    /// Whether we owe the peer a credit update (a window, or credits for half the receives).
+    #[inline]
+    fn credits_owed(&self) -> bool {
+        self.window_due() || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0
+    }
+
+    /// Control slots a credit update takes (two on iWARP when a credit SGE goes with it).
+    #[inline]
+    fn credit_update_slots(&self) -> u32 {
+        if self.cfg.msg_send { 2 } else { 1 }
+    }
+
     /// Whether we owe the peer a credit update and can send one.
     #[inline]
     pub fn credit_update_due(&self) -> bool {
-        let need = if self.cfg.msg_send { 2 } else { 1 };
-        (self.window_due() || (self.rseq_no.wrapping_sub(self.rseq_comp) as i16) >= 0)
-            && self.ctrl_avail(need)
-            && self.flags.connected
+        self.credits_owed() && self.ctrl_avail(self.credit_update_slots()) && self.flags.connected
     }
 
     /// Whether the receive ring should grow: the peer used up every window we gave it. Then
