@@ -303,7 +303,7 @@ impl StreamSocket {
                 // or a credit update that waits for a control slot), that CQ is armed now:
                 // its event wakes the sleeper, which wakes us.
                 if let State::Connected(conn) = &mut g.state
-                    && (!for_data || conn.wants_send_events(false))
+                    && conn.wants_send_events(!for_data)
                     && !conn.link.t.is_armed(true)
                 {
                     conn.link.t.arm(true)?;
@@ -321,9 +321,7 @@ impl StreamSocket {
             let State::Connected(conn) = &mut g.state else {
                 return Err(Error::NotConnected);
             };
-            conn.link
-                .t
-                .arm(!for_data || conn.wants_send_events(false))?;
+            conn.link.t.arm(conn.wants_send_events(!for_data))?;
             if self.drive(conn)? {
                 continue;
             }
