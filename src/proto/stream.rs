@@ -77,7 +77,8 @@ pub struct StreamConfig {
     /// Receive buffer bytes (two halves) the ring may grow to.
     pub rbuf_size: u32,
     /// Receive ring bytes registered at connect (≤ `rbuf_size`, even). The ring grows to
-    /// `rbuf_size` once the peer used up every window we gave it (see [`Stream::rbuf_grow_wanted`]).
+    /// `rbuf_size` once the peer used up every window we gave it or filled windows worth
+    /// `rbuf_size` bytes (see [`Stream::rbuf_grow_wanted`]).
     pub rbuf_start: u32,
     /// Send ring bytes the ring may grow to.
     pub sbuf_size: u32,
@@ -374,8 +375,12 @@ pub struct Stream {
     /// The windows we gave the peer that it has not filled yet, oldest first (at most one per
     /// entry of its target SGL): the peer's data must land in them, in order.
     granted: VecDeque<Granted>,
-    /// The peer used up every window we gave it: grow the ring.
+    /// The peer used up every window we gave it, or filled windows worth the full buffer: grow
+    /// the ring.
     rbuf_grow_wanted: bool,
+    /// Data bytes the peer wrote into our windows (saturating): with the windows it filled,
+    /// a reason to grow the ring.
+    rbuf_filled: u32,
     /// The rkey of the whole (grown) receive buffer, registered and not yet given out: the ring
     /// switches to it at the next window that may start its second half.
     rbuf_grown_key: Option<u32>,
@@ -485,6 +490,7 @@ impl Stream {
                 key: local.rbuf.key,
             }]),
             rbuf_grow_wanted: false,
+            rbuf_filled: 0,
             rbuf_grown_key: None,
             rbuf_old_key: None,
             held: false,
@@ -1192,10 +1198,18 @@ impl Stream {
                 if let Some(g) = self.granted.front_mut().filter(|_| len > 0) {
                     g.left -= len;
                     g.at += len;
+                    self.rbuf_filled = self.rbuf_filled.saturating_add(len);
                     if g.left == 0 {
                         self.granted.pop_front();
-                        if self.granted.is_empty() && self.rbuf_cur < self.rbuf_cap {
-                            // The peer has no room left: its sends wait for our reads.
+                        // The peer has no room left (its sends wait for our reads), or it
+                        // streams: a reader that keeps up gives windows back before the peer
+                        // runs out, but each of its writes ends at a window's end, so the
+                        // starting ring's small windows cost it more writes and us more credit
+                        // updates for as long as the stream lasts. Data worth the full buffer
+                        // tells a stream from an idle connection's few messages.
+                        if self.rbuf_cur < self.rbuf_cap
+                            && (self.granted.is_empty() || self.rbuf_filled >= self.rbuf_cap)
+                        {
                             self.rbuf_grow_wanted = true;
                         }
                     }

@@ -1275,6 +1275,48 @@ fn a_stream_grows_both_rings_and_releases_what_they_outgrew() {
 }
 
 #[test]
+fn a_stream_whose_reader_keeps_up_grows_the_receive_ring_too() {
+    // The reader takes each write as it lands and gives its window back before the next one
+    // lands, so the writer never runs out of windows; its writes still end at the small
+    // windows' ends (8 KiB here): a write and a credit update per 8 KiB for as long as the
+    // stream lasts. Once windows worth the full buffer are filled, the ring grows.
+    for iwarp in [false, true] {
+        let c = growing(16 * 1024, iwarp);
+        let (mut a, mut b) = connected(c, c);
+        let n = 1 << 20;
+        let data = pattern(n, 5);
+        let mut rounds = 0;
+        while b.received.len() < n && rounds < 10_000 {
+            rounds += 1;
+            a.poll();
+            if a.sent < n {
+                let mut olen = 65536;
+                let k = (n - a.sent).min(65536);
+                a.sent +=
+                    a.d.send_some(&data[a.sent..a.sent + k], &mut olen, false)
+                        .unwrap();
+            }
+            deliver_one(&mut a, &mut b);
+            b.poll();
+            assert!(
+                !b.d.core.granted.is_empty(),
+                "the writer ran out of windows"
+            );
+            b.read(1 << 20);
+            deliver_all(&mut b, &mut a);
+        }
+        assert_eq!(b.received, data, "iwarp {iwarp}");
+        assert_eq!(b.d.core.recv_ring_len(), 128 * 1024, "iwarp {iwarp}");
+        // After the switch the windows are 64 KiB, and so are the writes (but the stream's
+        // last): 1 MiB in 32 writes (16 of 8 KiB before the switch) rather than 128.
+        let w = &a.d.t.data_writes;
+        let late = &w[w.len() - 8..w.len() - 1];
+        assert!(late.iter().all(|&l| l == 65536), "{late:?}");
+        assert!(w.len() <= 32, "{} writes for 1 MiB", w.len());
+    }
+}
+
+#[test]
 fn a_peer_that_writes_with_the_outgrown_key_is_caught() {
     // After the switch, windows carry the whole buffer's key; the old key covers only the
     // starting ring and is released once its windows are filled: the memwire panics on a
