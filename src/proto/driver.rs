@@ -65,6 +65,8 @@ pub struct Seen {
     pub sbuf_released: u64,
     /// Receive buffers registered whole.
     pub rbuf_grown: u64,
+    /// Of those, registered while the peer still had a window of the starting ring.
+    pub rbuf_grown_granted: u64,
     /// Receive buffer registrations released after growing.
     pub rbuf_released: u64,
     /// Data messages sent with their bytes in the message SEND (iWARP, a peer with room).
@@ -416,6 +418,9 @@ impl<T: Transport> Driver<T> {
                     #[cfg(test)]
                     {
                         self.seen.rbuf_grown += 1;
+                        if self.core.granted_windows() > 0 {
+                            self.seen.rbuf_grown_granted += 1;
+                        }
                     }
                     self.rbuf_old = Some(self.bufs.rbuf);
                     self.bufs.rbuf = m;

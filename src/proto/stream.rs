@@ -1361,7 +1361,14 @@ impl Stream {
         self.credits_owed() && self.ctrl_avail(self.credit_update_slots()) && self.flags.connected
     }
 
-    /// Whether the receive ring should grow: the peer used up every window we gave it. Then
+    /// Windows we gave the peer that it has not filled yet (for tests).
+    #[cfg(test)]
+    pub(crate) fn granted_windows(&self) -> usize {
+        self.granted.len()
+    }
+
+    /// Whether the receive ring should grow: the peer used up every window we gave it, or filled
+    /// windows worth the full buffer (a stream whose reader keeps up). Then
     /// register the whole receive buffer and call [`Stream::on_rbuf_grown`] with its rkey.
     #[inline]
     pub fn rbuf_grow_wanted(&self) -> bool {

@@ -68,6 +68,7 @@ struct Coverage {
     sbuf_grown_at_end: u64,
     sbuf_released: u64,
     rbuf_grown: u64,
+    rbuf_grown_granted: u64,
     rbuf_released: u64,
     carried_sends: u64,
     carried_recvs: u64,
@@ -91,6 +92,7 @@ impl Coverage {
         self.sbuf_grown_at_end += s.sbuf_grown_at_end;
         self.sbuf_released += s.sbuf_released;
         self.rbuf_grown += s.rbuf_grown;
+        self.rbuf_grown_granted += s.rbuf_grown_granted;
         self.rbuf_released += s.rbuf_released;
         self.carried_sends += s.carried_sends;
         self.carried_recvs += s.carried_recvs;
@@ -422,6 +424,10 @@ fn check_coverage(cov: &Coverage, iwarp: bool) {
         ),
         ("outgrown send rings released", cov.sbuf_released),
         ("receive buffers grown", cov.rbuf_grown),
+        (
+            "receive buffers grown with a window still granted",
+            cov.rbuf_grown_granted,
+        ),
         ("outgrown receive buffers released", cov.rbuf_released),
         (
             "completions before placement",
