@@ -9,6 +9,7 @@
 //! the write.
 
 use std::io;
+use std::sync::atomic;
 
 use super::stream::{
     self as core, CreditUpdate, DataWrite, IomapWrite, LocalBuffers, SendPlan, Stream, StreamConfig,
@@ -37,6 +38,8 @@ pub struct Buffers<M> {
 #[cfg(test)]
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
+    /// Target SGL entries whose two reads differed (a window being placed as we looked).
+    pub torn_sge_reads: u64,
     /// Fresh writes that used up a window of the peer.
     pub direct_used_up_window: u64,
     /// Gathered (pending) writes that used up a window when they started.
@@ -447,12 +450,41 @@ impl<T: Transport> Driver<T> {
         }
     }
 
+    /// Re-reads the target SGL the peer writes its windows into, after a credit update.
+    ///
+    /// The peer's device may be placing its next window into an entry while we read it: that
+    /// window's own credit update comes later, but the update we act on now makes us look at
+    /// every entry we used up. A device writes an entry in ascending order (address, key,
+    /// length), so a copy racing it can see the new length beside the address we zeroed:
+    /// a write there fails the connection (remote access error) or, worse, lands in an older
+    /// window. So each entry is read twice and taken only if both reads agree (once a read
+    /// sees the new length, the address before it was written already); one that changed
+    /// is left for its own credit update.
     fn refresh_target_sgl(&mut self) {
-        let mut b = [0u8; wire::SGE_LEN * wire::SGL_SIZE as usize];
-        self.t.read(self.bufs.tsgl, 0, &mut b);
-        let e0 = RemoteSge::from_ne_bytes(b[0..16].try_into().expect("16 bytes"));
-        let e1 = RemoteSge::from_ne_bytes(b[16..32].try_into().expect("16 bytes"));
-        self.core.refresh_target_sgl([e0, e1]);
+        const LEN: usize = wire::SGE_LEN * wire::SGL_SIZE as usize;
+        let (mut first, mut again) = ([0u8; LEN], [0u8; LEN]);
+        self.t.read(self.bufs.tsgl, 0, &mut first);
+        // The second read may not be merged with the first or moved before it.
+        atomic::fence(atomic::Ordering::Acquire);
+        self.t.read(self.bufs.tsgl, 0, &mut again);
+        let mut mem = [RemoteSge::default(); wire::SGL_SIZE as usize];
+        for (i, e) in mem.iter_mut().enumerate() {
+            let r = i * wire::SGE_LEN..(i + 1) * wire::SGE_LEN;
+            if first[r.clone()] == again[r.clone()] {
+                *e = RemoteSge::from_ne_bytes(again[r.clone()].try_into().expect("16 bytes"));
+            } else {
+                #[cfg(test)]
+                {
+                    self.seen.torn_sge_reads += 1;
+                }
+                trace_verbose!(
+                    "target SGL entry {i} read while the peer's device wrote it: {:?}, then {:?}",
+                    RemoteSge::from_ne_bytes(first[r.clone()].try_into().expect("16 bytes")),
+                    RemoteSge::from_ne_bytes(again[r].try_into().expect("16 bytes"))
+                );
+            }
+        }
+        self.core.refresh_target_sgl(mem);
     }
 
     /// Zeroes an entry of our target SGL that a write used up, so that the peer's next write

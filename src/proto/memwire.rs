@@ -110,6 +110,9 @@ pub struct MemEnd {
     /// Every post fails (ENOTCONN), as a device refuses posts on a queue pair that left the
     /// connected state (Soft-iWARP's, once a dead peer reset its TCP connection).
     pub refuse_posts: bool,
+    /// The next read of this buffer (registration, byte range) sees those bytes zero, as a
+    /// copy sees what the peer's device is still writing when it races it ([`MemEnd::tear_next_read`]).
+    torn: std::cell::Cell<Option<(usize, usize, usize)>>,
 }
 
 impl MemEnd {
@@ -131,7 +134,16 @@ impl MemEnd {
             completed_early: 0,
             data_writes: Vec::new(),
             refuse_posts: false,
+            torn: std::cell::Cell::new(None),
         }
+    }
+
+    /// Makes the next read of buffer `mr` see `range` (offsets in it) zero, as a copy racing
+    /// the peer's device sees an entry it is writing in ascending order: the part before
+    /// where the device got to still holds the old (zeroed) bytes. Reads after it see the
+    /// buffer as it is.
+    pub fn tear_next_read(&mut self, mr: usize, range: std::ops::Range<usize>) {
+        self.torn.set(Some((mr, range.start, range.end)));
     }
 
     /// The bytes of one of our buffers (as registered by `mr`).
@@ -410,6 +422,17 @@ impl Transport for MemEnd {
 
     fn read(&self, mr: usize, offset: usize, out: &mut [u8]) {
         out.copy_from_slice(&self.region(mr)[offset..offset + out.len()]);
+        if let Some((m, start, end)) = self.torn.take() {
+            if m != mr {
+                self.torn.set(Some((m, start, end)));
+                return;
+            }
+            for (i, b) in out.iter_mut().enumerate() {
+                if (start..end).contains(&(offset + i)) {
+                    *b = 0;
+                }
+            }
+        }
     }
 
     fn write(&mut self, mr: usize, offset: usize, data: &[u8]) {

@@ -1449,3 +1449,50 @@ fn each_end_knows_whether_the_peer_has_spoken_since_the_connection() {
         assert!(a.d.core.peer_heard(), "iwarp {iwarp}");
     }
 }
+
+/// The credit update we act on makes us re-read every target SGL entry we used up, while the
+/// peer's device may be writing its next window into one of them (that window's own update
+/// comes later). A copy racing the device sees the new length beside the zeroed address: the
+/// entry must not be taken then (a write to address 0 failed a stress run's connection with a
+/// remote access error), but from its own update.
+#[test]
+fn a_window_read_while_the_peer_writes_it_waits_for_its_own_update() {
+    for msg_send in [false, true] {
+        let c = cfg(64, 16, 64, 16384, 65536, msg_send);
+        let (mut a, mut b) = connected(c, c);
+        let data = pattern(3 * 8192, 7);
+        // Half the peer's receives used: it owes credits, but no window (800 bytes read).
+        a.to_send = data[..800].to_vec();
+        a.pump(100);
+        deliver_all(&mut a, &mut b);
+        b.read(800);
+        let plain = b.d.t.in_flight().count();
+        assert!(plain > 0, "a credit update without a window");
+        // The rest of the first window: used up, so its entry is zeroed and re-read.
+        a.to_send = data[..8192].to_vec();
+        a.pump(8192);
+        assert_eq!(a.s().target_sgl[0].length, 0, "the first window used up");
+        deliver_all(&mut a, &mut b);
+        b.read(8192);
+        assert!(
+            b.d.t.in_flight().count() > plain,
+            "a credit update with the next window, into entry 0"
+        );
+        // Both updates land before we look; the first one's re-read races the window write.
+        MemEnd::deliver_all(&mut b.d.t, &mut a.d.t);
+        let tsgl = a.d.bufs.tsgl;
+        a.d.t.tear_next_read(tsgl, 0..8);
+        a.poll();
+        assert_eq!(a.d.seen.torn_sge_reads, 1, "msg_send {msg_send}");
+        // The window was taken from its own update, whole: the writes land where granted.
+        a.to_send = data.clone();
+        for _ in 0..8 {
+            a.pump(4096);
+            deliver_all(&mut a, &mut b);
+            b.read(65536);
+            deliver_all(&mut b, &mut a);
+        }
+        assert_eq!(b.received.len(), data.len(), "msg_send {msg_send}");
+        assert!(b.received == data, "msg_send {msg_send}: bytes differ");
+    }
+}
