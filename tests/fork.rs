@@ -35,6 +35,7 @@ const KEEPALIVE: Jobs = Jobs {
     linger: false,
     watch: false,
     nudge: false,
+    persist: false,
 };
 
 fn served_again(m: &Mock, rounds: u32) -> bool {

@@ -1590,6 +1590,10 @@ const TESTS: &[Test] = &[
         link::a_device_that_gives_up_ends_a_blocked_send,
     ),
     (
+        "a_send_waiting_for_the_peers_room_ends_when_the_link_dies",
+        link::a_send_waiting_for_the_peers_room_ends_when_the_link_dies,
+    ),
+    (
         "survivor_of_a_killed_peer_gets_an_error_in_time",
         death::survivor_of_a_killed_peer_gets_an_error_in_time,
     ),

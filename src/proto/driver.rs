@@ -520,6 +520,16 @@ impl<T: Transport> Driver<T> {
         Ok(())
     }
 
+    /// Posts a persist probe (`wr_id` from [`Stream::handle_persist`]), counted: a 0-byte RDMA
+    /// write, on iWARP too, where it completes once the local TCP took it but is then
+    /// retransmitted until the peer's TCP acknowledges it (and the connection fails when TCP
+    /// gives up), which is all a persist probe is for.
+    pub fn post_persist_probe(&mut self, wr_id: u64) -> io::Result<()> {
+        self.post(|t| t.post_write(wr_id, Source::Empty, (0, 0), None))?;
+        self.sends_posted += 1;
+        Ok(())
+    }
+
     /// Posts an RDMA read (a rioread's), counted.
     pub fn post_read(&mut self, wr_id: u64, dst: T::Seg, remote: (u64, u32)) -> io::Result<()> {
         self.post(|t| t.post_read(wr_id, dst, remote))?;

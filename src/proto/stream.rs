@@ -409,6 +409,8 @@ pub struct Stream {
     reads_done: u64,
     /// Completions processed (the keepalive timer's view of traffic).
     activity: u64,
+    /// The last send planned found no room: see [`Stream::send_starved`].
+    send_waiting: bool,
     timers: Option<Timers>,
 }
 
@@ -500,6 +502,7 @@ impl Stream {
             lost: false,
             reads_done: 0,
             activity: 0,
+            send_waiting: false,
             timers: None,
             peer_ext: peer.is_rsocket_rs(),
             peer_payload: if cfg.msg_send { peer.payload_room() } else { 0 },
@@ -629,6 +632,31 @@ impl Stream {
             && self.target_sgl[self.target_sge].length != 0
     }
 
+    /// Whether a send waits for the peer alone: the last one planned found no room, and what
+    /// it lacks is a window or a credit of the peer (not room of ours, which comes back with
+    /// completions of our own writes). Only the peer's credit update ends that wait, so while
+    /// it lasts with nothing of ours in flight a dead link would go unnoticed (without
+    /// keepalive): [`Stream::handle_timeout`] then probes, as TCP's persist timer does.
+    pub fn send_starved(&self) -> bool {
+        self.send_waiting
+            && self.flags.connected
+            && self.flags.writable
+            && !self.held
+            && (!self.credit_left() || self.target_sgl[self.target_sge].length == 0)
+    }
+
+    /// A caller waits for room to send (rpoll for POLLOUT, say): as a send that found none,
+    /// for [`Stream::send_starved`].
+    pub fn note_send_wait(&mut self) {
+        self.send_waiting = true;
+    }
+
+    /// Whether none of our sends is in flight (posted and not completed).
+    fn nothing_in_flight(&self) -> bool {
+        self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) == CTRL_SLOTS
+            && self.sqe_avail == self.cfg.sq_size as u32 - CTRL_SLOTS
+    }
+
     /// Adopts windows the peer wrote into our target SGL (`mem` = current memory contents,
     /// host order). Only entries we have used up are taken: anything else is stale or hostile.
     /// An entry used up by the pending (gathered) write still holds the peer's old window in
@@ -675,8 +703,10 @@ impl Stream {
             self.want_sbuf_growth();
         }
         if max == 0 || !self.can_send() {
+            self.send_waiting = max > 0;
             return None;
         }
+        self.send_waiting = false;
         let sge = &mut self.target_sgl[self.target_sge];
         let len = if zero_copy {
             max.min(sge.length)
@@ -1068,8 +1098,7 @@ impl Stream {
         self.err.is_some()
             || self.lost
             || (!self.flags.connected && self.peer_done)
-            || (self.ctrl_max_seqno.wrapping_sub(self.ctrl_seqno) == CTRL_SLOTS
-                && self.sqe_avail == self.cfg.sq_size as u32 - CTRL_SLOTS)
+            || self.nothing_in_flight()
     }
 
     /// Applies SHUT_RD/SHUT_WR/SHUT_RDWR locally and returns the control message owed to the
@@ -1492,4 +1521,4 @@ mod timers;
 
 pub use sizes::{QueueSizes, RECV_SLACK};
 use timers::Timers;
-pub use timers::{Keepalive, LINGER, Timeout};
+pub use timers::{Keepalive, LINGER, PERSIST_FIRST, PERSIST_MAX, Timeout};

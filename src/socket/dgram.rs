@@ -69,6 +69,7 @@ const WATCH: Jobs = Jobs {
     linger: false,
     watch: true,
     nudge: false,
+    persist: false,
 };
 
 fn os(errno: i32) -> Error {

@@ -36,12 +36,14 @@ pub struct Jobs {
     pub watch: bool,
     /// A new iWARP connection we initiated, not yet heard from: see `StreamSocket::nudge_job`.
     pub nudge: bool,
+    /// A send waits for the peer's room: see `StreamSocket::persist_job`.
+    pub persist: bool,
 }
 
 impl Jobs {
     /// No job at all.
     pub fn is_empty(&self) -> bool {
-        !(self.flush || self.keepalive || self.linger || self.watch || self.nudge)
+        !(self.flush || self.keepalive || self.linger || self.watch || self.nudge || self.persist)
     }
 
     fn union(self, o: Jobs) -> Jobs {
@@ -51,6 +53,7 @@ impl Jobs {
             linger: self.linger || o.linger,
             watch: self.watch || o.watch,
             nudge: self.nudge || o.nudge,
+            persist: self.persist || o.persist,
         }
     }
 }

@@ -356,3 +356,136 @@ pub(super) fn a_device_that_gives_up_ends_a_blocked_send() {
     assert!(got > 0);
     drop(s);
 }
+
+/// The stream byte at `offset` of the persist test's senders.
+fn stream_byte(offset: u64) -> u8 {
+    (offset.wrapping_mul(131) >> 3) as u8
+}
+
+/// Sends the offset-numbered stream ([`stream_byte`]) on `c` in way `how` until a send fails;
+/// `sent` counts what the sends took. Returns the failure and when it came.
+fn send_stream(c: &StreamSocket, how: Blocked, sent: &std::sync::atomic::AtomicU64) -> Ended {
+    use std::sync::atomic::Ordering;
+    let fd = c.fd();
+    let mut b = vec![0u8; 3 * 8192 + 1000];
+    loop {
+        let at = sent.load(Ordering::Relaxed);
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = stream_byte(at + i as u64);
+        }
+        let r = match how {
+            Blocked::Send => c.send(&b, libc::MSG_NOSIGNAL),
+            Blocked::SendNonblocking => c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
+            Blocked::SendRpoll => {
+                poll1(fd, libc::POLLOUT, -1);
+                c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            }
+            _ => unreachable!("a sending way"),
+        };
+        match r {
+            Err(Error::WouldBlock) => thread::sleep(Duration::from_millis(1)),
+            Ok(n) if n > 0 => {
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            other => return (other, Instant::now()),
+        }
+    }
+}
+
+/// Without keepalive: a send that waits for the peer's room (the peer stopped reading, so
+/// every write of ours was acknowledged and none is in flight) ends with an error once the
+/// link dies. Only the peer's credit update ends such a wait, so nothing else would tell: the
+/// persist job's probes are work requests the device gives up on (rxe: its retries; siw: its
+/// TCP's, net.ipv4.tcp_retries2 lowered to 4). First the peer pauses past two probes and then
+/// reads on: the probes cost nothing (every byte arrives, in order). Each sending way: a
+/// blocking send, MSG_DONTWAIT retried on EAGAIN, rpoll(POLLOUT) then MSG_DONTWAIT.
+pub(super) fn a_send_waiting_for_the_peers_room_ends_when_the_link_dies() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let _retries = Sysctl::set("/proc/sys/net/ipv4/tcp_retries2", "4");
+    let ways = [Blocked::Send, Blocked::SendNonblocking, Blocked::SendRpoll];
+    let port = next_port();
+    let l = listener(port);
+    let acceptor = thread::spawn(move || {
+        let v: Vec<_> = (0..3).map(|_| l.accept().expect("accept")).collect();
+        socket::close(l.fd()).unwrap();
+        v
+    });
+    let clients: Vec<Arc<StreamSocket>> = (0..3).map(|_| connect(port)).collect();
+    let servers = acceptor.join().unwrap();
+    let counts: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let senders: Vec<_> = clients
+        .iter()
+        .zip(ways)
+        .zip(&counts)
+        .map(|((c, how), n)| {
+            let (c, n) = (c.clone(), n.clone());
+            thread::spawn(move || send_stream(&c, how, &n))
+        })
+        .collect();
+    // The peer reads nothing for 4 s: each send waits for its room, probed after 1 s and 3 s.
+    thread::sleep(Duration::from_secs(4));
+    for ((t, c), how) in senders.iter().zip(&clients).zip(ways) {
+        assert!(
+            !t.is_finished(),
+            "{how:?}: the send ended while the peer was there"
+        );
+        assert!(
+            c.service_jobs().persist,
+            "{how:?}: a send waits for the peer's room, not watched ({})",
+            c.describe()
+        );
+    }
+    // Then it reads on, every byte checked, while the senders go on.
+    let mut got = [0u64; 3];
+    for (i, s) in servers.iter().enumerate() {
+        let mut b = vec![0u8; 1 << 16];
+        while got[i] < 1 << 20 {
+            let n = s.recv(&mut b, 0).expect("recv");
+            assert!(n > 0, "{:?}: end of stream", ways[i]);
+            for (k, &x) in b[..n].iter().enumerate() {
+                let at = got[i] + k as u64;
+                assert_eq!(x, stream_byte(at), "{:?}: byte {at}", ways[i]);
+            }
+            got[i] += n as u64;
+        }
+    }
+    // It stops reading; once the senders wait again with nothing in flight, the link dies.
+    thread::sleep(Duration::from_secs(2));
+    for ((t, n), how) in senders.iter().zip(&counts).zip(ways) {
+        assert!(
+            !t.is_finished(),
+            "{how:?}: the send ended while the peer was there"
+        );
+        assert!(
+            n.load(Ordering::Relaxed) > 1 << 20,
+            "{how:?}: sends went on"
+        );
+    }
+    let lost = Lost::new(Loss::Silent);
+    let t0 = Instant::now();
+    let give_up = t0 + Duration::from_secs(90);
+    while senders.iter().any(|t| !t.is_finished()) && Instant::now() < give_up {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let still: Vec<String> = senders
+        .iter()
+        .zip(&clients)
+        .zip(ways)
+        .filter(|((t, _), _)| !t.is_finished())
+        .map(|((_, c), how)| format!("{how:?}: {}", c.describe()))
+        .collect();
+    drop(lost);
+    assert!(still.is_empty(), "still blocked after 90 s: {still:?}");
+    for (t, how) in senders.into_iter().zip(ways) {
+        let (r, at) = t.join().unwrap();
+        println!("    {how:?}: {r:?} after {:.1?}", at - t0);
+        assert!(
+            matches!(r, Err(Error::TimedOut | Error::ConnectionReset)),
+            "{how:?}: {r:?}"
+        );
+    }
+    for c in clients {
+        socket::close(c.fd()).unwrap();
+    }
+    drop(servers);
+}

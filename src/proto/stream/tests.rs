@@ -1496,3 +1496,102 @@ fn a_window_read_while_the_peer_writes_it_waits_for_its_own_update() {
         assert!(b.received == data, "msg_send {msg_send}: bytes differ");
     }
 }
+
+/// A send that waits for the peer's room (its windows filled, the peer not reading) with
+/// nothing of ours in flight is watched as TCP's persist timer watches a zero window: a probe
+/// after PERSIST_FIRST, then twice as long after each, up to PERSIST_MAX; none while a write of
+/// ours is in flight (the device watches that one); the wait ends with the peer's window and
+/// starts afresh after a send went out. A probe the device gives up on fails the connection.
+#[test]
+fn a_send_waiting_for_the_peers_room_is_probed_as_tcps_persist_timer() {
+    use std::time::{Duration, Instant};
+    let s = Duration::from_secs;
+    for msg_send in [false, true] {
+        let c = cfg(64, 16, 64, 16384, 65536, msg_send);
+        let (mut a, mut b) = connected(c, c);
+        let t0 = Instant::now();
+        assert!(!a.s().send_starved());
+        assert_eq!(a.s().handle_persist(t0), None);
+        assert_eq!(a.s().persist_deadline(), None, "no send waits");
+        // Both windows (16 KiB) filled; the peer reads nothing.
+        let data = pattern(3 * 16384, 5);
+        a.to_send = data[..20000].to_vec();
+        a.pump(8192);
+        assert_eq!(a.sent, 16384);
+        assert!(a.s().send_starved(), "msg_send {msg_send}");
+        assert_eq!(a.s().handle_persist(t0), None, "the wait starts");
+        assert_eq!(a.s().persist_deadline(), Some(t0 + PERSIST_FIRST));
+        // Our writes are still in flight: no probe, a look again later.
+        assert_eq!(a.s().handle_persist(t0 + s(1)), None);
+        assert_eq!(a.s().persist_deadline(), Some(t0 + s(2)));
+        deliver_all(&mut a, &mut b);
+        assert!(a.s().all_sends_done() && a.s().send_starved());
+        let mut at = t0 + s(2);
+        let mut wait = PERSIST_FIRST;
+        let mut probes = 0;
+        while wait < PERSIST_MAX {
+            assert_eq!(a.s().handle_persist(at - Duration::from_millis(1)), None);
+            let p = a.s().handle_persist(at).expect("a probe");
+            assert_eq!(p, Msg::Ctrl(Ctrl::Keepalive).encode() as u64);
+            a.d.post_persist_probe(p).unwrap();
+            probes += 1;
+            wait = (wait * 2).min(PERSIST_MAX);
+            at += wait;
+            assert_eq!(a.s().persist_deadline(), Some(at), "probe {probes}");
+            // The peer's device acknowledges it; its software sees nothing.
+            deliver_all(&mut a, &mut b);
+            assert!(a.s().all_sends_done());
+            assert!(!b.s().has_data() || b.s().readable_bytes() == 16384);
+        }
+        assert_eq!(
+            probes, 6,
+            "after 1 s of waiting, then 2, 4, ..., 32 s apart; now 60 s"
+        );
+        assert!(a.s().flags().connected && b.s().flags().connected);
+        // The peer reads: its window ends the wait.
+        b.read(65536);
+        deliver_all(&mut b, &mut a);
+        assert!(!a.s().send_starved());
+        assert_eq!(a.s().handle_persist(at), None);
+        assert_eq!(a.s().persist_deadline(), None);
+        // More than the peer has room for again: a new wait, with its own schedule.
+        a.to_send = data.clone();
+        a.pump(8192);
+        deliver_all(&mut a, &mut b);
+        assert!(a.s().send_starved());
+        let t1 = at + s(1000);
+        assert_eq!(
+            a.s().handle_persist(t1),
+            None,
+            "a send went out: the wait starts again"
+        );
+        let p = a
+            .s()
+            .handle_persist(t1 + PERSIST_FIRST)
+            .expect("a probe after PERSIST_FIRST");
+        a.d.post_persist_probe(p).unwrap();
+        // The link died: the device gives up on the probe.
+        a.s().on_send_completion(p, false);
+        assert_eq!(a.s().error(), Some(&StreamError::KeepaliveTimeout));
+        assert!(!a.s().send_starved());
+        assert_eq!(a.s().persist_deadline(), None);
+        // What arrived before is intact.
+        b.read(65536);
+        assert_eq!(b.received[..], data[..b.received.len()]);
+        assert!(b.received.len() >= 20000);
+    }
+}
+
+/// A send short of room of its own (its send ring full of writes in flight) does not wait for
+/// the peer: no persist probe (the device watches the writes in flight).
+#[test]
+fn a_send_short_of_its_own_room_is_not_a_persist_wait() {
+    let c = cfg(64, 64, 64, 1 << 20, 16384, false);
+    let (mut a, _b) = connected(c, c);
+    a.to_send = pattern(65536, 9);
+    a.pump(8192);
+    assert_eq!(a.sent, 16384, "the send ring is full");
+    assert!(!a.s().send_starved());
+    assert_eq!(a.s().handle_persist(std::time::Instant::now()), None);
+    assert_eq!(a.s().persist_deadline(), None);
+}

@@ -1,4 +1,5 @@
-//! The connection's timers, sans-IO: SO_KEEPALIVE probes and the bound of a lingering close.
+//! The connection's timers, sans-IO: SO_KEEPALIVE probes, the persist probes of a send that
+//! waits for the peer's room, and the bound of a lingering close.
 //! The caller passes the time in ([`Stream::poll_timeout`], [`Stream::handle_timeout`], as
 //! quinn-proto does); nothing here reads a clock.
 
@@ -9,6 +10,14 @@ use super::Stream;
 /// How long a closed connection may linger waiting for the peer (iWARP, see the socket
 /// layer's lingering close).
 pub const LINGER: Duration = Duration::from_secs(2);
+
+/// A send that waits for the peer's room with nothing of ours in flight probes this long after
+/// the wait began ([`Stream::send_starved`]), then each time twice as long after the last probe,
+/// up to [`PERSIST_MAX`] apart: as TCP's persist timer, a probe is a work request the peer's
+/// device must acknowledge, so that a dead link ends the wait once the device gives up on it.
+pub const PERSIST_FIRST: Duration = Duration::from_secs(1);
+/// The longest time between two persist probes.
+pub const PERSIST_MAX: Duration = Duration::from_secs(60);
 
 /// SO_KEEPALIVE timing, as TCP's: probe after `idle` of silence, then every `interval`; the
 /// connection is dead when `count` probes went unanswered (`idle + interval * count` of
@@ -42,6 +51,9 @@ pub(super) struct Timers {
     last_probe: Option<Instant>,
     /// A lingering close must end by then.
     linger_until: Option<Instant>,
+    /// A send waits for the peer's room: since our send count was this, the next persist
+    /// probe is due then, and the one after it that much later.
+    persist: Option<(u16, Instant, Duration)>,
 }
 
 /// What [`Stream::handle_timeout`] found due.
@@ -83,7 +95,55 @@ impl Stream {
             checked: now,
             last_probe: None,
             linger_until: None,
+            persist: None,
         })
+    }
+
+    /// When [`Stream::handle_persist`] is due next: None while no send waits for the peer's
+    /// room ([`Stream::send_starved`]) or the wait is not known to the timer yet (the first
+    /// call starts it).
+    pub fn persist_deadline(&self) -> Option<Instant> {
+        let t = self.timers.as_ref()?;
+        t.persist.filter(|_| self.send_starved()).map(|p| p.1)
+    }
+
+    /// The persist timer at `now`, for a send that waits for the peer's room (window or
+    /// credit, [`Stream::send_starved`]): the wait starts when first seen here, and ends when
+    /// a send went out since (our send count moved) or none waits any more. After
+    /// [`PERSIST_FIRST`] of waiting, then twice as long after each probe (up to
+    /// [`PERSIST_MAX`]), a probe is due: returned as the wr_id of a 0-byte RDMA write to post
+    /// (one control slot). Only when nothing of ours is in flight: a work request in flight
+    /// already makes the device notice a dead link. The probe's completion is traffic; its
+    /// failure (the device gave up) fails the connection, which ends the wait.
+    pub fn handle_persist(&mut self, now: Instant) -> Option<u64> {
+        if !self.send_starved() {
+            if let Some(t) = self.timers.as_mut() {
+                t.persist = None;
+            }
+            return None;
+        }
+        let (sent, idle) = (self.sseq_no, self.nothing_in_flight());
+        let t = self.timers(now);
+        let (since, at, wait) = match t.persist {
+            Some(p) if p.0 == sent => p,
+            _ => {
+                t.persist = Some((sent, now + PERSIST_FIRST, PERSIST_FIRST));
+                return None;
+            }
+        };
+        if now < at {
+            return None;
+        }
+        if !idle {
+            t.persist = Some((since, now + wait, wait));
+            return None;
+        }
+        let probe = self.post_keepalive();
+        let next = (wait * 2).min(PERSIST_MAX);
+        if let Some(t) = self.timers.as_mut() {
+            t.persist = Some((since, now + next, next));
+        }
+        probe
     }
 
     /// When [`Stream::handle_timeout`] is due next, if ever. While traffic flows the keepalive

@@ -39,6 +39,9 @@ pub(super) struct Conn {
     /// iWARP initiator: when the nudge job sends its next READ, and how many it sent (see
     /// `StreamSocket::nudge_job`).
     pub(super) nudge: Option<(std::time::Instant, u32)>,
+    /// The persist job runs (see `StreamSocket::persist_job`): a call that finds a send
+    /// waiting for the peer's room adds it only then.
+    pub(super) persist_job: bool,
 }
 
 impl Drop for Conn {
@@ -94,6 +97,7 @@ impl Conn {
             cm_gone: false,
             disconnect_owed: false,
             nudge: None,
+            persist_job: false,
         })
     }
 

@@ -173,6 +173,29 @@ impl StreamSocket {
         conn.link.core.poll_timeout()
     }
 
+    /// Persist job: while a send waits for the peer's room (a window or a credit, see
+    /// `Stream::send_starved`) with nothing of ours in flight, a probe now and then, as TCP's
+    /// persist timer sends (`Stream::handle_persist`). Only the peer's credit update ends such
+    /// a wait, and without keepalive nothing else would notice a link that died after our last
+    /// write was acknowledged and before that update came: the send would wait for ever. A
+    /// probe is a work request the peer's device must acknowledge; the device gives up on it
+    /// on a dead link, which fails the connection and ends the send. Returns when to look
+    /// again, None when the job is over (no send waits any more).
+    fn persist_job(&self, now: Instant) -> Option<Instant> {
+        let mut g = self.lock();
+        let State::Connected(conn) = &mut g.state else {
+            return None;
+        };
+        let mut over = self.drive(conn).is_err();
+        if !over && let Some(wr_id) = conn.link.core.handle_persist(now) {
+            trace!("{self:?}: a send waits for the peer's room: persist probe");
+            over = conn.link.post_persist_probe(wr_id).is_err();
+        }
+        let next = conn.link.core.persist_deadline().filter(|_| !over);
+        conn.persist_job = next.is_some();
+        next
+    }
+
     /// Nudge job, for an iWARP connection we initiated: while the peer has sent nothing since
     /// the connection was set up, a 0-byte RDMA READ goes after [`NUDGE_FIRST`], then after
     /// twice that, [`NUDGE_TRIES`] times in all. The accepting side sends nothing before our
@@ -276,6 +299,12 @@ impl Serviced for StreamSocket {
             && let Some(at) = self.nudge_job(now)
         {
             w.jobs.nudge = true;
+            w.deadline = Some(w.deadline.map_or(at, |d| d.min(at)));
+        }
+        if jobs.persist
+            && let Some(at) = self.persist_job(now)
+        {
+            w.jobs.persist = true;
             w.deadline = Some(w.deadline.map_or(at, |d| d.min(at)));
         }
         if jobs.watch

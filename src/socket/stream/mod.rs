@@ -37,6 +37,16 @@ pub use zerocopy::ZeroCopyNotice;
 
 const CM_WAIT: Duration = Duration::from_secs(30);
 
+/// The persist job alone.
+const PERSIST: crate::socket::service::Jobs = crate::socket::service::Jobs {
+    flush: false,
+    keepalive: false,
+    linger: false,
+    watch: false,
+    nudge: false,
+    persist: true,
+};
+
 /// The flush job alone.
 const FLUSH: crate::socket::service::Jobs = crate::socket::service::Jobs {
     flush: true,
@@ -44,6 +54,7 @@ const FLUSH: crate::socket::service::Jobs = crate::socket::service::Jobs {
     linger: false,
     watch: false,
     nudge: false,
+    persist: false,
 };
 
 enum State {

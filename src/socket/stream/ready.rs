@@ -65,6 +65,7 @@ pub(super) const WATCH: Jobs = Jobs {
     linger: false,
     watch: true,
     nudge: false,
+    persist: false,
 };
 
 /// How a socket's descriptor is kept up to date (see the module documentation); the mode

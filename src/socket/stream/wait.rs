@@ -109,6 +109,11 @@ impl StreamSocket {
                     |r: i16| arm.is_some_and(|e| r & (e | libc::POLLERR | libc::POLLHUP) == 0);
                 if wanted(ps.revents) {
                     let room = arm.is_some_and(|e| e & libc::POLLOUT != 0);
+                    if room && ps.revents & libc::POLLOUT == 0 {
+                        // Waiting for room is waiting to send (see `watch_starved_send`).
+                        conn.link.core.note_send_wait();
+                        self.watch_starved_send(conn);
+                    }
                     conn.link.t.arm(conn.wants_send_events(room))?;
                     // A completion that raced with arming is visible now.
                     self.drive(conn)?;
@@ -183,6 +188,14 @@ impl StreamSocket {
         }
     }
 
+    /// A call is about to wait or return EAGAIN: if a send waits for the peer's room, the
+    /// persist job watches the wait (see `persist_job`). One look at two flags otherwise.
+    fn watch_starved_send(&self, conn: &mut Conn) {
+        if !conn.persist_job && conn.link.core.send_starved() {
+            conn.persist_job = self.add_jobs(super::PERSIST);
+        }
+    }
+
     /// Runs `step` until it yields a value, sleeping between attempts; `nonblock` turns a wait
     /// into EAGAIN. `step` sees the connection after each round of completion processing.
     pub(super) fn wait_conn<R>(
@@ -249,10 +262,13 @@ impl StreamSocket {
                     conn.spin
                         .record(crate::verbs::ticks().wrapping_sub(w0), slept);
                 }
+                // A send that took part of its bytes: the caller waits for room next.
+                self.watch_starved_send(conn);
                 self.notify();
                 self.settle(&mut g, &mut call);
                 return Ok(r);
             }
+            self.watch_starved_send(conn);
             if nonblock {
                 // A program that only retries on EAGAIN never sleeps on the CM channel, so a
                 // peer that vanished (DISCONNECTED, no completion) would go unnoticed: look at
