@@ -38,6 +38,13 @@ macro_rules! ffi {
     ($fail:expr, $body:expr) => {
         match catch_unwind(AssertUnwindSafe(|| -> Result<_, Error> { $body })) {
             Ok(Ok(v)) => v,
+            // The answer of every busy-polling call that finds nothing. It owns nothing: not
+            // handed to the (out-of-line) drop of a general error.
+            Ok(Err(e @ Error::WouldBlock)) => {
+                std::mem::forget(e);
+                errno::set_raw(libc::EAGAIN);
+                $fail
+            }
             Ok(Err(e)) => {
                 errno::set(&e);
                 $fail

@@ -120,12 +120,12 @@ pub fn insert(s: Arc<StreamSocket>) -> RawFd {
 
 /// Finds the socket behind a descriptor, whatever its kind.
 pub fn lookup_any(fd: RawFd) -> Result<Socket> {
-    table()
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(fd)
-        .cloned()
-        .ok_or(Error::BadDescriptor)
+    // A match, not `ok_or`: the error is built (and dropped again) only when it is returned,
+    // not on every call of the busiest path (an out-of-line drop per rrecv that finds nothing).
+    match table().read().unwrap_or_else(|p| p.into_inner()).get(fd) {
+        Some(s) => Ok(s.clone()),
+        None => Err(Error::BadDescriptor),
+    }
 }
 
 /// One line per live stream socket (those of the descriptor table and the safe API's
