@@ -511,11 +511,10 @@ impl<T: Transport> Driver<T> {
     /// acknowledges it (InfiniBand, RoCE); on iWARP, where a write completes once the local TCP
     /// took it, a 0-byte RDMA READ, which the peer's device answers with a read response.
     pub fn post_probe(&mut self, wr_id: u64) -> io::Result<()> {
-        if self.cfg.msg_send {
-            self.post(|t| t.post_read_probe(wr_id))?;
-        } else {
-            self.post(|t| t.post_write(wr_id, Source::Empty, (0, 0), None))?;
+        if !self.cfg.msg_send {
+            return self.post_persist_probe(wr_id);
         }
+        self.post(|t| t.post_read_probe(wr_id))?;
         self.sends_posted += 1;
         Ok(())
     }

@@ -636,7 +636,7 @@ impl Stream {
     /// it lacks is a window or a credit of the peer (not room of ours, which comes back with
     /// completions of our own writes). Only the peer's credit update ends that wait, so while
     /// it lasts with nothing of ours in flight a dead link would go unnoticed (without
-    /// keepalive): [`Stream::handle_timeout`] then probes, as TCP's persist timer does.
+    /// keepalive): [`Stream::handle_persist`] then probes, as TCP's persist timer does.
     pub fn send_starved(&self) -> bool {
         self.send_waiting
             && self.flags.connected

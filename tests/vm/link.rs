@@ -422,19 +422,23 @@ pub(super) fn a_send_waiting_for_the_peers_room_ends_when_the_link_dies() {
             thread::spawn(move || send_stream(&c, how, &n))
         })
         .collect();
+    // Every sender still sending, its wait for the peer's room watched by the persist job.
+    let all_waiting = |senders: &[thread::JoinHandle<Ended>]| {
+        for ((t, c), how) in senders.iter().zip(&clients).zip(ways) {
+            assert!(
+                !t.is_finished(),
+                "{how:?}: the send ended while the peer was there"
+            );
+            assert!(
+                c.service_jobs().persist,
+                "{how:?}: a send waits for the peer's room, not watched ({})",
+                c.describe()
+            );
+        }
+    };
     // The peer reads nothing for 4 s: each send waits for its room, probed after 1 s and 3 s.
     thread::sleep(Duration::from_secs(4));
-    for ((t, c), how) in senders.iter().zip(&clients).zip(ways) {
-        assert!(
-            !t.is_finished(),
-            "{how:?}: the send ended while the peer was there"
-        );
-        assert!(
-            c.service_jobs().persist,
-            "{how:?}: a send waits for the peer's room, not watched ({})",
-            c.describe()
-        );
-    }
+    all_waiting(&senders);
     // Then it reads on, every byte checked, while the senders go on.
     let mut got = [0u64; 3];
     for (i, s) in servers.iter().enumerate() {
@@ -451,11 +455,8 @@ pub(super) fn a_send_waiting_for_the_peers_room_ends_when_the_link_dies() {
     }
     // It stops reading; once the senders wait again with nothing in flight, the link dies.
     thread::sleep(Duration::from_secs(2));
-    for ((t, n), how) in senders.iter().zip(&counts).zip(ways) {
-        assert!(
-            !t.is_finished(),
-            "{how:?}: the send ended while the peer was there"
-        );
+    all_waiting(&senders);
+    for (n, how) in counts.iter().zip(ways) {
         assert!(
             n.load(Ordering::Relaxed) > 1 << 20,
             "{how:?}: sends went on"
