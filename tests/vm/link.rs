@@ -55,30 +55,34 @@ pub(super) const ALL: [Blocked; 7] = [
     Blocked::SendRpoll,
 ];
 
+/// One call on `c` in way `how`, with `b` (the bytes to send, or room for those received).
+fn call_once(c: &StreamSocket, how: Blocked, b: &mut [u8]) -> Result<usize, Error> {
+    let fd = c.fd();
+    match how {
+        Blocked::Recv => c.recv(b, 0),
+        Blocked::RecvNonblocking => c.recv(b, libc::MSG_DONTWAIT),
+        Blocked::RecvRpoll => {
+            poll1(fd, libc::POLLIN, -1);
+            c.recv(b, libc::MSG_DONTWAIT)
+        }
+        Blocked::RecvDescriptor => {
+            kpoll(fd, libc::POLLIN, -1);
+            c.recv(b, libc::MSG_DONTWAIT)
+        }
+        Blocked::Send => c.send(b, libc::MSG_NOSIGNAL),
+        Blocked::SendNonblocking => c.send(b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
+        Blocked::SendRpoll => {
+            poll1(fd, libc::POLLOUT, -1);
+            c.send(b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        }
+    }
+}
+
 /// Runs `how` on `c` until a call fails or ends the stream; returns that and when.
 pub(super) fn block(c: &StreamSocket, how: Blocked) -> Ended {
     let mut b = vec![0u8; 1 << 16];
-    let fd = c.fd();
     loop {
-        let r = match how {
-            Blocked::Recv => c.recv(&mut b, 0),
-            Blocked::RecvNonblocking => c.recv(&mut b, libc::MSG_DONTWAIT),
-            Blocked::RecvRpoll => {
-                poll1(fd, libc::POLLIN, -1);
-                c.recv(&mut b, libc::MSG_DONTWAIT)
-            }
-            Blocked::RecvDescriptor => {
-                kpoll(fd, libc::POLLIN, -1);
-                c.recv(&mut b, libc::MSG_DONTWAIT)
-            }
-            Blocked::Send => c.send(&b, libc::MSG_NOSIGNAL),
-            Blocked::SendNonblocking => c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
-            Blocked::SendRpoll => {
-                poll1(fd, libc::POLLOUT, -1);
-                c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            }
-        };
-        match r {
+        match call_once(c, how, &mut b) {
             Err(Error::WouldBlock) => thread::sleep(Duration::from_millis(1)),
             // Sends go on until the peer's buffer is full, receives while the peer sends.
             Ok(n) if n > 0 => {}
@@ -366,23 +370,14 @@ fn stream_byte(offset: u64) -> u8 {
 /// `sent` counts what the sends took. Returns the failure and when it came.
 fn send_stream(c: &StreamSocket, how: Blocked, sent: &std::sync::atomic::AtomicU64) -> Ended {
     use std::sync::atomic::Ordering;
-    let fd = c.fd();
+    assert!(how.sends(), "{how:?}: a sending way");
     let mut b = vec![0u8; 3 * 8192 + 1000];
     loop {
         let at = sent.load(Ordering::Relaxed);
         for (i, x) in b.iter_mut().enumerate() {
             *x = stream_byte(at + i as u64);
         }
-        let r = match how {
-            Blocked::Send => c.send(&b, libc::MSG_NOSIGNAL),
-            Blocked::SendNonblocking => c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL),
-            Blocked::SendRpoll => {
-                poll1(fd, libc::POLLOUT, -1);
-                c.send(&b, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            }
-            _ => unreachable!("a sending way"),
-        };
-        match r {
+        match call_once(c, how, &mut b) {
             Err(Error::WouldBlock) => thread::sleep(Duration::from_millis(1)),
             Ok(n) if n > 0 => {
                 sent.fetch_add(n as u64, Ordering::Relaxed);

@@ -257,18 +257,18 @@ impl StreamSocket {
             if self.drive(conn)? {
                 spin_start = None;
             }
-            if let Some(r) = step(conn)? {
+            let done = step(conn)?;
+            // A send that waits, or took part of its bytes (the caller waits for room next).
+            self.watch_starved_send(conn);
+            if let Some(r) = done {
                 if let Some(w0) = wait_start {
                     conn.spin
                         .record(crate::verbs::ticks().wrapping_sub(w0), slept);
                 }
-                // A send that took part of its bytes: the caller waits for room next.
-                self.watch_starved_send(conn);
                 self.notify();
                 self.settle(&mut g, &mut call);
                 return Ok(r);
             }
-            self.watch_starved_send(conn);
             if nonblock {
                 // A program that only retries on EAGAIN never sleeps on the CM channel, so a
                 // peer that vanished (DISCONNECTED, no completion) would go unnoticed: look at
