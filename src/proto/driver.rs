@@ -21,6 +21,10 @@ use crate::trace::{trace, trace_verbose};
 /// Completions taken per poll of the transport.
 const POLL_BATCH: usize = 32;
 
+/// Receives owed at most before [`Driver::progress`] posts them at once (see
+/// `post_owed_recvs`): a bound on the burst, not on correctness.
+pub const RECVS_OWED_MAX: u32 = 16;
+
 /// The registered buffers of one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Buffers<M> {
@@ -40,6 +44,8 @@ pub struct Buffers<M> {
 pub struct Seen {
     /// Target SGL entries whose two reads differed (a window being placed as we looked).
     pub torn_sge_reads: u64,
+    /// Receives posted late: taken by data messages, posted after the caller had the bytes.
+    pub owed_recvs_posted: u64,
     /// Fresh writes that used up a window of the peer.
     pub direct_used_up_window: u64,
     /// Gathered (pending) writes that used up a window when they started.
@@ -93,6 +99,8 @@ pub struct Driver<T: Transport> {
     msg_slots: Option<(usize, u32)>,
     /// Slot of the next receive posted.
     recv_slot: u32,
+    /// Receives taken by data messages and not posted again yet (see [`Driver::progress`]).
+    recvs_owed: u32,
     /// iomap entries for the peer, when they cannot go inline: one slot per entry of its iomap
     /// (registered on first use).
     iomap_stage: Option<T::Mr>,
@@ -159,6 +167,7 @@ impl<T: Transport> Driver<T> {
             local,
             msg_slots: (slots > 0).then_some((0, slots)),
             recv_slot: 0,
+            recvs_owed: 0,
             iomap_stage: None,
             comps: [Completion::default(); POLL_BATCH],
             sends_posted: 0,
@@ -239,6 +248,25 @@ impl<T: Transport> Driver<T> {
         Ok(())
     }
 
+    /// Posts the receives that data messages took ([`Driver::progress`] leaves them owed). A
+    /// message's receive need not be back before the caller has its bytes: the peer may use
+    /// only the credits we granted, and each grant counts on a receive for every message it
+    /// allows. So the owed receives go back before any grant (`post_credit_updates`), and
+    /// otherwise when a look finds nothing, or once [`RECVS_OWED_MAX`] are owed. Between two
+    /// grants, each owed receive is one a message since the last grant took: never more
+    /// than the peer can have used of what that grant allowed.
+    fn post_owed_recvs(&mut self) -> io::Result<()> {
+        let n = std::mem::take(&mut self.recvs_owed);
+        if n > 0 && self.core.flags().connected {
+            #[cfg(test)]
+            {
+                self.seen.owed_recvs_posted += n as u64;
+            }
+            self.post_recvs(n)?;
+        }
+        Ok(())
+    }
+
     /// Polls the completions, feeds the core, reposts receives, posts gathered sends that are
     /// due and the credit updates owed. `on_window` is told of each iomap announcement the peer
     /// made: its message data, and a reader of our target iomap's entries (by index). Returns
@@ -251,6 +279,10 @@ impl<T: Transport> Driver<T> {
         loop {
             let n = self.t.poll(&mut self.comps)?;
             if n == 0 {
+                if !any {
+                    // Nothing came: time the caller would spend waiting anyway.
+                    self.post_owed_recvs()?;
+                }
                 break;
             }
             any = true;
@@ -317,6 +349,12 @@ impl<T: Transport> Driver<T> {
                     }
                 };
                 match self.core.on_recv(raw) {
+                    // Its receive is posted again later, off the path from the message to
+                    // the caller (see `post_owed_recvs`).
+                    Ok(Msg::Data(_)) => {
+                        reposts -= 1;
+                        self.recvs_owed += 1;
+                    }
                     Ok(Msg::Credits(_)) => self.refresh_target_sgl(),
                     Ok(Msg::IomapSgl(data)) => {
                         let (t, tsgl) = (&self.t, self.bufs.tsgl);
@@ -331,6 +369,9 @@ impl<T: Transport> Driver<T> {
             }
             if reposts > 0 && self.core.flags().connected {
                 self.post_recvs(reposts)?;
+            }
+            if self.recvs_owed >= RECVS_OWED_MAX {
+                self.post_owed_recvs()?;
             }
             if drained {
                 break;
@@ -616,6 +657,8 @@ impl<T: Transport> Driver<T> {
     }
 
     fn post_credit_updates(&mut self) -> io::Result<()> {
+        // Every receive a grant counts on is posted first.
+        self.post_owed_recvs()?;
         while let Some(CreditUpdate { msg, sge }) = self.core.poll_credit_update() {
             #[cfg(test)]
             if sge.is_some() {

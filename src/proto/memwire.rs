@@ -105,6 +105,9 @@ pub struct MemEnd {
     cq: VecDeque<Completion>,
     /// Sends whose completion came before the peer had them (iWARP).
     pub completed_early: u64,
+    /// Data messages (RoCE) that found no receive posted at this end: a receiver-not-ready
+    /// retry on a device, which the credits we granted should never allow.
+    pub data_found_no_recv: u64,
     /// Byte counts of the data writes posted, in order.
     pub data_writes: Vec<usize>,
     /// Every post fails (ENOTCONN), as a device refuses posts on a queue pair that left the
@@ -132,6 +135,7 @@ impl MemEnd {
             recvs: VecDeque::new(),
             cq: VecDeque::new(),
             completed_early: 0,
+            data_found_no_recv: 0,
             data_writes: Vec::new(),
             refuse_posts: false,
             torn: std::cell::Cell::new(None),
@@ -233,6 +237,11 @@ impl MemEnd {
                 "end {}: a message (wr_id {:#x}) found no receive posted: iWARP ends the connection",
                 to.id, wr.wr_id
             );
+            if let Some((imm, None)) = msg
+                && matches!(super::wire::Msg::decode(imm), Ok(super::wire::Msg::Data(_)))
+            {
+                to.data_found_no_recv += 1;
+            }
             return false;
         }
         if let Op::Write((addr, rkey), _) = wr.op

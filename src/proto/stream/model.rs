@@ -72,6 +72,8 @@ struct Coverage {
     rbuf_released: u64,
     carried_sends: u64,
     carried_recvs: u64,
+    owed_recvs_posted: u64,
+    data_found_no_recv: u64,
 }
 
 impl Coverage {
@@ -97,6 +99,8 @@ impl Coverage {
         self.carried_sends += s.carried_sends;
         self.carried_recvs += s.carried_recvs;
         self.completions_before_placement += p.d.t.completed_early;
+        self.owed_recvs_posted += s.owed_recvs_posted;
+        self.data_found_no_recv += p.d.t.data_found_no_recv;
     }
 }
 
@@ -430,6 +434,10 @@ fn check_coverage(cov: &Coverage, iwarp: bool) {
         ),
         ("outgrown receive buffers released", cov.rbuf_released),
         (
+            "receives posted after the caller had the message",
+            cov.owed_recvs_posted,
+        ),
+        (
             "completions before placement",
             if iwarp {
                 cov.completions_before_placement
@@ -457,6 +465,10 @@ fn check_coverage(cov: &Coverage, iwarp: bool) {
         );
         assert_eq!(cov.carried_sends, 0, "RoCE carries no data in SENDs");
     }
+    assert_eq!(
+        cov.data_found_no_recv, 0,
+        "a data message found no receive posted: more in flight than the credits allow"
+    );
     assert!(missing.is_empty(), "never reached: {}", missing.join("; "));
 }
 

@@ -443,6 +443,58 @@ fn credit_starvation_stalls_without_overrun() {
     assert_eq!(b.received, a.to_send);
 }
 
+/// A data message's receive is posted again off the path from the message to the caller
+/// (when a look finds nothing, or before a grant), never after a grant that counts on it: the
+/// peer, granted all its credits back while receives were still owed, finds one for each
+/// message it may send.
+#[test]
+fn receives_owed_to_the_queue_go_back_before_the_credits_that_count_on_them() {
+    for msg_send in [false, true] {
+        let c = cfg(64, 16, 64, 16384, 65536, msg_send);
+        let (mut a, mut b) = connected(c, c);
+        let posted = b.d.seen.owed_recvs_posted;
+        a.to_send = pattern(64 * 40, 9);
+        // Ten messages: fewer than RECVS_OWED_MAX, more than half the receives.
+        let first = 10;
+        for _ in 0..first {
+            let mut olen = 64;
+            let took =
+                a.d.send_some(&a.to_send[a.sent..a.sent + 64], &mut olen, false);
+            a.sent += took.unwrap();
+        }
+        assert_eq!(a.sent, first * 64);
+        // B takes them all in one look that finds them: their receives are owed.
+        MemEnd::deliver_all(&mut a.d.t, &mut b.d.t);
+        assert!(b.poll());
+        assert_eq!(b.d.seen.owed_recvs_posted, posted, "none posted yet");
+        // B reads them and owes credits for half its receives: the grant goes out, and the
+        // receives it counts on before it.
+        let mut out = vec![0u8; 64 * 40];
+        let n = b.d.recv_some(&mut out, false);
+        assert_eq!(n, first * 64);
+        b.d.send_credits().unwrap();
+        assert_eq!(
+            b.d.seen.owed_recvs_posted - posted,
+            first as u64,
+            "msg_send {msg_send}"
+        );
+        // A uses every credit; B does not look until all arrived.
+        MemEnd::deliver_all(&mut b.d.t, &mut a.d.t);
+        a.pump(64);
+        MemEnd::deliver_all(&mut a.d.t, &mut b.d.t);
+        assert_eq!(b.d.t.data_found_no_recv, 0, "msg_send {msg_send}");
+        b.received.extend_from_slice(&out[..n]);
+        for _ in 0..100 {
+            b.read(64 * 40);
+            deliver_all(&mut b, &mut a);
+            a.pump(64);
+            deliver_all(&mut a, &mut b);
+        }
+        assert_eq!(b.received, a.to_send, "msg_send {msg_send}");
+        assert_eq!(b.d.t.data_found_no_recv, 0, "msg_send {msg_send}");
+    }
+}
+
 #[test]
 fn on_iwarp_data_leaves_credits_for_control_messages() {
     // The peer has 16 receives and grants 16 credits. Over RoCE data may take them all (a
