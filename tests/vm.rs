@@ -1094,6 +1094,73 @@ fn busy_polling_ends_get_every_byte() {
     close(c);
 }
 
+/// Busy-polling ends turn self-driven, and one that then sleeps in poll(2) on its descriptor
+/// is watched again and woken for what the peer sends: twice, each after a busy-polling burst.
+/// (A look found a program idle right after the machine stalled, under emulation, and watched
+/// it again: now a second look must agree.)
+fn a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken() {
+    let (c, s) = connected_pair();
+    // The server echoes 64-byte messages; one that starts with 0xFF asks it to answer five
+    // bytes after 300 ms instead.
+    let server = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let mut driven = 0;
+            while let Some(m) = spin_recv(&s, 64) {
+                if m[0] == 0xFF {
+                    driven += s.is_self_driven() as u32;
+                    std::thread::sleep(Duration::from_millis(300));
+                    spin_send(&s, &[m[1]; 5]);
+                } else {
+                    spin_send(&s, &m);
+                }
+            }
+            driven
+        })
+    };
+    for round in 0..2u8 {
+        for i in 0..2000u32 {
+            if i >= 100 && c.is_self_driven() {
+                break;
+            }
+            let m = [(i as u8 & 0x7F) ^ round; 64];
+            spin_send(&c, &m);
+            assert_eq!(
+                spin_recv(&c, 64).as_deref(),
+                Some(&m[..]),
+                "round {round}: pong {i}"
+            );
+        }
+        assert!(
+            c.is_self_driven(),
+            "round {round}: the busy-polling end not self-driven after 2000 round trips"
+        );
+        let mut ask = [0u8; 64];
+        ask[0] = 0xFF;
+        ask[1] = round;
+        spin_send(&c, &ask);
+        let r = kpoll(c.fd(), libc::POLLIN, 60_000);
+        assert_ne!(
+            r & libc::POLLIN,
+            0,
+            "round {round}: poll(2) woke without POLLIN ({r:#x})"
+        );
+        assert!(
+            !c.is_self_driven(),
+            "round {round}: the sleeper is watched again"
+        );
+        assert_eq!(spin_recv(&c, 5).as_deref(), Some(&[round; 5][..]));
+    }
+    c.shutdown(libc::SHUT_WR).unwrap();
+    let driven = server.join().expect("server end");
+    assert_eq!(
+        driven, 2,
+        "the busy-polling server end self-driven in both rounds"
+    );
+    close(c);
+    close_plain(&s);
+}
+
 /// rpoll mixes rsockets and kernel descriptors.
 fn rpoll_with_regular_fds() {
     let port = next_port();
@@ -1559,6 +1626,10 @@ const TESTS: &[Test] = &[
     (
         "busy_polling_ends_get_every_byte",
         busy_polling_ends_get_every_byte,
+    ),
+    (
+        "a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken",
+        a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken,
     ),
     (
         "rpoll_pingpong_waits_for_pollin",

@@ -16,19 +16,21 @@
 //!   application inside a call or found nothing to show (its calls had taken what came before
 //!   it could be shown) than twice the useful ones (that showed something new to an application
 //!   outside a call); rpoll counts as a call, and so does an application that polls by itself
-//!   (more than [`POLLING_CALLS`] EAGAIN returns since the watch job last ran). Calls then show only
+//!   (more than [`POLLING_CALLS`] EAGAIN returns since the watch job last ran), or at once
+//!   after a burst of [`POLLING_BURST`] EAGAIN returns between two wake-ups. Calls then show only
 //!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR) and take back
 //!   readiness that went (so that a program asleep on the descriptor never spins on a stale
 //!   POLLIN), arm nothing,
 //!   and the service thread sleeps no more on the socket's channels (no syscall or wake-up
 //!   added per message). The service
 //!   thread looks every [`TICK`] at first: a socket whose application made no call for
-//!   [`IDLE`] is watched again (its descriptor brought up to date at once). Each look that
+//!   [`IDLE`], and none by a second look [`IDLE`] later, is watched again (its descriptor
+//!   brought up to date then). Each look that
 //!   finds the application still calling doubles the time to the next, up to [`TICK_MAX`]:
 //!   under emulation, with every CPU taken by busy-polling programs, each look preempts one of
 //!   them (a 64 B ping-pong's mean went from 175 to 142 us with looks 100 ms apart instead of
 //!   10). A program that busy-polls and then sleeps on the descriptor waits at most about
-//!   `TICK_MAX + IDLE` for its first wake-up (`TICK + IDLE` after a short burst).
+//!   `TICK_MAX + 2 * IDLE` for its first wake-up (`TICK + 2 * IDLE` after a short burst).
 //!
 //! A watched socket can also be *hooked* ([`StreamSocket::hook`]): a wait set of the application
 //! (the preload puts the completion channel in the program's epoll sets) sleeps on the
@@ -55,7 +57,8 @@ pub(super) const TICK: Duration = Duration::from_millis(10);
 /// The longest time between two looks at a self-driven socket in use ([`TICK`] doubled three
 /// times).
 pub(super) const TICK_MAX: Duration = Duration::from_millis(80);
-/// A self-driven socket whose application made no call for this long is watched again.
+/// A self-driven socket whose application made no call for this long, twice over (two looks
+/// this far apart), is watched again.
 pub(super) const IDLE: Duration = Duration::from_millis(2);
 
 /// The watch job alone.
@@ -76,6 +79,9 @@ pub(super) struct Watch {
     wasted: u8,
     /// The connection's EAGAIN count (`Conn::idle_calls`) when the watch job last ran.
     idle_calls: u32,
+    /// A self-driven socket a look found idle: the application's last call then (see
+    /// `watch_job`).
+    idle_exit: Option<u64>,
 }
 
 /// More EAGAIN returns than this between two runs of the watch job: the application
@@ -83,6 +89,12 @@ pub(super) struct Watch {
 /// shown it. One that sleeps on the descriptor makes at most one per wake-up (it reads until
 /// EAGAIN, then sleeps again).
 const POLLING_CALLS: u32 = 2;
+
+/// This many EAGAIN returns between two runs of the watch job: the application busy-polls
+/// (one asleep on the descriptor makes one per wake-up, and this thread's wake-up comes
+/// first), and the socket turns self-driven at once rather than after [`WASTED_MAX`] wasted
+/// wake-ups.
+const POLLING_BURST: u32 = 64;
 
 /// What a self-driven socket's watch job waits for: the next look, [`TICK`] on, doubled
 /// `doublings` times.
@@ -380,18 +392,35 @@ impl StreamSocket {
             return None;
         }
         let inside = self.in_call.load(Ordering::Acquire) > 0;
-        let polling = match &g.state {
+        let calls = match &g.state {
             State::Connected(c) => {
                 let calls = c.idle_calls.wrapping_sub(g.watch.idle_calls);
                 g.watch.idle_calls = c.idle_calls;
-                calls > POLLING_CALLS
+                calls
             }
-            _ => false,
+            _ => 0,
         };
+        let polling = calls > POLLING_CALLS;
         if self.self_driven.load(Ordering::Relaxed) {
             if !self.idle_or_away() {
+                g.watch.idle_exit = None;
                 return Some(tick_wait(now, self.busy_look()));
             }
+            // Idle once is not enough: a second look IDLE later must find no call since. Under
+            // emulation the whole machine stalls for milliseconds now and then, and a look
+            // right after such a stall found a busy-polling program idle; watched again, each
+            // of its messages then woke this thread (which preempts one of the programs) until
+            // enough wasted wake-ups made the socket self-driven again.
+            let exit = self.last_exit.load(Ordering::Relaxed);
+            if g.watch.idle_exit != Some(exit) {
+                g.watch.idle_exit = Some(exit);
+                return Some(Wait {
+                    jobs: WATCH,
+                    fds: Vec::new(),
+                    deadline: Some(now + IDLE),
+                });
+            }
+            g.watch.idle_exit = None;
             trace_verbose!("{self:?}: idle, watched again");
             self.busy_looks.store(0, Ordering::Relaxed);
             g.watch.wasted = 0;
@@ -452,7 +481,15 @@ impl StreamSocket {
                 // races with this thread for the same completion and loses now and then.
                 g.watch.wasted = g.watch.wasted.saturating_sub(2);
             } else if driving || (!progressed && after == before && after & libc::POLLIN == 0) {
-                g.watch.wasted = g.watch.wasted.saturating_add(1);
+                // A burst of EAGAIN returns is no program asleep on the descriptor: self-driven
+                // at once (each wake-up until then preempts one of the busy-polling programs,
+                // and a short run, rstream's 2,000 round trips say, spent most of its time so).
+                let by = if calls >= POLLING_BURST {
+                    WASTED_MAX
+                } else {
+                    1
+                };
+                g.watch.wasted = g.watch.wasted.saturating_add(by);
                 if g.watch.wasted >= WASTED_MAX {
                     trace_verbose!("{self:?}: self-driven, not watched");
                     self.self_driven.store(true, Ordering::Relaxed);
