@@ -671,14 +671,23 @@ static void run_pingpong(int fd, size_t size, uint64_t iters, uint64_t warmup, u
 		sum += (double)lat[i];
 	qsort(lat, iters, sizeof *lat, cmp_u64);
 	double p50 = (double)lat[(iters - 1) / 2] / 1e3, p99 = (double)lat[(iters * 99 + 99) / 100 - 1] / 1e3;
+	double p90 = (double)lat[(iters * 90 + 99) / 100 - 1] / 1e3;
 	double mean = sum / (double)iters / 1e3;
+	/* The tail (what a mean, as rstream's usec/xfer, also counts): round trips of 1 ms or
+	 * more, how many and their share of the time. */
+	uint64_t slow = 0;
+	double slow_ns = 0;
+	for (uint64_t i = iters; i > 0 && lat[i - 1] >= 1000000; i--, slow++)
+		slow_ns += (double)lat[i - 1];
 	double msgs = 2.0 * (double)iters;
 	double ccpu = (double)(c1 - c0) / 1e3 / msgs, scpu = (double)r.cpu_ns / 1e3 / msgs;
 	printf("{\"impl\":\"%s\",\"mode\":\"%s\",\"test\":\"pingpong\",\"size\":%zu,\"iters\":%llu,"
-	       "\"p50_us\":%.3f,\"p99_us\":%.3f,\"mean_us\":%.3f,\"total_us\":%.1f,"
+	       "\"p50_us\":%.3f,\"p90_us\":%.3f,\"p99_us\":%.3f,\"mean_us\":%.3f,\"slow_1ms\":%llu,"
+	       "\"slow_share\":%.3f,\"total_us\":%.1f,"
 	       "\"cpu_client_us_per_msg\":%.3f,\"cpu_server_us_per_msg\":%.3f,\"cpu_us_per_msg\":%.3f,"
 	       "\"verified_client_bytes\":%llu,\"verified_server_bytes\":%llu,\"verified\":true}\n",
-	       IMPL, mode_names[mode], size, (unsigned long long)iters, p50, p99, mean, total_us, ccpu, scpu,
+	       IMPL, mode_names[mode], size, (unsigned long long)iters, p50, p90, p99, mean, (unsigned long long)slow,
+	       sum > 0 ? slow_ns / sum : 0.0, total_us, ccpu, scpu,
 	       ccpu + scpu, (unsigned long long)(rx_verified - v0), (unsigned long long)r.verified);
 	printf("# %-10s %-5s pingpong %8zu B x %-6llu p50 %9.2f us  p99 %9.2f us  mean %9.2f us  cpu %7.2f us/msg "
 	       "(client %.2f + server %.2f)\n",
