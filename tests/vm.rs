@@ -1095,7 +1095,8 @@ fn busy_polling_ends_get_every_byte() {
 }
 
 /// Busy-polling ends turn self-driven, and one that then sleeps in poll(2) on its descriptor
-/// is watched again and woken for what the peer sends: twice, each after a busy-polling burst.
+/// is watched again and woken for what the peer sends: twice, each after a busy-polling burst
+/// (MSG_DONTWAIT retried at once, then rpoll without a wait, rstream -T a).
 /// (A look found a program idle right after the machine stalled, under emulation, and watched
 /// it again: now a second look must agree.)
 fn a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken() {
@@ -1125,6 +1126,15 @@ fn a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken() {
             }
             let m = [(i as u8 & 0x7F) ^ round; 64];
             spin_send(&c, &m);
+            if round == 1 {
+                // rstream -T a: rpoll without a wait until the reply is there.
+                let mut p = [libc::pollfd {
+                    fd: c.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                while socket::poll::poll(&mut p, 0).expect("rpoll") == 0 {}
+            }
             assert_eq!(
                 spin_recv(&c, 64).as_deref(),
                 Some(&m[..]),

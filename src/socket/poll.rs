@@ -83,6 +83,9 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
     {
         p.revents = s.poll_once()? & mask(p.events);
         if p.revents != 0 || timeout_ms == 0 {
+            if p.revents == 0 {
+                s.note_poll_miss();
+            }
             return Ok((p.revents != 0) as usize);
         }
     }
@@ -113,6 +116,13 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
     let mut slept = false;
     loop {
         let n = check(fds, &socks)?;
+        if n == 0 && timeout_ms == 0 {
+            for s in socks.iter().flatten() {
+                if let Socket::Stream(s) = s {
+                    s.note_poll_miss();
+                }
+            }
+        }
         if n > 0 || timeout_ms == 0 {
             if n > 0
                 && let Some(t0) = start

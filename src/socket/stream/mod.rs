@@ -132,6 +132,9 @@ pub struct StreamSocket {
     in_call: AtomicU32,
     /// Ticks when the last call returned.
     last_exit: std::sync::atomic::AtomicU64,
+    /// rpoll looks without a wait that found nothing the caller asked for: the application
+    /// polls by itself (as with EAGAIN returns, see `ready`).
+    poll_misses: AtomicU32,
     /// The descriptor is not kept up to date by every call (see `ready`).
     self_driven: std::sync::atomic::AtomicBool,
     /// Looks of the service thread in a row that found the self-driven socket in use (the
@@ -189,6 +192,7 @@ impl StreamSocket {
             pid: std::process::id(),
             in_call: AtomicU32::new(0),
             last_exit: std::sync::atomic::AtomicU64::new(0),
+            poll_misses: AtomicU32::new(0),
             self_driven: std::sync::atomic::AtomicBool::new(false),
             busy_looks: std::sync::atomic::AtomicU8::new(0),
             hooked: AtomicU32::new(0),

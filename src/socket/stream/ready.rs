@@ -16,7 +16,8 @@
 //!   application inside a call or found nothing to show (its calls had taken what came before
 //!   it could be shown) than twice the useful ones (that showed something new to an application
 //!   outside a call); rpoll counts as a call, and so does an application that polls by itself
-//!   (more than [`POLLING_CALLS`] EAGAIN returns since the watch job last ran), or at once
+//!   (more than [`POLLING_CALLS`] EAGAIN returns, or rpoll looks without a wait that found
+//!   nothing, since the watch job last ran), or at once
 //!   after a burst of [`POLLING_BURST`] EAGAIN returns between two wake-ups. Calls then show only
 //!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR) and take back
 //!   readiness that went (so that a program asleep on the descriptor never spins on a stale
@@ -79,6 +80,8 @@ pub(super) struct Watch {
     wasted: u8,
     /// The connection's EAGAIN count (`Conn::idle_calls`) when the watch job last ran.
     idle_calls: u32,
+    /// `StreamSocket::poll_misses` when the watch job last ran.
+    poll_misses: u32,
     /// A self-driven socket a look found idle: the application's last call then (see
     /// `watch_job`).
     idle_exit: Option<u64>,
@@ -238,6 +241,12 @@ impl StreamSocket {
         n
     }
 
+    /// An rpoll look without a wait found nothing the caller asked for on this socket (see
+    /// `poll_misses`).
+    pub(crate) fn note_poll_miss(&self) {
+        self.poll_misses.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Notes a call that returns without `call` (a staged send): the application is active.
     pub(super) fn touch(&self, now: u64) {
         self.last_exit.store(now, Ordering::Relaxed);
@@ -392,14 +401,17 @@ impl StreamSocket {
             return None;
         }
         let inside = self.in_call.load(Ordering::Acquire) > 0;
+        let misses = self.poll_misses.load(Ordering::Relaxed);
         let calls = match &g.state {
             State::Connected(c) => {
-                let calls = c.idle_calls.wrapping_sub(g.watch.idle_calls);
+                let calls = c.idle_calls.wrapping_sub(g.watch.idle_calls)
+                    + misses.wrapping_sub(g.watch.poll_misses);
                 g.watch.idle_calls = c.idle_calls;
                 calls
             }
             _ => 0,
         };
+        g.watch.poll_misses = misses;
         let polling = calls > POLLING_CALLS;
         if self.self_driven.load(Ordering::Relaxed) {
             if !self.idle_or_away() {
