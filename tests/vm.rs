@@ -1096,7 +1096,8 @@ fn busy_polling_ends_get_every_byte() {
 
 /// Busy-polling ends turn self-driven, and one that then sleeps in poll(2) on its descriptor
 /// is watched again and woken for what the peer sends: twice, each after a busy-polling burst
-/// (MSG_DONTWAIT retried at once, then rpoll without a wait, rstream -T a).
+/// (MSG_DONTWAIT retried at once, then rpoll without a wait, rstream -T a); then one that keeps
+/// looking with rpoll for POLLIN and POLLOUT sees the data come.
 /// (A look found a program idle right after the machine stalled, under emulation, and watched
 /// it again: now a second look must agree.)
 fn a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken() {
@@ -1119,14 +1120,14 @@ fn a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken() {
             driven
         })
     };
-    for round in 0..2u8 {
+    for round in 0..3u8 {
         for i in 0..2000u32 {
             if i >= 100 && c.is_self_driven() {
                 break;
             }
             let m = [(i as u8 & 0x7F) ^ round; 64];
             spin_send(&c, &m);
-            if round == 1 {
+            if round >= 1 {
                 // rstream -T a: rpoll without a wait until the reply is there.
                 let mut p = [libc::pollfd {
                     fd: c.fd(),
@@ -1149,23 +1150,43 @@ fn a_busy_polling_end_that_then_sleeps_on_its_descriptor_is_woken() {
         ask[0] = 0xFF;
         ask[1] = round;
         spin_send(&c, &ask);
-        let r = kpoll(c.fd(), libc::POLLIN, 60_000);
-        assert_ne!(
-            r & libc::POLLIN,
-            0,
-            "round {round}: poll(2) woke without POLLIN ({r:#x})"
-        );
-        assert!(
-            !c.is_self_driven(),
-            "round {round}: the sleeper is watched again"
-        );
+        if round < 2 {
+            let r = kpoll(c.fd(), libc::POLLIN, 60_000);
+            assert_ne!(
+                r & libc::POLLIN,
+                0,
+                "round {round}: poll(2) woke without POLLIN ({r:#x})"
+            );
+            assert!(
+                !c.is_self_driven(),
+                "round {round}: the sleeper is watched again"
+            );
+        } else {
+            // rpoll without a wait for both POLLIN and POLLOUT: room to send is there at each
+            // look, and the data must still come (a look that stopped at POLLOUT never took
+            // it).
+            let end = Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut p = [libc::pollfd {
+                    fd: c.fd(),
+                    events: libc::POLLIN | libc::POLLOUT,
+                    revents: 0,
+                }];
+                socket::poll::poll(&mut p, 0).expect("rpoll");
+                if p[0].revents & libc::POLLIN != 0 {
+                    break;
+                }
+                assert_ne!(p[0].revents & libc::POLLOUT, 0, "no room to send");
+                assert!(Instant::now() < end, "no POLLIN for 60 s");
+            }
+        }
         assert_eq!(spin_recv(&c, 5).as_deref(), Some(&[round; 5][..]));
     }
     c.shutdown(libc::SHUT_WR).unwrap();
     let driven = server.join().expect("server end");
     assert_eq!(
-        driven, 2,
-        "the busy-polling server end self-driven in both rounds"
+        driven, 3,
+        "the busy-polling server end self-driven in every round"
     );
     close(c);
     close_plain(&s);

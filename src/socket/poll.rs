@@ -81,7 +81,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> Result<usize> {
         && p.fd >= 0
         && let Ok(Socket::Stream(s)) = lookup_any(p.fd)
     {
-        p.revents = s.poll_once()? & mask(p.events);
+        p.revents = s.poll_once(p.events)? & mask(p.events);
         if p.revents != 0 || timeout_ms == 0 {
             if p.revents == 0 {
                 s.note_poll_miss();

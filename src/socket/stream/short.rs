@@ -142,13 +142,27 @@ impl StreamSocket {
     }
 
     /// rpoll's look at one socket without a wait (rstream -T a busy-polls so), short: the
-    /// connection's readiness after taking the completions, or `None` for the full path
-    /// (`poll_once`).
-    pub(super) fn poll_short(&self) -> Option<i16> {
+    /// connection's readiness (after taking the completions unless it is ready already for
+    /// `events`), or `None` for the full path (`poll_once`).
+    pub(super) fn poll_short(&self, events: i16) -> Option<i16> {
         let mut g = self.short_lock()?;
         let State::Connected(conn) = &mut g.state else {
             return None;
         };
+        // Ready already for all the caller asks (room to send, say, right after a receive):
+        // no look at the completions, as a send that fits goes without one. What they hold
+        // comes with the next look. (All: a loop asking for POLLIN and POLLOUT that only ever
+        // saw POLLOUT would never see its data.)
+        let now = conn.revents();
+        let want = events & (libc::POLLIN | libc::POLLOUT);
+        if want != 0 && now & want == want {
+            drop(g);
+            self.short_exit(
+                #[cfg(debug_assertions)]
+                Taken::Poll,
+            );
+            return Some(now);
+        }
         self.drive(conn).ok()?;
         let revents = conn.revents();
         self.publish(&mut g);

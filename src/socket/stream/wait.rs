@@ -55,9 +55,10 @@ impl StreamSocket {
 
     /// One look at the readiness, as a call of its own (rpoll with a single rsocket and no
     /// wait, as a busy-polling loop calls it): the call ends without a second lock (see
-    /// `settle`). POLL bits as for `poll_state`.
-    pub fn poll_once(&self) -> Result<i16> {
-        if let Some(revents) = self.poll_short() {
+    /// `settle`). POLL bits as for `poll_state`; `events`, what the caller asks for: a
+    /// self-driven socket ready for all of it already is not driven first.
+    pub fn poll_once(&self, events: i16) -> Result<i16> {
+        if let Some(revents) = self.poll_short(events) {
             return Ok(revents);
         }
         let mut call = self.call();
