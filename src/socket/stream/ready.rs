@@ -17,8 +17,8 @@
 //!   it could be shown) than twice the useful ones (that showed something new to an application
 //!   outside a call); rpoll counts as a call, and so does an application that polls by itself
 //!   (more than [`POLLING_CALLS`] EAGAIN returns, or rpoll looks without a wait that found
-//!   nothing, since the watch job last ran), or at once
-//!   after a burst of [`POLLING_BURST`] EAGAIN returns between two wake-ups. Calls then show only
+//!   nothing, since the watch job last ran), or at once after a burst of [`POLLING_BURST`]
+//!   such calls between two wake-ups. Calls then show only
 //!   the end of the connection on the descriptor (POLLRDHUP, POLLHUP, POLLERR) and take back
 //!   readiness that went (so that a program asleep on the descriptor never spins on a stale
 //!   POLLIN), arm nothing,
@@ -93,10 +93,10 @@ pub(super) struct Watch {
 /// EAGAIN, then sleeps again).
 const POLLING_CALLS: u32 = 2;
 
-/// This many EAGAIN returns between two runs of the watch job: the application busy-polls
-/// (one asleep on the descriptor makes one per wake-up, and this thread's wake-up comes
-/// first), and the socket turns self-driven at once rather than after [`WASTED_MAX`] wasted
-/// wake-ups.
+/// This many EAGAIN returns (or rpoll looks that found nothing) between two runs of the
+/// watch job: the application busy-polls (one asleep on the descriptor makes one per wake-up,
+/// and this thread's wake-up comes first), and the socket turns self-driven at once rather
+/// than after [`WASTED_MAX`] wasted wake-ups.
 const POLLING_BURST: u32 = 64;
 
 /// What a self-driven socket's watch job waits for: the next look, [`TICK`] on, doubled
@@ -404,8 +404,10 @@ impl StreamSocket {
         let misses = self.poll_misses.load(Ordering::Relaxed);
         let calls = match &g.state {
             State::Connected(c) => {
-                let calls = c.idle_calls.wrapping_sub(g.watch.idle_calls)
-                    + misses.wrapping_sub(g.watch.poll_misses);
+                let calls = c
+                    .idle_calls
+                    .wrapping_sub(g.watch.idle_calls)
+                    .saturating_add(misses.wrapping_sub(g.watch.poll_misses));
                 g.watch.idle_calls = c.idle_calls;
                 calls
             }

@@ -155,17 +155,14 @@ impl StreamSocket {
         // saw POLLOUT would never see its data.)
         let now = conn.revents();
         let want = events & (libc::POLLIN | libc::POLLOUT);
-        if want != 0 && now & want == want {
-            drop(g);
-            self.short_exit(
-                #[cfg(debug_assertions)]
-                Taken::Poll,
-            );
-            return Some(now);
-        }
-        self.drive(conn).ok()?;
-        let revents = conn.revents();
-        self.publish(&mut g);
+        let revents = if want != 0 && now & want == want {
+            now
+        } else {
+            self.drive(conn).ok()?;
+            let r = conn.revents();
+            self.publish(&mut g);
+            r
+        };
         drop(g);
         self.short_exit(
             #[cfg(debug_assertions)]
