@@ -102,10 +102,15 @@ const POLLING_BURST: u32 = 64;
 /// What a self-driven socket's watch job waits for: the next look, [`TICK`] on, doubled
 /// `doublings` times.
 fn tick_wait(now: Instant, doublings: u8) -> Wait {
+    look_at(now + (TICK * (1 << doublings.min(8))).min(TICK_MAX))
+}
+
+/// What a self-driven socket's watch job waits for: its next look, at `at` (no descriptor).
+fn look_at(at: Instant) -> Wait {
     Wait {
         jobs: WATCH,
         fds: Vec::new(),
-        deadline: Some(now + (TICK * (1 << doublings.min(8))).min(TICK_MAX)),
+        deadline: Some(at),
     }
 }
 
@@ -428,11 +433,7 @@ impl StreamSocket {
             let exit = self.last_exit.load(Ordering::Relaxed);
             if g.watch.idle_exit != Some(exit) {
                 g.watch.idle_exit = Some(exit);
-                return Some(Wait {
-                    jobs: WATCH,
-                    fds: Vec::new(),
-                    deadline: Some(now + IDLE),
-                });
+                return Some(look_at(now + IDLE));
             }
             g.watch.idle_exit = None;
             trace_verbose!("{self:?}: idle, watched again");
