@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
 
 use crate::trace::{trace, trace_verbose};
-use crate::verbs::{Waker, poll_fds_for, pollin};
+use crate::verbs::{Timer, Waker, poll_fds_for, pollin};
 
 /// The jobs a socket has with the service (a set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,6 +123,11 @@ struct Service {
     /// Signalled when a lingering socket leaves (the exit handler waits on it).
     left: Condvar,
     wake: Waker,
+    /// Wakes the thread at the earliest time a job was added for ([`add_at`]) while it slept;
+    /// None if it could not be made (every such job then wakes the thread at once).
+    timer: Option<Timer>,
+    /// When `timer` fires next (None: not set since the thread last woke).
+    timer_at: Mutex<Option<Instant>>,
 }
 
 /// The current process's service (None until the first job; a parent's after fork). Services
@@ -151,6 +156,8 @@ fn start(cur: &mut Option<&'static Service>) -> Option<&'static Service> {
         entries: Mutex::new(Vec::new()),
         left: Condvar::new(),
         wake: Waker::new().ok()?,
+        timer: Timer::new().ok(),
+        timer_at: Mutex::new(None),
     }));
     // The thread blocks every signal (see without_signals).
     crate::verbs::os::without_signals(|| {
@@ -174,18 +181,33 @@ fn service() -> Option<&'static Service> {
     start(&mut cur)
 }
 
-/// Adds `jobs` to the socket's jobs with the service. Returns false if the service could not
-/// start (the caller does the work itself then, or goes without).
+/// Adds `jobs` to the socket's jobs with the service, due now. Returns false if the service
+/// could not start (the caller does the work itself then, or goes without).
 pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
+    add_due(s, jobs, None)
+}
+
+/// Adds `jobs` to the socket's jobs with the service, due at `at` (the socket's other jobs are
+/// not put off by it). The thread is not woken now: it wakes at `at` (see [`Timer`]). Returns
+/// false if the service could not start.
+pub fn add_at(s: &Arc<dyn Serviced>, jobs: Jobs, at: Instant) -> bool {
+    add_due(s, jobs, Some(at))
+}
+
+fn add_due(s: &Arc<dyn Serviced>, jobs: Jobs, at: Option<Instant>) -> bool {
     let Some(svc) = service() else {
         return false;
     };
+    // Without a timer a job due later wakes the thread now, as one due now does.
+    let at = at.filter(|_| svc.timer.is_some());
     let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
     match list.iter_mut().find(|e| e.socket.is(s)) {
         Some(e) => {
             e.jobs = e.jobs.union(jobs);
             e.generation += 1;
-            e.due = None;
+            // A socket served every round (its jobs wait for a descriptor, or were added due
+            // now) stays so; one that waits for a time waits for the sooner of the two.
+            e.due = e.due.and_then(|d| at.map(|a| d.min(a)));
             if jobs.linger {
                 e.socket = Handle::Held(s.clone());
             }
@@ -199,11 +221,29 @@ pub fn add(s: &Arc<dyn Serviced>, jobs: Jobs) -> bool {
             jobs,
             generation: 0,
             ready: Vec::new(),
-            due: None,
+            due: at,
         }),
     }
     drop(list);
-    svc.wake.wake();
+    match (at, &svc.timer) {
+        (Some(at), Some(timer)) => {
+            // After the entry: a thread that already took its round's work sleeps no longer
+            // than the timer, one that did not yet sees the entry's due time in that round.
+            let mut set = svc.timer_at.lock().unwrap_or_else(|e| e.into_inner());
+            if set.is_none_or(|t| at < t) {
+                if timer
+                    .set_after(at.saturating_duration_since(Instant::now()))
+                    .is_ok()
+                {
+                    *set = Some(at);
+                } else {
+                    drop(set);
+                    svc.wake.wake();
+                }
+            }
+        }
+        _ => svc.wake.wake(),
+    }
     true
 }
 
@@ -250,6 +290,11 @@ fn run(svc: &'static Service) {
         // sockets' jobs run (a program asleep on the descriptor waits for it).
         work.sort_by_key(|(_, _, _, ready)| ready.is_empty());
         let mut fds = vec![pollin(svc.wake.fd())];
+        if let Some(t) = &svc.timer {
+            fds.push(pollin(t.fd()));
+        }
+        // The sockets' descriptors follow the service's own.
+        let own = fds.len();
         let mut owners: Vec<Weak<dyn Serviced>> = Vec::new();
         let mut results = Vec::with_capacity(work.len());
         for (s, jobs, _, ready) in &work {
@@ -304,19 +349,32 @@ fn run(svc: &'static Service) {
         // turn this loop into a busy one.
         let timeout = next.map(|n| n.saturating_duration_since(Instant::now()).max(MIN_SLEEP));
         let _ = poll_fds_for(&mut fds, timeout);
+        let timed = own > 1 && fds[1].revents != 0;
         trace_verbose!(
-            "service: woke ({}{} of {} descriptors ready, timeout {:?})",
+            "service: woke ({}{}{} of {} descriptors ready, timeout {:?})",
             if fds[0].revents != 0 { "waker, " } else { "" },
-            fds[1..].iter().filter(|p| p.revents != 0).count(),
-            fds.len() - 1,
+            if timed { "timer, " } else { "" },
+            fds[own..].iter().filter(|p| p.revents != 0).count(),
+            fds.len() - own,
             timeout
         );
         if fds[0].revents != 0 {
             svc.wake.reset();
         }
+        if let Some(t) = &svc.timer {
+            // Before the next round takes its work: a job added at a time from here on sets
+            // the timer again (see add_due).
+            let mut set = svc.timer_at.lock().unwrap_or_else(|e| e.into_inner());
+            if timed {
+                t.reset();
+            }
+            if set.is_some_and(|at| at <= Instant::now()) || timed {
+                *set = None;
+            }
+        }
         // Hand each socket the wake-ups that are its own, for the next round.
         let mut list = svc.entries.lock().unwrap_or_else(|e| e.into_inner());
-        for (p, owner) in fds[1..].iter().zip(&owners) {
+        for (p, owner) in fds[own..].iter().zip(&owners) {
             if p.revents == 0 {
                 continue;
             }
@@ -397,6 +455,59 @@ mod tests {
             .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
             .filter(|n| n.trim() == "rsocket-service")
             .count()
+    }
+
+    /// A socket stand-in whose jobs end at their first round, which it records.
+    #[derive(Default)]
+    struct Once {
+        served_at: Mutex<Vec<Instant>>,
+    }
+
+    impl Serviced for Once {
+        fn serve(&self, _: Jobs, now: Instant, _: &[RawFd]) -> Wait {
+            self.served_at.lock().unwrap().push(now);
+            Wait::default()
+        }
+
+        fn job_failed(&self, _: Jobs) {}
+    }
+
+    #[test]
+    fn a_job_added_for_later_is_served_then_and_not_before() {
+        let flush = Jobs {
+            flush: true,
+            ..Jobs::default()
+        };
+        // The thread asleep with nothing to do, then two jobs for later, the later one first:
+        // each is served once, at its time or after, never before.
+        let warm = Arc::new(Once::default());
+        assert!(add(&(warm.clone() as Arc<dyn Serviced>), flush));
+        wait_for("the first job served", || {
+            !warm.served_at.lock().unwrap().is_empty()
+        });
+        // Asleep again (no deadline of ours): only the timer wakes it for the jobs below.
+        std::thread::sleep(Duration::from_millis(20));
+        let (late, soon) = (Arc::new(Once::default()), Arc::new(Once::default()));
+        let t0 = Instant::now();
+        let (at_late, at_soon) = (
+            t0 + Duration::from_millis(300),
+            t0 + Duration::from_millis(100),
+        );
+        assert!(add_at(&(late.clone() as Arc<dyn Serviced>), flush, at_late));
+        assert!(add_at(&(soon.clone() as Arc<dyn Serviced>), flush, at_soon));
+        for (m, at) in [(&soon, at_soon), (&late, at_late)] {
+            wait_for("the job served", || !m.served_at.lock().unwrap().is_empty());
+            let served = m.served_at.lock().unwrap().clone();
+            assert!(
+                served[0] >= at,
+                "served {:?} before its time",
+                at - served[0]
+            );
+        }
+        // Done at the first round: no second one.
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(soon.served_at.lock().unwrap().len(), 1);
+        assert_eq!(late.served_at.lock().unwrap().len(), 1);
     }
 
     #[test]

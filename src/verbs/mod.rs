@@ -52,8 +52,8 @@ pub use cm::contexts::credentials_changed;
 pub use cm::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, DeviceInfo, EventChannel};
 pub use endpoint::*;
 pub use os::{
-    Waker, poll_fds, poll_fds_for, pollin, raise_sigpipe, run_at_exit, set_nonblocking, ticks,
-    ticks_per_us,
+    Timer, Waker, poll_fds, poll_fds_for, pollin, raise_sigpipe, run_at_exit, set_nonblocking,
+    ticks, ticks_per_us,
 };
 pub use ready::ReadyFd;
 pub use ud::{Ah, AhAttr, PortInfo, resolve_ah_attr, ud_device_present, wait_event};

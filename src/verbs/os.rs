@@ -59,6 +59,65 @@ impl Waker {
     }
 }
 
+/// A timerfd (CLOCK_MONOTONIC, the clock of `std::time::Instant`): a descriptor that becomes
+/// readable at a time set from another thread, so a thread asleep in poll(2) on it wakes then
+/// without being woken now (a wake-up takes a CPU from whoever runs on it).
+#[derive(Debug)]
+pub struct Timer(std::os::fd::OwnedFd);
+
+impl Timer {
+    /// Creates a non-blocking, disarmed timer.
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: timerfd_create has no memory arguments.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        Ok(Timer(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }))
+    }
+
+    /// The descriptor to poll for input.
+    pub fn fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.0)
+    }
+
+    /// Makes the descriptor readable once `after` has passed from now (replacing any earlier
+    /// setting and clearing an expiry not yet read).
+    pub fn set_after(&self, after: std::time::Duration) -> io::Result<()> {
+        // A zero time would disarm the timer: the soonest it can fire is a nanosecond.
+        let after = after.max(std::time::Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs().min(i64::MAX as u64) as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: spec is a valid itimerspec; no old value is asked for.
+        let r = unsafe { libc::timerfd_settime(self.fd(), 0, &spec, std::ptr::null_mut()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Clears an expiry (the descriptor is no longer readable until the next one).
+    pub fn reset(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a local; non-blocking, EAGAIN when not expired.
+        unsafe { libc::read(self.fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+    }
+}
+
 /// poll(2) over `fds` (events and revents as in libc). EINTR counts as a wake-up with no events.
 /// `timeout_ms` < 0 waits forever.
 pub fn poll_fds(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use super::short::ShortSend;
-use super::{FLUSH, StreamSocket, broken};
+use super::{StreamSocket, broken};
 use crate::error::{Error, Result};
 use crate::trace::trace_verbose;
 use crate::verbs::raise_sigpipe;
@@ -74,7 +74,7 @@ impl StreamSocket {
         if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
             trace_verbose!("fd {}: gathered send, flush job", self.channel.fd());
-            self.add_jobs(FLUSH);
+            self.hand_flush();
         }
         if r.is_ok() {
             self.sent_directly(t0, olen, posted);

@@ -40,6 +40,19 @@ impl StreamSocket {
         self.serviced().is_some_and(|s| service::add(&s, jobs))
     }
 
+    /// Hands the flush job work from a call of the application (gathered or staged sends, or
+    /// a completion event the call took from it). The job's first look is a post's time away
+    /// (the application, in a call now, may well post them itself meanwhile): the service
+    /// thread is set to wake then rather than woken now, a wake-up that would only take the
+    /// CPU from the application. Returns false if the service cannot take the job.
+    pub(super) fn hand_flush(&self) -> bool {
+        let Some(after) = self.stage.first_look() else {
+            return self.add_jobs(super::FLUSH);
+        };
+        self.serviced()
+            .is_some_and(|s| service::add_at(&s, super::FLUSH, Instant::now() + after))
+    }
+
     /// The jobs the service thread has for this socket now (for tests and diagnostics).
     pub fn service_jobs(&self) -> Jobs {
         self.serviced()
@@ -86,7 +99,12 @@ impl StreamSocket {
             let us = ticks / crate::verbs::ticks_per_us();
             return Ok(Some(FlushWait::Until(now + Duration::from_micros(us + 1))));
         }
-        let mut g = self.lock();
+        // A call that holds the socket now drives the connection (posting what is gathered as
+        // the writes before it complete) and posts the stage: waiting for its lock would only
+        // make it wait for ours next, while we post in its place.
+        let Some(mut g) = self.try_lock_now() else {
+            return Ok(Some(FlushWait::Until(now + self.stage.retry_after())));
+        };
         let State::Connected(conn) = &mut g.state else {
             self.drop_stage();
             self.settle_stage(false);

@@ -264,6 +264,15 @@ impl StreamSocket {
         }
     }
 
+    /// The lock if no other thread holds it now (a poisoned one is taken, as by `lock`).
+    fn try_lock_now(&self) -> Option<MutexGuard<'_, Inner>> {
+        match self.inner.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the protocol state half-updated in a way
         // that matters more than losing the socket; keep serving.

@@ -16,7 +16,7 @@ use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
 use super::wait::CM_TICK_EVERY;
-use super::{FLUSH, Inner, State, StreamSocket};
+use super::{Inner, State, StreamSocket};
 use crate::error::{Error, Result};
 use crate::trace::{trace, trace_verbose};
 use crate::verbs::ticks;
@@ -129,7 +129,7 @@ impl StreamSocket {
         if pending && !self.in_flusher.swap(true, Ordering::AcqRel) {
             // Gathered sends leave when the writes in flight complete, even if we go idle.
             trace_verbose!("fd {}: gathered send, flush job", self.channel.fd());
-            self.add_jobs(FLUSH);
+            self.hand_flush();
         }
         if sent < buf.len() {
             return ShortSend::Part { sent, posted };

@@ -42,6 +42,9 @@ const STAGE_LIMIT: usize = 2 * STAGE_POST_AT;
 /// the application stops calling.
 const MAX_DEFER: u32 = 32;
 const MAX_DEFER_US: u64 = 2_000;
+/// The least the flush job waits before it looks again at a socket a call is using,
+/// microseconds (before a post was measured).
+const RETRY_MIN_US: u64 = 50;
 /// The most a send's post is taken to cost (a send that had to wait for room measures its
 /// wait too), microseconds.
 const MAX_POST_COST_US: u64 = 1_000;
@@ -145,10 +148,43 @@ impl Stage {
             self.defers.store(0, Ordering::Relaxed);
             return None;
         }
-        Some(
-            cost.saturating_mul(1 << (n - 1).min(MAX_DEFER.trailing_zeros()))
-                .min(max),
-        )
+        Some(Self::deferral(cost, n))
+    }
+
+    /// The `n`th look (from 1) that finds the application still calling waits this long.
+    fn deferral(cost: u64, n: u32) -> u64 {
+        let max = MAX_DEFER_US * crate::verbs::ticks_per_us();
+        cost.saturating_mul(1 << (n.max(1) - 1).min(MAX_DEFER.trailing_zeros()))
+            .min(max)
+    }
+
+    /// The flush job is handed work by a call of the application: how long until its first
+    /// look, which waits a post's time from now (see `app_still_calling`), counted as that
+    /// first look done, so that the service thread need not wake now only to learn it. None
+    /// when no post was measured yet (the job looks at once).
+    pub(super) fn first_look(&self) -> Option<std::time::Duration> {
+        let cost = self.post_cost.load(Ordering::Relaxed);
+        if cost == 0 {
+            return None;
+        }
+        // A job that is deferring already keeps its count of looks.
+        let _ = self
+            .defers
+            .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
+        Some(std::time::Duration::from_micros(
+            cost / crate::verbs::ticks_per_us() + 1,
+        ))
+    }
+
+    /// The flush job found the socket in use by a call of the application (which drives the
+    /// connection, posting what is gathered, and posts the stage): how long until it looks
+    /// again, counted as a look that found the application still calling (see
+    /// `app_still_calling`: each such look waits twice as long as the one before).
+    pub(super) fn retry_after(&self) -> std::time::Duration {
+        let cost = self.post_cost.load(Ordering::Relaxed);
+        let n = self.defers.fetch_add(1, Ordering::Relaxed).max(1);
+        let us = Self::deferral(cost, n) / crate::verbs::ticks_per_us();
+        std::time::Duration::from_micros(us.max(RETRY_MIN_US))
     }
 
     /// The write size a send starts with: where the previous send left off if this one
@@ -202,7 +238,7 @@ impl StreamSocket {
         st.last_send.store(now, Ordering::Relaxed);
         if hand_over {
             // The backstop, should the application stop calling.
-            self.add_jobs(super::FLUSH);
+            self.hand_flush();
         }
         if post_now {
             self.post_stage();
@@ -387,6 +423,47 @@ mod tests {
         assert_eq!(st.app_still_calling(t0 + 10 * us, true, t0), Some(cost));
         assert_eq!(st.app_still_calling(t0 + 900 * us, true, t0), Some(cost));
         assert_eq!(st.app_still_calling(t0 + MAX_DEFER_US * us, true, t0), None);
+    }
+
+    #[test]
+    fn a_job_handed_over_with_its_first_look_put_off_looks_for_real_then() {
+        let us = ticks_per_us();
+        let (t0, cost) = (1_000_000 * us, 100 * us);
+        let st = stage(64, cost);
+        let first = st.first_look().expect("a post was measured");
+        assert_eq!(first, std::time::Duration::from_micros(101));
+        // The service thread's look a post's time later is not another put-off: no call
+        // since the hand-over, the job posts.
+        assert_eq!(
+            st.app_still_calling(t0 + 150 * us, false, t0 + 40 * us),
+            None
+        );
+        // Handed over again while it defers: the count of looks stays.
+        st.first_look();
+        assert_eq!(
+            st.app_still_calling(t0 + 300 * us, true, t0 + 290 * us),
+            Some(cost)
+        );
+        st.first_look();
+        assert_eq!(
+            st.app_still_calling(t0 + 500 * us, false, t0 + 490 * us),
+            Some(2 * cost)
+        );
+        assert_eq!(stage(64, 0).first_look(), None, "no post measured: at once");
+    }
+
+    #[test]
+    fn a_socket_found_in_use_is_looked_at_again_later_and_later() {
+        let us = ticks_per_us();
+        let st = stage(64, 100 * us);
+        let waits: Vec<u64> = (0..8)
+            .map(|_| st.retry_after().as_micros() as u64)
+            .collect();
+        assert_eq!(waits[..4], [100, 100, 200, 400]);
+        assert!(waits.iter().all(|&w| w <= MAX_DEFER_US));
+        assert_eq!(*waits.last().unwrap(), MAX_DEFER_US);
+        // Before a post was measured: a short wait, not none.
+        assert_eq!(stage(64, 0).retry_after().as_micros() as u64, RETRY_MIN_US);
     }
 
     #[test]

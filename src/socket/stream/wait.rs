@@ -185,7 +185,7 @@ impl StreamSocket {
     /// woken to look again (and to arm the CQ for itself).
     fn pass_on_to_flusher(&self) {
         if self.in_flusher.load(Ordering::Acquire) {
-            self.add_jobs(super::FLUSH);
+            self.hand_flush();
         }
     }
 
