@@ -368,7 +368,7 @@ fn run(svc: &'static Service) {
             if timed {
                 t.reset();
             }
-            if set.is_some_and(|at| at <= Instant::now()) || timed {
+            if timed || set.is_some_and(|at| at <= Instant::now()) {
                 *set = None;
             }
         }

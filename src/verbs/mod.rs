@@ -53,7 +53,7 @@ pub use cm::{CmEvent, CmEventKind, CmId, CmOption, ConnParam, DeviceInfo, EventC
 pub use endpoint::*;
 pub use os::{
     Timer, Waker, poll_fds, poll_fds_for, pollin, raise_sigpipe, run_at_exit, set_nonblocking,
-    ticks, ticks_per_us,
+    ticks, ticks_per_us, wait_of_ticks,
 };
 pub use ready::ReadyFd;
 pub use ud::{Ah, AhAttr, PortInfo, resolve_ah_attr, ud_device_present, wait_event};

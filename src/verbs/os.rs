@@ -208,6 +208,11 @@ pub fn ticks_per_us() -> u64 {
     })
 }
 
+/// A wait of at least `t` [`ticks`]: the whole microseconds they hold, and one more.
+pub fn wait_of_ticks(t: u64) -> std::time::Duration {
+    std::time::Duration::from_micros(t / ticks_per_us() + 1)
+}
+
 /// Raises SIGPIPE in the calling thread, as a write to a shut-down kernel socket does.
 pub fn raise_sigpipe() {
     // SAFETY: raise has no memory arguments.

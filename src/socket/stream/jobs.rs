@@ -96,8 +96,9 @@ impl StreamSocket {
             self.last_exit.load(Ordering::Relaxed),
         );
         if let Some(ticks) = wait {
-            let us = ticks / crate::verbs::ticks_per_us();
-            return Ok(Some(FlushWait::Until(now + Duration::from_micros(us + 1))));
+            return Ok(Some(FlushWait::Until(
+                now + crate::verbs::wait_of_ticks(ticks),
+            )));
         }
         // A call that holds the socket now drives the connection (posting what is gathered as
         // the writes before it complete) and posts the stage: waiting for its lock would only

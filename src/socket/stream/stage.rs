@@ -171,9 +171,7 @@ impl Stage {
         let _ = self
             .defers
             .compare_exchange(0, 1, Ordering::Relaxed, Ordering::Relaxed);
-        Some(std::time::Duration::from_micros(
-            cost / crate::verbs::ticks_per_us() + 1,
-        ))
+        Some(crate::verbs::wait_of_ticks(cost))
     }
 
     /// The flush job found the socket in use by a call of the application (which drives the
