@@ -53,10 +53,16 @@ impl Waker {
 
     /// Clears a pending wake-up.
     pub fn reset(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a local; non-blocking, EAGAIN when not woken.
-        unsafe { libc::read(self.fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        read_count(self.fd());
     }
+}
+
+/// Reads (and so clears) the 8-byte count of an eventfd or timerfd; non-blocking, nothing
+/// happens when it is zero (EAGAIN).
+fn read_count(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a local.
+    unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
 }
 
 /// A timerfd (CLOCK_MONOTONIC, the clock of `std::time::Instant`): a descriptor that becomes
@@ -112,9 +118,7 @@ impl Timer {
 
     /// Clears an expiry (the descriptor is no longer readable until the next one).
     pub fn reset(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a local; non-blocking, EAGAIN when not expired.
-        unsafe { libc::read(self.fd(), &mut v as *mut u64 as *mut libc::c_void, 8) };
+        read_count(self.fd());
     }
 }
 

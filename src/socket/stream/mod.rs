@@ -276,17 +276,13 @@ impl StreamSocket {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the protocol state half-updated in a way
         // that matters more than losing the socket; keep serving.
-        match self.inner.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                // Counted, so that a thread busy-polling under the lock lets us in.
-                self.contenders.fetch_add(1, Ordering::Relaxed);
-                let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                self.contenders.fetch_sub(1, Ordering::Relaxed);
-                g
-            }
-        }
+        self.try_lock_now().unwrap_or_else(|| {
+            // Counted, so that a thread busy-polling under the lock lets us in.
+            self.contenders.fetch_add(1, Ordering::Relaxed);
+            let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            self.contenders.fetch_sub(1, Ordering::Relaxed);
+            g
+        })
     }
 
     /// Current options.
